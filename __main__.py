@@ -1,0 +1,3 @@
+from vkpack.runtime.cli import main
+
+raise SystemExit(main())
