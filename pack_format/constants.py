@@ -1,0 +1,81 @@
+"""The format in code: magic numbers, layout sizes, data types and codec names.
+
+Keep in lockstep with docs/FORMAT.md (tests/test_format_doc.py compares the tables).
+"""
+
+from __future__ import annotations
+
+import struct
+
+# ---- layout ----
+MAGIC = b"VKPACK\x00\x01"          # first 8 bytes of every archive
+FOOTER_MAGIC = b"VKPKEND\x00"      # last 8 bytes of every archive
+FORMAT_MAJOR = 1                   # bumped for structural changes; readers reject other majors
+FORMAT_MINOR = 0                   # bumped for additions that old readers may ignore
+HEADER_SIZE = 64
+FOOTER_SIZE = 32
+ALIGN = 4096                       # every pack payload starts at a multiple of this
+MAX_INDEX_SIZE = 256 << 20         # a reader refuses larger indexes before allocating
+
+# Header: magic, u16 major, u16 minor, u32 flags, u32 header_size, u32 alignment, 40 reserved zero bytes.
+HEADER_STRUCT = struct.Struct("<8sHHIII40x")
+# Footer: u64 index_offset, u64 index_size, u32 crc32(index), u32 reserved, magic.
+FOOTER_STRUCT = struct.Struct("<QQII8s")
+assert HEADER_STRUCT.size == HEADER_SIZE and FOOTER_STRUCT.size == FOOTER_SIZE
+
+# ---- data types: name -> (elements per block, bytes per block) ----
+# Quantized blocks use GGML's layouts unchanged; a "row" is always a whole number of blocks.
+DTYPES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "F64": (1, 8),
+    "I8": (1, 1),
+    "I16": (1, 2),
+    "I32": (1, 4),
+    "I64": (1, 8),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q8_1": (32, 40),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+    "Q8_K": (256, 292),
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (256, 136),
+}
+
+# ---- codecs ----
+CODEC_NONE = "none"
+CODEC_BLOSC2_ZSTD = "blosc2-zstd"
+CODEC_BLOSC2_LZ4 = "blosc2-lz4"
+CODEC_ZFP = "zfp"
+CODECS = (CODEC_NONE, CODEC_BLOSC2_ZSTD, CODEC_BLOSC2_LZ4, CODEC_ZFP)
+
+# ---- pack kinds ----
+PACK_KINDS = ("embed", "attn", "mlp", "norm", "head")
+
+# ---- graph ops (the runtime implements each; see docs/FORMAT.md "Access graph") ----
+OPS = ("embed", "rms_norm", "linear", "rope", "attention", "add", "swiglu", "last_token")
+ROPE_MODES = ("norm", "neox")       # norm: rotate adjacent pairs (GGUF llama); neox: rotate halves
+
+
+def row_bytes(dtype: str, n_cols: int) -> int:
+    """Bytes of one row of `n_cols` elements; raises ValueError if it is not whole blocks."""
+    block, size = DTYPES[dtype]
+    if n_cols % block:
+        raise ValueError(f"{dtype}: row of {n_cols} elements is not a multiple of the block size {block}")
+    return n_cols // block * size
+
+
+def tensor_bytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    """Bytes of a tensor with `shape` (rows first, the last dim is contiguous)."""
+    n_rows = 1
+    for d in shape[:-1]:
+        n_rows *= int(d)
+    return n_rows * row_bytes(dtype, int(shape[-1]) if shape else 1)
