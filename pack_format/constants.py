@@ -15,6 +15,8 @@ FORMAT_MINOR = 0                   # bumped for additions that old readers may i
 HEADER_SIZE = 64
 FOOTER_SIZE = 32
 ALIGN = 4096                       # every pack payload starts at a multiple of this
+TENSOR_ALIGN = 256                 # tensor offsets inside a decoded pack (GPU binding offsets)
+MAX_PACK_SIZE = 1 << 31            # no pack, stored or decoded, may be larger (blosc2 chunk limit)
 MAX_INDEX_SIZE = 256 << 20         # a reader refuses larger indexes before allocating
 
 # Header: magic, u16 major, u16 minor, u32 flags, u32 header_size, u32 alignment, 40 reserved zero bytes.

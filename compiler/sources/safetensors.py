@@ -1,0 +1,129 @@
+"""safetensors input: a single file, a sharded set with its index, or a Hugging Face folder.
+
+The header is parsed here (8-byte length + JSON) so every offset is checked against the
+file before any tensor is touched; tensor bytes are zero-copy slices of an mmap.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+from ...pack_format.constants import tensor_bytes
+from ...pack_format.errors import SourceError
+from .base import Source, SourceTensor
+
+MAX_HEADER = 100 << 20
+ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64"}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def read_safetensors(path: Path) -> tuple[list[SourceTensor], mmap.mmap | None]:
+    """Tensors of one safetensors file, bounds-checked; returns them and the mmap to keep alive."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise SourceError(f"{path}: {size} bytes is too small for a safetensors file")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER or 8 + n > size:
+            raise SourceError(f"{path}: header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SourceError(f"{path}: header is not valid JSON ({e})") from None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: header is not a JSON object")
+    base = 8 + n
+    tensors = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in ST_DTYPES:
+            raise SourceError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and base + end <= size):
+            raise SourceError(f"{path}: tensor {name!r} bytes [{start}, {end}) exceed the data area of {size - base} bytes")
+        shape_t = tuple(shape) if shape else (1,)
+        if any(d <= 0 for d in shape_t):
+            raise SourceError(f"{path}: tensor {name!r} has an empty or negative shape {shape}")
+        if tensor_bytes(ST_DTYPES[dtype], shape_t) != end - start:
+            raise SourceError(f"{path}: tensor {name!r} {dtype}{shape} needs {tensor_bytes(ST_DTYPES[dtype], shape_t)} bytes, header gives {end - start}")
+        tensors.append(SourceTensor(name, ST_DTYPES[dtype], shape_t, end - start, _viewer(mm, base + start, base + end)))
+    tensors.sort(key=lambda t: t.name)
+    return tensors, mm
+
+
+def _viewer(mm: mmap.mmap | None, start: int, end: int):
+    def read() -> memoryview:
+        return memoryview(mm)[start:end] if mm is not None else memoryview(b"")
+
+    return read
+
+
+def open_hf(path: Path) -> Source:
+    """A folder (config.json + weights + tokenizer), a single .safetensors, or an index json."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path
+        shard_index = folder / INDEX_NAME
+        if shard_index.exists():
+            weight_files = _shards(shard_index)
+        else:
+            weight_files = sorted(folder.glob("*.safetensors"))
+            if not weight_files:
+                raise SourceError(f"{folder}: no *.safetensors weights in the folder")
+        fmt = "hf"
+    elif path.name.endswith(".index.json"):
+        folder, weight_files, fmt = path.parent, _shards(path), "safetensors"
+    else:
+        folder, weight_files, fmt = path.parent, [path], "safetensors"
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise SourceError(f"{path}: no config.json beside the weights (needed for the architecture)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"{config_path}: not a JSON object")
+    tensors: list[SourceTensor] = []
+    keep: list[Any] = []
+    seen: set[str] = set()
+    for wf in weight_files:
+        ts, mm = read_safetensors(wf)
+        for t in ts:
+            if t.name in seen:
+                raise SourceError(f"{wf}: tensor {t.name!r} appears in more than one shard")
+            seen.add(t.name)
+        tensors += ts
+        keep.append(mm)
+    from ..tokenizer import tokenizer_from_hf_folder
+
+    tok = tokenizer_from_hf_folder(folder)
+    files = [config_path, *weight_files] + [folder / n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).exists()]
+    arch_names = config.get("architectures") or [config.get("model_type", "?")]
+    return Source(fmt, files, list(arch_names), config, tensors, tok, keepalive=keep)
+
+
+def _shards(index_path: Path) -> list[Path]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SourceError(f"{index_path}: not a valid safetensors index ({type(e).__name__})") from None
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        p = index_path.parent / name
+        if Path(name).name != name:
+            raise SourceError(f"{index_path}: shard name {name!r} is not a plain file name")
+        if not p.exists():
+            raise SourceError(f"{index_path}: shard {name} is missing")
+        shards.append(p)
+    return shards

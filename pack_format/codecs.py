@@ -1,0 +1,79 @@
+"""Lossless pack codecs: encode at build time, decode at load time, both bit-exact.
+
+A codec is named in the pack table together with its parameters, so a reader needs nothing
+but the pack record to decode. blosc2 and zfpy release the GIL, so packs decode in parallel
+threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .constants import CODEC_BLOSC2_LZ4, CODEC_BLOSC2_ZSTD, CODEC_NONE, CODEC_ZFP, CODECS
+from .errors import FormatError
+
+_SHUFFLES = ("none", "byte", "bit")
+
+
+def encode(codec: str, raw: bytes | memoryview, params: dict[str, Any]) -> bytes:
+    """Compress `raw` with `codec`; params: blosc2 {"typesize", "shuffle", "clevel"}, zfp {"shape"}."""
+    if codec == CODEC_NONE:
+        return bytes(raw)
+    if codec in (CODEC_BLOSC2_ZSTD, CODEC_BLOSC2_LZ4):
+        import blosc2
+
+        return blosc2.compress2(
+            raw,
+            codec=blosc2.Codec.ZSTD if codec == CODEC_BLOSC2_ZSTD else blosc2.Codec.LZ4,
+            clevel=int(params.get("clevel", 1)),
+            filters=[_blosc2_filter(params.get("shuffle", "byte"))],
+            typesize=int(params.get("typesize", 1)),
+            nthreads=1,  # packs are compressed in parallel; one thread each keeps output deterministic
+        )
+    if codec == CODEC_ZFP:
+        import zfpy
+
+        arr = np.frombuffer(raw, dtype="<f4")
+        return zfpy.compress_numpy(arr)  # no tolerance/rate/precision: zfp's reversible (lossless) mode
+    raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
+
+
+def decode(codec: str, stored: bytes | memoryview, raw_size: int, params: dict[str, Any]) -> bytes | memoryview:
+    """Decompress one pack; raises FormatError if the result is not exactly `raw_size` bytes."""
+    if codec == CODEC_NONE:
+        out: bytes | memoryview = stored
+    elif codec in (CODEC_BLOSC2_ZSTD, CODEC_BLOSC2_LZ4):
+        import blosc2
+
+        try:
+            nbytes, _cbytes, _blocksize = blosc2.get_cbuffer_sizes(stored)
+        except Exception as e:  # blosc2 raises plain errors for garbage headers
+            raise FormatError(f"blosc2 header unreadable: {e}") from None
+        if nbytes != raw_size:
+            raise FormatError(f"blosc2 chunk holds {nbytes} bytes, pack table says {raw_size}")
+        try:
+            out = blosc2.decompress2(stored)
+        except Exception as e:
+            raise FormatError(f"blosc2 payload corrupt: {e}") from None
+    elif codec == CODEC_ZFP:
+        import zfpy
+
+        try:
+            out = zfpy.decompress_numpy(bytes(stored)).tobytes()
+        except Exception as e:
+            raise FormatError(f"zfp payload corrupt: {e}") from None
+    else:
+        raise FormatError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
+    if len(out) != raw_size:
+        raise FormatError(f"{codec} decoded {len(out)} bytes, pack table says {raw_size}")
+    return out
+
+
+def _blosc2_filter(shuffle: str):
+    import blosc2
+
+    if shuffle not in _SHUFFLES:
+        raise ValueError(f"unknown shuffle {shuffle!r}; known: {_SHUFFLES}")
+    return {"none": blosc2.Filter.NOFILTER, "byte": blosc2.Filter.SHUFFLE, "bit": blosc2.Filter.BITSHUFFLE}[shuffle]

@@ -1,0 +1,141 @@
+"""Memory-mapped archive reader for untrusted files.
+
+Only the header, footer and index are parsed at open; pack bytes are slices of the mmap,
+read (and checksummed, and decoded) when a caller asks for them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from . import codecs
+from .constants import (FOOTER_MAGIC, FOOTER_SIZE, FOOTER_STRUCT, FORMAT_MAJOR, HEADER_SIZE, HEADER_STRUCT,
+                        MAGIC, MAX_INDEX_SIZE)
+from .errors import ChecksumError, FormatError
+from .records import PackRecord, TensorRecord
+from .validate import validate_index
+
+
+def parse_index(blob: bytes, index_offset: int) -> tuple[dict[str, Any], list[PackRecord], dict[str, TensorRecord]]:
+    """Decode and validate an index blob; every failure is a FormatError."""
+    try:
+        index = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as e:
+        raise FormatError(f"index is not valid msgpack: {type(e).__name__}: {e}") from None
+    packs, tensors = validate_index(index, index_offset)
+    return index, packs, tensors
+
+
+class Archive:
+    """An open `.vkpack` file. Example: `with Archive(p) as a: a.read_pack(0)`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot open: {e.strerror}") from None
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            if self.size < HEADER_SIZE + FOOTER_SIZE:
+                raise FormatError(f"{self.path}: {self.size} bytes is smaller than a header and footer "
+                                  f"({HEADER_SIZE + FOOTER_SIZE}); not a vkpack archive")
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        magic, major, minor, _flags, header_size, align = HEADER_STRUCT.unpack_from(self._mm, 0)
+        if magic != MAGIC:
+            raise FormatError(f"{self.path}: not a vkpack archive (magic {magic[:8]!r}, expected {MAGIC!r})")
+        if major != FORMAT_MAJOR:
+            raise FormatError(f"{self.path}: format version {major}.{minor}, this reader reads {FORMAT_MAJOR}.x")
+        if header_size != HEADER_SIZE:
+            raise FormatError(f"{self.path}: header_size {header_size}, expected {HEADER_SIZE}")
+        self.version = (major, minor)
+        index_offset, index_size, crc, _res, fmagic = FOOTER_STRUCT.unpack_from(self._mm, self.size - FOOTER_SIZE)
+        if fmagic != FOOTER_MAGIC:
+            raise FormatError(f"{self.path}: footer magic missing (file truncated or not finished)")
+        if index_size > MAX_INDEX_SIZE:
+            raise FormatError(f"{self.path}: index_size {index_size} exceeds the cap {MAX_INDEX_SIZE}")
+        if index_offset < HEADER_SIZE or index_offset + index_size != self.size - FOOTER_SIZE:
+            raise FormatError(f"{self.path}: index [{index_offset}, +{index_size}) does not end at the footer "
+                              f"(file size {self.size})")
+        blob = self._mm[index_offset:index_offset + index_size]
+        if zlib.crc32(blob) != crc:
+            raise FormatError(f"{self.path}: index checksum mismatch (crc32 {zlib.crc32(blob):08x}, footer says {crc:08x})")
+        self.index_offset = index_offset
+        self.index, self.packs, self.tensors = parse_index(blob, index_offset)
+
+    # ---- metadata ----
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return self.index["hparams"]
+
+    @property
+    def graph(self) -> dict[str, Any]:
+        return self.index["graph"]
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        return self.index["tokenizer"]
+
+    @property
+    def arch(self) -> str:
+        return self.index["arch"]
+
+    # ---- pack bytes ----
+    def stored_bytes(self, pack_id: int) -> memoryview:
+        """The pack's bytes as stored (a zero-copy slice of the mmap; bounds were validated at open)."""
+        p = self.packs[pack_id]
+        return memoryview(self._mm)[p.offset:p.offset + p.stored_size]
+
+    def read_pack(self, pack_id: int, verify: bool = True) -> bytes | memoryview:
+        """Decoded pack bytes; with `verify`, a checksum mismatch raises ChecksumError naming the pack."""
+        p = self.packs[pack_id]
+        stored = self.stored_bytes(pack_id)
+        if verify and zlib.crc32(stored) != p.crc32:
+            raise ChecksumError(pack_id, f"pack {pack_id} ({p.kind}{'' if p.layer is None else f' layer {p.layer}'}) "
+                                         f"is corrupt: crc32 {zlib.crc32(stored):08x}, index says {p.crc32:08x}")
+        try:
+            raw = codecs.decode(p.codec, stored, p.raw_size, p.codec_params)
+        except FormatError as e:
+            raise ChecksumError(pack_id, f"pack {pack_id}: {e}") from None
+        if verify and p.codec != "none" and zlib.crc32(raw) != p.raw_crc32:
+            raise ChecksumError(pack_id, f"pack {pack_id}: decoded bytes fail their crc32")
+        return raw
+
+    def verify(self) -> list[tuple[int, str]]:
+        """Check every pack; returns (pack id, reason) for each bad one."""
+        bad = []
+        for p in self.packs:
+            try:
+                self.read_pack(p.id, verify=True)
+            except ChecksumError as e:
+                bad.append((p.id, str(e)))
+        return bad
+
+    def close(self) -> None:
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds a view of a pack; the mapping goes with it
+                pass
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
