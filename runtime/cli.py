@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:  # `vkpack inspect x | head`
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("vkpack: interrupted", file=sys.stderr)
         return 130

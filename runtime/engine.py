@@ -1,0 +1,250 @@
+"""The engine: an archive, budgeted tiers, a backend, and the generation loop.
+
+Example:
+    eng = Engine("smollm2.vkpack", vram_gb=0.25)
+    print(eng.generate("The capital of France is", max_tokens=16, temperature=0))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..pack_format.errors import VkpackError
+from ..pack_format.reader import Archive
+from .graph import Executor, make_schedule
+from .metrics import Metrics
+from .policy import POLICIES
+from .prefetch import PackLoader
+from .sampler import Sampler, SamplingParams
+from .tiers import BudgetError, DeviceTier, RamTier
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+DEFAULT_CONTEXT = 4096
+
+
+class Engine:
+    """Runs one `.vkpack` archive under a device budget (`vram_gb`) and a RAM budget (`ram_gb`).
+
+    Args:
+        path: the archive.
+        vram_gb: device tier budget in GiB (None: everything resident).
+        ram_gb: budget for cached decoded packs in GiB (None: unlimited).
+        device: "auto", "cpu" or "vulkan".
+        prefetch_lookahead: packs to load ahead along the access graph (0: on demand only).
+        eviction_aggression: the graph policy's scoring knob, 0..1.
+        policy: "graph" (Belady by next use in the graph) or "lru" (the baseline).
+        context: the longest prompt + generation this engine accepts (default: the model's, at most 4096).
+    """
+
+    def __init__(self, path: str | Path, vram_gb: float | None = None, ram_gb: float | None = None,
+                 device: str = "auto", prefetch_lookahead: int = 3, eviction_aggression: float = 0.7,
+                 policy: str = "graph", context: int | None = None, threads: int | None = None):
+        self.archive = Archive(path)
+        self.hp = self.archive.hparams
+        self.backend = _make_backend(device, self.archive)
+        self.context = min(context or min(self.hp["context"], DEFAULT_CONTEXT), self.hp["context"])
+        self.schedule, where = make_schedule(self.archive.graph, self.archive.tensors)
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        self.policy = POLICIES[policy](self.schedule, eviction_aggression)
+        self.model_bytes = sum(self.backend.pack_bytes(p.id) for p in self.archive.packs)
+        self.min_bytes = self._minimum_budget()
+        if vram_gb is None:
+            budget = self.model_bytes + self._kv_bytes(self.context) + self._act_bytes(min(self.context, 2048), self.context) + (64 << 20)
+        else:
+            budget = int(vram_gb * GIB)
+            if budget < self.min_bytes:
+                raise BudgetError(f"--vram-gb {vram_gb:g} ({budget / 2**20:.1f} MiB) is below what this model needs "
+                                  f"at minimum: {self.min_bytes / 2**20:.1f} MiB ({self.min_bytes / GIB:.3f} GiB)")
+        budget = -(-budget // 256) * 256
+        self.metrics = Metrics(device_budget=budget, ram_budget=None if ram_gb is None else int(ram_gb * GIB))
+        self.tier = DeviceTier(budget, self.backend.max_block, self.backend.backing_factory, self.policy)
+        # Decoded bytes are worth caching only when packs get evicted from the device tier.
+        streaming = budget < self.model_bytes + self._kv_bytes(self.context)
+        self.ram = RamTier(self.metrics.ram_budget if streaming else 0, self.policy)
+        self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead, self.metrics)
+        self.executor = Executor(self.archive, self.backend, self.loader, where)
+        self.tokenizer = _load_tokenizer(self.archive.tokenizer)
+        tok = self.archive.tokenizer
+        self.eos_ids = set(tok.get("eos_ids") or ([tok["eos_id"]] if tok.get("eos_id") is not None else []))
+        self.bos_id = tok.get("bos_id")
+        self.add_bos = bool(tok.get("add_bos"))
+
+    # ---- sizes ----
+    def _kv_dim(self) -> int:
+        kv = self.archive.graph["kv_cache"]
+        return kv["n_kv_heads"] * kv["head_dim"]
+
+    def _kv_bytes(self, n_ctx: int) -> int:
+        return 2 * self.archive.graph["kv_cache"]["n_layers"] * n_ctx * self._kv_dim() * 4
+
+    def _act_bytes(self, t: int, n_ctx: int) -> int:
+        """Activations of one pass over `t` tokens: the residual stream and every intermediate,
+        the attention scores of one layer, and the logits of the last token."""
+        hp = self.hp
+        width = 3 * hp["hidden"] + hp["n_heads"] * hp["head_dim"] * 2 + 2 * self._kv_dim() + 3 * hp["ffn"]
+        return 4 * (t * width + hp["n_heads"] * t * n_ctx + 2 * hp["vocab"])
+
+    def _minimum_budget(self) -> int:
+        largest = max(self.backend.pack_bytes(p.id) for p in self.archive.packs)
+        return 2 * largest + self._kv_bytes(64) + self._act_bytes(16, 64)
+
+    # ---- tokens ----
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from .chat import render_chat
+
+        return render_chat(self.archive.tokenizer, messages, add_generation_prompt)
+
+    # ---- forward ----
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Last-position logits of one fresh pass over `ids` (float32, [vocab])."""
+        with self._session(len(ids)) as kv:
+            return self.executor.forward(np.asarray(ids), 0, kv)[-1].copy()
+
+    def _session(self, n_ctx: int):
+        return _KvSession(self, n_ctx)
+
+    # ---- generation ----
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+               top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+               seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
+        """Yield generated text piece by piece (never a broken UTF-8 character)."""
+        from .detok import StopMatcher, StreamDecoder
+
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                                max_tokens=max_tokens, stop=tuple(stop))
+        ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt)
+        if not ids:
+            raise VkpackError("empty prompt")
+        if len(ids) + 1 > self.context:
+            raise VkpackError(f"prompt of {len(ids)} tokens does not fit the context of {self.context} tokens")
+        n_new = min(max_tokens, self.context - len(ids))
+        sampler = Sampler(params)
+        decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True, context_ids=ids[-4:])
+        stops = StopMatcher(list(stop)) if stop else None
+        history = list(ids)
+        self.last_ids: list[int] = []
+        with self._session(len(ids) + n_new) as kv:
+            t0 = time.perf_counter()
+            logits = self.executor.forward(np.asarray(ids), 0, kv)[-1]
+            self.metrics.prefill_seconds += time.perf_counter() - t0
+            self.metrics.prompt_tokens += len(ids)
+            pos = len(ids)
+            for i in range(n_new):
+                tok = sampler.sample(logits, history)
+                if tok in self.eos_ids:
+                    break
+                history.append(tok)
+                self.last_ids.append(tok)
+                piece = decoder.push(tok)
+                if stops is not None:
+                    piece, stopped = stops.feed(piece)
+                    if piece:
+                        yield piece
+                    if stopped:
+                        return
+                elif piece:
+                    yield piece
+                if i == n_new - 1:
+                    break
+                t0 = time.perf_counter()
+                logits = self.executor.forward(np.asarray([tok]), pos, kv)[-1]
+                self.metrics.decode_seconds += time.perf_counter() - t0
+                self.metrics.generated_tokens += 1
+                pos += 1
+        tail = decoder.flush()
+        if stops is not None:
+            tail = stops.feed(tail)[0] + stops.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
+        """The whole completion as one string; keyword arguments as in `stream`."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def stats(self) -> dict[str, Any]:
+        m = self.metrics
+        m.peak_device_bytes = self.tier.peak
+        m.peak_ram_bytes = self.ram.peak
+        return m.as_dict()
+
+    def close(self) -> None:
+        self.loader.close()
+        self.archive.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _KvSession:
+    """Reserves the KV cache (and activation headroom) in the device tier for one generation."""
+
+    def __init__(self, eng: Engine, n_ctx: int):
+        self.eng = eng
+        self.n_ctx = max(1, min(n_ctx, eng.context))
+
+    def __enter__(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        e = self.eng
+        width = e._kv_dim()
+        layers = e.archive.graph["kv_cache"]["n_layers"]
+        per = self.n_ctx * width * 4
+        self.allocs = []
+        try:
+            self.allocs.append(e.tier.reserve(e._act_bytes(self.n_ctx, self.n_ctx), "activations"))
+            kv = []
+            for _ in range(layers):
+                pair = []
+                for _ in range(2):
+                    a = e.tier.reserve(per, "kv")
+                    self.allocs.append(a)
+                    pair.append(e.backend.kv_view(e.tier.view(a), self.n_ctx, width))
+                kv.append(tuple(pair))
+        except BaseException:
+            self.__exit__()
+            raise
+        return kv
+
+    def __exit__(self, *exc: object) -> None:
+        for a in self.allocs:
+            self.eng.tier.release(a)
+        self.allocs = []
+
+
+def _make_backend(device: str, archive: Archive) -> Any:
+    if device not in ("auto", "cpu", "vulkan"):
+        raise ValueError(f"device {device!r}: choose auto, cpu or vulkan")
+    if device == "vulkan":
+        raise VkpackError("the Vulkan backend is not available in this build; use --device cpu")
+    from .cpu.backend import CpuBackend
+
+    return CpuBackend(archive)
+
+
+def _load_tokenizer(tok: dict[str, Any]) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(tok["json"])
+    except Exception as e:  # the tokenizers library raises plain Exceptions for bad JSON
+        raise VkpackError(f"the archive's tokenizer does not load: {e}") from None

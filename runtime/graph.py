@@ -1,0 +1,77 @@
+"""Executes the archive's access graph: steps of ops, each weight part acquired just in time.
+
+Nothing here knows an architecture: the op list, the tensors each op reads and the packs
+holding them all come from the index. The executor acquires weights one tensor part at a
+time, so the smallest workable budget is about two packs plus the KV cache and activations,
+not a whole layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+
+from .policy import AccessSchedule
+
+
+def access_sequence(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[list[int], dict[tuple[int, int, str, int], int]]:
+    """Pack uses of one forward pass in execution order, and each (step, op, tensor, part)'s position."""
+    seq: list[int] = []
+    where: dict[tuple[int, int, str, int], int] = {}
+    for si, step in enumerate(graph["steps"]):
+        for oi, op in enumerate(step["ops"]):
+            for name in op["w"]:
+                for pi, part in enumerate(tensors[name].parts):
+                    if not seq or seq[-1] != part.pack:
+                        seq.append(part.pack)
+                    where[(si, oi, name, pi)] = len(seq) - 1
+    return seq, where
+
+
+class WeightAccess:
+    """What a backend op sees: `with weights.part(op, name, i) as array:` pins that part's pack."""
+
+    def __init__(self, loader: Any, where: dict[tuple[int, int, str, int], int]):
+        self.loader = loader
+        self.where = where
+        self.step = 0
+        self.op_index: dict[int, int] = {}
+
+    @contextmanager
+    def part(self, op: dict[str, Any], name: str, part_idx: int) -> Iterator[Any]:
+        oi = self.op_index[id(op)]
+        pos = self.where[(self.step, oi, name, part_idx)]
+        pack = self.loader.schedule.sequence[pos]
+        e = self.loader.acquire(pack, pos)
+        try:
+            tensor = self.loader.archive.tensors[name]
+            yield e.payload[(name, tensor.parts[part_idx].row_start)]
+        finally:
+            self.loader.release(e)
+
+
+class Executor:
+    def __init__(self, archive: Any, backend: Any, loader: Any, where: dict[tuple[int, int, str, int], int]):
+        self.archive = archive
+        self.backend = backend
+        self.loader = loader
+        self.weights = WeightAccess(loader, where)
+        self.steps = archive.graph["steps"]
+
+    def forward(self, tokens: np.ndarray, pos0: int, kv: list[tuple[Any, Any]]) -> np.ndarray:
+        """Run one pass over `tokens` at positions pos0..; returns the graph's output (last-token logits)."""
+        env: dict[str, Any] = {"tokens": np.asarray(tokens, dtype=np.int64),
+                               "positions": np.arange(pos0, pos0 + len(tokens), dtype=np.int64), "kv": kv}
+        for si, step in enumerate(self.steps):
+            self.weights.step = si
+            self.weights.op_index = {id(op): oi for oi, op in enumerate(step["ops"])}
+            for op in step["ops"]:
+                self.backend.run(op, env, self.weights)
+        return env[self.archive.graph["outputs"][0]]
+
+
+def make_schedule(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[AccessSchedule, dict]:
+    seq, where = access_sequence(graph, tensors)
+    return AccessSchedule(seq), where

@@ -1,0 +1,146 @@
+"""Getting packs into the device tier: on demand, or ahead of time along the access graph.
+
+A background worker walks the schedule `lookahead` packs ahead of the executor: it reads the
+pack from the mmap, checks its checksum (first load only), decompresses it (blosc2/zfpy drop
+the GIL) and converts it into the backend's compute form inside budgeted memory, while the
+current step computes. The executor then finds the pack resident (a hit) or waits for the
+in-flight load (a stall, timed).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from .metrics import Metrics
+from .policy import AccessSchedule
+from .tiers import BudgetError, DeviceTier, Entry, RamTier
+
+
+class PackLoader:
+    def __init__(self, archive: Any, tier: DeviceTier, ram: RamTier, backend: Any, schedule: AccessSchedule,
+                 lookahead: int, metrics: Metrics, workers: int = 1):
+        self.archive = archive
+        self.tier = tier
+        self.ram = ram
+        self.backend = backend
+        self.schedule = schedule
+        self.lookahead = lookahead
+        self.metrics = metrics
+        self.inflight: dict[int, Future] = {}
+        self.verified: set[int] = set()
+        self.prefetched: set[int] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vkpack-prefetch") if lookahead > 0 else None
+
+    # ---- the executor's side ----
+    def acquire(self, pack: int, cursor: int) -> Entry:
+        """Pin `pack` resident (loading it if needed) and start prefetching beyond `cursor`."""
+        t0 = time.perf_counter()
+        waited = False
+        while True:
+            with self.tier.lock:
+                e = self.tier.entries.get(pack)
+                if e is not None:
+                    e.pins += 1
+                    self.tier.policy.touch(pack)
+                    break
+            with self._lock:
+                fut = self.inflight.get(pack)
+                if fut is None:
+                    fut = Future()
+                    self.inflight[pack] = fut
+                    mine = True
+                else:
+                    mine = False
+            waited = True
+            if mine:
+                try:
+                    e = self._load(pack, cursor, protect=None, pin=True)
+                finally:
+                    with self._lock:
+                        self.inflight.pop(pack, None)
+                    fut.set_result(None)
+                self.metrics.misses += 1
+                break
+            fut.result()
+        if not waited:
+            if pack in self.prefetched:
+                self.metrics.prefetch_hits += 1
+            else:
+                self.metrics.resident_hits += 1
+        elif pack in self.prefetched:
+            self.metrics.prefetch_late += 1
+        self.prefetched.discard(pack)
+        self.metrics.stall_seconds += time.perf_counter() - t0 if waited else 0.0
+        self.prefetch(cursor)
+        return e
+
+    def release(self, e: Entry) -> None:
+        with self.tier.lock:
+            e.pins -= 1
+
+    # ---- ahead of time ----
+    def prefetch(self, cursor: int) -> None:
+        if self._pool is None:
+            return
+        for dist, pack in enumerate(self.schedule.upcoming(cursor + 1, self.lookahead), start=1):
+            with self.tier.lock:
+                if pack in self.tier.entries:
+                    continue
+            with self._lock:
+                if pack in self.inflight:
+                    continue
+                fut: Future = Future()
+                self.inflight[pack] = fut
+            self._pool.submit(self._prefetch_job, pack, cursor, fut)
+
+    def _prefetch_job(self, pack: int, cursor: int, fut: Future) -> None:
+        try:
+            protect = self.schedule.next_use(pack, cursor)
+            if self._load(pack, cursor, protect=protect, pin=False) is not None:
+                self.prefetched.add(pack)
+        except BaseException as e:  # surfaced when the executor loads the pack itself
+            self.metrics.prefetch_errors += 1
+            self.metrics.last_prefetch_error = f"{type(e).__name__}: {e}"
+        finally:
+            with self._lock:
+                self.inflight.pop(pack, None)
+            fut.set_result(None)
+
+    # ---- one load ----
+    def _load(self, pack: int, cursor: int, protect: int | None, pin: bool) -> Entry | None:
+        rec = self.archive.packs[pack]
+        nbytes = self.backend.pack_bytes(pack)
+        alloc = self.tier.allocate_pack(pack, nbytes, cursor, protect)
+        if alloc is None:
+            if protect is not None:
+                return None  # no room without evicting something needed sooner: skip this prefetch
+            raise BudgetError(f"device budget {self.tier.budget / 2**20:.1f} MiB cannot hold pack {pack} "
+                              f"({nbytes / 2**20:.1f} MiB) next to the pinned packs and reservations")
+        try:
+            raw = self.ram.get(pack)
+            if raw is None:
+                t0 = time.perf_counter()
+                raw = self.archive.read_pack(pack, verify=pack not in self.verified)
+                self.verified.add(pack)
+                self.metrics.add_read(rec.stored_size, rec.raw_size if rec.codec != "none" else 0, time.perf_counter() - t0)
+                if rec.codec != "none":
+                    self.ram.put(pack, raw, cursor)
+            t0 = time.perf_counter()
+            payload = self.backend.convert(pack, raw, self.tier.view(alloc))
+            self.metrics.add_upload(nbytes, time.perf_counter() - t0)
+        except BaseException:
+            self.tier.release(alloc)
+            raise
+        e = self.tier.insert(pack, alloc, payload)
+        if pin:
+            with self.tier.lock:
+                e.pins += 1
+        return e
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

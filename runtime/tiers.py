@@ -1,0 +1,137 @@
+"""Budgeted tiers: packs in compute form on the device, decoded bytes in RAM.
+
+The device tier owns a few large blocks (host arrays for numpy, VkDeviceMemory for Vulkan)
+and carves packs, the KV cache and activations out of them with the sub-allocator, so its
+budget is a physical fact, not a counter that could drift. The RAM tier caches decoded
+(decompressed) pack bytes so that a pack evicted from the device need not be decompressed
+again; it only counts bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..pack_format.errors import VkpackError
+from .alloc import Allocation, SubAllocator, plan_blocks
+
+
+class BudgetError(VkpackError):
+    """A budget cannot hold what must be resident at once."""
+
+
+@dataclass
+class Entry:
+    pack: int
+    alloc: Allocation
+    payload: Any               # backend's compute form (numpy views, or device buffer offsets)
+    pins: int = 0
+
+
+class DeviceTier:
+    """Packs and reservations under a hard byte budget (`budget` bytes in `blocks`)."""
+
+    def __init__(self, budget: int, max_block: int, backing_factory: Any, policy: Any, alignment: int = 256):
+        self.budget = budget
+        self.blocks = plan_blocks(budget, max_block, alignment)
+        self.allocator = SubAllocator(self.blocks, alignment)
+        self.backing = backing_factory(self.blocks)
+        self.policy = policy
+        self.entries: dict[int, Entry] = {}
+        self.lock = threading.RLock()
+        self.evictions = 0
+
+    @property
+    def in_use(self) -> int:
+        return self.allocator.stats.bytes_in_use
+
+    @property
+    def peak(self) -> int:
+        return self.allocator.stats.peak_in_use
+
+    def reserve(self, nbytes: int, tag: str) -> Allocation:
+        """Space that stays until released (KV cache, activations); evicts unpinned packs if needed."""
+        with self.lock:
+            a = self._alloc(nbytes, tag, cursor=0, protect=None)
+            if a is None:
+                raise BudgetError(f"device budget {self.budget / 2**20:.1f} MiB cannot hold {tag} "
+                                  f"({nbytes / 2**20:.1f} MiB) besides pinned packs")
+            return a
+
+    def release(self, a: Allocation) -> None:
+        with self.lock:
+            self.allocator.free(a)
+
+    def allocate_pack(self, pack: int, nbytes: int, cursor: int, protect: int | None) -> Allocation | None:
+        """Room for a pack, evicting by the policy. With `protect`, only packs whose next use is
+        farther than `protect` may go (prefetch must not evict what is needed sooner)."""
+        with self.lock:
+            return self._alloc(nbytes, f"pack {pack}", cursor, protect)
+
+    def _alloc(self, nbytes: int, tag: str, cursor: int, protect: int | None) -> Allocation | None:
+        a = self.allocator.alloc(nbytes, tag)
+        if a is not None:
+            return a
+        owner = {id(e.alloc): e for e in self.entries.values()}
+        sched = getattr(self.policy, "schedule", None)
+
+        def cost(al: Allocation) -> float:
+            e = owner.get(id(al))
+            if e is None or e.pins:
+                return math.inf  # a reservation or a pack in use
+            if protect is not None and sched is not None and sched.next_use(e.pack, cursor) <= protect:
+                return math.inf
+            return self.policy.cost(e.pack, al.size, cursor)
+
+        victims = self.allocator.plan_eviction(nbytes, cost)
+        if victims is None:
+            return None
+        for al in victims:
+            self._evict(owner[id(al)].pack)
+        return self.allocator.alloc(nbytes, tag)
+
+    def insert(self, pack: int, alloc: Allocation, payload: Any) -> Entry:
+        with self.lock:
+            e = Entry(pack, alloc, payload)
+            self.entries[pack] = e
+            return e
+
+    def _evict(self, pack: int) -> None:
+        e = self.entries.pop(pack)
+        self.allocator.free(e.alloc)
+        self.evictions += 1
+
+    def view(self, a: Allocation) -> Any:
+        return self.backing.view(a)
+
+
+class RamTier:
+    """Decoded pack bytes under a byte budget (None = unlimited), evicting by the policy."""
+
+    def __init__(self, budget: int | None, policy: Any):
+        self.budget = budget
+        self.policy = policy
+        self.items: dict[int, bytes | memoryview] = {}
+        self.in_use = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def get(self, pack: int) -> bytes | memoryview | None:
+        with self.lock:
+            return self.items.get(pack)
+
+    def put(self, pack: int, data: bytes | memoryview, cursor: int) -> None:
+        n = len(data)
+        with self.lock:
+            if pack in self.items or (self.budget is not None and n > self.budget):
+                return
+            while self.budget is not None and self.in_use + n > self.budget:
+                victim = self.policy.victim(list(self.items), cursor)
+                if victim is None:
+                    return
+                self.in_use -= len(self.items.pop(victim))
+            self.items[pack] = data
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
