@@ -38,7 +38,10 @@ def blosc2_params(dtypes: dict[str, int]) -> dict[str, Any]:
 
 
 def encode_pack(raw: bytes | bytearray, dtypes: dict[str, int], choice: str) -> Encoded:
-    """Encode one pack's raw bytes with `choice` (a codec name or "auto")."""
+    """Encode one pack's raw bytes with `choice` (a codec name or "auto").
+
+    zfp applies only to packs made of F32 tensors; other packs are stored raw under `--codec zfp`.
+    """
     raw_crc = zlib.crc32(raw)
     only_f32 = set(dtypes) == {"F32"} and len(raw) % 4 == 0
     if choice == "auto":
@@ -56,7 +59,8 @@ def encode_pack(raw: bytes | bytearray, dtypes: dict[str, int], choice: str) -> 
             if len(codecs.encode(codec, sample, params)) > (1 - MIN_SAVING) * len(sample):
                 continue
         stored = codecs.encode(codec, raw, params)
-        if len(stored) < len(best[2]) and (choice != "auto" or len(stored) <= (1 - MIN_SAVING) * len(raw)):
+        # an explicit codec is honoured even when it does not pay; auto keeps only real savings
+        if choice != "auto" or len(stored) <= (1 - MIN_SAVING) * len(raw):
             best = (codec, params, stored)
     codec, params, stored = best
     return Encoded(codec, params, stored, zlib.crc32(stored), raw_crc)

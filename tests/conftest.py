@@ -7,3 +7,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched once into the cache."""
+    import smollm2
+
+    try:
+        return smollm2.smollm2_gguf()
+    except smollm2.ModelUnavailable as e:
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_archive(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 built once per test session with default options."""
+    from vkpack.compiler.build import build
+
+    out = tmp_path_factory.mktemp("smol") / "smollm2.vkpack"
+    build(smollm2_gguf, out, progress=False)
+    return out
