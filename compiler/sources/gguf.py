@@ -10,20 +10,10 @@ from typing import Any
 from ...pack_format.constants import DTYPES, tensor_bytes
 from ...pack_format.errors import SourceError
 from .base import Source, SourceTensor
+from .gguf_meta import gguf_metadata
 
 log = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
-
-
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    """The key/value fields as plain Python values (strings, numbers, lists)."""
-    out: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        v = f.contents()
-        out[key] = v.tolist() if hasattr(v, "tolist") else v
-    return out
 
 
 def open_gguf(path: Path) -> Source:
