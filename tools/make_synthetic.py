@@ -1,0 +1,625 @@
+"""Write llama/qwen2/qwen3-shaped models with random weights, as GGUF or as a HF folder.
+
+Why: tests and benchmarks need models of any shape and size (tiny ones that
+build in milliseconds, multi-GB ones to exercise streaming) without network.
+Both outputs of one (spec, seed) are the SAME model: every tensor is drawn in
+HF layout from a numpy RNG keyed by (seed, HF tensor name, row block), and the
+GGUF writer converts it exactly as llama.cpp's `convert_hf_to_gguf.py` does.
+
+GGUF Q/K convention: for `llama` the attn_q/attn_k rows are permuted from HF's
+rotate-half (neox) rope order to GGUF's interleaved order with
+`w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)`
+(n_head = kv heads for attn_k). qwen2/qwen3 GGUFs use neox rope and are not permuted.
+GGUF 1-D tensors (norms, biases) are always F32, as llama.cpp writes them.
+
+Writers stream tensor by tensor, in row blocks of at most CHUNK_ELEMS values, so
+peak memory stays far below the model size.
+
+CLI example:
+    python tools/make_synthetic.py --arch qwen3 --format gguf --dtype Q8_0 --preset tiny -o m.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import IO
+
+import gguf
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHUNK_ELEMS = 1 << 22  # values per generated row block (16 MiB as float32)
+ARCHS = {  # arch -> (HF class, default rope_theta, default rms_norm_eps)
+    "llama": ("LlamaForCausalLM", 10000.0, 1e-5),
+    "qwen2": ("Qwen2ForCausalLM", 1000000.0, 1e-6),
+    "qwen3": ("Qwen3ForCausalLM", 1000000.0, 1e-6),
+}
+DTYPES = ("F32", "F16", "BF16", "Q8_0")
+HF_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+              "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+# ---- spec ----
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Shape of a decoder-only llama-family model; `head_dim` None means hidden // heads."""
+
+    arch: str = "llama"
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 128
+    vocab: int = 384
+    head_dim: int | None = None
+    context: int = 2048
+    tied: bool = False
+    rope_theta: float | None = None
+    rms_eps: float | None = None
+    std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch {self.arch!r} not supported; expected one of {sorted(ARCHS)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.hd % 2:
+            raise ValueError(f"head_dim {self.hd} must be even for rope")
+        if self.vocab < MIN_VOCAB:
+            raise ValueError(f"vocab {self.vocab} < {MIN_VOCAB} (specials + 256 byte tokens)")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden // self.heads
+
+    @property
+    def theta(self) -> float:
+        return self.rope_theta if self.rope_theta is not None else ARCHS[self.arch][1]
+
+    @property
+    def eps(self) -> float:
+        return self.rms_eps if self.rms_eps is not None else ARCHS[self.arch][2]
+
+    @classmethod
+    def tiny(cls, arch: str = "llama") -> Spec:
+        """2 layers, hidden 64: builds in well under a second."""
+        return cls(arch=arch)
+
+    @classmethod
+    def llama_1b(cls, arch: str = "llama") -> Spec:
+        """Llama-3.2-1B-like shapes (tied embeddings), vocab 49152: ~2.1 GB in F16."""
+        return cls(arch=arch, layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192,
+                   vocab=49152, tied=True)
+
+    @classmethod
+    def llama_8b(cls, arch: str = "llama") -> Spec:
+        """Llama-3.1-8B-like shapes, vocab 49152: 7.4B params, ~14.8 GB in F16."""
+        return cls(arch=arch, layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336,
+                   vocab=49152)
+
+    def tensors(self) -> list[TensorDef]:
+        """All tensors in file order, with HF and GGUF names and HF (numpy) shapes."""
+        h, q, kv = self.hidden, self.heads * self.hd, self.kv_heads * self.hd
+        perm = self.arch == "llama"
+        out = [TensorDef("model.embed_tokens.weight", "token_embd.weight", (self.vocab, h))]
+        for i in range(self.layers):
+            p, g = f"model.layers.{i}.", f"blk.{i}."
+            out += [
+                TensorDef(p + "self_attn.q_proj.weight", g + "attn_q.weight", (q, h),
+                          permute=self.heads if perm else 0),
+                TensorDef(p + "self_attn.k_proj.weight", g + "attn_k.weight", (kv, h),
+                          permute=self.kv_heads if perm else 0),
+                TensorDef(p + "self_attn.v_proj.weight", g + "attn_v.weight", (kv, h)),
+            ]
+            if self.arch == "qwen2":
+                out += [TensorDef(p + f"self_attn.{n}_proj.bias", g + f"attn_{n}.bias", (d,), "bias")
+                        for n, d in (("q", q), ("k", kv), ("v", kv))]
+            out.append(TensorDef(p + "self_attn.o_proj.weight", g + "attn_output.weight", (h, q)))
+            if self.arch == "qwen3":
+                out += [TensorDef(p + f"self_attn.{n}_norm.weight", g + f"attn_{n}_norm.weight",
+                                  (self.hd,), "norm") for n in ("q", "k")]
+            out += [
+                TensorDef(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", (self.ffn, h)),
+                TensorDef(p + "mlp.up_proj.weight", g + "ffn_up.weight", (self.ffn, h)),
+                TensorDef(p + "mlp.down_proj.weight", g + "ffn_down.weight", (h, self.ffn)),
+                TensorDef(p + "input_layernorm.weight", g + "attn_norm.weight", (h,), "norm"),
+                TensorDef(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", (h,), "norm"),
+            ]
+        out.append(TensorDef("model.norm.weight", "output_norm.weight", (h,), "norm"))
+        if not self.tied:
+            out.append(TensorDef("lm_head.weight", "output.weight", (self.vocab, h)))
+        return out
+
+    def n_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors())
+
+    def with_target_gb(self, gb: float, dtype: str) -> Spec:
+        """Return a copy whose layer count brings the weights to about `gb` GB (1e9 bytes)."""
+        one = dataclasses.replace(self, layers=1).tensors()
+        layer_b = _nbytes([t for t in one if t.gguf.startswith("blk.")], dtype, gguf_layout=False)
+        fixed = _nbytes(one, dtype, gguf_layout=False) - layer_b  # embeddings, final norm, head
+        return dataclasses.replace(self, layers=max(1, round((gb * 1e9 - fixed) / layer_b)))
+
+
+@dataclass(frozen=True)
+class TensorDef:
+    """One tensor: `kind` picks its init; `permute` is the GGUF Q/K head count (0: none)."""
+
+    hf: str
+    gguf: str
+    shape: tuple[int, ...]
+    kind: str = "weight"  # weight | norm | bias
+    permute: int = 0
+
+
+# ---- weights ----
+
+
+def _blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
+    """Yield float32 row blocks of `t` in HF layout; block k draws from RNG (seed, crc32(name), k)."""
+    rows = t.shape[0]
+    cols = math.prod(t.shape[1:])
+    step = rows if len(t.shape) == 1 else max(1, CHUNK_ELEMS // cols)
+    key = zlib.crc32(t.hf.encode())
+    for k, r0 in enumerate(range(0, rows, step)):
+        rng = np.random.default_rng([seed, key, k])
+        shape = (min(step, rows - r0), *t.shape[1:])
+        x = rng.standard_normal(shape, dtype=np.float32)
+        x *= np.float32(std)
+        if t.kind == "norm":
+            x += np.float32(1.0)  # norms near 1, like a trained model
+        yield x
+
+
+def _gguf_blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
+    """Row blocks in GGUF layout: llama Q/K are permuted as llama.cpp's converter does."""
+    if not t.permute:
+        yield from _blocks(t, seed, std)
+        return
+    w = np.concatenate(list(_blocks(t, seed, std)))
+    rows, n = w.shape[0], t.permute
+    yield w.reshape(n, 2, rows // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _qtype(t: TensorDef, dtype: str) -> gguf.GGMLQuantizationType:
+    """GGUF storage type: 1-D always F32; Q8_0 falls back to F16 for rows not a multiple of 32."""
+    if len(t.shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    if dtype == "Q8_0" and t.shape[-1] % 32:
+        return gguf.GGMLQuantizationType.F16
+    return gguf.GGMLQuantizationType[dtype]
+
+
+def _encode(x: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 block -> little-endian storage bytes (BF16 rounds to nearest even, as ggml)."""
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return x.astype("<f4", copy=False)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return x.astype("<f2")
+    return gguf.quants.quantize(x, qtype)
+
+
+def _tensor_nbytes(t: TensorDef, qtype: gguf.GGMLQuantizationType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(t.shape) // block * size
+
+
+def _nbytes(tensors: list[TensorDef], dtype: str, gguf_layout: bool = True) -> int:
+    hf_type = gguf.GGMLQuantizationType[dtype]
+    return sum(_tensor_nbytes(t, _qtype(t, dtype) if gguf_layout else hf_type) for t in tensors)
+
+
+def _pad(f: IO[bytes], align: int) -> None:
+    f.write(b"\0" * (-f.tell() % align))
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+# ---- tokenizer ----
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+MIN_VOCAB = len(SPECIALS) + 256
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Merges are learned from this text, so common English words become single tokens.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A model that is larger than the memory of the
+graphics card can still run when its weights are streamed in packs, one layer at a time, while
+the previous layer is being computed. The compiler reads the weights once, writes them into an
+archive, and records the order in which the runtime will need them. The runtime then reads the
+archive in that order and keeps only a small window of layers on the device. Hello, world!
+What is the capital of France? The capital of France is Paris. What is two plus two? It is four.
+Please write a short story about a robot who learns to paint. Once upon a time there was a robot
+named Pixel who lived in a quiet town by the sea. Every morning the robot would watch the sunrise
+and wonder how the colors came to be. One day the robot found an old box of paints in the attic.
+def add(a, b):
+    return a + b
+for i in range(10):
+    print(i, i * i)
+Numbers like 1, 2, 3, 42, 100 and 2024 appear in text, and so do symbols such as #, $, %, & and @.
+The end of the story is near, but the story of the model has just begun, and there is more to come.
+"""
+
+
+def byte_symbols() -> list[str]:
+    """The 256 byte-level BPE symbols in byte order: printable latin-1 maps to itself,
+    other bytes to code points from 256 upward (the GPT-2 byte-to-unicode table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _learn_merges(limit: int) -> list[tuple[str, str]]:
+    """Plain BPE on CORPUS: merge the most frequent pair (ties: smallest pair) until pairs repeat no more."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    counts = Counter(piece for piece, _ in pre.pre_tokenize_str(CORPUS))
+    words = [(list(w), c) for w, c in sorted(counts.items())]
+    merges: list[tuple[str, str]] = []
+    while len(merges) < limit:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for syms, c in words:
+            for pair in itertools.pairwise(syms):
+                pairs[pair] += c
+        if not pairs:
+            break
+        best, n = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n < 2:
+            break
+        merges.append(best)
+        for syms, _ in words:
+            i = 0
+            while i < len(syms) - 1:
+                if (syms[i], syms[i + 1]) == best:
+                    syms[i:i + 2] = [syms[i] + syms[i + 1]]
+                i += 1
+    return merges
+
+
+@lru_cache(maxsize=8)
+def build_vocab(vocab: int) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Return (tokens by id, merges) of a byte-level BPE with exactly `vocab` tokens.
+
+    Ids 0-2 are SPECIALS, 3-258 the byte symbols, then merge results: first ones
+    learned from CORPUS, then made-up (token + byte) merges until `vocab` is reached.
+    """
+    if vocab < MIN_VOCAB:
+        raise ValueError(f"vocab {vocab} < {MIN_VOCAB}")
+    syms = byte_symbols()
+    tokens = [*SPECIALS, *syms]
+    seen = set(tokens)
+    merges = _learn_merges(vocab - len(tokens))
+    for a, b in merges:
+        tokens.append(a + b)
+        seen.add(a + b)
+    base = len(SPECIALS)
+    while len(tokens) < vocab:  # deterministic padding: extend tokens[base], tokens[base+1], ...
+        head = tokens[base]
+        for s in syms:
+            if len(tokens) >= vocab:
+                break
+            if head + s not in seen:
+                merges.append((head, s))
+                tokens.append(head + s)
+                seen.add(head + s)
+        base += 1
+    return tuple(tokens), tuple(merges)
+
+
+def hf_tokenizer_json(vocab: int) -> str:
+    """Serialized HF `tokenizers` byte-level BPE over build_vocab(vocab)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens, merges = build_vocab(vocab)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return tok.to_str(pretty=True)
+
+
+# ---- GGUF ----
+
+
+def write_gguf(path: Path | str, spec: Spec, dtype: str = "F16", seed: int = 0) -> Path:
+    """Write `spec` with random weights as one GGUF file (atomically: temp file + rename).
+
+    Args:
+        path: output .gguf file.
+        spec: model shape.
+        dtype: F32, F16, BF16 or Q8_0 for 2-D tensors; 1-D tensors are F32.
+        seed: RNG seed; the same (spec, seed) gives the same bytes and the same model as write_hf.
+    Returns:
+        The path written.
+    Example:
+        >>> write_gguf("tiny.gguf", Spec.tiny("qwen2"), "Q8_0", seed=1)
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported for GGUF; expected one of {DTYPES}")
+    path = Path(path)
+    tmp = _tmp_path(path)
+    tensors = spec.tensors()
+    w = gguf.GGUFWriter(tmp, spec.arch)
+    try:
+        _add_gguf_metadata(w, spec, dtype, seed)
+        for t in tensors:
+            qt = _qtype(t, dtype)
+            if qt.name != dtype and len(t.shape) > 1:
+                log.warning("%s: row size %d not a multiple of 32, stored as F16", t.gguf, t.shape[-1])
+            nbytes = _tensor_nbytes(t, qt)
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, qt)
+            w.add_tensor_info(t.gguf, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        # Tensor data is streamed by hand: GGUFWriter.write_tensor_data wants whole tensors.
+        fout = w.fout[0]
+        _pad(fout, w.data_alignment)
+        for t in tensors:
+            qt = _qtype(t, dtype)
+            start = fout.tell()
+            for block in _gguf_blocks(t, seed, spec.std):
+                fout.write(_encode(block, qt).tobytes())
+            assert fout.tell() - start == _tensor_nbytes(t, qt), t.gguf
+            _pad(fout, w.data_alignment)
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        w.close()
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _add_gguf_metadata(w: gguf.GGUFWriter, spec: Spec, dtype: str, seed: int) -> None:
+    K, a = gguf.Keys, spec.arch
+    w.add_string(K.General.NAME, f"vkpack-synthetic-{a}")
+    w.add_string(K.General.DESCRIPTION,
+                 f"random weights, seed={seed}, std={spec.std}; Q/K rows "
+                 + ("permuted to GGUF interleaved rope order" if a == "llama" else "in HF order (neox rope)"))
+    w.add_uint32(K.General.FILE_TYPE, int(FILE_TYPES[dtype]))
+    w.add_uint32(K.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION)
+    w.add_uint32(K.LLM.VOCAB_SIZE.format(arch=a), spec.vocab)
+    w.add_uint32(K.LLM.CONTEXT_LENGTH.format(arch=a), spec.context)
+    w.add_uint32(K.LLM.EMBEDDING_LENGTH.format(arch=a), spec.hidden)
+    w.add_uint32(K.LLM.FEED_FORWARD_LENGTH.format(arch=a), spec.ffn)
+    w.add_uint32(K.LLM.BLOCK_COUNT.format(arch=a), spec.layers)
+    w.add_uint32(K.Attention.HEAD_COUNT.format(arch=a), spec.heads)
+    w.add_uint32(K.Attention.HEAD_COUNT_KV.format(arch=a), spec.kv_heads)
+    w.add_float32(K.Rope.FREQ_BASE.format(arch=a), spec.theta)
+    w.add_float32(K.Attention.LAYERNORM_RMS_EPS.format(arch=a), spec.eps)
+    if a == "llama":
+        w.add_uint32(K.Rope.DIMENSION_COUNT.format(arch=a), spec.hd)
+    if a == "qwen3" or spec.hd != spec.hidden // spec.heads:
+        w.add_uint32(K.Attention.KEY_LENGTH.format(arch=a), spec.hd)
+        w.add_uint32(K.Attention.VALUE_LENGTH.format(arch=a), spec.hd)
+    tokens, merges = build_vocab(spec.vocab)
+    w.add_string(K.Tokenizer.MODEL, "gpt2")
+    w.add_string(K.Tokenizer.PRE, "gpt2")  # GPT-2 split regex, as the HF ByteLevel pre-tokenizer
+    w.add_array(K.Tokenizer.LIST, list(tokens))
+    w.add_array(K.Tokenizer.TOKEN_TYPE, [int(gguf.TokenType.CONTROL) if t in SPECIALS
+                                         else int(gguf.TokenType.NORMAL) for t in tokens])
+    w.add_array(K.Tokenizer.MERGES, [f"{x} {y}" for x, y in merges])
+    w.add_uint32(K.Tokenizer.BOS_ID, BOS_ID)
+    w.add_uint32(K.Tokenizer.EOS_ID, EOS_ID)
+    w.add_uint32(K.Tokenizer.UNK_ID, PAD_ID)
+    w.add_uint32(K.Tokenizer.PAD_ID, PAD_ID)
+    w.add_bool(K.Tokenizer.ADD_BOS, False)
+    w.add_string(K.Tokenizer.CHAT_TEMPLATE, CHAT_TEMPLATE)
+
+
+# ---- HF folder ----
+
+
+def write_hf(folder: Path | str, spec: Spec, dtype: str = "F16", seed: int = 0,
+             shard_mb: float | None = None) -> Path:
+    """Write `spec` with random weights as a HF model folder (config, safetensors, tokenizer).
+
+    Args:
+        folder: output folder (created; stale model*.safetensors from earlier runs are removed).
+        spec: model shape.
+        dtype: F32, F16 or BF16 for every tensor.
+        seed: RNG seed; the same (spec, seed) is the same model as write_gguf's.
+        shard_mb: if set, split weights into shards of at most this many MB (1e6 bytes).
+    Returns:
+        The folder.
+    Example:
+        >>> write_hf("tiny-hf", Spec.tiny("qwen3"), "BF16", seed=1, shard_mb=0.05)
+    """
+    if dtype not in HF_DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported for HF; expected one of {sorted(HF_DTYPES)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    qt = gguf.GGMLQuantizationType[dtype]
+    shards = _plan_shards(spec.tensors(), qt, shard_mb)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for stale in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        _write_safetensors(folder / name, shard, qt, seed, spec.std)
+        weight_map.update({t.hf: name for t in shard})
+    if len(shards) > 1:
+        total = sum(_tensor_nbytes(t, qt) for s in shards for t in s)
+        _write_text(folder / "model.safetensors.index.json",
+                    _dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    _write_text(folder / "config.json", _dumps(hf_config(spec, dtype)))
+    _write_text(folder / "tokenizer.json", hf_tokenizer_json(spec.vocab))
+    _write_text(folder / "tokenizer_config.json", _dumps(_tokenizer_config(spec)))
+    return folder
+
+
+def hf_config(spec: Spec, dtype: str) -> dict:
+    """config.json contents for `spec` (transformers' names and defaults per arch)."""
+    cfg = {
+        "architectures": [ARCHS[spec.arch][0]], "model_type": spec.arch,
+        "vocab_size": spec.vocab, "hidden_size": spec.hidden, "intermediate_size": spec.ffn,
+        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads, "head_dim": spec.hd,
+        "max_position_embeddings": spec.context, "rms_norm_eps": spec.eps,
+        "rope_theta": spec.theta, "rope_scaling": None, "hidden_act": "silu",
+        "initializer_range": spec.std, "tie_word_embeddings": spec.tied,
+        "torch_dtype": HF_DTYPES[dtype], "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID, "use_cache": True, "attention_dropout": 0.0,
+    }
+    if spec.arch == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.layers)
+    if spec.arch == "qwen3":
+        cfg.update(attention_bias=False)
+    return cfg
+
+
+def _tokenizer_config(spec: Spec) -> dict:
+    added = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True} for i, s in enumerate(SPECIALS)}
+    return {
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "added_tokens_decoder": added, "bos_token": SPECIALS[BOS_ID], "eos_token": SPECIALS[EOS_ID],
+        "pad_token": SPECIALS[PAD_ID], "unk_token": SPECIALS[PAD_ID], "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False, "model_max_length": spec.context,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+def _plan_shards(tensors: list[TensorDef], qt: gguf.GGMLQuantizationType,
+                 shard_mb: float | None) -> list[list[TensorDef]]:
+    """Greedy split into shards of at most shard_mb MB; a larger tensor gets a shard of its own."""
+    if not shard_mb:
+        return [tensors]
+    limit, shards, size = shard_mb * 1e6, [[]], 0
+    for t in tensors:
+        n = _tensor_nbytes(t, qt)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def _write_safetensors(path: Path, tensors: list[TensorDef], qt: gguf.GGMLQuantizationType,
+                       seed: int, std: float) -> None:
+    """Stream one safetensors file: u64 header length, JSON header padded to 8, raw data."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for t in tensors:
+        n = _tensor_nbytes(t, qt)
+        header[t.hf] = {"dtype": qt.name, "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for t in tensors:
+                for block in _blocks(t, seed, std):
+                    f.write(_encode(block, qt).tobytes())
+            assert f.tell() == 8 + len(raw) + off, path
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = _tmp_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- CLI ----
+
+PRESETS = {"tiny": Spec.tiny, "llama_1b": Spec.llama_1b, "llama_8b": Spec.llama_8b}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=sorted(ARCHS), default="llama")
+    p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
+    p.add_argument("--dtype", choices=DTYPES, default="F16", help="Q8_0 only for gguf")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="starting shape; the flags below override it")
+    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab", "head-dim", "context"):
+        p.add_argument(f"--{flag}", type=int)
+    p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
+                   help="tie lm_head to the embeddings")
+    p.add_argument("--std", type=float, help="weight init std (default 0.02)")
+    p.add_argument("--target-gb", type=float, help="pick --layers to reach about this many GB")
+    p.add_argument("--shard-mb", type=float, help="HF only: shard safetensors at this many MB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, required=True, help=".gguf file or HF folder")
+    return p.parse_args(argv)
+
+
+def spec_from_args(args: argparse.Namespace) -> Spec:
+    base = PRESETS[args.preset](args.arch)
+    over = {f: getattr(args, f) for f in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab",
+                                          "head_dim", "context", "tied", "std")
+            if getattr(args, f) is not None}
+    spec = dataclasses.replace(base, **over)
+    if args.target_gb:
+        spec = spec.with_target_gb(args.target_gb, args.dtype)
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file plan at INFO
+    args = parse_args(argv)
+    if args.format == "hf" and args.dtype == "Q8_0":
+        log.error("--dtype Q8_0 is only supported with --format gguf")
+        return 2
+    try:
+        spec = spec_from_args(args)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    log.info("%s: %.2fM params, %d layers", spec.arch, spec.n_params() / 1e6, spec.layers)
+    if args.format == "gguf":
+        out = write_gguf(args.output, spec, args.dtype, args.seed)
+    else:
+        out = write_hf(args.output, spec, args.dtype, args.seed, args.shard_mb)
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
