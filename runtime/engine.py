@@ -124,8 +124,11 @@ class Engine:
     # ---- generation ----
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
-               seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
-        """Yield generated text piece by piece (never a broken UTF-8 character)."""
+               seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False) -> Iterator[str]:
+        """Yield generated text piece by piece (never a broken UTF-8 character).
+
+        The ids of the generated tokens are left in `self.last_ids`.
+        """
         from .detok import StopMatcher, StreamDecoder
 
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -150,7 +153,7 @@ class Engine:
             pos = len(ids)
             for i in range(n_new):
                 tok = sampler.sample(logits, history)
-                if tok in self.eos_ids:
+                if tok in self.eos_ids and not ignore_eos:
                     break
                 history.append(tok)
                 self.last_ids.append(tok)

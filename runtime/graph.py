@@ -61,9 +61,25 @@ class Executor:
         self.steps = archive.graph["steps"]
 
     def forward(self, tokens: np.ndarray, pos0: int, kv: list[tuple[Any, Any]]) -> np.ndarray:
-        """Run one pass over `tokens` at positions pos0..; returns the graph's output (last-token logits)."""
-        env: dict[str, Any] = {"tokens": np.asarray(tokens, dtype=np.int64),
-                               "positions": np.arange(pos0, pos0 + len(tokens), dtype=np.int64), "kv": kv}
+        """One pass of one sequence over `tokens` at positions pos0..; returns its output rows."""
+        return self.forward_batch([(tokens, pos0, kv)])
+
+    def forward_batch(self, seqs: list[tuple[np.ndarray, int, list[tuple[Any, Any]]]]) -> np.ndarray:
+        """One pass over several sequences at once, each (tokens, pos0, kv cache).
+
+        Their rows are stacked, so every weight part is acquired once for the whole batch:
+        one weight stream serves all sequences. Returns the graph's output, one row per
+        sequence for last-token outputs (logits).
+        """
+        rows, r = [], 0
+        for toks, pos0, kv in seqs:
+            rows.append((r, r + len(toks), pos0, kv))
+            r += len(toks)
+        env: dict[str, Any] = {
+            "tokens": np.concatenate([np.asarray(t, dtype=np.int64) for t, _, _ in seqs]),
+            "positions": np.concatenate([np.arange(p, p + len(t), dtype=np.int64) for t, p, _ in seqs]),
+            "seqs": rows,
+        }
         for si, step in enumerate(self.steps):
             self.weights.step = si
             self.weights.op_index = {id(op): oi for oi, op in enumerate(step["ops"])}

@@ -120,12 +120,13 @@ class CpuBackend:
     def op_attention(self, op, env, weights) -> None:
         a = op["attrs"]
         q, k, v = (env[n] for n in op["in"])
-        kc, vc = env["kv"][a["layer"]]
-        pos0 = int(env["positions"][0])
-        t = q.shape[0]
-        kc[pos0:pos0 + t] = k
-        vc[pos0:pos0 + t] = v
-        env[op["out"]] = ops.attention(q, kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"])
+        out = np.empty_like(q)
+        for r0, r1, pos0, kv in env["seqs"]:
+            kc, vc = kv[a["layer"]]
+            kc[pos0:pos0 + r1 - r0] = k[r0:r1]
+            vc[pos0:pos0 + r1 - r0] = v[r0:r1]
+            out[r0:r1] = ops.attention(q[r0:r1], kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"])
+        env[op["out"]] = out
 
     def op_add(self, op, env, weights) -> None:
         a, b = (env[n] for n in op["in"])
@@ -136,4 +137,5 @@ class CpuBackend:
         env[op["out"]] = ops.swiglu(g, u)
 
     def op_last_token(self, op, env, weights) -> None:
-        env[op["out"]] = env[op["in"][0]][-1:]
+        x = env[op["in"][0]]
+        env[op["out"]] = x[[r1 - 1 for _, r1, _, _ in env["seqs"]]]
