@@ -11,7 +11,7 @@ from .config import add_settings_flags, settings_from_args
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate text from an archive under memory budgets")
-    p.add_argument("archive", nargs="?", default=None, help="the .vkpack archive (or [model] path in the config)")
+    p.add_argument("archive", nargs="?", default=None, help="the .vkpack archive (default: [model] path in the config, else SmolLM2-135M-Instruct, fetched and built on first use)")
     p.add_argument("-p", "--prompt", required=True, help="prompt text")
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the archive's chat template")
@@ -28,7 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pack_format.errors import VkpackError
     from .engine import Engine
 
     s = settings_from_args(args)
@@ -37,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(s.effective_log_level)
     path = args.archive or s.model
     if not path:
-        raise VkpackError("no archive given (pass MODEL.vkpack or set [model] path in the config)")
+        from .default_model import default_archive
+
+        path = default_archive()
     with Engine(path, vram_gb=s.vram_gb, ram_gb=s.ram_gb, device=s.device, prefetch_lookahead=s.prefetch_lookahead,
                 eviction_aggression=s.eviction_aggression, policy=args.policy, context=s.context) as eng:
         prompt = args.prompt
