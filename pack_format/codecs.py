@@ -35,6 +35,8 @@ def encode(codec: str, raw: bytes | memoryview, params: dict[str, Any]) -> bytes
     if codec == CODEC_ZFP:
         import zfpy
 
+        if len(raw) == 0 or len(raw) % 4:
+            raise ValueError(f"zfp needs whole float32 values, got {len(raw)} bytes")  # zfpy crashes on empty input
         arr = np.frombuffer(raw, dtype="<f4")
         return zfpy.compress_numpy(arr)  # no tolerance/rate/precision: zfp's reversible (lossless) mode
     raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
@@ -53,17 +55,14 @@ def decode(codec: str, stored: bytes | memoryview, raw_size: int, params: dict[s
             raise FormatError(f"blosc2 header unreadable: {e}") from None
         if nbytes != raw_size:
             raise FormatError(f"blosc2 chunk holds {nbytes} bytes, pack table says {raw_size}")
+        if _cbytes != len(stored):
+            raise FormatError(f"blosc2 chunk is {_cbytes} bytes long, but the pack stores {len(stored)}")
         try:
             out = blosc2.decompress2(stored)
         except Exception as e:
             raise FormatError(f"blosc2 payload corrupt: {e}") from None
     elif codec == CODEC_ZFP:
-        import zfpy
-
-        try:
-            out = zfpy.decompress_numpy(bytes(stored)).tobytes()
-        except Exception as e:
-            raise FormatError(f"zfp payload corrupt: {e}") from None
+        out = _zfp_decode(stored, raw_size)
     else:
         raise FormatError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
     if len(out) != raw_size:
@@ -77,3 +76,35 @@ def _blosc2_filter(shuffle: str):
     if shuffle not in _SHUFFLES:
         raise ValueError(f"unknown shuffle {shuffle!r}; known: {_SHUFFLES}")
     return {"none": blosc2.Filter.NOFILTER, "byte": blosc2.Filter.SHUFFLE, "bit": blosc2.Filter.BITSHUFFLE}[shuffle]
+
+
+# zfp's bit reader never checks the end of its buffer: a truncated or forged stream makes it read
+# past the end (a crash, seen with a cut stream). A reversible 1-D float32 block of 4 values consumes
+# at most ~180 bits (1 + 8 exponent + 5 precision bits, 32 bit planes of <= 4 value bits plus one
+# stop bit each), so decoding from a zero-padded copy of ZFP_BLOCK_BOUND bytes per block can never
+# leave the buffer. np.zeros maps untouched padding lazily, so the bound costs address space only.
+ZFP_BLOCK_BOUND = 32
+_ZFP_SLACK = 64  # the 148-bit header plus the reader's 64-bit word look-ahead
+
+
+def _zfp_decode(stored: bytes | memoryview, raw_size: int) -> bytes:
+    import zfpy
+
+    if raw_size <= 0 or raw_size % 4:
+        raise FormatError(f"zfp pack: raw_size {raw_size} is not a positive number of float32 values")
+    n = raw_size // 4
+    bound = _ZFP_SLACK + -(-n // 4) * ZFP_BLOCK_BOUND
+    buf = np.zeros(max(len(stored), bound) + _ZFP_SLACK, dtype=np.uint8)
+    buf[:len(stored)] = np.frombuffer(stored, dtype=np.uint8)
+    try:
+        h = zfpy.header(buf)
+    except Exception as e:
+        raise FormatError(f"zfp header unreadable: {e}") from None
+    dims = (h.get("nx"), h.get("ny"), h.get("nz"), h.get("nw"))
+    if h.get("type") is not np.float32 or h.get("mode") != "reversible" or dims != (n, 0, 0, 0):
+        raise FormatError(f"zfp header describes {h.get('mode')} {getattr(h.get('type'), '__name__', h.get('type'))} "
+                          f"{list(dims)}; the pack table needs reversible float32 [{n}, 0, 0, 0]")
+    try:
+        return zfpy.decompress_numpy(buf).tobytes()
+    except Exception as e:
+        raise FormatError(f"zfp payload corrupt: {e}") from None

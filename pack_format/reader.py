@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from . import codecs
-from .constants import (FOOTER_MAGIC, FOOTER_SIZE, FOOTER_STRUCT, FORMAT_MAJOR, HEADER_SIZE, HEADER_STRUCT,
+from .constants import (ALIGN, FOOTER_MAGIC, FOOTER_SIZE, FOOTER_STRUCT, FORMAT_MAJOR, HEADER_SIZE, HEADER_STRUCT,
                         MAGIC, MAX_INDEX_SIZE)
 from .errors import ChecksumError, FormatError
 from .records import PackRecord, TensorRecord
@@ -23,7 +23,7 @@ from .validate import validate_index
 
 
 def parse_index(blob: bytes, index_offset: int) -> tuple[dict[str, Any], list[PackRecord], dict[str, TensorRecord]]:
-    """Decode and validate an index blob; every failure is a FormatError."""
+    """Decode (rule 9) and validate (rules 10-22) an index blob; every failure is a FormatError."""
     try:
         index = msgpack.unpackb(blob, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as e:
@@ -52,7 +52,7 @@ class Archive:
             self.close()
             raise
 
-    def _open(self) -> None:
+    def _open(self) -> None:  # rules 1-8 of docs/FORMAT.md (rule 1 is in __init__)
         magic, major, minor, _flags, header_size, align = HEADER_STRUCT.unpack_from(self._mm, 0)
         if magic != MAGIC:
             raise FormatError(f"{self.path}: not a vkpack archive (magic {magic[:8]!r}, expected {MAGIC!r})")
@@ -60,6 +60,8 @@ class Archive:
             raise FormatError(f"{self.path}: format version {major}.{minor}, this reader reads {FORMAT_MAJOR}.x")
         if header_size != HEADER_SIZE:
             raise FormatError(f"{self.path}: header_size {header_size}, expected {HEADER_SIZE}")
+        if align != ALIGN:
+            raise FormatError(f"{self.path}: header alignment {align}, expected {ALIGN}")
         self.version = (major, minor)
         index_offset, index_size, crc, _res, fmagic = FOOTER_STRUCT.unpack_from(self._mm, self.size - FOOTER_SIZE)
         if fmagic != FOOTER_MAGIC:
@@ -99,7 +101,7 @@ class Archive:
         return memoryview(self._mm)[p.offset:p.offset + p.stored_size]
 
     def read_pack(self, pack_id: int, verify: bool = True) -> bytes | memoryview:
-        """Decoded pack bytes; with `verify`, a checksum mismatch raises ChecksumError naming the pack."""
+        """Decoded pack bytes (rules 23-25); with `verify`, a checksum mismatch raises ChecksumError naming the pack."""
         p = self.packs[pack_id]
         stored = self.stored_bytes(pack_id)
         if verify and zlib.crc32(stored) != p.crc32:

@@ -6,17 +6,41 @@ here once, so that no reader code ever indexes the file with an unchecked number
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from .constants import ALIGN, CODECS, DTYPES, HEADER_SIZE, MAX_PACK_SIZE, OPS, PACK_KINDS, row_bytes
+from .constants import (ALIGN, CODECS, DTYPES, FORMAT_MAJOR, HEADER_SIZE, MAX_PACK_SIZE, OPS, PACK_KINDS, ROPE_MODES,
+                        TENSOR_ALIGN, row_bytes)
 from .errors import FormatError
 from .records import PackRecord, TensorPart, TensorRecord
 
 REQUIRED_KEYS = ("format", "generator", "source", "arch", "hparams", "tokenizer", "tensors", "packs", "graph")
 MAX_DIMS = 4
 MAX_DIM = 1 << 40
+NIL = type(None)
+
+# Normalized hyperparameters (rule 11): key -> accepted msgpack types. "float" keys accept ints too.
+HPARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "n_layers": (int,), "hidden": (int,), "n_heads": (int,), "n_kv_heads": (int,), "head_dim": (int,),
+    "ffn": (int,), "vocab": (int,), "context": (int,), "rope_theta": (int, float), "rope_dim": (int,),
+    "rope_scaling": (dict, NIL), "norm_eps": (int, float), "rope_mode": (str,), "qkv_bias": (bool,),
+    "qk_norm": (bool,), "act": (str,),
+}
+# The tokenizer map (rule 12): key -> accepted types; every id is a non-negative int.
+TOKENIZER_TYPES: dict[str, tuple[type, ...]] = {
+    "json": (str,), "bos_id": (int, NIL), "eos_id": (int, NIL), "eos_ids": (list,), "pad_id": (int, NIL),
+    "unk_id": (int, NIL), "add_bos": (bool,), "chat_template": (str, NIL),
+}
+# Names the runtime binds before the first step (rule 19): token ids and their positions, both [T].
+GRAPH_INPUTS = ("tokens", "positions")
+# op -> (number of `in` names, fewest weights, most weights) (rule 20).
+OP_ARITY: dict[str, tuple[int, int, int]] = {
+    "embed": (1, 1, 1), "rms_norm": (1, 1, 1), "linear": (1, 1, 2), "rope": (1, 0, 0),
+    "attention": (3, 0, 0), "add": (2, 0, 0), "swiglu": (2, 0, 0), "last_token": (1, 0, 0),
+}
 
 
+# ---- typed field access ----
 def req(d: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
     """Fetch d[key], checking that it exists and has one of `types` (bool is never an int here)."""
     if not isinstance(d, dict):
@@ -33,14 +57,35 @@ def req(d: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
 
 def _names(types: type | tuple[type, ...]) -> str:
     ts = types if isinstance(types, tuple) else (types,)
-    return " or ".join("nil" if t is type(None) else t.__name__ for t in ts)
+    return " or ".join("nil" if t is NIL else t.__name__ for t in ts)
 
 
-def _uint(d: Any, key: str, where: str, limit: int = 1 << 62) -> int:
+def _uint(d: Any, key: str, where: str, limit: int = 1 << 62, low: int = 0) -> int:
     v = req(d, key, int, where)
-    if v < 0 or v > limit:
-        raise FormatError(f"{where}.{key}: {v} out of range [0, {limit}]")
+    if v < low or v > limit:
+        raise FormatError(f"{where}.{key}: {v} out of range [{low}, {limit}]")
     return v
+
+
+def _pos(d: Any, key: str, where: str) -> int:
+    """A count or a dimension: 1 .. MAX_DIM."""
+    return _uint(d, key, where, MAX_DIM, 1)
+
+
+def _num(d: Any, key: str, where: str, low: float = -math.inf, strict: bool = False) -> float:
+    """A finite int or float (never bool) >= low, or > low with `strict`."""
+    v = req(d, key, (int, float), where)
+    if not math.isfinite(v) or v < low or (strict and v == low):
+        raise FormatError(f"{where}.{key}: {v!r} must be a finite number {'>' if strict else '>='} {low}")
+    return v
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 62
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
 
 
 def validate_index(index: Any, index_offset: int) -> tuple[list[PackRecord], dict[str, TensorRecord]]:
@@ -50,15 +95,53 @@ def validate_index(index: Any, index_offset: int) -> tuple[list[PackRecord], dic
     for key in REQUIRED_KEYS:
         if key not in index:
             raise FormatError(f"index: missing key {key!r}")
-    req(index, "hparams", dict, "index")
-    req(index, "tokenizer", dict, "index")
+    _validate_meta(index)
     packs = _validate_packs(req(index, "packs", list, "index"), index_offset)
     tensors = _validate_tensors(req(index, "tensors", list, "index"), packs)
     _validate_graph(req(index, "graph", dict, "index"), packs, tensors)
     return packs, tensors
 
 
-# ---- rule 5-7: packs ----
+# ---- rules 10-12: top-level keys, hparams, tokenizer ----
+def _validate_meta(index: dict) -> None:
+    fmt = req(index, "format", list, "index")
+    if len(fmt) != 2 or not all(_is_uint(v) for v in fmt):
+        raise FormatError(f"index.format: {fmt!r} is not [major, minor]")
+    if fmt[0] != FORMAT_MAJOR:
+        raise FormatError(f"index.format: major version {fmt[0]}, this reader reads {FORMAT_MAJOR}")
+    req(index, "generator", str, "index")
+    req(index, "arch", str, "index")
+    source = req(index, "source", dict, "index")
+    req(source, "format", str, "index.source")
+    for i, f in enumerate(req(source, "files", list, "index.source")):
+        w = f"index.source.files[{i}]"
+        req(f, "name", str, w)
+        _uint(f, "size", w)
+        req(f, "sha256", str, w)
+
+    hp = req(index, "hparams", dict, "index")
+    for key, types in HPARAM_TYPES.items():
+        req(hp, key, types, "hparams")
+    for key in ("hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "context", "rope_dim"):
+        _pos(hp, key, "hparams")
+    _uint(hp, "n_layers", "hparams")
+    _num(hp, "rope_theta", "hparams", 0.0, strict=True)
+    _num(hp, "norm_eps", "hparams", 0.0)
+    if hp["rope_mode"] not in ROPE_MODES:
+        raise FormatError(f"hparams.rope_mode: unknown {hp['rope_mode']!r}; known: {', '.join(ROPE_MODES)}")
+    if hp["n_heads"] % hp["n_kv_heads"]:
+        raise FormatError(f"hparams: n_heads {hp['n_heads']} is not a multiple of n_kv_heads {hp['n_kv_heads']}")
+
+    tok = req(index, "tokenizer", dict, "index")
+    for key, types in TOKENIZER_TYPES.items():
+        v = req(tok, key, types, "tokenizer")
+        if key.endswith("_id") and v is not None:
+            _uint(tok, key, "tokenizer")
+    if not all(_is_uint(v) for v in tok["eos_ids"]):
+        raise FormatError(f"tokenizer.eos_ids: {tok['eos_ids']!r} is not a list of token ids")
+
+
+# ---- rules 13-15: packs ----
 def _validate_packs(raw: list, index_offset: int) -> list[PackRecord]:
     packs = []
     for i, p in enumerate(raw):
@@ -68,7 +151,9 @@ def _validate_packs(raw: list, index_offset: int) -> list[PackRecord]:
         kind = req(p, "kind", str, w)
         if kind not in PACK_KINDS:
             raise FormatError(f"{w}.kind: unknown {kind!r}; known: {', '.join(PACK_KINDS)}")
-        layer = req(p, "layer", (int, type(None)), w)
+        layer = req(p, "layer", (int, NIL), w)
+        if layer is not None:
+            _uint(p, "layer", w)
         codec = req(p, "codec", str, w)
         if codec not in CODECS:
             raise FormatError(f"{w}.codec: unknown {codec!r}; known: {', '.join(CODECS)}")
@@ -79,22 +164,31 @@ def _validate_packs(raw: list, index_offset: int) -> list[PackRecord]:
             raise FormatError(f"{w}.offset: {offset} is not a multiple of {ALIGN}")
         if offset < HEADER_SIZE or offset + stored > index_offset:
             raise FormatError(f"{w}: bytes [{offset}, {offset + stored}) lie outside the pack area [{HEADER_SIZE}, {index_offset})")
-        if codec == "none" and stored != rawsz:
-            raise FormatError(f"{w}: codec none but stored_size {stored} != raw_size {rawsz}")
         params = req(p, "codec_params", dict, w)
-        packs.append(PackRecord(i, kind, layer, offset, stored, rawsz, codec, params,
-                                _uint(p, "crc32", w, 0xFFFFFFFF), _uint(p, "raw_crc32", w, 0xFFFFFFFF)))
-    end = 0
-    for p in sorted(packs, key=lambda p: p.offset):
+        crc, raw_crc = _uint(p, "crc32", w, 0xFFFFFFFF), _uint(p, "raw_crc32", w, 0xFFFFFFFF)
+        if codec == "none" and (stored != rawsz or crc != raw_crc):
+            raise FormatError(f"{w}: codec none but stored_size {stored} / crc32 {crc:08x} differ from "
+                              f"raw_size {rawsz} / raw_crc32 {raw_crc:08x}")
+        packs.append(PackRecord(i, kind, layer, offset, stored, rawsz, codec, params, crc, raw_crc))
+    # rule 15: in file order the packs tile [ALIGN, index_offset): no overlap, no gap but alignment padding
+    end = HEADER_SIZE
+    for p in sorted(packs, key=lambda p: (p.offset, p.stored_size)):
         if p.offset < end:
             raise FormatError(f"packs[{p.id}]: bytes from {p.offset} overlap the previous pack ending at {end}")
+        if p.offset != _align(end, ALIGN):
+            raise FormatError(f"packs[{p.id}]: starts at {p.offset}, but the bytes before it end at {end}: "
+                              f"a hole of {p.offset - end} bytes (only padding to {ALIGN} is allowed)")
         end = p.offset + p.stored_size
+    if index_offset != _align(end, ALIGN):
+        raise FormatError(f"index starts at {index_offset}, but the last pack ends at {end}: "
+                          f"{index_offset - end} bytes belong to no pack (only padding to {ALIGN} is allowed)")
     return packs
 
 
-# ---- rule 8-10: tensors ----
+# ---- rules 16-18: tensors ----
 def _validate_tensors(raw: list, packs: list[PackRecord]) -> dict[str, TensorRecord]:
     tensors: dict[str, TensorRecord] = {}
+    spans: dict[int, list[tuple[int, int, str]]] = {}
     for i, t in enumerate(raw):
         w = f"tensors[{i}]"
         name = req(t, "name", str, w)
@@ -127,38 +221,113 @@ def _validate_tensors(raw: list, packs: list[PackRecord]) -> dict[str, TensorRec
                 raise FormatError(f"{pw}: rows [{r0}, {r1}) do not continue from row {next_row}")
             if nb != (r1 - r0) * rb:
                 raise FormatError(f"{pw}.nbytes: {nb} but rows [{r0}, {r1}) of {dtype} take {(r1 - r0) * rb}")
+            if off % TENSOR_ALIGN:
+                raise FormatError(f"{pw}.offset: {off} is not a multiple of {TENSOR_ALIGN}")
             if off + nb > packs[pack].raw_size:
                 raise FormatError(f"{pw}: bytes [{off}, {off + nb}) exceed pack {pack}'s {packs[pack].raw_size} bytes")
             parts.append(TensorPart(pack, off, nb, r0, r1))
+            spans.setdefault(pack, []).append((off, off + nb, name))
             next_row = r1
         if next_row != n_rows:
             raise FormatError(f"{w}: parts cover {next_row} of {n_rows} rows")
         tensors[name] = TensorRecord(name, dtype, tuple(shape), tuple(parts))
+    for pack, sp in spans.items():  # rule 18
+        sp.sort()
+        for (a0, a1, an), (b0, b1, bn) in zip(sp, sp[1:]):
+            if b0 < a1:
+                raise FormatError(f"pack {pack}: tensor {bn!r} at [{b0}, {b1}) overlaps tensor {an!r} at [{a0}, {a1})")
     return tensors
 
 
-# ---- rule 11-12: access graph ----
+# ---- rules 19-22: access graph ----
 def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, TensorRecord]) -> None:
     steps = req(graph, "steps", list, "graph")
     if not steps:
         raise FormatError("graph.steps: empty")
+    inputs = req(graph, "inputs", list, "graph")
+    for name in inputs:
+        if not isinstance(name, str) or name not in GRAPH_INPUTS:
+            raise FormatError(f"graph.inputs: {name!r} is not one of {', '.join(GRAPH_INPUTS)}")
+    kv = req(graph, "kv_cache", dict, "graph")
+    kv_layers = _uint(kv, "n_layers", "graph.kv_cache")
+    kv_shape = (_pos(kv, "n_kv_heads", "graph.kv_cache"), _pos(kv, "head_dim", "graph.kv_cache"))
+    defined = set(inputs)
+    access: list[int] = []
     for i, s in enumerate(steps):
         w = f"graph.steps[{i}]"
         req(s, "name", str, w)
-        for pid in req(s, "packs", list, w):
+        kind = req(s, "kind", str, w)
+        if kind not in PACK_KINDS:
+            raise FormatError(f"{w}.kind: unknown {kind!r}; known: {', '.join(PACK_KINDS)}")
+        if req(s, "layer", (int, NIL), w) is not None:
+            _uint(s, "layer", w)
+        req(s, "gather", bool, w)
+        step_packs = req(s, "packs", list, w)
+        for pid in step_packs:
             if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < len(packs):
                 raise FormatError(f"{w}.packs: {pid!r} is not a pack id (the archive has {len(packs)})")
+        access += step_packs
         for j, op in enumerate(req(s, "ops", list, w)):
             ow = f"{w}.ops[{j}]"
             name = req(op, "op", str, ow)
             if name not in OPS:
                 raise FormatError(f"{ow}.op: unknown {name!r}; known: {', '.join(OPS)}")
-            req(op, "in", list, ow)
-            req(op, "out", str, ow)
-            req(op, "attrs", dict, ow)
-            for tname in req(op, "w", list, ow):
-                if tname not in tensors:
+            n_in, w_min, w_max = OP_ARITY[name]
+            ins = req(op, "in", list, ow)
+            if len(ins) != n_in or not all(isinstance(x, str) for x in ins):
+                raise FormatError(f"{ow}.in: {name} takes {n_in} activation names, got {ins!r}")
+            for x in ins:
+                if x not in defined:
+                    raise FormatError(f"{ow}.in: {x!r} is neither a graph input nor the output of an earlier op")
+            defined.add(req(op, "out", str, ow))
+            weights = req(op, "w", list, ow)
+            if not w_min <= len(weights) <= w_max:
+                raise FormatError(f"{ow}.w: {name} takes {w_min}-{w_max} weights, got {len(weights)}")
+            for tname in weights:
+                if not isinstance(tname, str) or tname not in tensors:
                     raise FormatError(f"{ow}.w: tensor {tname!r} is not in the tensor table")
+                for q in tensors[tname].parts:
+                    if q.pack not in step_packs:
+                        raise FormatError(f"{ow}.w: tensor {tname!r} has rows in pack {q.pack}, "
+                                          f"which is not in the step's packs {step_packs}")
+            _validate_attrs(name, req(op, "attrs", dict, ow), f"{ow}.attrs", kv_layers, kv_shape)
+    outputs = req(graph, "outputs", list, "graph")
+    if not outputs or not all(isinstance(x, str) and x in defined for x in outputs):
+        raise FormatError(f"graph.outputs: {outputs!r} must name values that the ops produce")
+    if req(graph, "access", list, "graph") != access:
+        raise FormatError("graph.access: differs from the steps' packs concatenated in step order")
     loop = _uint(graph, "loop_to", "graph")
     if loop >= len(steps):
         raise FormatError(f"graph.loop_to: {loop} but there are {len(steps)} steps")
+
+
+def _validate_attrs(op: str, a: dict, w: str, kv_layers: int, kv_shape: tuple[int, int]) -> None:
+    """Rule 20: the attributes each op reads; unknown extra attributes are ignored."""
+    if op == "rms_norm":
+        _num(a, "eps", w, 0.0)
+        if "group" in a:
+            _pos(a, "group", w)
+    elif op == "rope":
+        _pos(a, "n_heads", w)
+        head_dim, rope_dim = _pos(a, "head_dim", w), _pos(a, "rope_dim", w)
+        if rope_dim % 2 or rope_dim > head_dim:
+            raise FormatError(f"{w}.rope_dim: {rope_dim} must be even and at most head_dim {head_dim}")
+        _num(a, "theta", w, 0.0, strict=True)
+        mode = req(a, "mode", str, w)
+        if mode not in ROPE_MODES:
+            raise FormatError(f"{w}.mode: unknown rope mode {mode!r}; known: {', '.join(ROPE_MODES)}")
+        ff = req(a, "freq_factors", (list, NIL), w)
+        if ff is not None and (len(ff) != rope_dim // 2 or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in ff)):
+            raise FormatError(f"{w}.freq_factors: expected nil or {rope_dim // 2} positive numbers")
+    elif op == "attention":
+        layer = _uint(a, "layer", w)
+        if layer >= kv_layers:
+            raise FormatError(f"{w}.layer: {layer} but graph.kv_cache has {kv_layers} layers")
+        n_heads, n_kv = _pos(a, "n_heads", w), _pos(a, "n_kv_heads", w)
+        if (n_kv, _pos(a, "head_dim", w)) != kv_shape:
+            raise FormatError(f"{w}: n_kv_heads {n_kv} x head_dim {a['head_dim']} differ from graph.kv_cache's "
+                              f"{kv_shape[0]} x {kv_shape[1]}")
+        if n_heads % n_kv:
+            raise FormatError(f"{w}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
+        _num(a, "scale", w)

@@ -115,11 +115,19 @@ class Engine:
     # ---- forward ----
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Last-position logits of one fresh pass over `ids` (float32, [vocab])."""
-        with self._session(len(ids)) as kv:
+        with self.kv_session(len(ids)) as kv:
             return self.executor.forward(np.asarray(ids), 0, kv)[-1].copy()
 
-    def _session(self, n_ctx: int):
+    def kv_session(self, n_ctx: int) -> _KvSession:
+        """`with eng.kv_session(n) as kv:` reserves one sequence's KV cache (and activation room)
+        in the device tier; BudgetError when the budget cannot hold it next to pinned packs."""
         return _KvSession(self, n_ctx)
+
+    def forward_batch(self, seqs: list[tuple[Sequence[int], int, Any]]) -> np.ndarray:
+        """Logits [n_seqs, vocab] for several sequences' next tokens in one weight stream.
+
+        Each entry is (new token ids, position of the first, its kv from `kv_session`)."""
+        return self.executor.forward_batch([(np.asarray(t), p, kv) for t, p, kv in seqs])
 
     # ---- generation ----
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
@@ -145,7 +153,7 @@ class Engine:
         stops = StopMatcher(list(stop)) if stop else None
         history = list(ids)
         self.last_ids: list[int] = []
-        with self._session(len(ids) + n_new) as kv:
+        with self.kv_session(len(ids) + n_new) as kv:
             t0 = time.perf_counter()
             logits = self.executor.forward(np.asarray(ids), 0, kv)[-1]
             self.metrics.prefill_seconds += time.perf_counter() - t0

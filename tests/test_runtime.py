@@ -103,7 +103,7 @@ def test_batch_forward_equals_separate_forwards(small_archive):
     with Engine(small_archive) as eng:
         a, b = eng.encode("first sequence here"), eng.encode("second")
         la, lb = eng.logits(a), eng.logits(b)
-        with eng._session(32) as kva, eng._session(32) as kvb:
+        with eng.kv_session(32) as kva, eng.kv_session(32) as kvb:
             both = eng.executor.forward_batch([(np.asarray(a), 0, kva), (np.asarray(b), 0, kvb)])
         # BLAS blocks differently for 1 and 2 sequences: f32 rounding only
         np.testing.assert_allclose(both[0], la, rtol=1e-4, atol=1e-4)

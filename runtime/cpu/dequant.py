@@ -3,21 +3,26 @@
 Why: the numpy backend converts each tensor once when its pack enters the tier (numpy is fast
 only on f32, VULKAN_NOTES "The CPU side, measured"), so this is on the load path and must be
 exact and quick. Results are bit-equal to gguf-py's `gguf.quants.dequantize`: every float op
-here is the same IEEE op on the same operands (products and sums in the same order).
+is the same IEEE op on the same operands in the same order (tests/test_dequant.py checks bits).
 
-How it stays fast: numpy costs ~10 ns per inner-loop call of a ufunc, which dwarfs the work on a
-16- or 32-byte run, while a strided np.copyto (a cast) costs ~1 ns per run. So bit fiddling runs
-on flat arrays covering whole blocks (sub-block-major scratch), and reordering into element order
-happens inside the int->float cast. Work goes in chunks of blocks so scratch stays in L2, and
-chunks may run on a few threads (numpy releases the GIL in ufuncs and casts).
+Why it looks the way it does: a numpy ufunc costs ~5-10 ns per inner-loop call, which dwarfs the
+work on a 16- or 32-byte run, while a strided np.copyto (also a cast) costs ~1 ns per run. So bit
+fiddling runs on flat arrays covering whole blocks (sub-block-major, 8 lanes per uint64 op), and
+the reorder into element order happens inside the int->float cast straight into `out`; then the
+scales are applied in place. Python loops only over chunks of ~512K elements and over bit planes,
+never over blocks or rows. Chunks may run on threads (numpy drops the GIL in ufuncs and casts).
+Little-endian hosts only (the block fields are read through native integer views).
 
-Throughput, 4096x4096, this 2-core VM (AMD EPYC), numpy 2.4; stored MB/s and elements/s:
-    see the table in `BENCH` at the bottom of this file (tools: `python -m vkpack.runtime.cpu.dequant`).
-"""
+Throughput on 4096x4096 (this 2-core AMD EPYC VM, numpy 2.4, preallocated `out`; stored MB/s and
+G elements/s; 1 thread = min thread CPU time, 2 threads = min wall time, machine shared so noisy;
+gguf-py for scale: 0.09-0.33 G/s on the same tensors):
+    dtype   1 thread                  2 threads
+{TABLE}"""
 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -25,19 +30,18 @@ import numpy as np
 
 from ...pack_format.constants import DTYPES, tensor_bytes
 
-Kernel = Callable[[np.ndarray, np.ndarray], None]   # (blocks (c, type_size) u8, out (c, block) f32)
-
-_CHUNK = 1 << 19          # elements per chunk (2 MiB of f32 scratch): fewer numpy calls beat L2 fit here
+_CHUNK = 1 << 19          # elements per chunk: measured best here (fewer numpy calls vs. cache-sized scratch)
 _MIN_PARALLEL = 1 << 20   # below this many elements threads cost more than they save
+_MAX_THREADS = 32
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_lock = threading.Lock()
 
 # ---- f16 -> f32 ----
 # numpy's astype(float32) on halves runs ~0.6 G values/s here; this integer/float trick is ~4x
 # faster and bit-identical (subnormals, infinities and NaN payloads included).
 _TWO112 = np.float32(2.0 ** 112)
 _KEEP = np.int32(-0x70000001)          # 0x8FFFFFFF: the sign bit and the 28 low bits
-_TINY = np.array([2.0 ** -24], np.float32) / np.float32(2.0 ** 112)   # a subnormal float32
+_TINY = np.array([1 << 13], np.uint32).view(np.float32)   # 2**-136, a subnormal float32
 
 
 def _subnormals_exact() -> bool:
@@ -82,7 +86,6 @@ def _u64(x: np.ndarray) -> np.ndarray:
 
 
 _L01 = np.uint64(0x0101010101010101)
-_L10 = np.uint64(0x1010101010101010)
 
 
 def _spread_bits(x: np.ndarray) -> np.ndarray:
@@ -130,26 +133,22 @@ def _k_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- block kernels: b (c, type_size) uint8 blocks, o (c, block) float32 out ----
 def _q8_0(b, o, half):
-    f = np.empty(o.shape, np.float32)
-    np.copyto(f, b[:, 2:].view(np.int8))
-    np.multiply(f, _half_at(b, 0, half)[:, None], out=o)
+    np.copyto(o, b[:, 2:].view(np.int8))
+    np.multiply(o, _half_at(b, 0, half)[:, None], out=o)
 
 
 def _q4_0(b, o, half):
     q = _nibbles(b)
     np.subtract(q, 8, out=q)                   # uint8 wraps: as int8 this is q - 8
-    f = np.empty((len(b), 2, 16), np.float32)
-    np.copyto(f, q[:, :, 2:].view(np.int8).transpose(1, 0, 2))
-    np.multiply(f.reshape(o.shape), _half_at(b, 0, half)[:, None], out=o)
+    np.copyto(o.reshape(len(b), 2, 16), q[:, :, 2:].view(np.int8).transpose(1, 0, 2))
+    np.multiply(o, _half_at(b, 0, half)[:, None], out=o)
 
 
 def _q4_1(b, o, half):
     q = _nibbles(b)
-    f = np.empty((len(b), 2, 16), np.float32)
-    np.copyto(f, q[:, :, 4:].transpose(1, 0, 2))
-    f = f.reshape(o.shape)
-    np.multiply(f, _half_at(b, 0, half)[:, None], out=f)
-    np.add(f, _half_at(b, 2, half)[:, None], out=o)
+    np.copyto(o.reshape(len(b), 2, 16), q[:, :, 4:].transpose(1, 0, 2))
+    np.multiply(o, _half_at(b, 0, half)[:, None], out=o)
+    np.add(o, _half_at(b, 2, half)[:, None], out=o)
 
 
 def _q5(b, off, sub):
@@ -165,16 +164,14 @@ def _q5(b, off, sub):
 
 
 def _q5_0(b, o, half):
-    f = np.empty(o.shape, np.float32)
-    np.copyto(f, _q5(b, 2, 16).view(np.int8))
-    np.multiply(f, _half_at(b, 0, half)[:, None], out=o)
+    np.copyto(o, _q5(b, 2, 16).view(np.int8))
+    np.multiply(o, _half_at(b, 0, half)[:, None], out=o)
 
 
 def _q5_1(b, o, half):
-    f = np.empty(o.shape, np.float32)
-    np.copyto(f, _q5(b, 4, 0))
-    np.multiply(f, _half_at(b, 0, half)[:, None], out=f)
-    np.add(f, _half_at(b, 2, half)[:, None], out=o)
+    np.copyto(o, _q5(b, 4, 0))
+    np.multiply(o, _half_at(b, 0, half)[:, None], out=o)
+    np.add(o, _half_at(b, 2, half)[:, None], out=o)
 
 
 def _k_affine(b, o, half, q):
@@ -183,10 +180,10 @@ def _k_affine(b, o, half, q):
     sc, mn = _k_scales(b[:, 4:16])
     d = _half_at(b, 0, half)[:, None] * sc.astype(np.float32)
     dm = _half_at(b, 2, half)[:, None] * mn.astype(np.float32)
-    f = np.empty((c, 8, 32), np.float32)
+    f = o.reshape(c, 8, 32)
     np.copyto(f, q.transpose(1, 0, 2))
     np.multiply(f, d[:, :, None], out=f)
-    np.subtract(f, dm[:, :, None], out=o.reshape(c, 8, 32))
+    np.subtract(f, dm[:, :, None], out=f)
 
 
 def _k_nibbles(qs):
@@ -222,23 +219,23 @@ def _q6_k(b, o, half):
     hb = _bit_planes(_u64(b[:, 128:192]), [4, 2, 0, -2], 0x3030303030303030)   # bits 2s,2s+1 -> 4,5
     np.bitwise_or(q, hb.view(np.uint8).reshape(q.shape), out=q)
     np.subtract(q, 32, out=q)                               # uint8 wraps: as int8 this is q - 32
-    f = np.empty((c, 2, 4, 32), np.float32)                 # element 128*half + 32*s + l
-    np.copyto(f, q.view(np.int8).transpose(1, 2, 0, 3))
+    np.copyto(o.reshape(c, 2, 4, 32), q.view(np.int8).transpose(1, 2, 0, 3))   # element 128*half + 32*s + l
     d = _half_at(b, 208, half)[:, None] * b[:, 192:208].view(np.int8).astype(np.float32)
-    np.multiply(f.reshape(c, 16, 16), d[:, :, None], out=o.reshape(c, 16, 16))
+    f = o.reshape(c, 16, 16)
+    np.multiply(f, d[:, :, None], out=f)
 
 
 def _q2_k(b, o, half):
     c = len(b)
     q = _bit_planes(_u64(b[:, 16:80]), [0, -2, -4, -6], 0x0303030303030303)   # (4, c, 8): [s, block, half*4+w]
-    f = np.empty((c, 2, 4, 32), np.float32)
+    f = o.reshape(c, 2, 4, 32)
     np.copyto(f, q.view(np.uint8).reshape(4, c, 2, 32).transpose(1, 2, 0, 3))
     sc = b[:, 0:16]
     dl = _half_at(b, 80, half)[:, None] * (sc & 0x0F).astype(np.float32)
     ml = _half_at(b, 82, half)[:, None] * (sc >> 4).astype(np.float32)
     f = f.reshape(c, 16, 16)
     np.multiply(f, dl[:, :, None], out=f)
-    np.subtract(f, ml[:, :, None], out=o.reshape(c, 16, 16))
+    np.subtract(f, ml[:, :, None], out=f)
 
 
 def _q3_k(b, o, half):
@@ -250,14 +247,14 @@ def _q3_k(b, o, half):
     u = q.view(np.uint8).reshape(8, c, 32)
     np.bitwise_or(u, hm.view(np.uint8).reshape(u.shape), out=u)
     np.subtract(u, 4, out=u)                  # q - 4 where the hmask bit is clear, q where it is set
-    f = np.empty((c, 8, 32), np.float32)
-    np.copyto(f, u.view(np.int8).transpose(1, 0, 2))
+    np.copyto(o.reshape(c, 8, 32), u.view(np.int8).transpose(1, 0, 2))
     s = b[:, 96:108]
     lo = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)                      # (c, 16)
     hi = (s[:, 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)).transpose(0, 2, 1).reshape(c, 16) & 3
     scales = ((lo | (hi << 4)).view(np.int8) - np.int8(32)).astype(np.float32)
     d = _half_at(b, 108, half)[:, None] * scales
-    np.multiply(f.reshape(c, 16, 16), d[:, :, None], out=o.reshape(c, 16, 16))
+    f = o.reshape(c, 16, 16)
+    np.multiply(f, d[:, :, None], out=f)
 
 
 _KERNELS: dict[str, Callable] = {
@@ -312,11 +309,20 @@ def _run_group(kernel: Callable, tasks: list[tuple[np.ndarray, np.ndarray]]) -> 
             kernel(b, o, half)
 
 
-def _get_pool(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    if _pool is None or _pool_size < threads:
-        _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="dequant"), threads
-    return _pool
+def _get_pool() -> ThreadPoolExecutor:
+    """One shared pool; each call uses at most its `threads` workers (it submits that many groups)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_MAX_THREADS, thread_name_prefix="vkpack-dequant")
+        return _pool
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                                  # not on Linux
+        return os.cpu_count() or 1
 
 
 def dequantize(dtype: str, data: bytes | memoryview | np.ndarray, shape: tuple[int, ...],
@@ -328,7 +334,8 @@ def dequantize(dtype: str, data: bytes | memoryview | np.ndarray, shape: tuple[i
         data: exactly `tensor_bytes(dtype, shape)` little-endian bytes, as stored.
         shape: numpy order (rows first); the last dim is a whole number of blocks.
         out: optional preallocated C-contiguous float32 array of `shape` to write into.
-        threads: worker threads; default: all cores for tensors of 1M+ elements, else 1.
+        threads: worker threads; default: all cores (up to 8) for tensors of 1M+ elements, else 1.
+            Pass 1 when another thread needs the cores (e.g. loading while the model runs).
     Returns:
         `out` (or a new array): float32, C-contiguous, `shape`.
     Example:
@@ -359,13 +366,12 @@ def dequantize(dtype: str, data: bytes | memoryview | np.ndarray, shape: tuple[i
         step = max(1, _CHUNK // block)
         tasks = [(blocks[s:s + step], o[s:s + step]) for s in range(0, len(blocks), step)]
     if threads is None:
-        threads = min(os.cpu_count() or 1, 8) if n >= _MIN_PARALLEL else 1
-    threads = max(1, min(threads, len(tasks)))
-    if threads == 1:
-        _run_group(kernel, tasks)
-    else:
-        k = -(-len(tasks) // (2 * threads))                # a few contiguous groups per thread
-        groups = [tasks[i:i + k] for i in range(0, len(tasks), k)]
-        for f in [_get_pool(threads).submit(_run_group, kernel, g) for g in groups]:
-            f.result()
+        threads = min(_cores(), 8) if n >= _MIN_PARALLEL else 1
+    threads = max(1, min(threads, len(tasks), _MAX_THREADS))
+    k = -(-len(tasks) // threads)                           # contiguous groups, one per thread
+    groups = [tasks[i:i + k] for i in range(0, len(tasks), k)]
+    futures = [_get_pool().submit(_run_group, kernel, g) for g in groups[1:]]
+    _run_group(kernel, groups[0])                           # the caller works too
+    for f in futures:
+        f.result()
     return res

@@ -19,10 +19,11 @@ from .errors import VulkanError
 from .kernels import BufferSlice, Kernel, Recorder, as_slice, get_kernel
 from .memory import Buffer
 
-# dtype -> (elements per block, bytes per block, elements per shader unit)
+# dtype -> (elements per block, bytes per block, elements per shader unit, unit window "SPAN");
+# must match common/dequant.glsl
 WEIGHT_FORMATS = {
-    "F32": (1, 4, 4), "F16": (1, 2, 8), "BF16": (1, 2, 8), "Q8_0": (32, 34, 32), "Q4_0": (32, 18, 32),
-    "Q4_1": (32, 20, 32), "Q4_K": (256, 144, 64), "Q6_K": (256, 210, 32),
+    "F32": (1, 4, 4, 4), "F16": (1, 2, 8, 8), "BF16": (1, 2, 8, 8), "Q8_0": (32, 34, 8, 8),
+    "Q4_0": (32, 18, 8, 32), "Q4_1": (32, 20, 8, 32), "Q4_K": (256, 144, 16, 64), "Q6_K": (256, 210, 16, 16),
 }
 
 
@@ -42,10 +43,10 @@ class Weight:
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_FORMATS:
             raise VulkanError(f"weight dtype {self.dtype!r} not supported; supported: {', '.join(WEIGHT_FORMATS)}")
-        block, _, unit = WEIGHT_FORMATS[self.dtype]
-        if self.rows <= 0 or self.cols <= 0 or self.cols % unit:
+        block, _, unit, _ = WEIGHT_FORMATS[self.dtype]
+        if self.rows <= 0 or self.cols <= 0 or self.cols % max(block, unit):
             raise VulkanError(f"{self.dtype} weight ({self.rows}, {self.cols}): cols must be a positive multiple of "
-                              f"{unit}")
+                              f"{max(block, unit)}")
         if self.offset % 16:
             raise VulkanError(f"weight offset {self.offset} is not a multiple of 16")
         if self.offset + self.nbytes > self.buffer.size:
@@ -54,7 +55,7 @@ class Weight:
 
     @property
     def row_bytes(self) -> int:
-        block, bb, _ = WEIGHT_FORMATS[self.dtype]
+        block, bb, _, _ = WEIGHT_FORMATS[self.dtype]
         return self.cols // block * bb
 
     @property
@@ -145,7 +146,7 @@ class Ops:
             raise VulkanError(f"linear: bias of {_nbytes(bias)} B too small for {bias_off + w.rows} floats")
         if T >= self.mm_tiled_min_tokens:
             bm, bn, tm, tn = self.mm_tile
-            bk = max(32, WEIGHT_FORMATS[w.dtype][2])
+            bk = max(32, WEIGHT_FORMATS[w.dtype][3])
             if bk * (bm + bn) * 4 > self.dev.info.max_shared_memory:
                 raise VulkanError(f"linear: tile {bm}x{bn}x{bk} needs more shared memory than "
                                   f"{self.dev.info.max_shared_memory} bytes; lower Ops.mm_tile")
