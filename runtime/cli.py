@@ -19,6 +19,7 @@ COMMANDS = {
     "inspect": "vkpack.runtime.cmd_inspect",
     "verify": "vkpack.runtime.cmd_verify",
     "run": "vkpack.runtime.cmd_run",
+    "serve": "vkpack.runtime.cmd_serve",
 }
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 

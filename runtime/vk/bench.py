@@ -56,6 +56,12 @@ def bench_linear(dev: Device, ops: Ops, dtype: str, rows: int, cols: int, T: int
         raw = W.astype(np.float16).view(np.uint8)
     elif dtype == "F32":
         raw = W.view(np.uint8)
+    elif dtype in ("Q4_K", "Q6_K"):  # gguf-py cannot quantize K-quants: random blocks with finite scales
+        qt = getattr(gguf.GGMLQuantizationType, dtype)
+        bs, ts = gguf.GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, (rows * cols // bs, ts), dtype=np.uint8)
+        for off in ((0, 2) if dtype == "Q4_K" else (208,)):
+            raw[:, off:off + 2] = np.full((len(raw), 1), 0.01, np.float16).view(np.uint8)
     else:
         raw = gguf.quants.quantize(W, getattr(gguf.GGMLQuantizationType, dtype))
     wb = dev.alloc(raw.nbytes)
@@ -78,18 +84,37 @@ def bench_linear(dev: Device, ops: Ops, dtype: str, rows: int, cols: int, T: int
     return gpu
 
 
+def sweep(dev: Device, n: int) -> None:
+    """Prefill kernels side by side: the register kernel (NT tokens per workgroup) vs tiled configs."""
+    for T in (16, 64, 128, 512):
+        for nt in (8, 16, 32):
+            ops = Ops(dev)
+            ops.mm_tiled_min_tokens, ops.mm_max_tokens = 1 << 30, nt
+            print(f"  register NT={nt}: ", end="")
+            bench_linear(dev, ops, "F16", n, n, T, 2, 2)
+        for tile in ((64, 64, 4, 4), (128, 128, 8, 8), (128, 64, 8, 4)):
+            ops = Ops(dev)
+            ops.mm_tiled_min_tokens, ops.mm_tile = 1, tile
+            print(f"  tiled {tile}: ", end="")
+            bench_linear(dev, ops, "F16", n, n, T, 2, 2)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096, help="matrix size for the matvec")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--types", default="F16,Q8_0,Q4_0")
     ap.add_argument("--tokens", default="16", help="T values for the prefill matmul")
+    ap.add_argument("--sweep", action="store_true", help="compare prefill kernels")
     args = ap.parse_args(argv)
     with Device() as dev:
         ops = Ops(dev)
         print(f"{dev}  subgroup {dev.info.subgroup_size}  unified {dev.info.unified_memory}  "
               f"transfer queue: {dev.transfer_queue_kind}")
         bench_recording(dev, ops)
+        if args.sweep:
+            sweep(dev, args.n)
+            return
         inner = 1 if ops.cpu else 20
         for dt in args.types.split(","):
             bench_linear(dev, ops, dt, args.n, args.n, 1, args.reps, inner)

@@ -88,10 +88,11 @@ class Ops:
         # lavapipe: one subgroup per workgroup, no barriers, is fastest (VULKAN_NOTES); GPUs: 128-256.
         self.mm_wg = sg if self.cpu else 128
         self.mm_rows = 1            # rows per workgroup
-        self.mm_max_tokens = 8      # tokens per workgroup for T > 1 (weight reuse factor)
+        self.mm_max_tokens = 8 if self.cpu else 16   # tokens per workgroup for T > 1 (weight reuse factor)
+        self.mm_units = 1 if self.cpu else 4         # weight loads in flight per invocation
         # from this T on: the shared-memory tiled matmul (on lavapipe, barriers make it slower: never)
         self.mm_tiled_min_tokens = 1 << 30 if self.cpu else 16
-        self.mm_tile = (32, 32, 4, 4) if self.cpu else (64, 64, 4, 4)   # BM, BN, TM, TN
+        self.mm_tile = (32, 32, 4, 4) if self.cpu else (128, 128, 8, 8)   # BM, BN, TM, TN
         self.red_wg = sg if self.cpu else 256    # rms_norm, argmax
         self.attn_wg = sg if self.cpu else 64
         self.ew_wg = 64 if self.cpu else 256     # elementwise: rope, add, swiglu, kv_store, embed
@@ -147,6 +148,8 @@ class Ops:
         if T >= self.mm_tiled_min_tokens:
             bm, bn, tm, tn = self.mm_tile
             bk = max(32, WEIGHT_FORMATS[w.dtype][3])
+            while bk * (bm + bn) * 4 > self.dev.info.max_shared_memory and bn > tn:
+                bn //= 2            # Q4_K's 64-wide K step on a 48 KiB device: narrower token tile
             if bk * (bm + bn) * 4 > self.dev.info.max_shared_memory:
                 raise VulkanError(f"linear: tile {bm}x{bn}x{bk} needs more shared memory than "
                                   f"{self.dev.info.max_shared_memory} bytes; lower Ops.mm_tile")
@@ -156,7 +159,8 @@ class Ops:
         else:
             nt = 1 if T == 1 else min(self.mm_max_tokens, _pow2_at_least(T))
             nr = self.mm_rows
-            k = self._k(f"matmul_{w.dtype.lower()}", 4, 36, (3,), {0: self.mm_wg, 1: nr, 2: nt}, reduce=True)
+            k = self._k(f"matmul_{w.dtype.lower()}", 4, 36, (3,), {0: self.mm_wg, 1: nr, 2: nt, 3: self.mm_units},
+                        reduce=True)
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
         for r0, rows in self._row_parts(w):
             wslice, woff = self._weight_slice(w, r0, rows)
