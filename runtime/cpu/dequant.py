@@ -22,8 +22,9 @@ Throughput, one 4096x4096 tensor into a preallocated `out`, 1 thread (min thread
     Q2_K 13.8 ms    400 MB/s  1.2 G el/s      Q4_K  12.5 ms   760 MB/s  1.3 G el/s
     Q3_K 15.5 ms    470 MB/s  1.1 G el/s      Q5_K  14.6 ms   790 MB/s  1.2 G el/s
     Q6_K 11.0 ms   1250 MB/s  1.5 G el/s
-Two threads gave ~1.8x on the quantized types when the VM was idle (Q4_1 6.6 ms, Q4_K 7.8 ms) and
-little on the float types (memory-bound). A fresh `out` adds first-touch page faults (2-30 ms per 64 MiB here).
+Two threads (min wall time in a quieter moment): Q8_0 3.8 ms, F16 3.8 ms, Q4_1 7.1 ms, Q6_K 6.3 ms,
+i.e. 1.6-1.8x; on a busy VM they gain nothing. A fresh `out` adds first-touch page faults
+(2-30 ms per 64 MiB here).
 Re-measure: `pytest tests/test_dequant.py -m slow -s`.
 """
 
