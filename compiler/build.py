@@ -29,7 +29,7 @@ from .archs.base import normalize_hf_name
 from .codecs import CHOICES, Encoded, encode_pack
 from .plan import PlannedPack, attach_packs, plan_packs, tensor_table
 from .sources import open_source
-from .sources.base import SourceTensor
+from .sources.base import FileReader, SourceTensor
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PACK_MB = 32
@@ -95,7 +95,8 @@ def build(src: str | Path, out: str | Path | None = None, codec: str = "auto", m
     lock = threading.Lock()
     records: list[dict[str, Any]] = []
     bar = _progress_bar(stats.source_bytes, progress)
-    with ArchiveWriter(out) as writer, ThreadPoolExecutor(threads, thread_name_prefix="vkpack-build") as pool:
+    with ArchiveWriter(out) as writer, FileReader() as reader, \
+            ThreadPoolExecutor(threads, thread_name_prefix="vkpack-build") as pool:
         pending: deque = deque()
 
         def drain_one() -> None:
@@ -115,7 +116,7 @@ def build(src: str | Path, out: str | Path | None = None, codec: str = "auto", m
 
         try:
             for p in plan:
-                pending.append((p, pool.submit(_make_pack, p, codec, stats, lock)))
+                pending.append((p, pool.submit(_make_pack, p, codec, stats, lock, reader)))
                 while len(pending) > 2 * threads:
                     drain_one()
             while pending:
@@ -146,15 +147,14 @@ def build(src: str | Path, out: str | Path | None = None, codec: str = "auto", m
     return stats
 
 
-def _make_pack(p: PlannedPack, codec: str, stats: BuildStats, lock: threading.Lock) -> Encoded:
+def _make_pack(p: PlannedPack, codec: str, stats: BuildStats, lock: threading.Lock, reader: FileReader) -> Encoded:
     t0 = time.perf_counter()
-    raw = bytearray(p.size)
     dtypes: dict[str, int] = {}
+    raw = bytearray(p.size)
+    view = memoryview(raw)
     for s in p.slices:
-        view = s.tensor.read()
-        rb = s.tensor.nbytes // max(1, _n_rows(s.tensor))
-        raw[s.offset:s.offset + s.nbytes] = view[s.row_start * rb:s.row_end * rb]
         dtypes[s.tensor.dtype] = dtypes.get(s.tensor.dtype, 0) + s.nbytes
+        reader.read_into(s.tensor, s.row_start, s.row_end, view[s.offset:s.offset + s.nbytes])
     t1 = time.perf_counter()
     enc = encode_pack(raw, dtypes, codec)
     t2 = time.perf_counter()
@@ -162,10 +162,6 @@ def _make_pack(p: PlannedPack, codec: str, stats: BuildStats, lock: threading.Lo
         stats.time_gather += t1 - t0
         stats.time_encode += t2 - t1
     return enc
-
-
-def _n_rows(t: SourceTensor) -> int:
-    return math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1
 
 
 def _normalize(source: Any, family: Any, hp: dict[str, Any]) -> tuple[dict[str, SourceTensor], list[float] | None]:
@@ -181,7 +177,7 @@ def _normalize(source: Any, family: Any, hp: dict[str, Any]) -> tuple[dict[str, 
             continue
         if name in tensors:
             raise SourceError(f"tensor {name!r} appears twice")
-        tensors[name] = SourceTensor(name, t.dtype, t.shape, t.nbytes, t.read)
+        tensors[name] = SourceTensor(name, t.dtype, t.shape, t.nbytes, t.path, t.offset)
     if freq_factors is None and hp.get("rope_scaling"):
         freq_factors = rope_freq_factors(hp)
     if "token_embd.weight" not in tensors:

@@ -37,7 +37,7 @@ def blosc2_params(dtypes: dict[str, int]) -> dict[str, Any]:
     return {"typesize": itemsize, "shuffle": "byte" if itemsize > 1 else "none", "clevel": 1}
 
 
-def encode_pack(raw: bytes | bytearray, dtypes: dict[str, int], choice: str) -> Encoded:
+def encode_pack(raw: bytes | bytearray | memoryview, dtypes: dict[str, int], choice: str) -> Encoded:
     """Encode one pack's raw bytes with `choice` (a codec name or "auto").
 
     zfp applies only to packs made of F32 tensors; other packs are stored raw under `--codec zfp`.
@@ -63,4 +63,5 @@ def encode_pack(raw: bytes | bytearray, dtypes: dict[str, int], choice: str) -> 
         if choice != "auto" or len(stored) <= (1 - MIN_SAVING) * len(raw):
             best = (codec, params, stored)
     codec, params, stored = best
-    return Encoded(codec, params, stored, zlib.crc32(stored), raw_crc)
+    # a raw pack's stored bytes are its raw bytes: one crc32 pass, not two
+    return Encoded(codec, params, stored, raw_crc if codec == CODEC_NONE else zlib.crc32(stored), raw_crc)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,69 @@ from typing import Any
 
 @dataclass(frozen=True)
 class SourceTensor:
+    """Where a tensor's bytes lie. They are read with pread into the caller's buffer, not
+    through an mmap, so the compiler's resident memory stays a few packs whatever the model."""
+
     name: str                   # the source's own name (GGUF or HF style)
     dtype: str                  # a pack_format.constants.DTYPES name
     shape: tuple[int, ...]      # rows first (numpy order)
     nbytes: int
-    read: Callable[[], memoryview] = field(repr=False, compare=False)  # zero-copy view of the bytes
+    path: Path                  # the file holding the bytes
+    offset: int                 # absolute offset of the first byte in `path` (bounds-checked at open)
+
+    @property
+    def n_rows(self) -> int:
+        n = 1
+        for d in self.shape[:-1]:
+            n *= d
+        return n
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.n_rows if self.n_rows else 0
+
+    def read(self) -> bytes:
+        """All bytes (for small tensors such as rope frequency factors)."""
+        buf = bytearray(self.nbytes)
+        with FileReader() as r:
+            r.read_into(self, 0, self.n_rows, memoryview(buf))
+        return bytes(buf)
+
+
+class FileReader:
+    """Keeps one descriptor per source file and reads tensor rows straight into a buffer."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def read_into(self, t: SourceTensor, row_start: int, row_end: int, dest: memoryview) -> None:
+        """Rows [row_start, row_end) of `t` into `dest` (thread-safe: pread has no file position)."""
+        with self._lock:
+            fd = self._fds.get(t.path)
+            if fd is None:
+                fd = self._fds[t.path] = os.open(t.path, os.O_RDONLY)
+        pos = t.offset + row_start * t.row_bytes
+        want = (row_end - row_start) * t.row_bytes
+        done = 0
+        while done < want:
+            n = os.preadv(fd, [dest[done:want]], pos + done)
+            if n <= 0:
+                from ...pack_format.errors import SourceError
+
+                raise SourceError(f"{t.path}: unexpected end of file reading tensor {t.name!r}")
+            done += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass

@@ -54,8 +54,7 @@ def open_gguf(path: Path) -> Source:
             raise SourceError(f"{path}: tensor {t.name!r}: {e}") from None
         if expected != nbytes:
             raise SourceError(f"{path}: tensor {t.name!r} has {nbytes} bytes, {dtype}{list(shape)} needs {expected}")
-        data = t.data
-        tensors.append(SourceTensor(t.name, dtype, shape, nbytes, _viewer(data)))
+        tensors.append(SourceTensor(t.name, dtype, shape, nbytes, Path(path), off))
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise SourceError(f"{path}: GGUF has no general.architecture")
@@ -63,10 +62,3 @@ def open_gguf(path: Path) -> Source:
 
     tok = tokenizer_from_gguf(meta)
     return Source("gguf", [path], [arch], meta, tensors, tok, keepalive=[reader])
-
-
-def _viewer(arr: Any):
-    def read() -> memoryview:
-        return memoryview(arr).cast("B")
-
-    return read

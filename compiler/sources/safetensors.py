@@ -1,13 +1,12 @@
 """safetensors input: a single file, a sharded set with its index, or a Hugging Face folder.
 
 The header is parsed here (8-byte length + JSON) so every offset is checked against the
-file before any tensor is touched; tensor bytes are zero-copy slices of an mmap.
+file before any tensor is touched; tensor bytes are read later with pread.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I8": "I8
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def read_safetensors(path: Path) -> tuple[list[SourceTensor], mmap.mmap | None]:
-    """Tensors of one safetensors file, bounds-checked; returns them and the mmap to keep alive."""
+def read_safetensors(path: Path) -> list[SourceTensor]:
+    """Tensors of one safetensors file, with every offset checked against the file size."""
     size = os.path.getsize(path)
     if size < 8:
         raise SourceError(f"{path}: {size} bytes is too small for a safetensors file")
@@ -34,7 +33,6 @@ def read_safetensors(path: Path) -> tuple[list[SourceTensor], mmap.mmap | None]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SourceError(f"{path}: header is not valid JSON ({e})") from None
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: header is not a JSON object")
     base = 8 + n
@@ -55,16 +53,9 @@ def read_safetensors(path: Path) -> tuple[list[SourceTensor], mmap.mmap | None]:
             raise SourceError(f"{path}: tensor {name!r} has an empty or negative shape {shape}")
         if tensor_bytes(ST_DTYPES[dtype], shape_t) != end - start:
             raise SourceError(f"{path}: tensor {name!r} {dtype}{shape} needs {tensor_bytes(ST_DTYPES[dtype], shape_t)} bytes, header gives {end - start}")
-        tensors.append(SourceTensor(name, ST_DTYPES[dtype], shape_t, end - start, _viewer(mm, base + start, base + end)))
+        tensors.append(SourceTensor(name, ST_DTYPES[dtype], shape_t, end - start, Path(path), base + start))
     tensors.sort(key=lambda t: t.name)
-    return tensors, mm
-
-
-def _viewer(mm: mmap.mmap | None, start: int, end: int):
-    def read() -> memoryview:
-        return memoryview(mm)[start:end] if mm is not None else memoryview(b"")
-
-    return read
+    return tensors
 
 
 def open_hf(path: Path) -> Source:
@@ -94,22 +85,20 @@ def open_hf(path: Path) -> Source:
     if not isinstance(config, dict):
         raise SourceError(f"{config_path}: not a JSON object")
     tensors: list[SourceTensor] = []
-    keep: list[Any] = []
     seen: set[str] = set()
     for wf in weight_files:
-        ts, mm = read_safetensors(wf)
+        ts = read_safetensors(wf)
         for t in ts:
             if t.name in seen:
                 raise SourceError(f"{wf}: tensor {t.name!r} appears in more than one shard")
             seen.add(t.name)
         tensors += ts
-        keep.append(mm)
     from ..tokenizer import tokenizer_from_hf_folder
 
     tok = tokenizer_from_hf_folder(folder)
     files = [config_path, *weight_files] + [folder / n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).exists()]
     arch_names = config.get("architectures") or [config.get("model_type", "?")]
-    return Source(fmt, files, list(arch_names), config, tensors, tok, keepalive=keep)
+    return Source(fmt, files, list(arch_names), config, tensors, tok)
 
 
 def _shards(index_path: Path) -> list[Path]:

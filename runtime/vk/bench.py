@@ -47,7 +47,7 @@ def bench_recording(dev: Device, ops: Ops, n: int = 1000) -> None:
 
 
 def bench_linear(dev: Device, ops: Ops, dtype: str, rows: int, cols: int, T: int, reps: int,
-                 inner: int = 1) -> float:
+                 inner: int = 1, warmup_s: float = 0.0) -> float:
     import gguf
 
     rng = np.random.default_rng(0)
@@ -72,9 +72,14 @@ def bench_linear(dev: Device, ops: Ops, dtype: str, rows: int, cols: int, T: int
     for _ in range(inner):      # several in one command buffer: GPU time without submit overhead
         ops.linear(rec, Weight(wb, 0, dtype, rows, cols), xb, yb, T)
     rec.finish()
-    rec.run()
+    t_end = time.perf_counter() + warmup_s   # GPUs drop their clocks while the host quantizes: ramp them up
+    while time.perf_counter() < t_end:
+        rec.run()
     wall = _best(rec.run, reps) / inner
-    gpu = min(rec.gpu_time_s() for _ in [rec.run() for _ in range(reps)]) / inner
+    gpu = 1e9
+    for _ in range(reps):
+        rec.run()
+        gpu = min(gpu, rec.gpu_time_s() / inner)
     print(f"linear {dtype} {rows}x{cols} T={T}: {gpu * 1e3:.3f} ms GPU ({raw.nbytes / gpu / 1e9:.2f} GB/s of "
           f"weights, {2 * rows * cols * T / gpu / 1e9:.1f} GFLOP/s), {wall * 1e3:.3f} ms wall per call "
           f"(x{inner} per submit)")
@@ -84,19 +89,27 @@ def bench_linear(dev: Device, ops: Ops, dtype: str, rows: int, cols: int, T: int
     return gpu
 
 
-def sweep(dev: Device, n: int) -> None:
-    """Prefill kernels side by side: the register kernel (NT tokens per workgroup) vs tiled configs."""
-    for T in (16, 64, 128, 512):
-        for nt in (8, 16, 32):
-            ops = Ops(dev)
-            ops.mm_tiled_min_tokens, ops.mm_max_tokens = 1 << 30, nt
-            print(f"  register NT={nt}: ", end="")
-            bench_linear(dev, ops, "F16", n, n, T, 2, 2)
-        for tile in ((64, 64, 4, 4), (128, 128, 8, 8), (128, 64, 8, 4)):
-            ops = Ops(dev)
-            ops.mm_tiled_min_tokens, ops.mm_tile = 1, tile
+def sweep(dev: Device, n: int, types: list[str]) -> None:
+    """Kernel configurations side by side (used to pick the Ops defaults on a GPU)."""
+    def ops_with(**kw: object) -> Ops:
+        o = Ops(dev)
+        for k, v in kw.items():
+            setattr(o, k, v)
+        return o
+
+    for dt in types:
+        for nr, nu in ((1, 4), (2, 2), (2, 4), (4, 1), (4, 2)):
+            print(f"  T=1 rows/wg={nr} units={nu}: ", end="")
+            bench_linear(dev, ops_with(mm_rows=nr, mm_units=nu), dt, n, n, 1, 3, 10, 0.3)
+    for T in (4, 16, 32):
+        for nr, nu in ((1, 2), (2, 2), (4, 1), (4, 2)):
+            print(f"  register rows/wg={nr} units={nu}: ", end="")
+            bench_linear(dev, ops_with(mm_rows=nr, mm_units=nu, mm_tiled_min_tokens=1 << 30, mm_max_tokens=16),
+                         "F16", n, n, T, 2, 4, 0.3)
+    for T in (16, 32, 64, 256):
+        for tile in ((128, 64, 8, 4), (128, 32, 8, 4), (64, 32, 4, 4), (64, 64, 8, 4)):
             print(f"  tiled {tile}: ", end="")
-            bench_linear(dev, ops, "F16", n, n, T, 2, 2)
+            bench_linear(dev, ops_with(mm_tiled_min_tokens=1, mm_tile=tile), "F16", n, n, T, 2, 4, 0.3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,13 +126,13 @@ def main(argv: list[str] | None = None) -> None:
               f"transfer queue: {dev.transfer_queue_kind}")
         bench_recording(dev, ops)
         if args.sweep:
-            sweep(dev, args.n)
+            sweep(dev, args.n, args.types.split(","))
             return
-        inner = 1 if ops.cpu else 20
+        inner, warm = (1, 0.0) if ops.cpu else (20, 0.5)
         for dt in args.types.split(","):
-            bench_linear(dev, ops, dt, args.n, args.n, 1, args.reps, inner)
+            bench_linear(dev, ops, dt, args.n, args.n, 1, args.reps, inner, warm)
         for T in [int(t) for t in args.tokens.split(",") if t]:
-            bench_linear(dev, ops, "F16", args.n, args.n, T, max(1, args.reps // 2), max(1, inner // 4))
+            bench_linear(dev, ops, "F16", args.n, args.n, T, max(1, args.reps // 2), max(1, inner // 4), warm)
         W = np.random.default_rng(0).standard_normal((args.n, args.n), dtype=np.float32)
         x = np.ones(args.n, np.float32)
         t = _best(lambda: W @ x, args.reps)

@@ -317,7 +317,7 @@ class Device(MemoryMixin):
         if dev is not None:
             try:
                 vk.vkDeviceWaitIdle(dev)
-            except Exception:  # noqa: BLE001 - a lost device must still be torn down
+            except Exception:  # noqa: BLE001, S110 - a lost device must still be torn down
                 pass
             for obj in list(getattr(self, "_objects", {}).values()):
                 obj.destroy()
@@ -336,7 +336,7 @@ class Device(MemoryMixin):
         _lib.destroy_instance(self._instance)
         self._closed = True
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -355,4 +355,4 @@ class _NullLock:
         return None
 
 
-__all__ = ["Device", "DeviceInfo", "MemoryHeap", "MemoryType", "API_1_2", "API_1_3"]
+__all__ = ["API_1_2", "API_1_3", "Device", "DeviceInfo", "MemoryHeap", "MemoryType"]

@@ -195,15 +195,15 @@ class MemoryMixin:
         if kind == "device":
             cands = [t for t in types if t.device_local] or types
             if info.unified_memory:  # weights can then be written in place, no staging copy
-                key = lambda t: (t.heap != main, not (t.host_visible and t.host_coherent), t.index)  # noqa: E731
+                key = lambda t: (t.heap != main, not (t.host_visible and t.host_coherent), t.index)
             else:
-                key = lambda t: (t.heap != main, t.host_visible, t.index)  # noqa: E731
+                key = lambda t: (t.heap != main, t.host_visible, t.index)
         else:
             cands = [t for t in types if t.host_visible and t.host_coherent]
             if kind == "upload":
-                key = lambda t: (t.device_local, t.index)  # noqa: E731
+                key = lambda t: (t.device_local, t.index)
             else:  # readback: cached system memory reads fast
-                key = lambda t: (not t.host_cached, t.device_local, t.index)  # noqa: E731
+                key = lambda t: (not t.host_cached, t.device_local, t.index)
         if not cands:
             raise VulkanError(f"{info.name}: no memory type for {kind} buffers")
         return min(cands, key=key).index

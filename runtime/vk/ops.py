@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import VulkanError
-from .kernels import BufferSlice, Kernel, Recorder, as_slice, get_kernel
+from .kernels import BufferSlice, Kernel, as_slice, get_kernel
 from .memory import Buffer
+from .recorder import Recorder
 
 # dtype -> (elements per block, bytes per block, elements per shader unit, unit window "SPAN");
 # must match common/dequant.glsl
@@ -87,12 +88,13 @@ class Ops:
         sg = max(1, info.subgroup_size)
         # lavapipe: one subgroup per workgroup, no barriers, is fastest (VULKAN_NOTES); GPUs: 128-256.
         self.mm_wg = sg if self.cpu else 128
-        self.mm_rows = 1            # rows per workgroup
-        self.mm_max_tokens = 8 if self.cpu else 16   # tokens per workgroup for T > 1 (weight reuse factor)
-        self.mm_units = 1 if self.cpu else 4         # weight loads in flight per invocation
+        # Matmul defaults measured on an H200 (8192x8192 F16, T = 1..512) and on lavapipe.
+        self.mm_rows = 4 if self.cpu else 2     # rows per workgroup (each x load serves all of them)
+        self.mm_max_tokens = 8                  # tokens per workgroup for T > 1 (weight reuse factor)
+        self.mm_units = 1 if self.cpu else 2    # weight units loaded per invocation before use
         # from this T on: the shared-memory tiled matmul (on lavapipe, barriers make it slower: never)
-        self.mm_tiled_min_tokens = 1 << 30 if self.cpu else 16
-        self.mm_tile = (32, 32, 4, 4) if self.cpu else (128, 128, 8, 8)   # BM, BN, TM, TN
+        self.mm_tiled_min_tokens = 1 << 30 if self.cpu else 64
+        self.mm_tile: tuple[int, int, int, int] | None = None   # (BM, BN, TM, TN); None: chosen by T
         self.red_wg = sg if self.cpu else 256    # rms_norm, argmax
         self.attn_wg = sg if self.cpu else 64
         self.ew_wg = 64 if self.cpu else 256     # elementwise: rope, add, swiglu, kv_store, embed
@@ -146,7 +148,7 @@ class Ops:
         if bias is not None and _nbytes(bias) < (bias_off + w.rows) * 4:
             raise VulkanError(f"linear: bias of {_nbytes(bias)} B too small for {bias_off + w.rows} floats")
         if T >= self.mm_tiled_min_tokens:
-            bm, bn, tm, tn = self.mm_tile
+            bm, bn, tm, tn = self.mm_tile or ((128, 64, 8, 4) if T >= 256 else (64, 64, 4, 4))
             bk = max(32, WEIGHT_FORMATS[w.dtype][3])
             while bk * (bm + bn) * 4 > self.dev.info.max_shared_memory and bn > tn:
                 bn //= 2            # Q4_K's 64-wide K step on a 48 KiB device: narrower token tile
@@ -227,33 +229,41 @@ class Ops:
 
     def last_token(self, rec: Recorder, x: Any, out: Any, T: int, n: int) -> None:
         """out[:n] = x[T-1, :n] (x is (T, n) f32)."""
-        rec.copy(_sub(x, (T - 1) * n * 4, n * 4), out, n * 4)
+        self.copy_rows(rec, x, out, [T - 1], n)
+
+    def copy_rows(self, rec: Recorder, x: Any, out: Any, rows: list[int], n: int) -> None:
+        """out[i, :] = x[rows[i], :] for (·, n) f32 matrices (the last token of each sequence of a batch)."""
+        for i, r in enumerate(rows):
+            rec.copy(_sub(x, r * n * 4, n * 4), _sub(out, i * n * 4, n * 4), n * 4)
 
     # ---- attention ----
 
     def kv_store(self, rec: Recorder, k: Any, v: Any, k_cache: Any, v_cache: Any, pos: Any, T: int,
                  kv_dim: int, n_ctx: int, *, f16: bool = False, k_stride: int | None = None,
-                 v_stride: int | None = None) -> None:
-        """k_cache[pos[t], :] = k[t, :], v_cache[pos[t], :] = v[t, :]; caches (n_ctx, kv_dim) f32 or f16."""
+                 v_stride: int | None = None, t0: int = 0) -> None:
+        """k_cache[pos[t], :] = k[t, :], v_cache[pos[t], :] = v[t, :] for rows t0..t0+T-1 of k, v, pos;
+        caches (n_ctx, kv_dim) f32 or f16. Positions >= n_ctx are skipped (the engine must check them)."""
         ks = kv_dim if k_stride is None else k_stride
         vs = kv_dim if v_stride is None else v_stride
         if kv_dim % 2 or ks % 2 or vs % 2:
             raise VulkanError(f"kv_store: kv_dim {kv_dim} and strides must be even")
-        kern = self._k("kv_store_f16" if f16 else "kv_store_f32", 5, 20, (2, 3), {0: self.ew_wg})
+        kern = self._k("kv_store_f16" if f16 else "kv_store_f32", 5, 24, (2, 3), {0: self.ew_wg})
         rec.dispatch(kern, [k, v, k_cache, v_cache, pos], (-(-(kv_dim // 2) // self.ew_wg), T, 1),
-                     struct.pack("<5I", T, kv_dim, n_ctx, ks, vs))
+                     struct.pack("<6I", T, kv_dim, n_ctx, ks, vs, t0))
 
     def attention(self, rec: Recorder, q: Any, k_cache: Any, v_cache: Any, pos: Any, out: Any, T: int,
                   n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, *, f16: bool = False,
-                  scale: float | None = None, q_stride: int | None = None, o_stride: int | None = None) -> None:
-        """out[t, h] = softmax(q[t, h] . K[0..pos[t]] * scale) @ V for grouped-query heads."""
+                  scale: float | None = None, q_stride: int | None = None, o_stride: int | None = None,
+                  t0: int = 0) -> None:
+        """out[t, h] = softmax(q[t, h] . K[0..pos[t]] * scale) @ V[0..pos[t]] for rows t0..t0+T-1 of q, pos,
+        out (one sequence of a batch; its cache holds rows 0..max pos); grouped-query heads."""
         if n_heads % n_kv_heads or head_dim % 4:
             raise VulkanError(f"attention: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} "
                               f"and head_dim {head_dim} a multiple of 4")
         qs = n_heads * head_dim if q_stride is None else q_stride
         os_ = n_heads * head_dim if o_stride is None else o_stride
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        kern = self._k("attention_f16" if f16 else "attention_f32", 5, 28, (4,),
+        kern = self._k("attention_f16" if f16 else "attention_f32", 5, 32, (4,),
                        {0: self.attn_wg, 1: head_dim}, reduce=True)
         rec.dispatch(kern, [q, k_cache, v_cache, pos, out], (n_heads, T, 1),
-                     struct.pack("<6If", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale))
+                     struct.pack("<6IfI", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale, t0))

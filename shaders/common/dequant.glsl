@@ -1,0 +1,137 @@
+// Dequantize one "unit" (UNIT consecutive elements of a weight row) into vec4 wv[UNIT / 4].
+// Include after defining WTYPE (a T_* code from types.glsl) and W_BINDING.
+// The weight binding is viewed three ways: u16 (blocks of 18/20/34/210 bytes are only 2-aligned),
+// u32 and uvec4 (for 16-aligned data: F32/F16/BF16 rows with cols % UNIT == 0, Q4_K super-blocks).
+// `rb` is the byte offset of the row's first block, relative to the start of the binding; it must be a
+// multiple of 16 for F32/F16/BF16/Q4_K and of 2 for the rest.
+#extension GL_EXT_shader_16bit_storage : require
+
+layout(binding = W_BINDING) readonly buffer WU16 { uint16_t w16[]; };   // raw bytes, 2 at a time
+layout(binding = W_BINDING) readonly buffer WU32 { uint w32[]; };       // raw bytes, 4 at a time
+layout(binding = W_BINDING) readonly buffer WU128 { uvec4 w128[]; };    // raw bytes, 16 at a time
+
+// UNIT: elements one load_unit() call yields, as U4 vec4s; wv[k] holds elements unit_x(u, k) .. +3 of
+// the row. Units are small (8-16 elements for blocks) so that neighbouring invocations read neighbouring
+// bytes (coalesced). The units of one SPAN-element window are numbered consecutively and cover it.
+#if WTYPE == T_F32
+const uint BLOCK = 1, BLOCK_BYTES = 4, UNIT = 4, SPAN = 4;
+#elif WTYPE == T_F16 || WTYPE == T_BF16
+const uint BLOCK = 1, BLOCK_BYTES = 2, UNIT = 8, SPAN = 8;
+#elif WTYPE == T_Q4_0
+const uint BLOCK = 32, BLOCK_BYTES = 18, UNIT = 8, SPAN = 32;
+#elif WTYPE == T_Q4_1
+const uint BLOCK = 32, BLOCK_BYTES = 20, UNIT = 8, SPAN = 32;
+#elif WTYPE == T_Q8_0
+const uint BLOCK = 32, BLOCK_BYTES = 34, UNIT = 8, SPAN = 8;
+#elif WTYPE == T_Q4_K
+const uint BLOCK = 256, BLOCK_BYTES = 144, UNIT = 16, SPAN = 64;
+#elif WTYPE == T_Q6_K
+const uint BLOCK = 256, BLOCK_BYTES = 210, UNIT = 16, SPAN = 16;
+#else
+#error unknown WTYPE
+#endif
+const uint U4 = UNIT / 4;
+
+float half_at(uint h) { return unpackHalf2x16(uint(w16[h])).x; }   // f16 at u16 index h
+
+// byte b of the u32 word at byte offset `wb` (multiple of 4)
+uint byte_of(uint wb, uint b) { return (w32[(wb + b) >> 2] >> (8u * ((wb + b) & 3u))) & 0xFFu; }
+
+// two u16 at u16 index h, h+1 as one uint (little endian)
+uint u32_at(uint h) { return uint(w16[h]) | (uint(w16[h + 1]) << 16); }
+
+vec4 lo_nibbles(uint a) { return vec4(a & 15u, (a >> 8) & 15u, (a >> 16) & 15u, (a >> 24) & 15u); }
+vec4 hi_nibbles(uint a) { return vec4((a >> 4) & 15u, (a >> 12) & 15u, (a >> 20) & 15u, a >> 28); }
+
+// Row element of wv[k]'s first value.
+uint unit_x(uint u, uint k) {
+#if WTYPE == T_Q4_0 || WTYPE == T_Q4_1
+    return (u >> 2) * 32u + 4u * (u & 3u) + 16u * k;        // k = 0 low nibbles, k = 1 high nibbles
+#elif WTYPE == T_Q4_K
+    return (u >> 2) * 64u + 8u * (u & 3u) + 4u * (k & 1u) + 32u * (k >> 1);
+#else
+    return u * UNIT + 4u * k;
+#endif
+}
+
+void load_unit(uint rb, uint u, out vec4 wv[U4]) {
+#if WTYPE == T_F32
+    wv[0] = uintBitsToFloat(w128[(rb >> 4) + u]);
+#elif WTYPE == T_F16
+    uvec4 q = w128[(rb >> 4) + u];
+    wv[0] = vec4(unpackHalf2x16(q.x), unpackHalf2x16(q.y));
+    wv[1] = vec4(unpackHalf2x16(q.z), unpackHalf2x16(q.w));
+#elif WTYPE == T_BF16
+    uvec4 q = w128[(rb >> 4) + u];
+    wv[0] = uintBitsToFloat(uvec4(q.x << 16, q.x & 0xFFFF0000u, q.y << 16, q.y & 0xFFFF0000u));
+    wv[1] = uintBitsToFloat(uvec4(q.z << 16, q.z & 0xFFFF0000u, q.w << 16, q.w & 0xFFFF0000u));
+#elif WTYPE == T_Q8_0
+    // block (34 B): f16 d, int8 q[32]; value = q * d. Unit u = elements 8(u%4) .. +7 of block u/4.
+    uint h = (rb + (u >> 2) * 34u) >> 1, qh = h + 1u + 4u * (u & 3u);
+    float d = half_at(h);
+    for (uint k = 0; k < 2; k++) {
+        int a = int(u32_at(qh + 2u * k));
+        wv[k] = vec4(bitfieldExtract(a, 0, 8), bitfieldExtract(a, 8, 8), bitfieldExtract(a, 16, 8),
+                     bitfieldExtract(a, 24, 8)) * d;
+    }
+#elif WTYPE == T_Q4_0 || WTYPE == T_Q4_1
+    // Q4_0 (18 B): f16 d, 16 bytes of nibbles; byte j: low nibble = element j, high = element j + 16;
+    // value (q - 8) * d. Q4_1 (20 B): f16 d, f16 m, nibbles; value q * d + m.
+    // Unit u = bytes 4(u%4) .. +3 of block u/4: elements 4(u%4).. (low) and 16 + 4(u%4).. (high).
+#if WTYPE == T_Q4_0
+    uint h = (rb + (u >> 2) * 18u) >> 1;
+    float d = half_at(h), m = -8.0 * d;
+    uint a = u32_at(h + 1u + 2u * (u & 3u));
+#else
+    uint h = (rb + (u >> 2) * 20u) >> 1;
+    float d = half_at(h), m = half_at(h + 1u);
+    uint a = u32_at(h + 2u + 2u * (u & 3u));
+#endif
+    wv[0] = lo_nibbles(a) * d + m;
+    wv[1] = hi_nibbles(a) * d + m;
+#elif WTYPE == T_Q4_K
+    // super-block (144 B): f16 d, f16 dmin, 12 B packed 6-bit scales/mins, 128 B nibbles qs.
+    // Sub-blocks 2p and 2p+1 (32 elements each) share qs[32p .. 32p+31]: low nibbles -> 2p, high -> 2p+1;
+    // value = d * sc * q - dmin * m. Unit u = qs bytes 32p + 8r .. +7 with p = (u/4)%4, r = u%4.
+    uint sb = rb + (u >> 4) * 144u, p = (u >> 2) & 3u, r = u & 3u;
+    vec2 dd = unpackHalf2x16(w32[sb >> 2]);
+    uint j0 = 2u * p, j1 = j0 + 1u, sc0, m0, sc1, m1;
+    if (p < 2u) {   // sub-blocks 0..3: 6 low bits of bytes j and j + 4
+        sc0 = byte_of(sb + 4u, j0) & 63u; m0 = byte_of(sb + 4u, j0 + 4u) & 63u;
+        sc1 = byte_of(sb + 4u, j1) & 63u; m1 = byte_of(sb + 4u, j1 + 4u) & 63u;
+    } else {        // sub-blocks 4..7: 4 bits from byte j + 4, 2 high bits from bytes j - 4 and j
+        sc0 = (byte_of(sb + 4u, j0 + 4u) & 15u) | ((byte_of(sb + 4u, j0 - 4u) >> 6) << 4);
+        m0 = (byte_of(sb + 4u, j0 + 4u) >> 4) | ((byte_of(sb + 4u, j0) >> 6) << 4);
+        sc1 = (byte_of(sb + 4u, j1 + 4u) & 15u) | ((byte_of(sb + 4u, j1 - 4u) >> 6) << 4);
+        m1 = (byte_of(sb + 4u, j1 + 4u) >> 4) | ((byte_of(sb + 4u, j1) >> 6) << 4);
+    }
+    float d0 = dd.x * float(sc0), o0 = dd.y * float(m0), d1 = dd.x * float(sc1), o1 = dd.y * float(m1);
+    uint qw = (sb + 16u + 32u * p + 8u * r) >> 2;
+    uint a = w32[qw], b = w32[qw + 1u];
+    wv[0] = lo_nibbles(a) * d0 - o0;      // elements 64p + 8r .. +3
+    wv[1] = lo_nibbles(b) * d0 - o0;      //          64p + 8r + 4 .. +7
+    wv[2] = hi_nibbles(a) * d1 - o1;      //          64p + 32 + 8r ..
+    wv[3] = hi_nibbles(b) * d1 - o1;
+#elif WTYPE == T_Q6_K
+    // super-block (210 B): ql[128] low 4 bits, qh[64] high 2 bits, int8 scales[16], f16 d.
+    // element e = 128h + 32k + l (h 0..1, k 0..3, l 0..31):
+    //   q = ((ql[64h + 32(k&1) + l] >> 4(k>>1)) & 15) | (((qh[32h + l] >> 2k) & 3) << 4)
+    //   value = d * scales[e / 16] * (q - 32)
+    // Unit u = 16 consecutive elements: super-block u/16, (h, k) = (u/2)%8, l from 16(u%2).
+    uint hb = (rb + (u >> 4) * 210u) >> 1;    // u16 index of the super-block (210 is even)
+    uint hk = (u >> 1) & 7u, hh = hk >> 2, k = hk & 3u, l0 = 16u * (u & 1u);
+    int sw = int(uint(w16[hb + 96u + 4u * hh + k]));          // scales 8h + 2k (low byte), 8h + 2k + 1
+    float ds = half_at(hb + 104u) * float(bitfieldExtract(sw, int(8u * (u & 1u)), 8));
+    uint qlh = hb + 32u * hh + 16u * (k & 1u) + (l0 >> 1), qhh = hb + 64u + 16u * hh + (l0 >> 1);
+    uint lsh = 4u * (k >> 1), hsh = 2u * k;
+    for (uint i = 0; i < 4; i++) {
+        uint l = u32_at(qlh + 2u * i), g = u32_at(qhh + 2u * i);
+        uvec4 lo = (uvec4(l, l >> 8, l >> 16, l >> 24) >> lsh) & 15u;
+        uvec4 hi = (uvec4(g, g >> 8, g >> 16, g >> 24) >> hsh) & 3u;
+        wv[i] = (vec4(lo | (hi << 4)) - 32.0) * ds;
+    }
+#endif
+}
+
+// Bytes of one weight row with `cols` elements.
+uint row_bytes(uint cols) { return (cols / BLOCK) * BLOCK_BYTES; }

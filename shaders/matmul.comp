@@ -1,0 +1,86 @@
+#version 450
+// y[t, y_off + r] (+)= sum_c x[t, c] * W[r, c] (+ bias[b_off + r]) for weights stored as GGML blocks.
+// One workgroup computes NR rows x NT tokens; its invocations split each row into UNIT-element pieces
+// (see common/dequant.glsl), keep NR*NT partial sums and reduce them at the end. Each weight piece is
+// dequantized once and used for NT tokens: NT = 1 is the decode matvec, NT > 1 the prefill matmul.
+// Grid: x*z = ceil(rows / NR) (split over z past 65535), y = ceil(T / NT).
+#extension GL_GOOGLE_include_directive : require
+#include "common/types.glsl"
+
+layout(local_size_x_id = 0) in;                // WG: invocations per workgroup
+layout(constant_id = 1) const uint NR = 1;     // rows per workgroup
+layout(constant_id = 2) const uint NT = 1;     // tokens per workgroup
+layout(constant_id = 3) const uint NU = 1;     // units loaded per invocation before use (loads in flight)
+const uint NRT = NR * NT;
+
+#define W_BINDING 0
+#include "common/dequant.glsl"                  // binding 0: W  (rows, row_bytes(cols)) raw blocks
+#include "common/reduce.glsl"
+
+layout(binding = 1) readonly buffer XB { vec4 x4[]; };    // (T, x_stride) f32, x_stride % 4 == 0
+layout(binding = 2) readonly buffer BB { float bias[]; }; // (b_off + rows) f32, read when flags & 1
+layout(binding = 3) buffer YB { float y[]; };             // (T, y_stride) f32
+
+layout(push_constant) uniform PC {
+    uint rows;      // rows of W in this dispatch
+    uint cols;      // elements per row (multiple of UNIT)
+    uint T;         // tokens
+    uint w_off;     // byte offset of row 0 in binding 0 (multiple of 16)
+    uint x_stride;  // floats between tokens in x
+    uint y_stride;  // floats between tokens in y
+    uint y_off;     // column of y that row 0 writes (row-split weights)
+    uint b_off;     // element of bias for row 0
+    uint flags;     // 1: add bias, 2: accumulate into y
+} pc;
+
+void main() {
+    uint r0 = group_index() * NR;
+    if (r0 >= pc.rows) return;                  // uniform for the workgroup
+    uint t0 = gl_WorkGroupID.y * NT;
+    uint nt = min(NT, pc.T - t0);             // tokens of this workgroup that exist
+    uint lid = gl_LocalInvocationID.x;
+    uint rbytes = row_bytes(pc.cols);
+    uint units = pc.cols / UNIT;
+
+    // All loops have constant trip counts (rows and tokens are clamped, their results dropped at the
+    // write) so that drivers unroll them and keep wv/xv/acc in registers. Each x vector is loaded once
+    // and used for all NR rows: with NR = 1, x loads (from cache) would outnumber weight loads.
+    float acc[NRT];
+    for (uint i = 0; i < NRT; i++) acc[i] = 0.0;
+    const uint STEP = gl_WorkGroupSize.x * NU;
+    uint rb[NR];
+    for (uint r = 0; r < NR; r++) rb[r] = pc.w_off + min(r0 + r, pc.rows - 1u) * rbytes;
+
+    for (uint u0 = lid; u0 < units; u0 += STEP) {
+        vec4 wv[NR * NU][U4];
+        for (uint r = 0; r < NR; r++)
+            for (uint j = 0; j < NU; j++)
+                load_unit(rb[r], min(u0 + j * gl_WorkGroupSize.x, units - 1u), wv[r * NU + j]);
+        for (uint j = 0; j < NU; j++) {
+            uint u = u0 + j * gl_WorkGroupSize.x;
+            uint uc = min(u, units - 1u);
+            for (uint t = 0; t < NT; t++) {
+                uint xb = min(t0 + t, pc.T - 1u) * pc.x_stride;
+                vec4 xv[U4];
+                for (uint k = 0; k < U4; k++) xv[k] = x4[(xb + unit_x(uc, k)) >> 2];
+                for (uint r = 0; r < NR; r++) {
+                    float s = 0.0;
+                    for (uint k = 0; k < U4; k++) s += dot(wv[r * NU + j][k], xv[k]);
+                    acc[r * NT + t] += u < units ? s : 0.0;
+                }
+            }
+        }
+    }
+
+    for (uint i = 0; i < NRT; i++) {
+        float s = wg_sum(acc[i]);
+        uint r = i / NT, t = i % NT;
+        if (lid == 0 && r0 + r < pc.rows && t < nt) {
+            uint row = r0 + r;
+            uint idx = (t0 + t) * pc.y_stride + pc.y_off + row;
+            if ((pc.flags & 1u) != 0u) s += bias[pc.b_off + row];
+            if ((pc.flags & 2u) != 0u) s += y[idx];
+            y[idx] = s;
+        }
+    }
+}

@@ -1,0 +1,37 @@
+"""The table of SPIR-V variants: one entry per `.spv` file, its `.comp` source and defines.
+
+Pure data (no imports) so the build tool and the runtime read the same table. Specialization
+constants (workgroup size, rows/tokens per workgroup, head_dim) are chosen at run time by
+`vkpack.runtime.vk.ops`. Entries with `"reduce": True` use common/reduce.glsl and also get a
+`<name>_nosg` variant built with -DNO_SUBGROUP for devices without subgroup arithmetic.
+"""
+
+# GGML type ids (gguf.GGMLQuantizationType) of the weight formats the matmul/embed shaders read.
+WEIGHT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
+
+VARIANTS: dict[str, dict] = {}
+for _name, _code in WEIGHT_TYPES.items():
+    VARIANTS[f"matmul_{_name.lower()}"] = {"source": "matmul.comp", "defines": {"WTYPE": _code}, "reduce": True}
+    VARIANTS[f"matmul_tiled_{_name.lower()}"] = {"source": "matmul_tiled.comp", "defines": {"WTYPE": _code},
+                                                 "reduce": False}
+    VARIANTS[f"embed_{_name.lower()}"] = {"source": "embed.comp", "defines": {"WTYPE": _code}, "reduce": False}
+VARIANTS.update({
+    "rms_norm": {"source": "rms_norm.comp", "defines": {}, "reduce": True},
+    "rope": {"source": "rope.comp", "defines": {}, "reduce": False},
+    "kv_store_f32": {"source": "kv_store.comp", "defines": {}, "reduce": False},
+    "kv_store_f16": {"source": "kv_store.comp", "defines": {"KV_F16": 1}, "reduce": False},
+    "attention_f32": {"source": "attention.comp", "defines": {}, "reduce": True},
+    "attention_f16": {"source": "attention.comp", "defines": {"KV_F16": 1}, "reduce": True},
+    "swiglu": {"source": "swiglu.comp", "defines": {}, "reduce": False},
+    "add": {"source": "add.comp", "defines": {}, "reduce": False},
+    "argmax": {"source": "argmax.comp", "defines": {}, "reduce": True},
+})
+
+
+def all_variants() -> dict[str, dict]:
+    """Every .spv to build: the table plus the `_nosg` twins of reducing shaders."""
+    out = dict(VARIANTS)
+    for name, v in VARIANTS.items():
+        if v["reduce"]:
+            out[name + "_nosg"] = {**v, "defines": {**v["defines"], "NO_SUBGROUP": 1}}
+    return out
