@@ -68,7 +68,9 @@ class Archive:
             raise FormatError(f"{self.path}: footer magic missing (file truncated or not finished)")
         if index_size > MAX_INDEX_SIZE:
             raise FormatError(f"{self.path}: index_size {index_size} exceeds the cap {MAX_INDEX_SIZE}")
-        if index_offset < HEADER_SIZE or index_offset + index_size != self.size - FOOTER_SIZE:
+        if index_offset < HEADER_SIZE:
+            raise FormatError(f"{self.path}: index_offset {index_offset} lies inside the header")
+        if index_offset + index_size != self.size - FOOTER_SIZE:
             raise FormatError(f"{self.path}: index [{index_offset}, +{index_size}) does not end at the footer "
                               f"(file size {self.size})")
         blob = self._mm[index_offset:index_offset + index_size]

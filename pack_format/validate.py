@@ -282,7 +282,8 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
             defined.add(req(op, "out", str, ow))
             weights = req(op, "w", list, ow)
             if not w_min <= len(weights) <= w_max:
-                raise FormatError(f"{ow}.w: {name} takes {w_min}-{w_max} weights, got {len(weights)}")
+                want = f"{w_min}" if w_min == w_max else f"{w_min}-{w_max}"
+                raise FormatError(f"{ow}.w: {name} takes {want} weights, got {len(weights)}")
             for tname in weights:
                 if not isinstance(tname, str) or tname not in tensors:
                     raise FormatError(f"{ow}.w: tensor {tname!r} is not in the tensor table")

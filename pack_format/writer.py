@@ -70,6 +70,9 @@ class ArchiveWriter:
         assert self._f is not None
         self._f.flush()
         os.fsync(self._f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(self._f.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
         self._f.close()
         self._f = None
         os.replace(self._tmp, self.path)
