@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         from .default_model import default_archive
 
         path = default_archive()
-    with Engine(path, vram_gb=s.vram_gb, ram_gb=s.ram_gb, device=s.device, prefetch_lookahead=s.prefetch_lookahead,
+    with Engine(path, vram_gb=s.vram_gb, ram_gb=s.ram_gb, device=s.device, device_index=s.device_index, prefetch_lookahead=s.prefetch_lookahead,
                 eviction_aggression=s.eviction_aggression, policy=args.policy, context=s.context) as eng:
         prompt = args.prompt
         if args.chat:

@@ -46,10 +46,11 @@ class Engine:
 
     def __init__(self, path: str | Path, vram_gb: float | None = None, ram_gb: float | None = None,
                  device: str = "auto", prefetch_lookahead: int = 3, eviction_aggression: float = 0.7,
-                 policy: str = "graph", context: int | None = None, threads: int | None = None):
+                 policy: str = "graph", context: int | None = None, threads: int | None = None,
+                 device_index: int | None = None):
         self.archive = Archive(path)
         self.hp = self.archive.hparams
-        self.backend = _make_backend(device, self.archive)
+        self.backend = _make_backend(device, self.archive, device_index)
         self.context = min(context or min(self.hp["context"], DEFAULT_CONTEXT), self.hp["context"])
         self.schedule, where = make_schedule(self.archive.graph, self.archive.tensors)
         if policy not in POLICIES:
@@ -64,9 +65,12 @@ class Engine:
             if budget < self.min_bytes:
                 raise BudgetError(f"--vram-gb {vram_gb:g} ({budget / 2**20:.1f} MiB) is below what this model needs "
                                   f"at minimum: {self.min_bytes / 2**20:.1f} MiB ({self.min_bytes / GIB:.3f} GiB)")
+        budget -= getattr(self.backend, "reserved_bytes", 0)  # staging and io buffers live outside the tier
         budget = -(-budget // 256) * 256
         self.metrics = Metrics(device_budget=budget, ram_budget=None if ram_gb is None else int(ram_gb * GIB))
         self.tier = DeviceTier(budget, self.backend.max_block, self.backend.backing_factory, self.policy)
+        if hasattr(self.backend, "attach"):
+            self.backend.attach(self.tier)
         # Decoded bytes are worth caching only when packs get evicted from the device tier.
         streaming = budget < self.model_bytes + self._kv_bytes(self.context)
         self.ram = RamTier(self.metrics.ram_budget if streaming else 0, self.policy)
@@ -94,8 +98,10 @@ class Engine:
         return 4 * (t * width + hp["n_heads"] * t * n_ctx + 2 * hp["vocab"])
 
     def _minimum_budget(self) -> int:
-        largest = max(self.backend.pack_bytes(p.id) for p in self.archive.packs)
-        return 2 * largest + self._kv_bytes(64) + self._act_bytes(16, 64)
+        """Two packs (a weight part and its bias may be pinned together; bigger steps are streamed
+        part by part), the KV cache and activations of a short sequence, and the backend's staging."""
+        largest = 2 * max(self.backend.pack_bytes(p.id) for p in self.archive.packs)
+        return largest + self._kv_bytes(64) + self._act_bytes(16, 64) + getattr(self.backend, "reserved_bytes", 0)
 
     # ---- tokens ----
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -199,6 +205,11 @@ class Engine:
 
     def close(self) -> None:
         self.loader.close()
+        if hasattr(self.backend, "close"):
+            self.backend.close()
+            if hasattr(self.tier.backing, "close"):
+                self.tier.backing.close()
+            self.backend.dev.close()
         self.archive.close()
 
     def __enter__(self) -> Engine:
@@ -242,11 +253,32 @@ class _KvSession:
         self.allocs = []
 
 
-def _make_backend(device: str, archive: Archive) -> Any:
+def _make_backend(device: str, archive: Archive, device_index: int | None = None) -> Any:
+    """The Vulkan backend where a device works (`auto` falls back to numpy with one warning)."""
     if device not in ("auto", "cpu", "vulkan"):
         raise ValueError(f"device {device!r}: choose auto, cpu or vulkan")
-    if device == "vulkan":
-        raise VkpackError("the Vulkan backend is not available in this build; use --device cpu")
+    if device in ("auto", "vulkan"):
+        from . import vk
+
+        ok, why = vk.available()
+        if ok:
+            try:
+                from .vk.backend import VulkanBackend
+
+                backend = VulkanBackend(archive, device_index)
+                if device == "vulkan" or backend.dev.info.type != "cpu":
+                    return backend
+                # a software rasterizer (lavapipe) is slower than numpy: auto keeps to the CPU backend
+                backend.close()
+                backend.dev.close()
+                log.info("only a CPU Vulkan device (%s); using the numpy backend", backend.dev.info.name)
+                why = ""
+            except vk.VulkanError as e:
+                why = str(e)
+        if device == "vulkan":
+            raise VkpackError(f"--device vulkan: no usable Vulkan device ({why})")
+        if why:
+            log.warning("Vulkan unavailable (%s); running on the CPU (numpy) backend", why)
     from .cpu.backend import CpuBackend
 
     return CpuBackend(archive)

@@ -38,6 +38,30 @@ class WeightAccess:
         self.where = where
         self.step = 0
         self.op_index: dict[int, int] = {}
+        self.last_position = 0
+
+    def hold_step(self, si: int, step: dict[str, Any], gather_tokens: np.ndarray | None) -> list[Any]:
+        """Acquire (pin) every pack of a step, in access order, for a backend that runs the step
+        asynchronously; with `gather_tokens`, only the parts holding those embedding rows."""
+        tensors = self.loader.archive.tensors
+        held: list[Any] = []
+        seen: set[int] = set()
+        for oi, op in enumerate(step["ops"]):
+            for name in op["w"]:
+                for pi, part in enumerate(tensors[name].parts):
+                    if part.pack in seen:
+                        continue
+                    if gather_tokens is not None and not np.any((gather_tokens >= part.row_start) & (gather_tokens < part.row_end)):
+                        continue
+                    pos = self.where[(si, oi, name, pi)]
+                    held.append(self.loader.acquire(part.pack, pos))
+                    self.last_position = pos
+                    seen.add(part.pack)
+        return held
+
+    def release_entries(self, entries: list[Any]) -> None:
+        for e in entries:
+            self.loader.release(e)
 
     @contextmanager
     def part(self, op: dict[str, Any], name: str, part_idx: int) -> Iterator[Any]:
@@ -80,12 +104,22 @@ class Executor:
             "positions": np.concatenate([np.arange(p, p + len(t), dtype=np.int64) for t, p, _ in seqs]),
             "seqs": rows,
         }
+        out = self.archive.graph["outputs"][0]
+        if hasattr(self.backend, "run_step"):  # a device backend records whole steps and runs them async
+            self.backend.begin(env)
+            try:
+                for si, step in enumerate(self.steps):
+                    self.backend.run_step(si, step, env, self.weights)
+                return self.backend.finish(env, self.weights, out)
+            except BaseException:
+                self.backend.wait_all(self.weights)
+                raise
         for si, step in enumerate(self.steps):
             self.weights.step = si
             self.weights.op_index = {id(op): oi for oi, op in enumerate(step["ops"])}
             for op in step["ops"]:
                 self.backend.run(op, env, self.weights)
-        return env[self.archive.graph["outputs"][0]]
+        return env[out]
 
 
 def make_schedule(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[AccessSchedule, dict]:

@@ -1,0 +1,378 @@
+"""The Vulkan backend: the engine's graph ops as recorded compute dispatches on device memory.
+
+Packs are uploaded as stored (quantized blocks included) into the device tier's blocks, one big
+VkBuffer per block, and the kernels read them in place. Each graph step is recorded into one
+command buffer; decode steps whose packs have not moved are *replayed* from a cache, so a token
+costs one queue submission per step and no per-kernel Python. Steps are submitted without
+waiting; the packs they read stay pinned until their fence signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from ...pack_format.records import TensorPart, TensorRecord
+from ..alloc import Allocation
+from .device import Device
+from .kernels import BufferSlice
+from .ops import WEIGHT_FORMATS, Ops, Weight
+from .recorder import Recorder
+
+log = logging.getLogger(__name__)
+ALIGN = 256
+MAX_CACHED_RECORDINGS = 512
+MAX_TOKENS_PER_PASS = 4096
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class DeviceBacking:
+    """The device tier's blocks as VkDeviceMemory, each covered by one buffer."""
+
+    def __init__(self, dev: Device, block_sizes: list[int]):
+        self.dev = dev
+        self.blocks = [dev.alloc_block(n, "device") for n in block_sizes]
+        self.buffers = [dev.buffer(b, 0, n) for b, n in zip(self.blocks, block_sizes)]
+
+    def view(self, a: Allocation) -> BufferSlice:
+        return BufferSlice(self.buffers[a.block], a.offset, a.requested)
+
+    def close(self) -> None:
+        for b in self.buffers:
+            b.destroy()
+        for blk in self.blocks:
+            blk.destroy()
+
+
+class KvCache:
+    """One layer's K or V cache: (n_ctx, width) f32 at a device slice."""
+
+    def __init__(self, sl: BufferSlice, n_ctx: int, width: int):
+        self.slice, self.n_ctx, self.width = sl, n_ctx, width
+
+
+class VulkanBackend:
+    name = "vulkan"
+
+    def __init__(self, archive: Any, device_index: int | None = None):
+        self.archive = archive
+        self.dev = Device(device_index)
+        self.ops = Ops(self.dev)
+        info = self.dev.info
+        self.max_block = min(1 << 30, info.max_memory_allocation_size, info.main_heap.size // 2) // ALIGN * ALIGN
+        self.slices: dict[int, list[tuple[TensorRecord, TensorPart]]] = {}
+        for t in archive.tensors.values():
+            for p in t.parts:
+                self.slices.setdefault(p.pack, []).append((t, p))
+        self._extra = {pid: sum(_align(4 * _n(t, p)) for t, p in sl if _needs_f32(t)) for pid, sl in self.slices.items()}
+        self.tier: Any = None
+        self._scratch: tuple[Allocation, BufferSlice] | None = None
+        # per-pass inputs the host rewrites before each pass: token ids and positions (uint32)
+        self._io = self.dev.alloc(8 * MAX_TOKENS_PER_PASS, "upload")
+        self._ff: dict[int, Any] = {}          # rope frequency factors, f32 on the device
+        self._cache: OrderedDict[tuple, Recorder] = OrderedDict()
+        self._inflight: list[tuple[Recorder, list[Any]]] = []
+        self.host_seconds = 0.0
+        self.submits = 0
+        log.info("vulkan backend on %s (%s)", info.name, info.type)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Device bytes outside the tier (staging slots where uploads are staged, the io buffer),
+        counted against the budget. Host-visible device memory (unified, lavapipe) needs no staging."""
+        mt = self.dev.info.memory_types[self.dev.memory_type["device"]]
+        staged = not (mt.host_visible and self.dev.direct_copies)
+        return (3 * self.dev.STAGING_SLOT_BYTES if staged else 0) + self._io.size
+
+    @property
+    def pin_limit(self) -> int:
+        """Pack bytes that in-flight steps may keep pinned: a step bigger than this is streamed."""
+        return self.tier.budget // 4
+
+    def backing_factory(self, block_sizes: list[int]) -> DeviceBacking:
+        return DeviceBacking(self.dev, block_sizes)
+
+    def attach(self, tier: Any) -> None:
+        self.tier = tier
+
+    # ---- packs ----
+    def pack_bytes(self, pack: int) -> int:
+        """Stored bytes as they are, plus f32 copies of 1-D tensors the kernels need as f32."""
+        return _align(self.archive.packs[pack].raw_size) + self._extra.get(pack, 0)
+
+    def convert(self, pack: int, raw: bytes | memoryview, dest: BufferSlice) -> dict[tuple[str, int], Any]:
+        buf, base = dest.buffer, dest.offset
+        self.dev.upload(buf, raw, base)
+        out: dict[tuple[str, int], Any] = {}
+        extra = _align(len(raw))
+        for t, p in self.slices.get(pack, []):
+            if len(t.shape) == 1:
+                if _needs_f32(t):
+                    from ..cpu.dequant import dequantize
+
+                    vals = dequantize(t.dtype, memoryview(raw)[p.offset:p.offset + p.nbytes], t.shape)
+                    self.dev.upload(buf, vals.astype(np.float32).tobytes(), base + extra)
+                    out[(t.name, p.row_start)] = BufferSlice(buf, base + extra, 4 * t.shape[0])
+                    extra += _align(4 * t.shape[0])
+                else:
+                    out[(t.name, p.row_start)] = BufferSlice(buf, base + p.offset, p.nbytes)
+            else:
+                out[(t.name, p.row_start)] = Weight(buf, base + p.offset, t.dtype, p.row_end - p.row_start, t.shape[-1])
+        return out
+
+    def kv_view(self, mem: BufferSlice, n_ctx: int, width: int) -> KvCache:
+        return KvCache(BufferSlice(mem.buffer, mem.offset, n_ctx * width * 4), n_ctx, width)
+
+    # ---- one pass ----
+    def begin(self, env: dict[str, Any]) -> None:
+        """Upload token ids and positions; lay out activation buffers in a tier reservation."""
+        tokens, positions = env["tokens"], env["positions"]
+        t = len(tokens)
+        if t > MAX_TOKENS_PER_PASS:
+            raise ValueError(f"{t} tokens in one pass; at most {MAX_TOKENS_PER_PASS}")
+        self.wait_all()
+        self.dev.upload(self._io, tokens.astype(np.uint32).tobytes(), 0)
+        self.dev.upload(self._io, positions.astype(np.uint32).tobytes(), 4 * MAX_TOKENS_PER_PASS)
+        env["_ids"] = BufferSlice(self._io, 0, 4 * t)
+        env["_pos"] = BufferSlice(self._io, 4 * MAX_TOKENS_PER_PASS, 4 * t)
+        env["_T"] = t
+        env["_nseq"] = len(env["seqs"])
+        # what a recording depends on besides its packs: row ranges and where each KV cache lives
+        # (positions are read from the io buffer, so a decode step replays at every position)
+        env["_layout"] = tuple((r0, r1, kv[0][0].n_ctx, tuple((id(kc.slice.buffer), kc.slice.offset, vc.slice.offset)
+                                                         for kc, vc in kv)) for r0, r1, _p0, kv in env["seqs"])
+        env["_bufs"] = {}
+        env["_after_last"] = False
+        widths = self._widths()
+        need = sum(_align(4 * t * w) for w in widths.values())
+        scratch = self._scratch_slice(need)
+        off = scratch.offset
+        env["_layout"] += ((id(scratch.buffer), scratch.offset),)  # recordings bind activation buffers here
+        for name, w in widths.items():
+            rows = env["_nseq"] if name in ("logits", "x_last", "h_last") else t
+            env["_bufs"][name] = (BufferSlice(scratch.buffer, off, _align(4 * t * w)), w, rows)
+            off += _align(4 * t * w)
+
+    def _widths(self) -> dict[str, int]:
+        hp = self.archive.hparams
+        q = hp["n_heads"] * hp["head_dim"]
+        kv = hp["n_kv_heads"] * hp["head_dim"]
+        return {"x": hp["hidden"], "h": max(hp["hidden"], q), "q": q, "k": kv, "v": kv, "o": q,
+                "a": hp["hidden"], "g": hp["ffn"], "u": hp["ffn"], "m": hp["ffn"], "logits": hp["vocab"]}
+
+    def _scratch_slice(self, need: int) -> BufferSlice:
+        if self._scratch is not None and self._scratch[0].requested >= need:
+            return self._scratch[1]
+        if self._scratch is not None:
+            self.tier.release(self._scratch[0])
+            self._scratch = None
+        a = self.tier.reserve(need, "activations")
+        self._scratch = (a, self.tier.view(a))
+        return self._scratch[1]
+
+    def _buf(self, env: dict[str, Any], name: str) -> BufferSlice:
+        return env["_bufs"][name][0]
+
+    def run_step(self, si: int, step: dict[str, Any], env: dict[str, Any], weights: Any) -> None:
+        """Record (or replay) one step; submit it without waiting, its packs pinned until done."""
+        import time
+
+        if sum(self.pack_bytes(p) for p in step["packs"]) > self.pin_limit:
+            self._run_streamed(si, step, env, weights)
+            return
+        t0 = time.perf_counter()
+        held = weights.hold_step(si, step, env["tokens"] if step.get("gather") else None)
+        key = (si, env["_T"], env["_layout"], tuple((e.pack, e.alloc.block, e.alloc.offset) for e in held))
+        rec = self._cache.get(key)
+        if rec is None:
+            rec = Recorder(self.dev, label=step["name"])
+            payload = {k: v for e in held for k, v in e.payload.items()}
+            for op in step["ops"]:
+                getattr(self, "op_" + op["op"])(rec, op, env, payload)
+            rec.finish()
+            if not step.get("gather"):
+                self._cache[key] = rec
+                if len(self._cache) > MAX_CACHED_RECORDINGS:
+                    self._cache.popitem(last=False)[1].destroy()
+        else:
+            self._cache.move_to_end(key)
+        rec.submit()
+        self.submits += 1
+        self._inflight.append((rec, held, step.get("gather")))
+        self.host_seconds += time.perf_counter() - t0
+        weights.loader.prefetch(weights.last_position)
+        # keep the pinned bytes of in-flight steps well inside the budget
+        pinned = sum(weights.loader.backend.pack_bytes(e.pack) for _, h, _ in self._inflight for e in h)
+        if pinned > self.tier.budget // 4:
+            self.wait_all(weights)
+
+    def _run_streamed(self, si: int, step: dict[str, Any], env: dict[str, Any], weights: Any) -> None:
+        """A step too big to pin at once (under a small budget): each op's weight parts in chunks
+        of at most `pin_limit` bytes, each chunk recorded, run and released before the next."""
+        self.wait_all(weights)
+        tensors = self.archive.tensors
+        gather = env["tokens"] if step.get("gather") else None
+        for oi, op in enumerate(step["ops"]):
+            parts = [(name, pi, p) for name in op["w"] for pi, p in enumerate(tensors[name].parts)
+                     if gather is None or np.any((gather >= p.row_start) & (gather < p.row_end))]
+            fixed = [x for x in parts if x[0] != op["w"][0]]  # a linear's bias: held with every chunk
+            chunks: list[list] = [[]]
+            size = 0
+            for x in parts:
+                if x in fixed:
+                    continue
+                nb = self.pack_bytes(x[2].pack)
+                if chunks[-1] and size + nb > self.pin_limit:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(x)
+                size += nb
+            for ci, chunk in enumerate(chunks):
+                held = []
+                for name, pi, p in chunk + fixed:
+                    if all(e.pack != p.pack for e in held):
+                        held.append(weights.loader.acquire(p.pack, weights.where[(si, oi, name, pi)]))
+                try:
+                    rec = Recorder(self.dev, label=f"{step['name']}.{op['op']}")
+                    payload = {k: v for e in held for k, v in e.payload.items()}
+                    if op["op"] == "embed" and ci > 0:
+                        env["_embed_keep"] = True
+                    getattr(self, "op_" + op["op"])(rec, op, env, payload)
+                    env.pop("_embed_keep", None)
+                    rec.run()
+                    rec.destroy()
+                    self.submits += 1
+                finally:
+                    weights.release_entries(held)
+
+    def wait_all(self, weights: Any = None) -> None:
+        for rec, held, transient in self._inflight:
+            rec.wait()
+            if weights is not None:
+                weights.release_entries(held)
+            if transient:
+                rec.destroy()
+        self._inflight.clear()
+
+    def finish(self, env: dict[str, Any], weights: Any, out_name: str) -> np.ndarray:
+        self.wait_all(weights)
+        sl, w, _ = env["_bufs"][out_name]
+        n = env["_nseq"]
+        data = self.dev.download(sl.buffer, n * w * 4, sl.offset)
+        return np.frombuffer(data, dtype=np.float32).reshape(n, w).copy()
+
+    # ---- ops: each records dispatches into `rec` ----
+    def _rows(self, env: dict[str, Any], name: str) -> int:
+        return env["_nseq"] if env.get("_after_last") else env["_T"]
+
+    def op_embed(self, rec, op, env, payload) -> None:
+        name = op["w"][0]
+        t = self.archive.tensors[name]
+        first = not env.get("_embed_keep")
+        for p in t.parts:
+            w = payload.get((name, p.row_start))
+            if w is None:
+                continue  # no token in this part's rows
+            self.ops.embed(rec, w, env["_ids"], self._buf(env, op["out"]), env["_T"], id_off=p.row_start,
+                           keep_outside=not first)
+            first = False
+        env["_after_last"] = False
+
+    def op_rms_norm(self, rec, op, env, payload) -> None:
+        a = op["attrs"]
+        x = self._buf(env, op["in"][0])
+        rows = self._rows(env, op["in"][0])
+        n = env["_bufs"][op["in"][0]][1]
+        g = a.get("group") or n
+        w = payload[(op["w"][0], 0)]
+        self.ops.rms_norm(rec, x, w, self._buf(env, op["out"]), rows * (n // g), g, a["eps"])
+
+    def op_linear(self, rec, op, env, payload) -> None:
+        name = op["w"][0]
+        t = self.archive.tensors[name]
+        rows = self._rows(env, op["in"][0])
+        bias = payload[(op["w"][1], 0)] if len(op["w"]) > 1 else None
+        x = self._buf(env, op["in"][0])
+        y = self._buf(env, op["out"])
+        for p in t.parts:
+            if (name, p.row_start) not in payload:
+                continue  # streamed: this part runs in another chunk
+            self.ops.linear(rec, payload[(name, p.row_start)], x, y, rows, x_stride=t.shape[-1], y_stride=t.shape[0],
+                            y_col=p.row_start, bias=bias, bias_off=p.row_start)
+
+    def op_rope(self, rec, op, env, payload) -> None:
+        a = op["attrs"]
+        x = self._buf(env, op["in"][0])
+        ff = self._freq_factors(a.get("freq_factors"))
+        self.ops.rope(rec, x, env["_pos"], env["_T"], a["n_heads"], a["head_dim"], n_rot=a["rope_dim"], mode=a["mode"],
+                      base=a["theta"], freq_factors=ff)
+
+    def _freq_factors(self, ff: list[float] | None) -> Any:
+        if not ff:
+            return None
+        key = hash(tuple(ff))
+        if key not in self._ff:
+            buf = self.dev.alloc(_align(4 * len(ff)), "device")
+            self.dev.upload(buf, np.asarray(ff, dtype=np.float32).tobytes())
+            self._ff[key] = buf
+        return self._ff[key]
+
+    def op_attention(self, rec, op, env, payload) -> None:
+        a = op["attrs"]
+        q, k, v = (self._buf(env, n) for n in op["in"])
+        out = self._buf(env, op["out"])
+        kvd = a["n_kv_heads"] * a["head_dim"]
+        for r0, r1, _pos0, kv in env["seqs"]:
+            kc, vc = kv[a["layer"]]
+            self.ops.kv_store(rec, k, v, kc.slice, vc.slice, env["_pos"], r1 - r0, kvd, kc.n_ctx, t0=r0)
+            self.ops.attention(rec, q, kc.slice, vc.slice, env["_pos"], out, r1 - r0, a["n_heads"], a["n_kv_heads"],
+                               a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0)
+
+    def op_add(self, rec, op, env, payload) -> None:
+        a, b = (self._buf(env, n) for n in op["in"])
+        n = self._rows(env, op["in"][0]) * env["_bufs"][op["in"][0]][1]
+        self.ops.add(rec, a, b, self._buf(env, op["out"]), n)
+
+    def op_swiglu(self, rec, op, env, payload) -> None:
+        g, u = (self._buf(env, n) for n in op["in"])
+        n = self._rows(env, op["in"][0]) * env["_bufs"][op["in"][0]][1]
+        self.ops.swiglu(rec, g, u, self._buf(env, op["out"]), n)
+
+    def op_last_token(self, rec, op, env, payload) -> None:
+        src = self._buf(env, op["in"][0])
+        n = env["_bufs"][op["in"][0]][1]
+        rows = [r1 - 1 for _, r1, _, _ in env["seqs"]]
+        tmp = self._buf(env, "h")  # copy through a scratch row block: source and destination overlap
+        self.ops.copy_rows(rec, src, tmp, rows, n)
+        rec.barrier()
+        rec.copy(BufferSlice(tmp.buffer, tmp.offset, 4 * n * len(rows)), BufferSlice(src.buffer, src.offset, 4 * n * len(rows)))
+        env["_after_last"] = True
+
+    def close(self) -> None:
+        self.wait_all()
+        for rec in self._cache.values():
+            rec.destroy()
+        self._cache.clear()
+        for b in self._ff.values():
+            b.destroy()
+        self._io.destroy()
+
+
+def _n(t: TensorRecord, p: TensorPart) -> int:
+    return t.shape[0] if len(t.shape) == 1 else (p.row_end - p.row_start) * t.shape[-1]
+
+
+def _needs_f32(t: TensorRecord) -> bool:
+    return len(t.shape) == 1 and t.dtype != "F32"
+
+
+assert set(WEIGHT_FORMATS) >= {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
+_ = (math, struct)

@@ -1,0 +1,77 @@
+"""The whole model on the Vulkan backend (lavapipe in CI) against the numpy backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import make_synthetic as ms
+from vkpack.compiler.build import build
+from vkpack.runtime import vk
+from vkpack.runtime.engine import Engine
+
+ok, why = vk.available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"no Vulkan: {why}")
+REL_TOL = 1e-3
+
+
+def rel_err(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def greedy(eng: Engine, ids: list[int], n: int) -> list[int]:
+    eng.generate(ids, max_tokens=n, temperature=0, ignore_eos=True)
+    return list(eng.last_ids)
+
+
+@pytest.fixture(scope="module")
+def smol_cpu(smollm2_archive):
+    with Engine(smollm2_archive, device="cpu") as eng:
+        ids = eng.encode("Once upon a time, in a land far away,")
+        yield ids, eng.logits(ids), greedy(eng, ids, 32), eng.model_bytes
+
+
+@pytest.mark.parametrize("quarter", [False, True], ids=["unlimited", "vram-25pct"])
+def test_smollm2_vulkan_matches_numpy(smollm2_archive, smol_cpu, quarter):
+    ids, ref_logits, ref_tokens, _ = smol_cpu
+    with Engine(smollm2_archive, device="vulkan") as probe:
+        stored = probe.model_bytes
+    vram = stored / 4 / 2**30 if quarter else None
+    with Engine(smollm2_archive, device="vulkan", vram_gb=vram) as eng:
+        assert eng.backend.name == "vulkan"
+        assert rel_err(eng.logits(ids), ref_logits) < REL_TOL
+        assert greedy(eng, ids, 32) == ref_tokens
+        st = eng.stats()
+        assert st["peak_device_bytes"] <= st["device_budget"]
+        if quarter:
+            assert eng.tier.evictions > 0
+
+
+@pytest.mark.parametrize("arch,dtype", [("qwen2", "F16"), ("qwen3", "BF16"), ("llama", "Q8_0")])
+def test_synthetic_families_and_split_packs(tmp_path, arch, dtype):
+    spec = ms.Spec(arch=arch, layers=2, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1024, std=0.1)
+    if dtype == "Q8_0":
+        src = ms.write_gguf(tmp_path / "m.gguf", spec, dtype=dtype, seed=4)
+    else:
+        src = ms.write_hf(tmp_path / "m", spec, dtype=dtype, seed=4)
+    build(src, tmp_path / "m.vkpack", max_pack_mb=1, progress=False)  # forces row-split tensors
+    with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+        ids = c.encode("split packs and batches")
+        assert rel_err(g.logits(ids), c.logits(ids)) < REL_TOL
+        assert greedy(g, ids, 12) == greedy(c, ids, 12)
+        a, b = ids, c.encode("another one")
+        with g.kv_session(32) as ka, g.kv_session(32) as kb, c.kv_session(32) as kc, c.kv_session(32) as kd:
+            both_g = g.forward_batch([(a, 0, ka), (b, 0, kb)])
+            both_c = c.forward_batch([(a, 0, kc), (b, 0, kd)])
+        assert rel_err(both_g, both_c) < REL_TOL
+
+
+def test_auto_prefers_numpy_over_a_cpu_vulkan_device(smollm2_archive):
+    with Engine(smollm2_archive, device="auto") as eng:
+        kind = eng.backend.name
+    dev = vk.Device()
+    try:
+        expected = "cpu" if dev.info.type == "cpu" else "vulkan"
+    finally:
+        dev.close()
+    assert kind == expected
