@@ -69,11 +69,11 @@ class Engine:
         budget = -(-budget // 256) * 256
         self.metrics = Metrics(device_budget=budget, ram_budget=None if ram_gb is None else int(ram_gb * GIB))
         self.tier = DeviceTier(budget, self.backend.max_block, self.backend.backing_factory, self.policy)
-        if hasattr(self.backend, "attach"):
-            self.backend.attach(self.tier)
         # Decoded bytes are worth caching only when packs get evicted from the device tier.
         streaming = budget < self.model_bytes + self._kv_bytes(self.context)
         self.ram = RamTier(self.metrics.ram_budget if streaming else 0, self.policy)
+        if hasattr(self.backend, "attach"):
+            self.backend.attach(self.tier, resident=not streaming)
         self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead, self.metrics)
         self.executor = Executor(self.archive, self.backend, self.loader, where)
         self.tokenizer = _load_tokenizer(self.archive.tokenizer)

@@ -108,11 +108,10 @@ class Executor:
         if hasattr(self.backend, "run_step"):  # a device backend records whole steps and runs them async
             self.backend.begin(env)
             try:
-                for si, step in enumerate(self.steps):
-                    self.backend.run_step(si, step, env, self.weights)
+                self.backend.run_pass(self.steps, env, self.weights)
                 return self.backend.finish(env, self.weights, out)
             except BaseException:
-                self.backend.wait_all(self.weights)
+                self.backend.flush(self.weights)
                 raise
         for si, step in enumerate(self.steps):
             self.weights.step = si

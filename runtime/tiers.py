@@ -42,6 +42,8 @@ class DeviceTier:
         self.entries: dict[int, Entry] = {}
         self.lock = threading.RLock()
         self.evictions = 0
+        self.version = 0          # bumped whenever a pack enters or leaves: recordings stay valid while it holds
+        self.frozen = False       # while set, prefetch may not place or evict packs (a replayed pass is reading them)
 
     @property
     def in_use(self) -> int:
@@ -68,6 +70,8 @@ class DeviceTier:
         """Room for a pack, evicting by the policy. With `protect`, only packs whose next use is
         farther than `protect` may go (prefetch must not evict what is needed sooner)."""
         with self.lock:
+            if self.frozen and protect is not None:
+                return None
             return self._alloc(nbytes, f"pack {pack}", cursor, protect)
 
     def _alloc(self, nbytes: int, tag: str, cursor: int, protect: int | None) -> Allocation | None:
@@ -96,12 +100,14 @@ class DeviceTier:
         with self.lock:
             e = Entry(pack, alloc, payload)
             self.entries[pack] = e
+            self.version += 1
             return e
 
     def _evict(self, pack: int) -> None:
         e = self.entries.pop(pack)
         self.allocator.free(e.alloc)
         self.evictions += 1
+        self.version += 1
 
     def view(self, a: Allocation) -> Any:
         return self.backing.view(a)
