@@ -85,7 +85,8 @@ class VulkanBackend:
         self.resident = False
         self._retired: list[Recorder] = []
         self._pass_recs: dict[int, Recorder] = {}
-        self.host_seconds = 0.0
+        self.host_seconds = 0.0   # Python time recording/keying steps
+        self.wait_seconds = 0.0   # time blocked on fences (the device working, or uploads pending)
         self.submits = 0
         log.info("vulkan backend on %s (%s)", info.name, info.type)
 
@@ -311,11 +312,15 @@ class VulkanBackend:
             rec.destroy()
 
     def wait_all(self, weights: Any = None) -> None:
+        import time
+
+        t0 = time.perf_counter()
         for rec, held, _transient in self._inflight:
             rec.wait()
             if weights is not None:
                 weights.release_entries(held)
         self._inflight.clear()
+        self.wait_seconds += time.perf_counter() - t0
         for rec in self._retired:
             rec.destroy()
         self._retired.clear()

@@ -1,0 +1,181 @@
+"""GPU benchmark of the Vulkan backend, everything in one call (for the lent H100/H200).
+
+Measures the two limits first: the device's read bandwidth (a streaming-read kernel: argmax over a
+1 GiB f32 matrix) and the host->device copy bandwidth (Device.upload of 1 GiB through staging).
+Then, per model (synthetic F16 weights N(0, 0.02) written and compiled on the machine itself):
+prefill of 512 tokens and greedy decode, resident and at --vram-gb 4, each reported as a fraction
+of its limit; plus the Python host time per token. Results go to OUT/bench_gpu.json and .md.
+
+    python tools/bench_gpu.py --work /tmp/bench --out $OUT [--models smol,1b,8b] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_synthetic as ms  # noqa: E402
+
+from vkpack.compiler.build import build  # noqa: E402
+from vkpack.pack_format.reader import Archive  # noqa: E402
+from vkpack.runtime import vk  # noqa: E402
+from vkpack.runtime.engine import Engine  # noqa: E402
+
+SHAPES = {  # name -> Spec (all with SmolLM2's 49,152-token vocabulary)
+    "smol": ms.Spec(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, tied=True),
+    "1b": ms.Spec(layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192, vocab=49152, tied=True),
+    "8b": ms.Spec(layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=49152),
+}
+
+
+def limits(quick: bool) -> dict:
+    dev = vk.Device()
+    ops = vk.Ops(dev)
+    out = {"device": dev.info.name, "type": dev.info.type, "api": str(dev.info.api_version)}
+    rows, n = (1024, 4096) if quick else (16384, 16384)
+    x = dev.alloc(rows * n * 4)
+    idx = dev.alloc(rows * 4)
+    dev.upload(x, np.random.default_rng(0).standard_normal(rows * n, dtype=np.float32))
+    rec = vk.Recorder(dev, timestamps=True)
+    ops.argmax(rec, x, idx, rows, n)
+    rec.finish()
+    for _ in range(20):  # warm the clocks
+        rec.run()
+    times = []
+    for _ in range(20):
+        rec.run()
+        times.append(rec.gpu_time_s())
+    out["read_gbps"] = rows * n * 4 / min(times) / 1e9
+    host = np.ones(rows * n, dtype=np.float32)
+    dev.upload(x, host)
+    t = time.perf_counter()
+    for _ in range(3):
+        dev.upload(x, host)
+    out["h2d_gbps"] = 3 * host.nbytes / (time.perf_counter() - t) / 1e9
+    rec.destroy()
+    x.destroy()
+    idx.destroy()
+    dev.close()
+    return out
+
+
+def model_archive(name: str, work: Path) -> Path:
+    arch = work / f"{name}.vkpack"
+    if not arch.exists():
+        src = work / f"{name}.gguf"
+        t = time.perf_counter()
+        ms.write_gguf(src, SHAPES[name], dtype="F16", seed=0)
+        t1 = time.perf_counter()
+        build(src, arch, codec="none", threads=os.cpu_count(), progress=False)
+        src.unlink()
+        print(f"[{name}] generated in {t1 - t:.0f} s, built in {time.perf_counter() - t1:.0f} s", flush=True)
+    return arch
+
+
+def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int) -> dict:
+    eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + n_decode + 8)
+    try:
+        be = eng.backend
+        rng = np.random.default_rng(1)
+        prompt = [int(t) for t in rng.integers(3, eng.hp["vocab"], prompt_len)]
+        eng.generate(prompt[:8], max_tokens=4, temperature=0, ignore_eos=True)  # record, load, warm
+        m = eng.metrics
+        up0 = m.bytes_uploaded
+        t = time.perf_counter()
+        eng.logits(prompt)
+        prefill = time.perf_counter() - t
+        up_prefill = m.bytes_uploaded - up0
+        # decode: n tokens after the prompt; time per token from the engine's own decode counters
+        d0, g0, up0 = m.decode_seconds, m.generated_tokens, m.bytes_uploaded
+        h0, w0 = be.host_seconds, be.wait_seconds
+        eng.generate(prompt, max_tokens=n_decode, temperature=0, ignore_eos=True)
+        n = m.generated_tokens - g0
+        dt = m.decode_seconds - d0
+        return {
+            "vram_gb": vram_gb, "model_bytes": eng.model_bytes, "budget": eng.tier.budget,
+            "prefill_tokens": prompt_len, "prefill_tps": prompt_len / prefill, "uploaded_prefill": up_prefill,
+            "decode_tokens": n, "decode_tps": n / dt, "ms_per_token": dt / n * 1e3,
+            "uploaded_per_token": (m.bytes_uploaded - up0) / max(n, 1),
+            "host_ms_per_token": (dt - (be.wait_seconds - w0)) / n * 1e3,
+            "record_ms_per_token": (be.host_seconds - h0) / n * 1e3,
+            "submits": be.submits, "stall_s": m.stall_seconds, "peak": eng.tier.peak,
+        }
+    finally:
+        eng.close()
+
+
+def table(res: dict) -> str:
+    lim = res["limits"]
+    lines = [f"Device: {lim['device']} ({lim['type']}); read {lim['read_gbps']:.0f} GB/s (argmax stream over "
+             f"1 GiB f32), host->device {lim['h2d_gbps']:.1f} GB/s (Device.upload, 1 GiB).", "",
+             "| model | weights GB | budget | prefill tok/s | decode tok/s | ms/token | fraction of limit | "
+             "host ms/token | uploaded GB/token |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in res["models"].items():
+        for r in runs:
+            if "error" in r:
+                lines.append(f"| {name} | | {r.get('vram_gb')} | error: {r['error'][:80]} | | | | | |")
+                continue
+            wb = r["model_bytes"]
+            if r["vram_gb"] is None:
+                frac = wb / (r["ms_per_token"] / 1e3) / (lim["read_gbps"] * 1e9)
+                budget, what = "resident", "of read bw"
+            else:
+                frac = r["uploaded_per_token"] / (r["ms_per_token"] / 1e3) / (lim["h2d_gbps"] * 1e9)
+                budget, what = f"{r['vram_gb']} GiB", "of h2d"
+            lines.append(f"| {name} | {wb / 1e9:.2f} | {budget} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
+                         f"{r['ms_per_token']:.2f} | {frac:.0%} {what} | {r['host_ms_per_token']:.2f} | "
+                         f"{r['uploaded_per_token'] / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/vkpack-bench-gpu")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--models", default="smol,1b,8b")
+    ap.add_argument("--vram-gb", type=float, default=4.0)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--decode-streamed", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
+    args = ap.parse_args(argv)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        SHAPES.update({k: ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
+    res["limits"] = limits(args.quick)
+    print(json.dumps(res["limits"]), flush=True)
+    for name in args.models.split(","):
+        runs = []
+        for vram in (None, args.vram_gb):
+            try:
+                arch = model_archive(name, work)
+                if vram is not None and Archive(arch).size < vram * 2**30:
+                    continue  # fits anyway: nothing streamed
+                r = run_model(arch, vram, args.prompt if not args.quick else 16,
+                              args.decode if vram is None else args.decode_streamed)
+            except Exception as e:  # keep going: partial results still come back
+                traceback.print_exc()
+                r = {"vram_gb": vram, "error": f"{type(e).__name__}: {e}"}
+            print(f"[{name}] {json.dumps(r)}", flush=True)
+            runs.append(r)
+            res["models"][name] = runs
+            (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
+            (out / "bench_gpu.md").write_text(table(res) + "\n")
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
