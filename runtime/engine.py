@@ -58,14 +58,16 @@ class Engine:
         self.policy = POLICIES[policy](self.schedule, eviction_aggression)
         self.model_bytes = sum(self.backend.pack_bytes(p.id) for p in self.archive.packs)
         self.min_bytes = self._minimum_budget()
-        if vram_gb is None:
-            budget = self.model_bytes + self._kv_bytes(self.context) + self._act_bytes(min(self.context, 2048), self.context) + (64 << 20)
+        if vram_gb is None:  # everything resident: weights, a full-context KV cache, activations twice over
+            budget = (self.model_bytes + self._kv_bytes(self.context)
+                      + 2 * self._act_bytes(min(self.context, 2048), self.context) + (64 << 20))
         else:
             budget = int(vram_gb * GIB)
             if budget < self.min_bytes:
                 raise BudgetError(f"--vram-gb {vram_gb:g} ({budget / 2**20:.1f} MiB) is below what this model needs "
                                   f"at minimum: {self.min_bytes / 2**20:.1f} MiB ({self.min_bytes / GIB:.3f} GiB)")
-        budget -= getattr(self.backend, "reserved_bytes", 0)  # staging and io buffers live outside the tier
+        if vram_gb is not None:
+            budget -= getattr(self.backend, "reserved_bytes", 0)  # staging and io buffers live outside the tier
         budget = -(-budget // 256) * 256
         self.metrics = Metrics(device_budget=budget, ram_budget=None if ram_gb is None else int(ram_gb * GIB))
         self.tier = DeviceTier(budget, self.backend.max_block, self.backend.backing_factory, self.policy)
@@ -74,7 +76,8 @@ class Engine:
         self.ram = RamTier(self.metrics.ram_budget if streaming else 0, self.policy)
         if hasattr(self.backend, "attach"):
             self.backend.attach(self.tier, resident=not streaming)
-        self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead, self.metrics)
+        self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead,
+                                 self.metrics, workers=getattr(self.backend, "prefetch_workers", 1))
         self.executor = Executor(self.archive, self.backend, self.loader, where)
         self.tokenizer = _load_tokenizer(self.archive.tokenizer)
         tok = self.archive.tokenizer

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20          # bytes of one request body (413 beyond)
 MAX_STOPS = 16              # stop strings per request
+MAX_STOP_CHARS = 512        # characters per stop string (matching holds back up to this much text)
 DEFAULT_MAX_TOKENS = 512    # generation cap when a request gives none (OpenAI's completions default is 16)
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
@@ -98,8 +99,8 @@ def _parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
         raise ApiError(400, "'stop' must be a string or an array of strings", param="stop", code="invalid_type")
     if len(stop) > MAX_STOPS:
         raise ApiError(400, f"'stop' has {len(stop)} strings; at most {MAX_STOPS}", param="stop")
-    if any(not s for s in stop):
-        raise ApiError(400, "'stop' strings must not be empty", param="stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"'stop' strings must have 1 to {MAX_STOP_CHARS} characters", param="stop")
     return tuple(stop)
 
 
@@ -533,6 +534,8 @@ def prometheus_text(s: _State) -> str:
     metric("finished_total", "counter", "sequences ended, by reason",
            [(f'{{reason="{k}"}}', v) for k, v in sorted(sch.finished.items())])
     metric("kv_waits_total", "counter", "admissions deferred because the KV budget was full", [("", sch.kv_waits)])
+    metric("preemptions_total", "counter", "sequences whose KV was dropped (and later recomputed) so that the "
+           "weights could stream", [("", sch.preemptions)])
     metric("queue_depth", "gauge", "requests waiting for a batch slot", [("", sch.queue_depth)])
     metric("active_sequences", "gauge", "sequences in the running batch", [("", sch.active)])
     metric("max_batch", "gauge", "most sequences decoded together", [("", sch.max_batch)])

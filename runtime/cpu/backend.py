@@ -112,25 +112,34 @@ class CpuBackend:
         a = op["attrs"]
         key = ("rope", a["rope_dim"], a["theta"], id(a.get("freq_factors")))
         cache = env.setdefault("_rope", {})
-        if key not in cache:
-            cache[key] = ops.rope_tables(env["positions"], a["rope_dim"], a["theta"], a.get("freq_factors"))
-        cos, sin = cache[key]
-        env[op["out"]] = ops.rope(env[op["in"][0]], cos, sin, a["n_heads"], a["head_dim"], a["rope_dim"], a["mode"])
+        if key not in cache:  # once per forward pass: every layer rotates by the same angles
+            cos, sin = ops.rope_tables(env["positions"], a["rope_dim"], a["theta"], a.get("freq_factors"))
+            cache[key] = cos, sin, ops.rope_rotation(cos, sin)
+        cos, sin, rot = cache[key]
+        env[op["out"]] = ops.rope(env[op["in"][0]], cos, sin, a["n_heads"], a["head_dim"], a["rope_dim"], a["mode"], rot)
 
     def op_attention(self, op, env, weights) -> None:
         a = op["attrs"]
         q, k, v = (env[n] for n in op["in"])
-        out = np.empty_like(q)
-        for r0, r1, pos0, kv in env["seqs"]:
+        seqs = env["seqs"]
+        out = np.empty_like(q) if len(seqs) > 1 else None
+        for r0, r1, pos0, kv in seqs:
             kc, vc = kv[a["layer"]]
             kc[pos0:pos0 + r1 - r0] = k[r0:r1]
             vc[pos0:pos0 + r1 - r0] = v[r0:r1]
-            out[r0:r1] = ops.attention(q[r0:r1], kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"])
+            o = ops.attention(q[r0:r1], kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"])
+            if out is None:
+                out = o  # one sequence: its rows are the whole output, no copy
+            else:
+                out[r0:r1] = o
         env[op["out"]] = out
 
     def op_add(self, op, env, weights) -> None:
         a, b = (env[n] for n in op["in"])
-        env[op["out"]] = a + b
+        if op["out"] == op["in"][0] and a.flags.writeable and a.base is None:
+            np.add(a, b, out=a)  # the residual stream: its old value is overwritten by name anyway
+        else:
+            env[op["out"]] = a + b
 
     def op_swiglu(self, op, env, weights) -> None:
         g, u = (env[n] for n in op["in"])

@@ -2,6 +2,10 @@
 
 Shapes: activations are [T, features] for the T tokens of one call; the KV cache of a layer
 is [n_ctx, n_kv_heads * head_dim] for K and for V.
+
+Decode calls these with T = 1 several hundred times per token, so each op is written as few
+numpy calls as it can be (in place where the buffer is ours): at T = 1 the cost of an op is its
+number of numpy calls, not its arithmetic.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, group: int | None = None)
     t, n = x.shape
     g = group or n
     xs = x.reshape(t, n // g, g)
-    ms = np.mean(np.square(xs), axis=-1, keepdims=True, dtype=np.float32)
-    y = xs / np.sqrt(ms + np.float32(eps))
-    return (y * w.reshape(-1)[:g] if g != n else y.reshape(t, n) * w).reshape(t, n).astype(np.float32, copy=False)
+    ss = np.einsum("tkg,tkg->tk", xs, xs)                                         # [T, n/g] sums of squares
+    ss *= np.float32(1.0 / g)
+    ss += np.float32(eps)
+    np.sqrt(ss, out=ss)
+    y = np.divide(xs, ss[..., None])                                              # [T, n/g, g]
+    y *= w.reshape(-1)[:g]
+    return y.reshape(t, n)
 
 
 def rope_tables(positions: np.ndarray, rope_dim: int, theta: float, freq_factors: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -29,24 +37,46 @@ def rope_tables(positions: np.ndarray, rope_dim: int, theta: float, freq_factors
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_heads: int, head_dim: int, rope_dim: int, mode: str) -> np.ndarray:
-    """Rotate pairs of each head: adjacent (2i, 2i+1) in mode "norm", halves (i, i+d/2) in "neox"."""
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_heads: int, head_dim: int, rope_dim: int, mode: str,
+         rot: np.ndarray | None = None) -> np.ndarray:
+    """Rotate pairs of each head: adjacent (2i, 2i+1) in mode "norm", halves (i, i+d/2) in "neox".
+
+    `rot`, optional, is cos + i*sin as complex64 [T, rope_dim/2] (see `rope_rotation`): in mode
+    "norm" an adjacent pair is one complex number, and the rotation one complex multiply.
+    """
     t = x.shape[0]
-    h = x.reshape(t, n_heads, head_dim).copy()
-    r = h[:, :, :rope_dim]
-    c, s = cos[:, None, :], sin[:, None, :]
+    h = x.reshape(t, n_heads, head_dim)
     if mode == "norm":
-        a, b = r[..., 0::2].copy(), r[..., 1::2].copy()
-        r[..., 0::2] = a * c - b * s
-        r[..., 1::2] = a * s + b * c
-    elif mode == "neox":
-        half = rope_dim // 2
-        a, b = r[..., :half].copy(), r[..., half:].copy()
-        r[..., :half] = a * c - b * s
-        r[..., half:] = a * s + b * c
-    else:
+        if rot is None:
+            rot = rope_rotation(cos, sin)
+        if rope_dim == head_dim:
+            hc = np.ascontiguousarray(h).view(np.complex64)                       # [T, heads, hd/2]
+            return np.multiply(hc, rot[:, None, :]).view(np.float32).reshape(t, n_heads * head_dim)
+        out = h.copy()
+        oc = out.view(np.complex64)[:, :, :rope_dim // 2]
+        oc *= rot[:, None, :]
+        return out.reshape(t, n_heads * head_dim)
+    if mode != "neox":
         raise ValueError(f"unknown rope mode {mode!r}")
-    return h.reshape(t, n_heads * head_dim)
+    half = rope_dim // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    a, b = h[..., :half], h[..., half:rope_dim]
+    out = np.empty_like(h)
+    lo, hi = out[..., :half], out[..., half:rope_dim]
+    np.multiply(a, c, out=lo)
+    lo -= b * s
+    np.multiply(a, s, out=hi)
+    hi += b * c
+    if rope_dim < head_dim:
+        out[..., rope_dim:] = h[..., rope_dim:]
+    return out.reshape(t, n_heads * head_dim)
+
+
+def rope_rotation(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """cos + i*sin as complex64, [T, rope_dim/2]."""
+    rot = np.empty(cos.shape, dtype=np.complex64)
+    rot.real, rot.imag = cos, sin
+    return rot
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int, n_kv_heads: int,
@@ -55,20 +85,27 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     t = q.shape[0]
     n = pos0 + t
     group = n_heads // n_kv_heads
-    qh = q.reshape(t, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)          # [kv, g, T, d]
-    kh = k_cache[:n].reshape(n, n_kv_heads, head_dim).transpose(1, 2, 0)          # [kv, d, n]
-    vh = v_cache[:n].reshape(n, n_kv_heads, head_dim).transpose(1, 0, 2)          # [kv, n, d]
-    scores = np.matmul(qh, kh[:, None]) * np.float32(scale)                       # [kv, g, T, n]
+    qh = np.multiply(q.reshape(t, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3), np.float32(scale))  # [kv, g, T, d]
+    kh = k_cache[:n].reshape(n, n_kv_heads, head_dim).transpose(1, 2, 0)[:, None]  # [kv, 1, d, n]
+    vh = v_cache[:n].reshape(n, n_kv_heads, head_dim).transpose(1, 0, 2)[:, None]  # [kv, 1, n, d]
+    scores = np.matmul(qh, kh)                                                    # [kv, g, T, n]
     if t > 1:
-        mask = np.arange(n)[None, :] > (pos0 + np.arange(t))[:, None]             # [T, n]
-        scores[..., mask] = -np.inf
+        bias = np.zeros((t, n), dtype=np.float32)                                 # [T, n] causal mask
+        bias[np.arange(n)[None, :] > (pos0 + np.arange(t))[:, None]] = -np.inf
+        scores += bias
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, vh[:, None])                                          # [kv, g, T, d]
-    return out.transpose(2, 0, 1, 3).reshape(t, n_heads * head_dim).astype(np.float32, copy=False)
+    out = np.matmul(scores, vh)                                                   # [kv, g, T, d]
+    return out.transpose(2, 0, 1, 3).reshape(t, n_heads * head_dim)
 
 
 def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """silu(g) * u, computed without overflow for very negative g."""
-    return (g / (1.0 + np.exp(-np.clip(g, -80, 80)))) * u
+    e = np.negative(g)
+    np.clip(e, -80, 80, out=e)
+    np.exp(e, out=e)
+    e += np.float32(1.0)
+    np.divide(g, e, out=e)
+    e *= u
+    return e

@@ -61,6 +61,7 @@ class KvCache:
 
 class VulkanBackend:
     name = "vulkan"
+    prefetch_workers = 4  # parallel staging copies: one thread cannot fill a PCIe 5 link
 
     def __init__(self, archive: Any, device_index: int | None = None):
         self.archive = archive
@@ -96,7 +97,8 @@ class VulkanBackend:
         counted against the budget. Host-visible device memory (unified, lavapipe) needs no staging."""
         mt = self.dev.info.memory_types[self.dev.memory_type["device"]]
         staged = not (mt.host_visible and self.dev.direct_copies)
-        return (3 * self.dev.STAGING_SLOT_BYTES if staged else 0) + self._io.size
+        threads = self.prefetch_workers + 1  # each copying thread has its own staging slots
+        return (3 * self.dev.STAGING_SLOT_BYTES * threads if staged else 0) + self._io.size
 
     @property
     def pin_limit(self) -> int:
@@ -160,14 +162,15 @@ class VulkanBackend:
         env["_bufs"] = {}
         env["_after_last"] = False
         widths = self._widths()
-        need = sum(_align(4 * t * w) for w in widths.values())
+        rows_of = {name: (env["_nseq"] if name == "logits" else t) for name in widths}
+        need = sum(_align(4 * rows_of[n] * w) for n, w in widths.items())
         scratch = self._scratch_slice(need)
         off = scratch.offset
         env["_layout"] += ((id(scratch.buffer), scratch.offset),)  # recordings bind activation buffers here
         for name, w in widths.items():
-            rows = env["_nseq"] if name in ("logits", "x_last", "h_last") else t
-            env["_bufs"][name] = (BufferSlice(scratch.buffer, off, _align(4 * t * w)), w, rows)
-            off += _align(4 * t * w)
+            size = _align(4 * rows_of[name] * w)
+            env["_bufs"][name] = (BufferSlice(scratch.buffer, off, size), w, rows_of[name])
+            off += size
 
     def _widths(self) -> dict[str, int]:
         hp = self.archive.hparams

@@ -12,6 +12,8 @@ the transfer of chunk i.
 
 from __future__ import annotations
 
+import numpy as np
+
 import threading
 from typing import Any
 
@@ -159,6 +161,8 @@ class _Slot:
         self.fence = call(vk.vkCreateFence, dev._dev, vk.VkFenceCreateInfo(), None, context="creating a fence")
         track("fence")
         self.busy = False
+        # numpy view of the mapping: numpy copies release the GIL, so threads fill slots in parallel
+        self.host = np.frombuffer(_lib.ffi.buffer(self.buf.block.ptr + self.buf.offset, size), dtype=np.uint8)
 
 
 class MemoryMixin:
@@ -174,8 +178,8 @@ class MemoryMixin:
         self._buffer_type_bits = int(req.memoryTypeBits)
         self.buffer_alignment = max(int(req.alignment), self.info.min_storage_buffer_offset_alignment, 16)
         vk.vkDestroyBuffer(self._dev, probe, None)
-        self._slots: dict[str, list[_Slot]] = {}
-        self._copy_lock = threading.Lock()
+        self._slots: dict[tuple[str, int], list[_Slot]] = {}
+        self._slots_lock = threading.Lock()
         self.memory_type = {k: self._pick_type(k) for k in KINDS}
         self.direct_copies = True   # memmove into host-visible memory; False forces staging (tests)
 
@@ -238,10 +242,14 @@ class MemoryMixin:
     # ---- copies ----
 
     def _slot_list(self, kind: str) -> list[_Slot]:
-        if kind not in self._slots:
-            n = 2 if kind == "upload" else 1
-            self._slots[kind] = [_Slot(self, kind, self.STAGING_SLOT_BYTES) for _ in range(n)]
-        return self._slots[kind]
+        """This thread's staging slots: threads copy in parallel (one host thread's memmove into
+        mapped memory tops out near 12 GB/s, well below a PCIe 5 link)."""
+        key = (kind, threading.get_ident())
+        with self._slots_lock:
+            if key not in self._slots:
+                n = 2 if kind == "upload" else 1
+                self._slots[key] = [_Slot(self, kind, self.STAGING_SLOT_BYTES) for _ in range(n)]
+            return self._slots[key]
 
     def _wait_slot(self, s: _Slot) -> None:
         if s.busy:
@@ -251,6 +259,11 @@ class MemoryMixin:
             s.busy = False
 
     def _copy_async(self, s: _Slot, src: Any, src_off: int, dst: Any, dst_off: int, n: int) -> None:
+        vk = _lib.vk
+        with self._slots_lock:  # the slots' command buffers share one pool: record one at a time
+            self._record_copy(s, src, src_off, dst, dst_off, n)
+
+    def _record_copy(self, s: _Slot, src: Any, src_off: int, dst: Any, dst_off: int, n: int) -> None:
         vk = _lib.vk
         call(vk.vkBeginCommandBuffer, s.cmd, vk.VkCommandBufferBeginInfo(
             flags=vk.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT))
@@ -278,14 +291,14 @@ class MemoryMixin:
         if buf.host_visible and self.direct_copies:
             ffi.memmove(buf.block.ptr + buf.offset + offset, src, n)
             return
-        with self._copy_lock:
+        if True:  # slots are per thread: no lock needed
             slots = self._slot_list("upload")
             step = self.STAGING_SLOT_BYTES
             for i, pos in enumerate(range(0, n, step)):
                 s = slots[i % len(slots)]
                 self._wait_slot(s)
                 m = min(step, n - pos)
-                ffi.memmove(s.buf.block.ptr + s.buf.offset, src[pos:pos + m], m)
+                s.host[:m] = np.frombuffer(src[pos:pos + m], dtype=np.uint8)
                 self._copy_async(s, s.buf._buf, 0, buf._buf, offset + pos, m)
             for s in slots:
                 self._wait_slot(s)
@@ -298,7 +311,7 @@ class MemoryMixin:
         if buf.host_visible and self.direct_copies and (buf.block.host_cached or self.info.type != "discrete"):
             return ffi.buffer(buf.block.ptr + buf.offset + offset, n)[:]
         out = bytearray(n)
-        with self._copy_lock:
+        if True:
             (s,) = self._slot_list("readback")
             step = self.STAGING_SLOT_BYTES
             for pos in range(0, n, step):
