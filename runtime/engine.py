@@ -58,8 +58,9 @@ class Engine:
         self.policy = POLICIES[policy](self.schedule, eviction_aggression)
         self.model_bytes = sum(self.backend.pack_bytes(p.id) for p in self.archive.packs)
         self.min_bytes = self._minimum_budget()
-        if vram_gb is None:  # everything resident: weights, a full-context KV cache, activations twice over
-            budget = (self.model_bytes + self._kv_bytes(self.context)
+        if vram_gb is None:  # everything resident: weights, a full-context KV cache, activations twice
+            # over, and 10 % slack so that reservations never fragment their way into evicting packs
+            budget = (self.model_bytes * 11 // 10 + self._kv_bytes(self.context)
                       + 2 * self._act_bytes(min(self.context, 2048), self.context) + (64 << 20))
         else:
             budget = int(vram_gb * GIB)
@@ -236,7 +237,8 @@ class _KvSession:
         per = self.n_ctx * width * 4
         self.allocs = []
         try:
-            self.allocs.append(e.tier.reserve(e._act_bytes(self.n_ctx, self.n_ctx), "activations"))
+            if not hasattr(e.backend, "begin"):  # a device backend reserves its own activation buffers
+                self.allocs.append(e.tier.reserve(e._act_bytes(self.n_ctx, self.n_ctx), "activations"))
             kv = []
             for _ in range(layers):
                 pair = []
