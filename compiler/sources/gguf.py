@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+
 
 from ...pack_format.constants import DTYPES, tensor_bytes
 from ...pack_format.errors import SourceError

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+
 
 from ...pack_format.constants import tensor_bytes
 from ...pack_format.errors import SourceError

@@ -10,8 +10,7 @@ waiting; the packs they read stay pinned until their fence signals.
 from __future__ import annotations
 
 import logging
-import math
-import struct
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -21,7 +20,7 @@ from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
 from .device import Device
 from .kernels import BufferSlice
-from .ops import WEIGHT_FORMATS, Ops, Weight
+from .ops import Ops, Weight
 from .recorder import Recorder, submit_all
 
 log = logging.getLogger(__name__)
@@ -194,8 +193,6 @@ class VulkanBackend:
 
     def run_step(self, si: int, step: dict[str, Any], env: dict[str, Any], weights: Any) -> None:
         """Record (or replay) one step; submit it without waiting, its packs pinned until done."""
-        import time
-
         if sum(self.pack_bytes(p) for p in step["packs"]) > self.pin_limit:
             self._run_streamed(si, step, env, weights)
             return
@@ -315,8 +312,6 @@ class VulkanBackend:
             rec.destroy()
 
     def wait_all(self, weights: Any = None) -> None:
-        import time
-
         t0 = time.perf_counter()
         for rec, held, _transient in self._inflight:
             rec.wait()
@@ -439,6 +434,3 @@ def _n(t: TensorRecord, p: TensorPart) -> int:
 def _needs_f32(t: TensorRecord) -> bool:
     return len(t.shape) == 1 and t.dtype != "F32"
 
-
-assert set(WEIGHT_FORMATS) >= {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
-_ = (math, struct)

@@ -259,7 +259,6 @@ class MemoryMixin:
             s.busy = False
 
     def _copy_async(self, s: _Slot, src: Any, src_off: int, dst: Any, dst_off: int, n: int) -> None:
-        vk = _lib.vk
         with self._slots_lock:  # the slots' command buffers share one pool: record one at a time
             self._record_copy(s, src, src_off, dst, dst_off, n)
 
