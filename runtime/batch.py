@@ -18,8 +18,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -114,6 +115,7 @@ class _Seq:
         self.pos = 0
         self.generated = 0
         self.started = False                  # admitted at least once
+        self.kv_waited = False                # had to wait for KV room at least once
 
     @property
     def unfed(self) -> int:
@@ -158,7 +160,7 @@ class Scheduler:
         self.generated_tokens = 0
         self.steps = 0
         self.step_seconds = 0.0
-        self.kv_waits = 0                      # admissions deferred because the KV budget was full
+        self.kv_waits = 0                      # requests that waited for KV room in the device budget
         self.preemptions = 0                   # sequences whose KV was dropped to let the others proceed
         self.finished: dict[str, int] = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
 
@@ -257,7 +259,9 @@ class Scheduler:
                 self._reserve(s)
             except BudgetError as e:
                 if self._running:
-                    self.kv_waits += 1
+                    if not s.kv_waited:
+                        s.kv_waited = True
+                        self.kv_waits += 1
                     return  # wait for a running sequence to free its KV
                 with self._cv:
                     self._waiting.popleft()
@@ -298,8 +302,11 @@ class Scheduler:
     def _step(self) -> None:
         """One forward_batch over every running sequence, then sample and emit.
 
-        If the weights cannot be streamed next to all KV reservations (BudgetError, e.g. from
-        fragmentation), the newest sequence is preempted and the step retried without it."""
+        If the weights cannot be streamed next to all KV reservations (BudgetError), the step is
+        tried once more as it is (packs still being prefetched are not evictable until they land),
+        then the newest sequence is preempted and the step retried without it. Re-running a step
+        is safe: it rewrites the same KV positions."""
+        retried = False
         while True:
             batch: list[tuple[Sequence[int], int, Any]] = []
             members: list[_Seq] = []
@@ -317,6 +324,10 @@ class Scheduler:
                 logits = self.engine.forward_batch(batch)
                 break
             except BudgetError as e:
+                if not retried:
+                    retried = True
+                    log.info("batch step hit the device budget (%s); retrying once", e)
+                    continue
                 if len(self._running) == 1:
                     self._fail(members, f"the device budget cannot stream the weights next to this request's KV "
                                         f"cache: {e}")

@@ -24,15 +24,24 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .. import __version__
-from .batch import Event, Failed, Finished, GenRequest, Piece, QueueFull, Scheduler, SchedulerStopped
+from .batch import (
+    Event,
+    Failed,
+    Finished,
+    GenRequest,
+    Piece,
+    QueueFull,
+    Scheduler,
+    SchedulerStopped,
+)
 from .chat import TemplateError
 from .sampler import SamplingError, SamplingParams
 
@@ -271,7 +280,8 @@ class _SseResponse:
     @staticmethod
     async def _send_chunks(send: Any, chunks: list[dict[str, Any]]) -> None:
         if chunks:
-            body = b"".join(b"data: " + json.dumps(c, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n" for c in chunks)
+            body = b"".join(b"data: " + json.dumps(c, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+                            for c in chunks)
             await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
@@ -533,7 +543,8 @@ def prometheus_text(s: _State) -> str:
     metric("batch_step_seconds_total", "counter", "seconds spent in forward_batch", [("", float(sch.step_seconds))])
     metric("finished_total", "counter", "sequences ended, by reason",
            [(f'{{reason="{k}"}}', v) for k, v in sorted(sch.finished.items())])
-    metric("kv_waits_total", "counter", "admissions deferred because the KV budget was full", [("", sch.kv_waits)])
+    metric("kv_waits_total", "counter", "requests that had to wait for KV room in the device budget",
+           [("", sch.kv_waits)])
     metric("preemptions_total", "counter", "sequences whose KV was dropped (and later recomputed) so that the "
            "weights could stream", [("", sch.preemptions)])
     metric("queue_depth", "gauge", "requests waiting for a batch slot", [("", sch.queue_depth)])

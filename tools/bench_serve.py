@@ -1,0 +1,300 @@
+"""Benchmark `vkpack serve`: aggregate generated tokens/s with 1, 4 and 8 concurrent streaming clients.
+
+Each model is served by the real command (`python -m vkpack serve ... --vram-gb B`) in a
+subprocess, with B = 25 % of the model's resident size (the bytes its weights take in the
+device tier), so the weights are streamed through the tier every step. Clients are stdlib
+threads that each send one streamed /v1/completions request (greedy, `ignore_eos`, a distinct
+prompt, `--tokens` new tokens) at the same moment; aggregate tokens/s is the sum of generated
+tokens over the wall time from the first request sent to the last [DONE]. A warm-up request
+first fills the RAM tier, so every row measures the steady state, not the first disk read.
+
+Models: SmolLM2-135M-Instruct (Q4_1, the default model) and a synthetic llama in F16 of about
+`--synthetic-mb` MB (random weights, built once into the vkpack cache).
+
+Usage: python tools/bench_serve.py [--tokens 32] [--clients 1,4,8] [--vram-frac 0.25] [--write-docs]
+Not part of the test suite (a full run takes a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_synthetic as ms
+from vkpack.runtime.default_model import cache_root, default_archive
+from vkpack.runtime.engine import Engine
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+START, END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
+DOCS_HEADER = ("# vkpack benchmarks\n\nEach section names the machine it ran on and the exact command that produced it; "
+               "rerun that command to refresh the section. Tools rewrite only their own section.\n")
+PROMPT = "Client {i} asks: why does streaming the weights of a model through a small memory budget work at all?"
+
+
+@dataclass
+class Result:
+    clients: int
+    tokens: int
+    seconds: float
+    ttft: float          # mean time to first token, s
+    bytes_read: float    # archive bytes read during the run (0 once the RAM tier holds everything)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds
+
+
+# ---- models ----
+
+
+def synthetic_archive(mb: int) -> Path:
+    """A llama-shaped F16 model of about `mb` MB, built once into the cache (random weights)."""
+    from vkpack.compiler.build import build
+
+    base = ms.Spec(layers=1, hidden=1024, heads=16, kv_heads=4, ffn=2816, vocab=32000, std=0.05)
+    spec = base.with_target_gb(mb / 1000, "F16")
+    folder = cache_root() / "bench"
+    out = folder / f"synthetic-{spec.layers}L-{spec.hidden}-f16.vkpack"
+    if out.is_file():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    src = ms.write_gguf(folder / "synthetic.gguf", spec, dtype="F16", seed=0)
+    # 8 MB packs: two of them (as f32 in the tier) must fit beside 8 KV caches in a 25 % budget
+    build(src, out, max_pack_mb=8, progress=False)
+    src.unlink()
+    return out
+
+
+# ---- server and clients ----
+
+
+class Server:
+    """`python -m vkpack serve` on a free port, stopped on exit."""
+
+    def __init__(self, archive: Path, vram_gb: float, max_batch: int):
+        self.cmd = [sys.executable, "-m", "vkpack", "serve", str(archive), "--port", "0", "--vram-gb",
+                    f"{vram_gb:.4f}", "--max-batch", str(max_batch), "--model-name", "bench"]
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        m = re.search(r"on (http://\S+)/v1 ", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"vkpack serve did not start: {line}{self.proc.stderr.read()}")
+        self.banner = line.strip()
+        self.host, self.port = urlsplit(m.group(1)).hostname, urlsplit(m.group(1)).port
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # drain
+
+    def metric(self, name: str) -> float:
+        c = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        c.close()
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(m.group(1)) if m else float("nan")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def stream_one(srv: Server, i: int, tokens: int, start: threading.Barrier, out: dict) -> None:
+    body = json.dumps({"model": "bench", "prompt": PROMPT.format(i=i), "max_tokens": tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=600)
+    start.wait()
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"client {i}: HTTP {r.status}: {r.read()[:200]!r}")
+    first = None
+    usage = None
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        if ev.get("choices") and ev["choices"][0].get("text") and first is None:
+            first = time.perf_counter()
+        if ev.get("usage"):
+            usage = ev["usage"]
+    end = time.perf_counter()
+    c.close()
+    out[i] = (t0, first or end, end, usage["completion_tokens"] if usage else 0)
+
+
+def run_clients(srv: Server, n: int, tokens: int) -> Result:
+    out: dict[int, tuple[float, float, float, int]] = {}
+    barrier = threading.Barrier(n)
+    read0 = srv.metric("vkpack_bytes_read_total")
+    threads = [threading.Thread(target=stream_one, args=(srv, i, tokens, barrier, out)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(out) != n:
+        raise RuntimeError(f"{n - len(out)} of {n} clients failed")
+    t0 = min(v[0] for v in out.values())
+    t1 = max(v[2] for v in out.values())
+    return Result(n, sum(v[3] for v in out.values()), t1 - t0, sum(v[1] - v[0] for v in out.values()) / n,
+                  srv.metric("vkpack_bytes_read_total") - read0)
+
+
+def bench_model(label: str, archive: Path, clients: list[int], tokens: int, frac: float, repeat: int) -> dict:
+    with Engine(archive) as probe:
+        resident = probe.model_bytes
+        ctx_note = probe.context
+    vram_gb = frac * resident / 2**30
+    print(f"[bench_serve] {label}: {archive.stat().st_size / 1e6:.0f} MB archive, {resident / 2**20:.0f} MiB "
+          f"resident, budget {vram_gb * 1024:.0f} MiB", file=sys.stderr)
+    srv = Server(archive, vram_gb, max_batch=max(clients))
+    try:
+        warm = run_clients(srv, 1, 4)
+        print(f"[bench_serve]   warm-up: {warm.tokens} tokens in {warm.seconds:.1f} s", file=sys.stderr)
+        # Rounds of 1, 4, 8 clients, `repeat` times, keeping each row's fastest run: other processes on a
+        # shared machine only ever slow a run down, and interleaving spreads their bursts over all rows.
+        runs: dict[int, list[Result]] = {n: [] for n in clients}
+        for _ in range(repeat):
+            for n in clients:
+                r = run_clients(srv, n, tokens)
+                print(f"[bench_serve]   {n} clients: {r.tokens} tokens in {r.seconds:.1f} s = {r.tps:.2f} tok/s "
+                      f"(TTFT {r.ttft:.1f} s)", file=sys.stderr)
+                runs[n].append(r)
+        rows = [max(runs[n], key=lambda x: x.tps) for n in clients]
+        steps = srv.metric("vkpack_batch_steps_total")
+        preempted = srv.metric("vkpack_preemptions_total") + srv.metric("vkpack_kv_waits_total")
+    finally:
+        srv.close()
+    return {"label": label, "archive_mb": archive.stat().st_size / 1e6, "resident_mib": resident / 2**20,
+            "budget_mib": vram_gb * 1024, "rows": rows, "runs": runs, "steps": steps, "waits": preempted, "context": ctx_note, "banner": srv.banner}
+
+
+# ---- report ----
+
+NOTES = """
+Notes (from the runs made while this tool was written; the numbers above are this run's):
+- This is a shared 2-core VM: other sessions' processes slow single runs down by up to 20x, which is why the
+  rows run in interleaved rounds and the table keeps every run. The gain from batching is the ratio of the
+  fastest runs; slow outliers hit the 8-client rows hardest.
+- Where an 8-client step goes: numpy decodes the 8 sequences as one 8-row product per weight, and
+  `runtime/cpu/backend.py` gives products of 8 or more rows all cores' BLAS threads. When anything else holds
+  a core (the prefetch worker converting the next packs, another process), such a call waits for its slowest
+  thread: measured directly with `forward_batch` on the synthetic model at 25 %, an 8-sequence step took
+  78 ms quiet but 527-1005 ms under load with 2 BLAS threads, and 58-96 ms with 1 BLAS thread in both cases
+  (one sequence: 47-72 ms). Streaming dominates a one-sequence step, so batching 8 costs only ~1.2-1.7x
+  per step when BLAS does not stall.
+"""
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        kb = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal")), 0)
+        mem = f"{kb / 2**20:.1f} GiB RAM"
+    load = ""
+    with contextlib.suppress(OSError):
+        load = f", load average {os.getloadavg()[0]:.1f} at the start"
+    return f"{cpu}, {os.cpu_count()} cores, {mem}, Linux {platform.release()}, Python {platform.python_version()}{load}"
+
+
+def render(results: list[dict], args: argparse.Namespace, when: str, host: str) -> str:
+    cmd = "python tools/bench_serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [f"Run {when} on {host}.", "", f"Command: `{cmd.strip()}`", "",
+             ("| model | archive | resident (f32) | device budget | clients | generated tokens | wall s | "
+              "aggregate tok/s | × one client | mean TTFT s | all runs, tok/s |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for res in results:
+        one = res["rows"][0].tps if res["rows"] and res["rows"][0].clients == 1 else None
+        for r in res["rows"]:
+            ratio = f"{r.tps / one:.2f}×" if one else "–"
+            lines.append(f"| {res['label']} | {res['archive_mb']:.0f} MB | {res['resident_mib']:.0f} MiB | "
+                         f"{res['budget_mib']:.0f} MiB ({args.vram_frac:.0%}) | {r.clients} | {r.tokens} | "
+                         f"{r.seconds:.1f} | {r.tps:.2f} | {ratio} | {r.ttft:.1f} | "
+                         f"{', '.join(f'{x.tps:.1f}' for x in res['runs'][r.clients])} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> None:
+    body = f"{START}\n{section}{END}"
+    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER  # re-read now: others write other sections
+    if START in text and END in text:
+        a, rest = text.split(START, 1)
+        text = a + body + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Serving (vkpack serve)\n\n" + body + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOCS.with_suffix(".md.serve.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, DOCS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", default="1,4,8", help="concurrent clients per row (default 1,4,8)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens each client generates (default 32)")
+    p.add_argument("--vram-frac", type=float, default=0.25, help="device budget as a share of the resident "
+                                                                 "model size (default 0.25)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds over all rows; each row's fastest run is "
+                                                        "reported (default 3)")
+    p.add_argument("--synthetic-mb", type=int, default=300, help="size of the synthetic F16 model (default 300)")
+    p.add_argument("--models", default="smollm2,synthetic", help="which models (default smollm2,synthetic)")
+    p.add_argument("--write-docs", action="store_true", help="replace this tool's section of docs/benchmarks.md")
+    args = p.parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",")]
+    host = machine()
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    t0 = time.perf_counter()
+    results = []
+    for name in args.models.split(","):
+        if name == "smollm2":
+            results.append(bench_model("SmolLM2-135M Q4_1", default_archive(progress=False), clients, args.tokens,
+                                       args.vram_frac, args.repeat))
+        elif name == "synthetic":
+            arch = synthetic_archive(args.synthetic_mb)
+            results.append(bench_model(f"synthetic llama F16 ({arch.stem.split('-', 1)[1]})", arch, clients,
+                                       args.tokens, args.vram_frac, args.repeat))
+        else:
+            p.error(f"unknown model {name!r}")
+    section = render(results, args, when, host)
+    with contextlib.suppress(OSError):
+        section = section.replace(" at the start.", f" at the start, {os.getloadavg()[0]:.1f} at the end.", 1)
+    waits = ", ".join(f"{r['label']} {r['waits']:.0f}" for r in results)
+    section += (f"\nEach row: {'/'.join(map(str, clients))} clients each stream one greedy completion of "
+                f"{args.tokens} tokens (`ignore_eos`) from a ~25-token prompt, all sent at once to a server with "
+                f"`--max-batch {max(clients)}`; aggregate tok/s = all generated tokens / wall time from the first "
+                f"request to the last `[DONE]` (prefill included); the rows run in {args.repeat} interleaved rounds and "
+                f"each row shows its fastest run. A 4-token warm-up request runs first. KV waits + preemptions: "
+                f"{waits}. Whole run: "
+                f"{time.perf_counter() - t0:.0f} s.\n")
+    section += NOTES
+    print(section)
+    if args.write_docs:
+        write_docs(section)
+        print(f"[bench_serve] wrote {DOCS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
