@@ -127,10 +127,20 @@ class Engine:
         with self.kv_session(len(ids)) as kv:
             return self.executor.forward(np.asarray(ids), 0, kv)[-1].copy()
 
-    def kv_session(self, n_ctx: int) -> _KvSession:
-        """`with eng.kv_session(n) as kv:` reserves one sequence's KV cache (and activation room)
-        in the device tier; BudgetError when the budget cannot hold it next to pinned packs."""
-        return _KvSession(self, n_ctx)
+    def kv_session(self, n_ctx: int, max_pass_tokens: int | None = None) -> _KvSession:
+        """`with eng.kv_session(n) as kv:` reserves one sequence's KV cache (and, for the numpy
+        backend, activation room for passes of up to `max_pass_tokens` tokens, default n) in the
+        device tier; BudgetError when the budget cannot hold it next to pinned packs."""
+        return _KvSession(self, n_ctx, max_pass_tokens)
+
+    def session_bytes(self, n_ctx: int, max_pass_tokens: int | None = None) -> int:
+        """Device bytes one `kv_session(n_ctx, max_pass_tokens)` reserves."""
+        return _KvSession(self, n_ctx, max_pass_tokens).nbytes
+
+    @property
+    def weight_room_bytes(self) -> int:
+        """Room the weights need at the least next to sessions (two packs, see _minimum_budget)."""
+        return 2 * max(self.backend.pack_bytes(p.id) for p in self.archive.packs)
 
     def forward_batch(self, seqs: list[tuple[Sequence[int], int, Any]]) -> np.ndarray:
         """Logits [n_seqs, vocab] for several sequences' next tokens in one weight stream.
@@ -223,33 +233,47 @@ class Engine:
 
 
 class _KvSession:
-    """Reserves the KV cache (and activation headroom) in the device tier for one generation."""
+    """Reserves one sequence's KV cache (and numpy activation room) as ONE range of the device
+    tier, cut into per-layer views, so that sessions do not scatter small holes across the budget."""
 
-    def __init__(self, eng: Engine, n_ctx: int):
+    def __init__(self, eng: Engine, n_ctx: int, max_pass_tokens: int | None = None):
         self.eng = eng
         self.n_ctx = max(1, min(n_ctx, eng.context))
+        self.layers = eng.archive.graph["kv_cache"]["n_layers"]
+        self.width = eng._kv_dim()
+        self.per = -(-self.n_ctx * self.width * 4 // 256) * 256
+        t = self.n_ctx if max_pass_tokens is None else max(1, min(max_pass_tokens, self.n_ctx))
+        # a device backend lays out its own activation buffers (and counts them) per pass
+        self.act = 0 if hasattr(eng.backend, "begin") else eng._act_bytes(t, self.n_ctx)
+        self.nbytes = 2 * self.layers * self.per + self.act
+        self.allocs: list[Any] = []
 
-    def __enter__(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def __enter__(self) -> list[tuple[Any, Any]]:
         e = self.eng
-        width = e._kv_dim()
-        layers = e.archive.graph["kv_cache"]["n_layers"]
-        per = self.n_ctx * width * 4
-        self.allocs = []
         try:
-            if not hasattr(e.backend, "begin"):  # a device backend reserves its own activation buffers
-                self.allocs.append(e.tier.reserve(e._act_bytes(self.n_ctx, self.n_ctx), "activations"))
-            kv = []
-            for _ in range(layers):
-                pair = []
-                for _ in range(2):
-                    a = e.tier.reserve(per, "kv")
+            if self.act:
+                self.allocs.append(e.tier.reserve(self.act, "activations"))
+            kv_bytes = 2 * self.layers * self.per
+            if kv_bytes <= e.tier.allocator.max_request:
+                block = e.tier.reserve(kv_bytes, "kv")
+                self.allocs.append(block)
+                views = [self._cut(block, i) for i in range(2 * self.layers)]
+            else:  # larger than one block of the tier: one range per layer and kind
+                views = []
+                for _ in range(2 * self.layers):
+                    a = e.tier.reserve(self.per, "kv")
                     self.allocs.append(a)
-                    pair.append(e.backend.kv_view(e.tier.view(a), self.n_ctx, width))
-                kv.append(tuple(pair))
+                    views.append(e.backend.kv_view(e.tier.view(a), self.n_ctx, self.width))
         except BaseException:
             self.__exit__()
             raise
-        return kv
+        return [(views[2 * i], views[2 * i + 1]) for i in range(self.layers)]
+
+    def _cut(self, block: Any, i: int) -> Any:
+        from dataclasses import replace
+
+        sub = replace(block, offset=block.offset + i * self.per, size=self.per, requested=self.per)
+        return self.eng.backend.kv_view(self.eng.tier.view(sub), self.n_ctx, self.width)
 
     def __exit__(self, *exc: object) -> None:
         for a in self.allocs:

@@ -115,6 +115,13 @@ class PackLoader:
         rec = self.archive.packs[pack]
         nbytes = self.backend.pack_bytes(pack)
         alloc = self.tier.allocate_pack(pack, nbytes, cursor, protect)
+        if alloc is None and protect is None:
+            # prefetches in flight hold allocations that are not evictable entries yet: let them land
+            with self._lock:
+                others = [f for p, f in self.inflight.items() if p != pack]
+            for f in others:
+                f.result()
+            alloc = self.tier.allocate_pack(pack, nbytes, cursor, protect)
         if alloc is None:
             if protect is not None:
                 return None  # no room without evicting something needed sooner: skip this prefetch
