@@ -350,8 +350,8 @@ async def _read_json(request: Request, max_body: int) -> dict[str, Any]:
 
 def _check_model(state: _State, body: dict[str, Any]) -> None:
     model = body.get("model")
-    if model is None:
-        raise ApiError(400, "missing required field 'model'", param="model", code="missing_required_parameter")
+    if model is None:  # as llama-server does: one model served, so naming it is optional
+        return
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
     if model != state.model_name:

@@ -194,7 +194,6 @@ BAD = [
     ("/v1/completions", b"{not json", 400, None),
     ("/v1/completions", b"[1, 2]", 400, None),
     ("/v1/completions", {"model": NAME}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
     ("/v1/chat/completions", {"model": NAME}, 400, "messages"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
@@ -438,3 +437,8 @@ def test_cli_serve_port_in_use_is_one_line(tiny_archive, served):
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"cannot bind 127.0.0.1:{port}" in r.stderr
+
+
+def test_model_field_is_optional_as_in_llama_server(served):
+    r = served.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"]
