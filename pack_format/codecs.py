@@ -17,13 +17,23 @@ from .errors import FormatError
 _SHUFFLES = ("none", "byte", "bit")
 
 
+def _blosc2():
+    """blosc2, told to release the GIL: python-blosc2 holds it by default, which serialised the
+    compiler's compression threads and the runtime's prefetch workers (measured: docs/benchmarks.md)."""
+    import blosc2
+
+    if not getattr(blosc2, "_vkpack_gil_released", False):
+        blosc2.set_releasegil(True)
+        blosc2._vkpack_gil_released = True
+    return blosc2
+
+
 def encode(codec: str, raw: bytes | memoryview, params: dict[str, Any]) -> bytes:
     """Compress `raw` with `codec`; params: blosc2 {"typesize", "shuffle", "clevel"}, zfp {"shape"}."""
     if codec == CODEC_NONE:
         return bytes(raw)
     if codec in (CODEC_BLOSC2_ZSTD, CODEC_BLOSC2_LZ4):
-        import blosc2
-
+        blosc2 = _blosc2()
         return blosc2.compress2(
             raw,
             codec=blosc2.Codec.ZSTD if codec == CODEC_BLOSC2_ZSTD else blosc2.Codec.LZ4,
@@ -47,7 +57,7 @@ def decode(codec: str, stored: bytes | memoryview, raw_size: int, params: dict[s
     if codec == CODEC_NONE:
         out: bytes | memoryview = stored
     elif codec in (CODEC_BLOSC2_ZSTD, CODEC_BLOSC2_LZ4):
-        import blosc2
+        blosc2 = _blosc2()
 
         try:
             nbytes, _cbytes, _blocksize = blosc2.get_cbuffer_sizes(stored)

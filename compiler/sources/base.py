@@ -91,9 +91,17 @@ class Source:
         """File names, sizes and sha256 digests (hashlib releases the GIL, so this can run in a thread)."""
         out = []
         for p in self.files:
-            h = hashlib.sha256()
             with open(p, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
+                h = hashlib.file_digest(f, "sha256") if hasattr(hashlib, "file_digest") else _sha256(f)
             out.append({"name": p.name, "size": p.stat().st_size, "sha256": h.hexdigest()})
         return out
+
+
+def _sha256(f) -> "hashlib._Hash":
+    """sha256 of a file through one reused buffer (Python < 3.11 has no hashlib.file_digest)."""
+    h = hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        h.update(view[:n])
+    return h
