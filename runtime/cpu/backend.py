@@ -2,11 +2,21 @@
 
 Weights are converted once when their pack enters the tier (numpy is fast only on f32:
 VULKAN_NOTES "The CPU side"), so the tier holds 4 bytes per weight whatever the stored type.
+
+BLAS threads: a BLAS call split over every core waits for its slowest thread, so whenever anything
+else holds a core (the prefetch worker converting packs, another process) every call waits out a
+scheduler time slice. On the 2-core VM of docs/benchmarks.md ("Run") that made decode 3-35x and
+prefill 8-40x slower, while a free second core gains only 1.3-1.4x (decode, memory-bound) and
+1.6-1.9x (prefill). So products use one core fewer than the machine has (at least one), leaving
+it to the prefetcher and to everything else; `set_threads` sets few-row (decode) and many-row
+(prefill) products apart, and OPENBLAS_NUM_THREADS, when set, is taken as it is.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -39,18 +49,70 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+PREFETCH_THREAD = "vkpack-prefetch"  # runtime/prefetch.py's thread_name_prefix
+FEW_ROWS = 8  # below this many rows a product reads its weights once for little arithmetic
+
+
+class _BlasThreads:
+    """The thread count of numpy's OpenBLAS, switched only when it changes (about 1 us a switch).
+
+    One per process (`_blas()`), since the library's setting is. Needs threadpoolctl to reach
+    the library; without it (or with another BLAS) nothing is changed.
+    """
+
+    def __init__(self) -> None:
+        self.libs: list[Any] = []
+        self.current: int | None = None
+        self.default = max(1, (os.cpu_count() or 1) - 1)  # (unused while no library is reachable)
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            self.libs = [c for c in ThreadpoolController().lib_controllers if c.internal_api == "openblas"]
+        except (ImportError, OSError, AttributeError, ValueError, RuntimeError):
+            self.libs = []  # threadpoolctl missing, or a library it cannot query: leave BLAS as it is
+        if self.libs:
+            self.current = self.libs[0].num_threads
+            # one core fewer than BLAS would take, unless its thread count was set by hand
+            pinned = any(os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
+            self.default = self.current if pinned else max(1, self.current - 1)
+
+    def use(self, n: int) -> None:
+        if n != self.current and self.libs:
+            for c in self.libs:
+                c.set_num_threads(n)
+            self.current = n
+
+
+_BLAS: _BlasThreads | None = None
+
+
+def _blas() -> _BlasThreads:
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = _BlasThreads()
+    return _BLAS
+
+
 class CpuBackend:
     name = "cpu"
     max_block = 1 << 30
     backing_factory = HostBacking
 
     def __init__(self, archive: Any):
+        self.blas = _blas()
+        self.set_threads(None, None)
         self.archive = archive
         self.slices: dict[int, list[tuple[TensorRecord, TensorPart]]] = {}
         for t in archive.tensors.values():
             for p in t.parts:
                 self.slices.setdefault(p.pack, []).append((t, p))
         self._bytes = {pid: sum(_align(4 * math.prod(_part_shape(t, p))) for t, p in sl) for pid, sl in self.slices.items()}
+
+    def set_threads(self, few_rows: int | None, many_rows: int | None) -> None:
+        """BLAS threads for products of fewer than FEW_ROWS rows (decode) and of more (prefill);
+        None: the default, one core fewer than the machine has (OPENBLAS_NUM_THREADS if set)."""
+        self.threads_few_rows = few_rows or self.blas.default
+        self.threads_many_rows = many_rows or self.blas.default
 
     def pack_bytes(self, pack: int) -> int:
         """Bytes a pack takes in the tier (float32 form)."""
@@ -61,11 +123,14 @@ class CpuBackend:
         out = {}
         off = 0
         mv = memoryview(raw)
+        # ahead of time (the prefetcher's thread) the model computes beside us: one core, not all;
+        # on demand the executor waits for this pack, so every core helps
+        threads = 1 if threading.current_thread().name.startswith(PREFETCH_THREAD) else None
         for t, p in self.slices.get(pack, []):
             shape = _part_shape(t, p)
             n = math.prod(shape)
             arr = dest[off:off + 4 * n].view(np.float32).reshape(shape)
-            dequantize(t.dtype, mv[p.offset:p.offset + p.nbytes], shape, out=arr)
+            dequantize(t.dtype, mv[p.offset:p.offset + p.nbytes], shape, out=arr, threads=threads)
             out[(t.name, p.row_start)] = arr
             off += _align(4 * n)
         return out
@@ -99,6 +164,7 @@ class CpuBackend:
         x = env[op["in"][0]]
         name = op["w"][0]
         t = self.archive.tensors[name]
+        self.blas.use(self.threads_few_rows if x.shape[0] < FEW_ROWS else self.threads_many_rows)
         y = np.empty((x.shape[0], t.shape[0]), dtype=np.float32)
         for part_idx, p in enumerate(t.parts):
             with weights.part(op, name, part_idx) as w:
