@@ -50,6 +50,8 @@ class Engine:
         self.archive = Archive(path)
         self.hp = self.archive.hparams
         self.backend = _make_backend(device, self.archive, device_index)
+        if threads and hasattr(self.backend, "set_threads"):
+            self.backend.set_threads(threads, threads)
         self.context = min(context or min(self.hp["context"], DEFAULT_CONTEXT), self.hp["context"])
         self.schedule, where = make_schedule(self.archive.graph, self.archive.tensors)
         if policy not in POLICIES:

@@ -123,4 +123,6 @@ class Executor:
 
 def make_schedule(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[AccessSchedule, dict]:
     seq, where = access_sequence(graph, tensors)
-    return AccessSchedule(seq), where
+    gather_steps = {si for si, s in enumerate(graph["steps"]) if s.get("gather")}
+    gathered = {pos for (si, _oi, _n, _pi), pos in where.items() if si in gather_steps}
+    return AccessSchedule(seq, gathered), where

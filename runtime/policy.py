@@ -15,10 +15,13 @@ from collections.abc import Iterable
 class AccessSchedule:
     """The cyclic sequence of pack uses of one forward pass; positions index into it."""
 
-    def __init__(self, sequence: list[int]):
+    def __init__(self, sequence: list[int], gathered: set[int] | None = None):
         if not sequence:
             raise ValueError("empty access sequence")
         self.sequence = sequence
+        # positions of gather steps (embedding rows): only the packs holding the tokens' rows are
+        # read there, which is unknown in advance, so the prefetch window skips them
+        self.gathered = gathered or set()
         self.length = len(sequence)
         self._positions: dict[int, list[int]] = {}
         for i, p in enumerate(sequence):
@@ -37,7 +40,10 @@ class AccessSchedule:
         """The next `n` distinct packs from `cursor` on (the prefetch window)."""
         out: list[int] = []
         for k in range(min(self.length, 4 * n + 8)):
-            p = self.sequence[(cursor + k) % self.length]
+            pos = (cursor + k) % self.length
+            if pos in self.gathered:
+                continue
+            p = self.sequence[pos]
             if p not in out:
                 out.append(p)
                 if len(out) == n:
