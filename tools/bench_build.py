@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
+from bench_docs import DOCS, write_section
 import smollm2
 from vkpack.compiler.build import BuildStats, build
 from vkpack.pack_format.reader import Archive
@@ -41,11 +42,6 @@ from vkpack.pack_format.reader import Archive
 CODECS = ("none", "blosc2-zstd", "blosc2-lz4", "zfp", "auto")
 READ_CHUNK = 8 << 20
 FAST_PARSE_S = 0.02  # a struct-based GGUF v3 header parser, prototyped while writing this tool
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_build:start -->", "<!-- bench_build:end -->"
-DOCS_HEADER = ("# vkpack benchmarks\n\nEach section names the machine it ran on and the exact command that "
-               "produced it; "
-               "rerun that command to refresh the section. Tools rewrite only their own section.\n")
 
 
 @dataclass
@@ -447,20 +443,6 @@ def render(info: dict[str, Any], base_rows: list[dict[str, Any]], rows: list[Row
     return "\n".join(L) + "\n"
 
 
-def write_docs(section: str, notes: str) -> None:
-    body = f"{START}\n{section}\n{notes}{END}"
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
-    if START in text and END in text:
-        a, rest = text.split(START, 1)
-        text = a + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Build (vkpack build)\n\n" + body + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOCS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
-
-
 NOTES = """
 Notes (from the runs made while writing this tool; the tables above are this run's):
 - **Ratios.** blosc2-zstd level 1 with byte shuffle on random N(0, 0.02) weights: F16 1.18x, BF16 1.45x, F32
@@ -563,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(info, base_rows, rows, parts)
     print(section)
     if args.write_docs:
-        write_docs(section, NOTES)
+        write_section("bench_build", "## Build (vkpack build)", f"{section}\n{NOTES}")
         print(f"wrote {DOCS}", file=sys.stderr)
     return 0
 

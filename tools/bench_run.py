@@ -43,12 +43,9 @@ import numpy as np
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 import make_synthetic as ms
+from bench_docs import DOCS, write_section
 import smollm2
 
-DOCS = TOOLS.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_run:start -->", "<!-- bench_run:end -->"
-DOCS_HEADER = ("# vkpack benchmarks\n\nEach section names the machine it ran on and the exact command that produced "
-               "it; rerun that command to refresh the section. Tools rewrite only their own section.\n")
 GIB = 1 << 30
 MB = 1e6
 PROMPT_TEXT = (
@@ -810,21 +807,6 @@ Notes (conclusions when this tool was written, 2026-11-26, on this VM; the table
 """
 
 
-def write_docs(section: str) -> None:
-    """Replace this tool's section of docs/benchmarks.md (re-read right before writing; others own the rest)."""
-    body = f"{START}\n{section}{NOTES}{END}"
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
-    if START in text and END in text:
-        a, rest = text.split(START, 1)
-        text = a + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Run (vkpack run, numpy backend)\n\n" + body + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOCS.with_name(f".{DOCS.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
-
-
 # ---- main ----
 
 
@@ -848,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(R)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_section("bench_run", "## Run (vkpack run, numpy backend)", section + NOTES)
         print(f"wrote {DOCS}", file=sys.stderr)
     return 0
 

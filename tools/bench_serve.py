@@ -36,13 +36,10 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
+from bench_docs import DOCS, write_section
 from vkpack.runtime.default_model import cache_root, default_archive
 from vkpack.runtime.engine import Engine
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
-DOCS_HEADER = ("# vkpack benchmarks\n\nEach section names the machine it ran on and the exact command that produced it; "
-               "rerun that command to refresh the section. Tools rewrite only their own section.\n")
 PROMPT = "Client {i} asks: why does streaming the weights of a model through a small memory budget work at all?"
 
 
@@ -236,20 +233,6 @@ def render(results: list[dict], args: argparse.Namespace, when: str, host: str) 
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    body = f"{START}\n{section}{END}"
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER  # re-read now: others write other sections
-    if START in text and END in text:
-        a, rest = text.split(START, 1)
-        text = a + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Serving (vkpack serve)\n\n" + body + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOCS.with_suffix(".md.serve.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="1,4,8", help="concurrent clients per row (default 1,4,8)")
@@ -291,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     section += NOTES
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_section("bench_serve", "## Serving (vkpack serve)", section)
         print(f"[bench_serve] wrote {DOCS}", file=sys.stderr)
     return 0
 
