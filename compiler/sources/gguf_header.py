@@ -1,0 +1,148 @@
+"""A GGUF v2/v3 header parser for untrusted files: key/values and the tensor table, nothing else.
+
+Why not `gguf.GGUFReader`: it builds a numpy view for every field and took 1.6 s on SmolLM2's
+49k-token vocabulary, half of a whole build (docs/benchmarks.md); this reads the same header in
+tens of milliseconds. Every length and count is checked against the bytes left before use.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...pack_format.errors import SourceError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+# GGUF value types: id -> (struct code, numpy dtype) for scalars; 8 string, 9 array
+_SCALARS = {0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"), 4: ("<I", "<u4"),
+            5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "<u1"), 10: ("<Q", "<u8"), 11: ("<q", "<i8"),
+            12: ("<d", "<f8")}
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+# ggml type ids (ggml.h) -> vkpack dtype names
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+              11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 20: "IQ4_NL", 23: "IQ4_XS", 24: "I8",
+              25: "I16", 26: "I32", 27: "I64", 28: "F64", 30: "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str                # vkpack dtype name
+    shape: tuple[int, ...]    # rows first (GGUF's ne reversed)
+    offset: int               # absolute file offset of the data
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    version: int
+    meta: dict[str, Any]
+    tensors: list[TensorInfo]
+    data_start: int
+
+
+class _NeedMore(Exception):
+    """The header runs past the bytes read so far (the file has more)."""
+
+
+class _Cursor:
+    def __init__(self, buf: bytes, path: Path, file_size: int):
+        self.buf, self.pos, self.size, self.path, self.file_size = buf, 0, len(buf), path, file_size
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            if self.size < self.file_size and n >= 0 and self.pos + n <= self.file_size:
+                raise _NeedMore
+            raise SourceError(f"{self.path}: truncated GGUF: {what} at byte {self.pos} needs {n} bytes, "
+                              f"{self.size - self.pos} left")
+        p = self.pos
+        self.pos += n
+        return p
+
+    def unpack(self, code: str, what: str) -> Any:
+        return struct.unpack_from(code, self.buf, self.take(struct.calcsize(code), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        p = self.take(n, what)
+        try:
+            return self.buf[p:p + n].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{self.path}: {what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype in _SCALARS:
+            v = self.unpack(_SCALARS[vtype][0], what)
+            return bool(v) if vtype == _BOOL else v
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            etype, count = self.unpack("<I", what), self.unpack("<Q", what)
+            if etype in _SCALARS:
+                itemsize = np.dtype(_SCALARS[etype][1]).itemsize
+                p = self.take(count * itemsize, what)
+                arr = np.frombuffer(self.buf, dtype=_SCALARS[etype][1], count=count, offset=p)
+                return [bool(x) for x in arr] if etype == _BOOL else arr.tolist()
+            if etype == _STRING:
+                if count * 8 > self.file_size - self.pos:  # each string needs at least its 8-byte length
+                    raise SourceError(f"{self.path}: truncated GGUF: {what} claims {count} strings")
+                return [self.string(what) for _ in range(count)]
+            raise SourceError(f"{self.path}: {what}: arrays of type {etype} are not supported")
+        raise SourceError(f"{self.path}: {what}: unknown GGUF value type {vtype}")
+
+
+def read_gguf_header(path: str | Path) -> GgufHeader:
+    """Key/values (plain Python values) and tensor table of a GGUF file; SourceError when malformed."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            raise SourceError(f"{path}: empty file")
+        want = 16 << 20
+        while True:  # headers are a few MB: read a prefix, and more only if the header runs past it
+            f.seek(0)
+            buf = f.read(min(size, want))
+            try:
+                return _parse(buf, path, size)
+            except _NeedMore:
+                want *= 4
+
+
+def _parse(buf: bytes, path: Path, size: int) -> GgufHeader:
+    c = _Cursor(buf, path, size)
+    magic = buf[c.take(4, "magic"):4]
+    if magic != MAGIC:
+        raise SourceError(f"{path}: not a GGUF file (magic {magic!r}, expected {MAGIC!r})")
+    version = c.unpack("<I", "version")
+    if version not in (2, 3):
+        raise SourceError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = c.unpack("<Q", "tensor count"), c.unpack("<Q", "key/value count")
+    if n_tensors > size or n_kv > size:
+        raise SourceError(f"{path}: truncated GGUF: {n_tensors} tensors and {n_kv} keys cannot fit {size} bytes")
+    meta: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = c.string(f"key {i}")
+        meta[key] = c.value(c.unpack("<I", f"type of {key}"), f"value of {key}")
+    infos = []
+    for i in range(n_tensors):
+        name = c.string(f"tensor {i} name")
+        n_dims = c.unpack("<I", f"dims of {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise SourceError(f"{path}: tensor {name!r} has {n_dims} dimensions (1-{MAX_DIMS} allowed)")
+        ne = [c.unpack("<Q", f"shape of {name}") for _ in range(n_dims)]
+        tid = c.unpack("<I", f"type of {name}")
+        if tid not in GGML_TYPES:
+            raise SourceError(f"{path}: tensor {name!r} has ggml type {tid}, which vkpack does not store")
+        rel = c.unpack("<Q", f"offset of {name}")
+        infos.append((name, GGML_TYPES[tid], tuple(reversed(ne)), rel))
+    align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise SourceError(f"{path}: general.alignment {align!r} is not a power of two")
+    data_start = -(-c.pos // align) * align
+    tensors = [TensorInfo(n, d, s, data_start + rel) for n, d, s, rel in infos]
+    return GgufHeader(version, meta, tensors, data_start)
