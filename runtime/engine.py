@@ -77,7 +77,8 @@ class Engine:
         streaming = budget < self.model_bytes + self._kv_bytes(self.context)
         self.ram = RamTier(self.metrics.ram_budget if streaming else 0, self.policy)
         if hasattr(self.backend, "attach"):
-            self.backend.attach(self.tier, resident=not streaming)
+            self.backend.attach(self.tier, resident=not streaming,
+                                pass_tokens=min(self.context, 2048 if not streaming else 512))
         self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead,
                                  self.metrics, workers=getattr(self.backend, "prefetch_workers", 1))
         self.executor = Executor(self.archive, self.backend, self.loader, where)

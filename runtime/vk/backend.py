@@ -107,10 +107,17 @@ class VulkanBackend:
     def backing_factory(self, block_sizes: list[int]) -> DeviceBacking:
         return DeviceBacking(self.dev, block_sizes)
 
-    def attach(self, tier: Any, resident: bool) -> None:
-        """`resident`: the budget holds the whole model, so a whole pass may stay pinned."""
+    def attach(self, tier: Any, resident: bool, pass_tokens: int = 512) -> None:
+        """`resident`: the budget holds the whole model, so a whole pass may stay pinned.
+
+        Activation room for passes of `pass_tokens` is reserved now, before any pack: growing it
+        later needs one contiguous range, which packs scattered over the blocks may only give by
+        being evicted (measured: 357 MB re-uploaded in an 8B resident prefill)."""
         self.tier = tier
         self.resident = resident
+        while pass_tokens > 1 and self._scratch_bytes(pass_tokens, 1) > tier.budget // 8:
+            pass_tokens //= 2  # a small budget keeps its room for packs; bigger passes grow it then
+        self._scratch_slice(self._scratch_bytes(pass_tokens, 1))
 
     # ---- packs ----
     def pack_bytes(self, pack: int) -> int:
@@ -162,7 +169,7 @@ class VulkanBackend:
         env["_after_last"] = False
         widths = self._widths()
         rows_of = {name: (env["_nseq"] if name == "logits" else t) for name in widths}
-        need = sum(_align(4 * rows_of[n] * w) for n, w in widths.items())
+        need = self._scratch_bytes(t, env["_nseq"])
         scratch = self._scratch_slice(need)
         off = scratch.offset
         env["_layout"] += ((id(scratch.buffer), scratch.offset),)  # recordings bind activation buffers here
@@ -170,6 +177,9 @@ class VulkanBackend:
             size = _align(4 * rows_of[name] * w)
             env["_bufs"][name] = (BufferSlice(scratch.buffer, off, size), w, rows_of[name])
             off += size
+
+    def _scratch_bytes(self, tokens: int, n_seqs: int) -> int:
+        return sum(_align(4 * (n_seqs if n == "logits" else tokens) * w) for n, w in self._widths().items())
 
     def _widths(self) -> dict[str, int]:
         hp = self.archive.hparams
