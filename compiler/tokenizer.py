@@ -148,7 +148,7 @@ def _is_byte_token(text: str) -> bool:
     return len(text) == 6 and text.startswith("<0x") and text.endswith(">")
 
 
-def _byte_chars() -> list[str]:
+def byte_level_chars() -> list[str]:
     """GPT-2's byte -> printable character table: printable Latin-1 bytes stay, the rest move to U+0100.."""
     keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
     table, extra = {}, 0
@@ -163,7 +163,7 @@ def _byte_chars() -> list[str]:
 
 def _vocab(tokens: list[str], types: list[int], byte_level: bool) -> dict[str, int]:
     """text -> id; first occurrence wins for duplicated texts (the later id just never encodes)."""
-    chars = _byte_chars() if byte_level else []
+    chars = byte_level_chars() if byte_level else []
     alphabet = set(chars)
     vocab: dict[str, int] = {}
     dups = 0

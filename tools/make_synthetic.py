@@ -40,6 +40,8 @@ from typing import IO
 import gguf
 import numpy as np
 
+from vkpack.compiler.tokenizer import byte_level_chars
+
 log = logging.getLogger(__name__)
 
 CHUNK_ELEMS = 1 << 22  # values per generated row block (16 MiB as float32)
@@ -264,17 +266,8 @@ The end of the story is near, but the story of the model has just begun, and the
 
 
 def byte_symbols() -> list[str]:
-    """The 256 byte-level BPE symbols in byte order: printable latin-1 maps to itself,
-    other bytes to code points from 256 upward (the GPT-2 byte-to-unicode table)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
+    """The 256 byte-level BPE symbols in byte order (the GPT-2 byte-to-unicode table the compiler uses)."""
+    return byte_level_chars()
 
 
 def _learn_merges(limit: int) -> list[tuple[str, str]]:
