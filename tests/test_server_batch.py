@@ -7,6 +7,7 @@ wrong position, skips a token or recomputes badly after preemption changes the o
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -68,11 +69,14 @@ class FakeEngine:
         self.max_live = 0
         self.lock = threading.Lock()
         self.raise_next: Exception | None = None
+        self.step_delay = 0.0  # seconds per step, for tests that must act while a request still runs
 
     def kv_session(self, n):
         return FakeSession(self, n)
 
     def forward_batch(self, seqs):
+        if self.step_delay:
+            time.sleep(self.step_delay)
         self.calls.append([(len(t), p) for t, p, _ in seqs])
         self.max_live = max(self.max_live, len(seqs))
         if self.raise_next is not None:
@@ -210,6 +214,7 @@ def test_forward_error_fails_batch_and_keeps_serving():
 
 def test_chunked_prefill_does_not_stall_decoding():
     eng = FakeEngine()
+    eng.step_delay = 0.002  # the short request must still be decoding when the long one ends
     sched = Scheduler(eng, max_batch=4, prefill_chunk=256).start()
     try:
         short, c_short = _req([1, 2], 3000)
@@ -241,6 +246,7 @@ def test_eos_and_stop_strings_and_ignore_eos():
 
 def test_cancel_waiting_and_running_frees_kv():
     eng = FakeEngine()
+    eng.step_delay = 0.005  # the first request must still be running when it is cancelled
     sched = Scheduler(eng, max_batch=1).start()
     try:
         first, c1 = _req([1], 4000 - 1)
