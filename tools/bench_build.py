@@ -41,7 +41,6 @@ from vkpack.pack_format.reader import Archive
 
 CODECS = ("none", "blosc2-zstd", "blosc2-lz4", "zfp", "auto")
 READ_CHUNK = 8 << 20
-FAST_PARSE_S = 0.02  # a struct-based GGUF v3 header parser, prototyped while writing this tool
 
 
 @dataclass
@@ -286,7 +285,6 @@ def breakdown(src: Path, out: Path) -> tuple[float, BuildStats, list[tuple[str, 
     """One `--codec none` build with its steps timed (the wrappers cost microseconds per call)."""
     import zlib
 
-    import gguf
     from vkpack.compiler import build as b
     from vkpack.compiler import tokenizer
     from vkpack.compiler.sources import base
@@ -296,8 +294,7 @@ def breakdown(src: Path, out: Path) -> tuple[float, BuildStats, list[tuple[str, 
 
     tl = Timeline()
     tl.wrap(b, "open_source", "open source (all of the below parse steps)")
-    tl.wrap(gguf, "GGUFReader", "  GGUF header + metadata parse (gguf.GGUFReader)")
-    tl.wrap(src_gguf, "gguf_metadata", "  GGUF fields -> Python values")
+    tl.wrap(src_gguf, "read_gguf_header", "  GGUF header + metadata parse (compiler/sources/gguf_header.py)")
     tl.wrap(src_st, "read_safetensors", "  safetensors headers")
     tl.wrap(tokenizer, "tokenizer_from_gguf", "  tokenizer conversion")
     tl.wrap(tokenizer, "tokenizer_from_hf_folder", "  tokenizer conversion")
@@ -433,13 +430,6 @@ def render(info: dict[str, Any], base_rows: list[dict[str, Any]], rows: list[Row
                      f"{tot:.3f} | {s0:.3f} | {s1:.3f} |")
         L.append(f"| (BuildStats thread seconds) | pool / main | | gather {stats.time_gather:.3f}, encode "
                  f"{stats.time_encode:.3f}, write {stats.time_write:.3f} | | |")
-        parse = sum(r[3] for r in summ if "GGUFReader" in r[0])
-        if parse:
-            rest = dt - parse + FAST_PARSE_S
-            L += ["", (f"Projection: with the GGUF header read by a plain `struct` parser (a prototype read both "
-                  f"models' key/values and tensor tables in ~{FAST_PARSE_S:.2f} s) instead of `gguf.GGUFReader` "
-                  f"({parse:.2f} s), this build would take ~{rest:.2f} s = "
-                  f"~{stats.source_bytes / 1e6 / rest:.0f} MB/s.")]
     return "\n".join(L) + "\n"
 
 
@@ -447,21 +437,19 @@ NOTES = """
 Notes (from the runs made while writing this tool; the tables above are this run's):
 - **Ratios.** blosc2-zstd level 1 with byte shuffle on random N(0, 0.02) weights: F16 1.18x, BF16 1.45x, F32
   1.18x; lz4 1.00-1.13x; zfp's reversible mode 1.00x on F32 at ~50-130 MB/s (`auto` never picks it). SmolLM2's
-  trained Q4_1 / Q8_0 blocks: 1.04x / 1.06x, which clears `auto`'s 3 % bar, so `auto` stores them compressed and
-  a load pays a ~1-1.5 GB/s decode for 4.5 % less disk. Random weights are not trained weights (no trained
+  trained Q4_1 / Q8_0 blocks: 1.04x / 1.06x, so with `auto`'s bar now at 5 % only the Q8_0 embedding packs are
+  compressed (a blosc2 pack decodes at ~1-1.5 GB/s where a raw one loads zero-copy). Random weights are not trained weights (no trained
   F16/BF16 model is available offline here, so that ratio is unmeasured), but nothing measured comes near the
   2-3x the seed project claimed: a lossless codec gains only the exponent bits' redundancy.
-- **The GGUF parse is most of a `--codec none` build.** `gguf.GGUFReader` takes ~1.6-2.5 s for a 49k-token
-  vocabulary (0.25 s for 8k), whatever the weights' size: every part of every field (each vocabulary entry and
-  merge) becomes a numpy memmap slice (~1M `memmap.__array_finalize__` calls for SmolLM2). A plain `struct`
-  parser read the same key/values and tensor tables in ~0.02 s, and `GGUFReader` over a plain ndarray view
-  instead of `np.memmap` in ~0.49 s. The fix belongs in
-  `compiler/sources/gguf.py`; the projection rows above show what it would give.
+- **The GGUF parse was most of a `--codec none` build** while the compiler used `gguf.GGUFReader`: ~1.6-2.5 s
+  for a 49k-token vocabulary (0.25 s for 8k), whatever the weights' size, since every vocabulary entry and merge
+  became a numpy memmap slice (~1M `memmap.__array_finalize__` calls for SmolLM2). The compiler now parses the
+  header itself (`compiler/sources/gguf_header.py`, 0.05 s for SmolLM2); the step table above times it.
 - **Noise.** `--codec zfp` on an F16 model stores all but the all-F32 packs raw, so it does nearly the same
   work as `none`; the spread between those rows (and the load line above) is the shared machine, not the codec.
 - **After the parse** the pack pipeline (pread into the pack buffer, crc32, write) and the sha256 provenance
   thread share the two cores; sha256 (~1.9 GB/s alone) finishes last on the 1 GB model. Its `f.read(8 MiB)` loop
-  allocates a fresh 8 MiB per chunk; `hashlib.file_digest` (reused buffer) is cheaper (`compiler/sources/base.py`).
+  now uses `hashlib.file_digest` (a reused buffer) rather than a fresh 8 MiB per chunk.
 - **Not the disk.** copy + fsync of the source runs at ~1.5-2 GB/s with hot memory, and a warm read at
   ~6-20 GB/s, so a build is limited by our CPU work (parse, hashing, checksums), not by reading the source.
   A cold read (guest page cache dropped; the host may still hold the file) ran at 0.5-3.4 GB/s.
