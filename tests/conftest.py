@@ -30,3 +30,20 @@ def smollm2_archive(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smol") / "smollm2.vkpack"
     build(smollm2_gguf, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def dev():
+    """A Vulkan device for the kernel tests (each vk test module skips itself without one)."""
+    from vkpack.runtime import vk
+
+    d = vk.Device()
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def ops(dev):
+    from vkpack.runtime import vk
+
+    return vk.Ops(dev)

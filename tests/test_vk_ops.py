@@ -22,18 +22,6 @@ BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_
 F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
 
 
-@pytest.fixture(scope="module")
-def dev():
-    d = gpu.Device()
-    yield d
-    d.close()
-
-
-@pytest.fixture(scope="module")
-def ops(dev):
-    return gpu.Ops(dev)
-
-
 def nmse(a, ref):
     ref = np.asarray(ref, np.float64)
     return float(((np.asarray(a, np.float64) - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30))

@@ -12,18 +12,6 @@ OK, WHY = gpu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"no Vulkan device: {WHY}")
 
 
-@pytest.fixture(scope="module")
-def dev():
-    d = gpu.Device()
-    yield d
-    d.close()
-
-
-@pytest.fixture(scope="module")
-def ops(dev):
-    return gpu.Ops(dev)
-
-
 def put(dev, a, kind="device"):
     a = np.ascontiguousarray(a)
     b = dev.alloc(a.nbytes, kind)

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
-from bench_docs import DOCS, write_section
+from bench_docs import DOCS, cpu_and_memory, write_section
 import smollm2
 from vkpack.compiler.build import BuildStats, build
 from vkpack.pack_format.reader import Archive
@@ -339,13 +339,7 @@ def parallelism() -> str:
 
 
 def machine() -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    mem = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        kb = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal")), 0)
-        mem = f"{kb / 2**20:.1f} GiB"
+    cpu, mem = cpu_and_memory()
 
     def ver(pkg: str) -> str:
         try:
@@ -353,7 +347,7 @@ def machine() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             return "missing"
 
-    return {"cpu": f"{cpu}, {os.cpu_count()} cores", "ram": mem, "os": f"Linux {platform.release()}",
+    return {"cpu": cpu, "ram": mem, "os": f"Linux {platform.release()}",
             "python": platform.python_version(),
             "packages": ", ".join(f"{p} {ver(p)}" for p in ("numpy", "blosc2", "zfpy", "gguf", "msgpack"))}
 

@@ -32,3 +32,17 @@ def write_section(tool: str, heading: str, body: str, docs: Path = DOCS) -> None
     tmp = docs.with_name(f".{docs.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, docs)
+
+
+def cpu_and_memory() -> tuple[str, str]:
+    """("<CPU model>, <n> cores", "<total RAM> GiB"), read from /proc; "?" where unreadable."""
+    import contextlib
+
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        kb = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal")), 0)
+        mem = f"{kb / 2**20:.1f} GiB"
+    return f"{cpu}, {os.cpu_count()} cores", mem

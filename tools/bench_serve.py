@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
-from bench_docs import DOCS, write_section
+from bench_docs import DOCS, cpu_and_memory, write_section
 from vkpack.runtime.default_model import cache_root, default_archive
 from vkpack.runtime.engine import Engine
 
@@ -202,17 +202,11 @@ Notes (from the runs made while this tool was written; the numbers above are thi
 
 
 def machine() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    mem = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        kb = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal")), 0)
-        mem = f"{kb / 2**20:.1f} GiB RAM"
+    cpu, mem = cpu_and_memory()
     load = ""
     with contextlib.suppress(OSError):
         load = f", load average {os.getloadavg()[0]:.1f} at the start"
-    return f"{cpu}, {os.cpu_count()} cores, {mem}, Linux {platform.release()}, Python {platform.python_version()}{load}"
+    return f"{cpu}, {mem} RAM, Linux {platform.release()}, Python {platform.python_version()}{load}"
 
 
 def render(results: list[dict], args: argparse.Namespace, when: str, host: str) -> str:
