@@ -22,6 +22,8 @@ CLI example:
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -173,20 +175,27 @@ class TensorDef:
 # ---- weights ----
 
 
-def _blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
-    """Yield float32 row blocks of `t` in HF layout; block k draws from RNG (seed, crc32(name), k)."""
+def _block_rows(t: TensorDef) -> list[tuple[int, int]]:
+    """(row0, rows) of each generated block of `t`."""
     rows = t.shape[0]
-    cols = math.prod(t.shape[1:])
-    step = rows if len(t.shape) == 1 else max(1, CHUNK_ELEMS // cols)
-    key = zlib.crc32(t.hf.encode())
-    for k, r0 in enumerate(range(0, rows, step)):
-        rng = np.random.default_rng([seed, key, k])
-        shape = (min(step, rows - r0), *t.shape[1:])
-        x = rng.standard_normal(shape, dtype=np.float32)
-        x *= np.float32(std)
-        if t.kind == "norm":
-            x += np.float32(1.0)  # norms near 1, like a trained model
-        yield x
+    step = rows if len(t.shape) == 1 else max(1, CHUNK_ELEMS // math.prod(t.shape[1:]))
+    return [(r0, min(step, rows - r0)) for r0 in range(0, rows, step)]
+
+
+def _block(t: TensorDef, seed: int, std: float, k: int, rows: int) -> np.ndarray:
+    """Block k of `t` (float32, HF layout): drawn from RNG (seed, crc32(name), k)."""
+    rng = np.random.default_rng([seed, zlib.crc32(t.hf.encode()), k])
+    x = rng.standard_normal((rows, *t.shape[1:]), dtype=np.float32)
+    x *= np.float32(std)
+    if t.kind == "norm":
+        x += np.float32(1.0)  # norms near 1, like a trained model
+    return x
+
+
+def _blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
+    """Yield float32 row blocks of `t` in HF layout."""
+    for k, (_r0, rows) in enumerate(_block_rows(t)):
+        yield _block(t, seed, std, k, rows)
 
 
 def _gguf_blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
@@ -197,6 +206,39 @@ def _gguf_blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
     w = np.concatenate(list(_blocks(t, seed, std)))
     rows, n = w.shape[0], t.permute
     yield w.reshape(n, 2, rows // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encoded_gguf_tensors(tensors: list[TensorDef], dtype: str, seed: int, std: float):
+    """Yield (tensor, [future of encoded bytes per block]) in file order; blocks are drawn and
+    encoded on a thread pool (numpy's RNG and casts release the GIL), a bounded window ahead of
+    the writer, so an 8B model is generated on all cores with bounded memory. Same bytes as serial."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    window: collections.deque = collections.deque()
+
+    def encode_block(t: TensorDef, k: int, rows: int) -> bytes:
+        return _encode(_block(t, seed, std, k, rows), _qtype(t, dtype)).tobytes()
+
+    def encode_whole(t: TensorDef) -> bytes:
+        return b"".join(_encode(b, _qtype(t, dtype)).tobytes() for b in _gguf_blocks(t, seed, std))
+
+    def jobs():
+        for t in tensors:
+            if t.permute:  # the permutation needs the whole tensor
+                yield t, [pool.submit(encode_whole, t)]
+            else:
+                yield t, [pool.submit(encode_block, t, k, rows) for k, (_r0, rows) in enumerate(_block_rows(t))]
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = 0
+        for t, futs in jobs():
+            window.append((t, futs))
+            pending += len(futs)
+            while pending > 2 * workers:
+                done_t, done = window.popleft()
+                pending -= len(done)
+                yield done_t, done
+        while window:
+            yield window.popleft()
 
 
 def _qtype(t: TensorDef, dtype: str) -> gguf.GGMLQuantizationType:
@@ -378,12 +420,11 @@ def write_gguf(path: Path | str, spec: Spec, dtype: str = "F16", seed: int = 0) 
         # Tensor data is streamed by hand: GGUFWriter.write_tensor_data wants whole tensors.
         fout = w.fout[0]
         _pad(fout, w.data_alignment)
-        for t in tensors:
-            qt = _qtype(t, dtype)
+        for t, chunks in _encoded_gguf_tensors(tensors, dtype, seed, spec.std):
             start = fout.tell()
-            for block in _gguf_blocks(t, seed, spec.std):
-                fout.write(_encode(block, qt).tobytes())
-            assert fout.tell() - start == _tensor_nbytes(t, qt), t.gguf
+            for chunk in chunks:
+                fout.write(chunk.result())
+            assert fout.tell() - start == _tensor_nbytes(t, _qtype(t, dtype)), t.gguf
             _pad(fout, w.data_alignment)
         w.close()
         os.replace(tmp, path)

@@ -66,15 +66,24 @@ class Recorder:
         for _ in range(n): rec.submit(); rec.wait()      # or rec.run()
     """
 
+    # Set by profilers (tools/profile_gpu.py): every new Recorder then also writes a timestamp after
+    # each command, read back per command by `command_times()`.
+    profile_all = False
+    PROFILE_SLOTS = 4096
+
     def __init__(self, dev: Any, label: str = "", timestamps: bool = False):
         vk, ffi = _lib.vk, _lib.ffi
         self.device, self.label = dev, label
         self._cmd = None
         self._fence = None
         self._query_pool = None
-        if timestamps:  # GPU time of the whole command buffer, read by gpu_time_s() after a run
+        self._profile = self.profile_all
+        self._labels: list[str] = []     # what each profiled command was (kernel name and grid)
+        if timestamps or self._profile:  # GPU time of the whole command buffer, read by gpu_time_s() after a run
+            n = 2 + (self.PROFILE_SLOTS if self._profile else 0)
             self._query_pool = call(vk.vkCreateQueryPool, dev._dev, vk.VkQueryPoolCreateInfo(
-                queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=2), None, context="creating a query pool")
+                queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=n), None, context="creating a query pool")
+            self._n_queries = n
             track("query_pool")
         self._pools = _DescriptorPools(dev)
         self._cmd = call(vk.vkAllocateCommandBuffers, dev._dev, vk.VkCommandBufferAllocateInfo(
@@ -114,7 +123,7 @@ class Recorder:
         info = ffi.new("VkCommandBufferBeginInfo*", {"sType": vk.VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO})
         check(lib.vkBeginCommandBuffer(self._cmd, info), "vkBeginCommandBuffer", self.label)
         if self._query_pool is not None:
-            lib.vkCmdResetQueryPool(self._cmd, self._query_pool, 0, 2)
+            lib.vkCmdResetQueryPool(self._cmd, self._query_pool, 0, self._n_queries)
         lib.vkCmdPipelineBarrier(self._cmd, vk.VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | vk.VK_PIPELINE_STAGE_HOST_BIT,
                                  self._stages, 0, 1, self._head_barrier, 0, ffi.NULL, 0, ffi.NULL)
         if self._query_pool is not None:
@@ -208,6 +217,14 @@ class Recorder:
         lib.vkCmdDispatch(cmd, gx, gy, gz)
         self._keep.append(kernel)  # the command buffer refers to its pipeline
         self.n_dispatches += 1
+        self._mark(f"{kernel.name}{groups}")
+
+    def _mark(self, label: str) -> None:
+        """Profiling: a timestamp once the command just recorded (and all before it) finished."""
+        if self._profile and len(self._labels) < self.PROFILE_SLOTS:
+            _lib.lib.vkCmdWriteTimestamp(self._cmd, _lib.vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT,
+                                         self._query_pool, 2 + len(self._labels))
+            self._labels.append(label)
 
     def copy(self, src: Buffer | BufferSlice, dst: Buffer | BufferSlice, size: int | None = None) -> None:
         """Record a buffer-to-buffer copy of `size` bytes (default: all of src) between slices."""
@@ -221,6 +238,7 @@ class Recorder:
         region = _lib.ffi.new("VkBufferCopy*", {"srcOffset": s.offset, "dstOffset": d.offset, "size": n})
         _lib.lib.vkCmdCopyBuffer(self._cmd, s.buffer._buf, d.buffer._buf, 1, region)
         self.n_dispatches += 1
+        self._mark(f"copy({n})")
 
     def fill(self, dst: Buffer | BufferSlice, value: int = 0) -> None:
         """Record filling a slice with a repeated uint32 `value` (size must be a multiple of 4)."""
@@ -232,6 +250,7 @@ class Recorder:
         self._hazard([], [(d.buffer.block._mem, do, do + d.size)])
         _lib.lib.vkCmdFillBuffer(self._cmd, d.buffer._buf, d.offset, d.size, value & 0xFFFFFFFF)
         self.n_dispatches += 1
+        self._mark(f"fill({d.size})")
 
     def finish(self) -> Recorder:
         """End recording; the command buffer can now be submitted any number of times."""
@@ -254,6 +273,7 @@ class Recorder:
         self._writes.clear()
         self._last_pipeline = None
         self.n_dispatches = self.n_barriers = 0
+        self._labels = []
         self.state = "recording"
         self._begin()
 
@@ -307,6 +327,22 @@ class Recorder:
                                         vk.VK_QUERY_RESULT_64_BIT | vk.VK_QUERY_RESULT_WAIT_BIT),
               "vkGetQueryPoolResults", self.label)
         return (int(out[1]) - int(out[0])) * self.device.info.timestamp_period_ns * 1e-9
+
+    def command_times(self) -> tuple[float, list[tuple[str, float]]]:
+        """Profiled recorders: (start timestamp in s, [(label, seconds since the previous command
+        ended)]) of the last finished run; the first command counts from the start of the buffer."""
+        if not self._profile:
+            raise VulkanError("recorder was made without Recorder.profile_all")
+        self.wait()
+        vk, ffi, lib = _lib.vk, _lib.ffi, _lib.lib
+        n = 2 + len(self._labels)
+        out = ffi.new(f"uint64_t[{n}]")
+        check(lib.vkGetQueryPoolResults(self.device._dev, self._query_pool, 0, n, 8 * n, out, 8,
+                                        vk.VK_QUERY_RESULT_64_BIT | vk.VK_QUERY_RESULT_WAIT_BIT),
+              "vkGetQueryPoolResults", self.label)
+        period = self.device.info.timestamp_period_ns * 1e-9
+        ts = [int(out[0])] + [int(out[i]) for i in range(2, n)]
+        return ts[0] * period, [(lab, (ts[i + 1] - ts[i]) * period) for i, lab in enumerate(self._labels)]
 
     def run(self) -> None:
         """submit() and wait()."""

@@ -1,0 +1,131 @@
+"""Where a token's time goes on the Vulkan backend: GPU time per kernel and Python time per call.
+
+Every command of every recording gets a timestamp (Recorder.profile_all), so one decode pass and
+one prefill pass are broken down by kernel (total, count, mean) plus the gaps between command
+buffers; a cProfile of a few decode tokens shows where the host time goes. Not a benchmark (the
+timestamps themselves cost a little): use tools/bench_gpu.py for the numbers we report.
+
+    python tools/profile_gpu.py --work /tmp/bench --out $OUT --models 1b,8b [--prompt 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import SHAPES, model_archive  # noqa: E402
+
+from vkpack.runtime.engine import Engine  # noqa: E402
+from vkpack.runtime.vk.recorder import Recorder  # noqa: E402
+
+
+def pass_profile(backend) -> dict:
+    """Per-kernel GPU time of the last pass (every recording of it, in step order)."""
+    by_kernel: dict[str, list[float]] = defaultdict(list)
+    busy = gaps = 0.0
+    end = None
+    for si in sorted(backend._pass_recs):
+        rec = backend._pass_recs[si]
+        start, cmds = rec.command_times()
+        if end is not None:
+            gaps += max(0.0, start - end)
+        t = start
+        for label, dt in cmds:
+            by_kernel[re.sub(r"\(.*", "", label)].append(dt)
+            t += dt
+            busy += dt
+        end = t
+    kernels = {k: {"ms": sum(v) * 1e3, "count": len(v), "mean_us": sum(v) / len(v) * 1e6}
+               for k, v in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))}
+    return {"gpu_ms": busy * 1e3, "gaps_ms": gaps * 1e3, "kernels": kernels}
+
+
+def profile_model(arch: Path, prompt_len: int, n_decode: int) -> dict:
+    Recorder.profile_all = True
+    eng = Engine(arch, device="vulkan", context=prompt_len + n_decode + 8)
+    try:
+        be = eng.backend
+        rng = np.random.default_rng(1)
+        prompt = [int(t) for t in rng.integers(3, eng.hp["vocab"], prompt_len)]
+        eng.generate(prompt[:8], max_tokens=4, temperature=0, ignore_eos=True)
+        out: dict = {"model_bytes": eng.model_bytes}
+        with eng.kv_session(prompt_len + n_decode + 1) as kv:
+            t = time.perf_counter()
+            logits = eng.forward_batch([(prompt, 0, kv)])
+            out["prefill_s"] = time.perf_counter() - t
+            out["prefill"] = pass_profile(be)
+            tok = int(np.argmax(logits[0]))
+            prof = cProfile.Profile()
+            t = time.perf_counter()
+            h0 = be.wait_seconds
+            for i in range(n_decode):
+                if i == n_decode // 2:
+                    prof.enable()
+                tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
+            prof.disable()
+            dt = time.perf_counter() - t
+            out["decode_ms_per_token"] = dt / n_decode * 1e3
+            out["decode_wait_ms_per_token"] = (be.wait_seconds - h0) / n_decode * 1e3
+            out["decode"] = pass_profile(be)
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        out["host_profile"] = s.getvalue()
+        return out
+    finally:
+        eng.close()
+        Recorder.profile_all = False
+
+
+def report(name: str, r: dict) -> str:
+    lines = [f"## {name}: {r['model_bytes'] / 1e9:.2f} GB; prefill {r['prefill_s'] * 1e3:.1f} ms; decode "
+             f"{r['decode_ms_per_token']:.2f} ms/token (blocked on fences {r['decode_wait_ms_per_token']:.2f})"]
+    for what in ("decode", "prefill"):
+        p = r[what]
+        lines.append(f"### {what}: GPU busy {p['gpu_ms']:.2f} ms, gaps between command buffers {p['gaps_ms']:.2f} ms")
+        lines.append("| kernel | ms | count | mean us |")
+        lines.append("|---|--:|--:|--:|")
+        for k, v in p["kernels"].items():
+            lines.append(f"| {k} | {v['ms']:.3f} | {v['count']} | {v['mean_us']:.1f} |")
+    lines += ["### host (cProfile of half the decode tokens, by own time)", "```", r["host_profile"][:6000], "```"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/vkpack-bench-gpu")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--models", default="1b,8b")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, to check the script on lavapipe")
+    args = ap.parse_args(argv)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        from make_synthetic import Spec
+
+        SHAPES.update({k: Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
+    res, text = {}, []
+    for name in args.models.split(","):
+        res[name] = profile_model(model_archive(name, work), args.prompt, args.decode)
+        text.append(report(name, res[name]))
+        print(text[-1], flush=True)
+        (out / "profile_gpu.json").write_text(json.dumps(res, indent=1))
+        (out / "profile_gpu.md").write_text("\n\n".join(text) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
