@@ -226,6 +226,17 @@ class Recorder:
                                          self._query_pool, 2 + len(self._labels))
             self._labels.append(label)
 
+    def host_barrier(self) -> None:
+        """Make everything recorded so far visible to host reads once the fence signals."""
+        self._need()
+        vk, ffi = _lib.vk, _lib.ffi
+        b = ffi.new("VkMemoryBarrier*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER,
+                                         "srcAccessMask": vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
+                                         "dstAccessMask": vk.VK_ACCESS_HOST_READ_BIT})
+        _lib.lib.vkCmdPipelineBarrier(self._cmd, self._stages, vk.VK_PIPELINE_STAGE_HOST_BIT, 0, 1, b,
+                                      0, ffi.NULL, 0, ffi.NULL)
+        self.n_barriers += 1
+
     def copy(self, src: Buffer | BufferSlice, dst: Buffer | BufferSlice, size: int | None = None) -> None:
         """Record a buffer-to-buffer copy of `size` bytes (default: all of src) between slices."""
         self._need()
