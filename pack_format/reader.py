@@ -102,6 +102,18 @@ class Archive:
         p = self.packs[pack_id]
         return memoryview(self._mm)[p.offset:p.offset + p.stored_size]
 
+    def pack_span(self, pack_id: int) -> tuple[int, int]:
+        """(absolute file offset, stored size) of a pack's bytes, for reading them with `fileno()`."""
+        p = self.packs[pack_id]
+        if p.offset < HEADER_SIZE or p.stored_size < 0 or p.offset + p.stored_size > self.index_offset:
+            raise FormatError(f"{self.path}: pack {pack_id} bytes [{p.offset}, +{p.stored_size}) "
+                              f"lie outside the pack area [{HEADER_SIZE}, {self.index_offset})")
+        return p.offset, p.stored_size
+
+    def fileno(self) -> int:
+        """The open archive's file descriptor (for os.preadv; reads at explicit offsets are thread-safe)."""
+        return self._file.fileno()
+
     def read_pack(self, pack_id: int, verify: bool = True) -> bytes | memoryview:
         """Decoded pack bytes (rules 23-25); with `verify`, a checksum mismatch raises ChecksumError naming the pack."""
         p = self.packs[pack_id]

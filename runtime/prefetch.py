@@ -2,7 +2,8 @@
 
 A background worker walks the schedule `lookahead` packs ahead of the executor: it reads the
 pack from the mmap, checks its checksum (first load only), decompresses it (blosc2/zfpy drop
-the GIL) and converts it into the backend's compute form inside budgeted memory, while the
+the GIL) and converts it into the backend's compute form inside budgeted memory (a verified pack
+stored raw goes from the file to the device with `backend.convert_file` when there is one), while the
 current step computes. The executor then finds the pack resident (a hit) or waits for the
 in-flight load (a stall, timed).
 """
@@ -128,16 +129,23 @@ class PackLoader:
             raise BudgetError(f"device budget {self.tier.budget / 2**20:.1f} MiB cannot hold pack {pack} "
                               f"({nbytes / 2**20:.1f} MiB) next to the pinned packs and reservations")
         try:
-            raw = self.ram.get(pack)
-            if raw is None:
+            if rec.codec == "none" and pack in self.verified and hasattr(self.backend, "convert_file"):
+                # checked before: from the file straight into staging (no mmap faults, no copy in RAM)
                 t0 = time.perf_counter()
-                raw = self.archive.read_pack(pack, verify=pack not in self.verified)
-                self.verified.add(pack)
-                self.metrics.add_read(rec.stored_size, rec.raw_size if rec.codec != "none" else 0, time.perf_counter() - t0)
-                if rec.codec != "none":
-                    self.ram.put(pack, raw, cursor)
-            t0 = time.perf_counter()
-            payload = self.backend.convert(pack, raw, self.tier.view(alloc))
+                payload = self.backend.convert_file(pack, self.tier.view(alloc))
+                self.metrics.add_read(rec.stored_size, 0, 0.0)
+            else:
+                raw = self.ram.get(pack)
+                if raw is None:
+                    t0 = time.perf_counter()
+                    raw = self.archive.read_pack(pack, verify=pack not in self.verified)
+                    self.verified.add(pack)
+                    self.metrics.add_read(rec.stored_size, rec.raw_size if rec.codec != "none" else 0,
+                                          time.perf_counter() - t0)
+                    if rec.codec != "none":
+                        self.ram.put(pack, raw, cursor)
+                t0 = time.perf_counter()
+                payload = self.backend.convert(pack, raw, self.tier.view(alloc))
             self.metrics.add_upload(nbytes, time.perf_counter() - t0)
         except BaseException:
             self.tier.release(alloc)

@@ -11,6 +11,10 @@ layout(local_size_x_id = 0) in;                // WG: invocations per workgroup
 layout(constant_id = 1) const uint NR = 1;     // rows per workgroup
 layout(constant_id = 2) const uint NT = 1;     // tokens per workgroup
 layout(constant_id = 3) const uint NU = 1;     // units loaded per invocation before use (loads in flight)
+// Fusions of the op before the product into its x loads (decode: one dispatch and one barrier fewer):
+// FUSE & 1: x is rms_norm(x) * nw: sum(x^2) is gathered from the same loads, the row sums scaled at
+//           the end; FUSE & 2: x is silu(x) * u (SwiGLU), u at binding 4.
+layout(constant_id = 4) const uint FUSE = 0;
 const uint NRT = NR * NT;
 
 #define W_BINDING 0
@@ -20,6 +24,8 @@ const uint NRT = NR * NT;
 layout(binding = 1) readonly buffer XB { vec4 x4[]; };    // (T, x_stride) f32, x_stride % 4 == 0
 layout(binding = 2) readonly buffer BB { float bias[]; }; // (b_off + rows) f32, read when flags & 1
 layout(binding = 3) buffer YB { float y[]; };             // (T, y_stride) f32
+layout(binding = 4) readonly buffer UB { vec4 u4[]; };    // FUSE & 2: (T, x_stride) f32 up projection
+layout(binding = 5) readonly buffer NB { vec4 nw4[]; };   // FUSE & 1: (cols) f32 norm weight
 
 layout(push_constant) uniform PC {
     uint rows;      // rows of W in this dispatch
@@ -31,7 +37,15 @@ layout(push_constant) uniform PC {
     uint y_off;     // column of y that row 0 writes (row-split weights)
     uint b_off;     // element of bias for row 0
     uint flags;     // 1: add bias, 2: accumulate into y
+    float eps;      // FUSE & 1
 } pc;
+
+vec4 x_at(uint i, uint c4) {                 // x4[i] as the product sees it; c4: its column / 4
+    vec4 v = x4[i];
+    if ((FUSE & 2u) != 0u) { vec4 u = u4[i]; v = v / (1.0 + exp(-v)) * u; }
+    if ((FUSE & 1u) != 0u) v *= nw4[c4];
+    return v;
+}
 
 void main() {
     uint r0 = group_index() * NR;
@@ -47,6 +61,8 @@ void main() {
     // and used for all NR rows: with NR = 1, x loads (from cache) would outnumber weight loads.
     float acc[NRT];
     for (uint i = 0; i < NRT; i++) acc[i] = 0.0;
+    float ss[NT];                                 // FUSE & 1: sum of x^2 per token
+    for (uint t = 0; t < NT; t++) ss[t] = 0.0;
     const uint STEP = gl_WorkGroupSize.x * NU;
     uint rb[NR];
     for (uint r = 0; r < NR; r++) rb[r] = pc.w_off + min(r0 + r, pc.rows - 1u) * rbytes;
@@ -62,7 +78,14 @@ void main() {
             for (uint t = 0; t < NT; t++) {
                 uint xb = min(t0 + t, pc.T - 1u) * pc.x_stride;
                 vec4 xv[U4];
-                for (uint k = 0; k < U4; k++) xv[k] = x4[(xb + unit_x(uc, k)) >> 2];
+                for (uint k = 0; k < U4; k++) {
+                    uint c = unit_x(uc, k);
+                    if ((FUSE & 1u) != 0u) {
+                        vec4 raw = x4[(xb + c) >> 2];
+                        ss[t] += u < units ? dot(raw, raw) : 0.0;
+                    }
+                    xv[k] = x_at((xb + c) >> 2, c >> 2);
+                }
                 for (uint r = 0; r < NR; r++) {
                     float s = 0.0;
                     for (uint k = 0; k < U4; k++) s += dot(wv[r * NU + j][k], xv[k]);
@@ -72,9 +95,12 @@ void main() {
         }
     }
 
+    float scale[NT];
+    for (uint t = 0; t < NT; t++)
+        scale[t] = (FUSE & 1u) != 0u ? inversesqrt(wg_sum(ss[t]) / float(pc.cols) + pc.eps) : 1.0;
     for (uint i = 0; i < NRT; i++) {
-        float s = wg_sum(acc[i]);
         uint r = i / NT, t = i % NT;
+        float s = wg_sum(acc[i]) * scale[t];
         if (lid == 0 && r0 + r < pc.rows && t < nt) {
             uint row = r0 + r;
             uint idx = (t0 + t) * pc.y_stride + pc.y_off + row;

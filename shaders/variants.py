@@ -15,6 +15,13 @@ for _name, _code in WEIGHT_TYPES.items():
     VARIANTS[f"matmul_tiled_{_name.lower()}"] = {"source": "matmul_tiled.comp", "defines": {"WTYPE": _code},
                                                  "reduce": False}
     VARIANTS[f"embed_{_name.lower()}"] = {"source": "embed.comp", "defines": {"WTYPE": _code}, "reduce": False}
+    # decode matvec, one subgroup per row group (subgroup arithmetic required: no _nosg twin)
+    VARIANTS[f"matvec_{_name.lower()}"] = {"source": "matvec.comp", "defines": {"WTYPE": _code}, "reduce": False}
+# tensor-core prefill matmul (VK_NV_cooperative_matrix; F32 and BF16 stay on matmul_tiled)
+COOP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+for _name in COOP_TYPES:
+    VARIANTS[f"matmul_coop_{_name.lower()}"] = {"source": "matmul_coop.comp",
+                                                "defines": {"WTYPE": WEIGHT_TYPES[_name]}, "reduce": False}
 VARIANTS.update({
     "rms_norm": {"source": "rms_norm.comp", "defines": {}, "reduce": True},
     "rope": {"source": "rope.comp", "defines": {}, "reduce": False},
@@ -22,8 +29,13 @@ VARIANTS.update({
     "kv_store_f16": {"source": "kv_store.comp", "defines": {"KV_F16": 1}, "reduce": False},
     "attention_f32": {"source": "attention.comp", "defines": {}, "reduce": True},
     "attention_f16": {"source": "attention.comp", "defines": {"KV_F16": 1}, "reduce": True},
+    # split-K decode attention: subgroup ops required (no _nosg twins; Ops falls back to attention_*)
+    "attention_split_f32": {"source": "attention_split.comp", "defines": {}, "reduce": False},
+    "attention_split_f16": {"source": "attention_split.comp", "defines": {"KV_F16": 1}, "reduce": False},
+    "attention_merge": {"source": "attention_merge.comp", "defines": {}, "reduce": False},
     "swiglu": {"source": "swiglu.comp", "defines": {}, "reduce": False},
     "add": {"source": "add.comp", "defines": {}, "reduce": False},
+    "stream_read": {"source": "stream_read.comp", "defines": {}, "reduce": False},
     "argmax": {"source": "argmax.comp", "defines": {}, "reduce": True},
 })
 

@@ -41,6 +41,10 @@ def test_smollm2_vulkan_matches_numpy(smollm2_archive, smol_cpu, quarter):
         assert eng.backend.name == "vulkan"
         assert rel_err(eng.logits(ids), ref_logits) < REL_TOL
         assert greedy(eng, ids, 32) == ref_tokens
+        if not quarter:  # resident: decode replays one whole-pass command buffer per token
+            fast = eng.backend._fast
+            assert fast is not None and fast[3] is not None
+            assert fast[3] in eng.backend._pass_recs.values()
         st = eng.stats()
         assert st["peak_device_bytes"] <= st["device_budget"]
         if quarter:

@@ -319,18 +319,22 @@ def make_ops(dev, cfg):
         o.mm_tile = (32, 16, 4, 2)
     elif cfg == "wide":      # several subgroups per workgroup: the shared-memory half of the reductions
         o.mm_wg, o.red_wg, o.attn_wg, o.mm_rows, o.mm_units = 64, 64, 32, 2, 3
+    elif cfg == "matvec":    # T = 1 on shaders/matvec.comp: two subgroups per workgroup taking turns
+        o.mv_subgroup = True
+        sg = max(1, dev.info.subgroup_size)
+        o.mv_wg, o.mv_rows, o.mv_units = 2 * sg, 2, 3
     elif cfg == "nosg":      # devices without subgroup arithmetic
         o.suffix = "_nosg"
         o.mm_wg, o.red_wg, o.attn_wg, o.mm_rows = 32, 16, 16, 1
     return o
 
 
-CONFIGS = ["tiled", "wide", "nosg"]
+CONFIGS = ["tiled", "wide", "nosg", "matvec"]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("dtype", ["F16", "Q4_K", "Q6_K", "Q4_0"])
-@pytest.mark.parametrize("rows,nblk,T", [(33, 3, 17), (7, 1, 3), (1, 2, 1)])
+@pytest.mark.parametrize("rows,nblk,T", [(33, 3, 17), (7, 1, 3), (1, 2, 1), (37, 3, 1), (301, 2, 1)])
 def test_linear_configs(dev, cfg, dtype, rows, nblk, T):
     ops = make_ops(dev, cfg)
     rng = np.random.default_rng(rows + T)
@@ -414,4 +418,30 @@ def test_batch_of_two_sequences(dev, ops):
         assert nmse(out[r0:r1], ref) < 1e-7
     assert np.array_equal(from_dev(dev, lastb, np.float32, (2, q.shape[1])), out[[2, 4]])
     for b in (qb, kb, vb, pb, ob, lastb, *[x for pair in cbs for x in pair]):
+        b.destroy()
+
+
+@pytest.mark.parametrize("cfg", ["default", "wide", "nosg"])
+@pytest.mark.parametrize("dtype", ["F16", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_linear_fused_norm_and_glu(dev, cfg, dtype, T):
+    """The decode fusions of matmul.comp: rms_norm folded into the x loads, and SwiGLU."""
+    ops = gpu.Ops(dev) if cfg == "default" else make_ops(dev, cfg)
+    rng = np.random.default_rng(T * 7 + len(dtype))
+    rows, cols, eps = 37, 512, 1e-5
+    raw, wd = random_weight(rng, dtype, rows, cols)
+    x = rng.standard_normal((T, cols)).astype(np.float32) * 3
+    u = rng.standard_normal((T, cols)).astype(np.float32)
+    nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    wb, xb, ub, nb = upload_weight(dev, raw), to_dev(dev, x), to_dev(dev, u), to_dev(dev, nw)
+    y1, y2 = dev.alloc(T * rows * 4), dev.alloc(T * rows * 4)
+    w = gpu.Weight(wb, 48, dtype, rows, cols)
+    assert ops.fuses(T, dtype)
+    run(dev, lambda rec: (ops.linear(rec, w, xb, y1, T, norm=(nb, eps)), ops.linear(rec, w, xb, y2, T, glu_up=ub)))
+    x64 = x.astype(np.float64)
+    normed = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + eps) * nw
+    glu = x64 / (1 + np.exp(-x64)) * u
+    assert nmse(from_dev(dev, y1, np.float32, (T, rows)), normed @ wd.T) < 1e-7
+    assert nmse(from_dev(dev, y2, np.float32, (T, rows)), glu @ wd.T) < 1e-7
+    for b in (wb, xb, ub, nb, y1, y2):
         b.destroy()

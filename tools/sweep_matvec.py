@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--wg", default="64,128,256")
     ap.add_argument("--rows", default="1,2,4,8")
-    ap.add_argument("--units", default="1,2,4")
+    ap.add_argument("--units", default="1,2,4,8")
     args = ap.parse_args(argv)
     dev = Device()
     bufs, ws = weights(dev, args.layers, args.dtype, SHAPES_8B)
@@ -73,20 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     rec.destroy()
     print(f"{dev}: {len(ws)} linears, {total / 1e9:.2f} GB of {args.dtype} weights per pass", flush=True)
     results = []
-    for wg, nr, nu in itertools.product(*(map(int, a.split(",")) for a in (args.wg, args.rows, args.units))):
+    grid = list(itertools.product(*(map(int, a.split(",")) for a in (args.wg, args.rows, args.units))))
+    configs = [("matmul", *c) for c in grid] + [("matvec", *c) for c in grid]
+    for kern, wg, nr, nu in configs:
         ops = Ops(dev)
-        ops.mm_wg, ops.mm_rows, ops.mm_units = wg, nr, nu
+        if kern == "matvec":
+            ops.mv_subgroup, ops.mv_wg, ops.mv_rows, ops.mv_units = True, wg, nr, nu
+        else:
+            ops.mm_wg, ops.mm_rows, ops.mm_units = wg, nr, nu
         try:
             t = measure(dev, ops, ws, x, y, args.reps)
         except Exception as e:  # a configuration the device rejects (registers, shared memory)
-            print(f"wg={wg} rows={nr} units={nu}: {type(e).__name__}: {e}", flush=True)
+            print(f"{kern} wg={wg} rows={nr} units={nu}: {type(e).__name__}: {e}", flush=True)
             continue
-        results.append((t, wg, nr, nu))
-        print(f"wg={wg:3d} rows={nr} units={nu}: {t * 1e3:7.3f} ms  {total / t / 1e9:7.0f} GB/s  "
+        results.append((t, kern, wg, nr, nu))
+        print(f"{kern} wg={wg:3d} rows={nr} units={nu}: {t * 1e3:7.3f} ms  {total / t / 1e9:7.0f} GB/s  "
               f"{t / len(ws) * 1e6:6.1f} us/linear", flush=True)
     results.sort()
-    t, wg, nr, nu = results[0]
-    print(f"best: wg={wg} rows={nr} units={nu}: {total / t / 1e9:.0f} GB/s")
+    for t, kern, wg, nr, nu in results[:5]:
+        print(f"best: {kern} wg={wg} rows={nr} units={nu}: {total / t / 1e9:.0f} GB/s")
     for b in bufs + [x, y]:
         b.destroy()
     dev.close()

@@ -8,7 +8,8 @@ Importing it never fails; call `available()` first and fall back to the CPU back
     dev = gpu.Device(); ops = gpu.Ops(dev)
     block = dev.alloc_block(1 << 30)                  # budgeted VkDeviceMemory (kind "device")
     buf = dev.buffer(block, offset, nbytes)           # a pack's range, from the engine's SubAllocator
-    dev.upload(buf, pack_bytes)                       # memmove when mapped, else staged copies
+    dev.upload(buf, pack_bytes)                       # in place when mapped (not VRAM), else staged DMA
+    dev.upload_file(buf, fd, file_offset, nbytes)     # the same, read with os.preadv from a file
     w = gpu.Weight(buf, tensor_offset, "Q4_K", rows, cols)
     rec = gpu.Recorder(dev)                           # record a step once ...
     ops.linear(rec, w, x, y, T)                       # ... (ops.embed/rms_norm/rope/kv_store/attention/...)

@@ -18,15 +18,18 @@ import numpy as np
 
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
+from . import fusion
 from .device import Device
 from .kernels import BufferSlice
 from .ops import Ops, Weight
 from .recorder import Recorder, submit_all
+from .staging import default_copy_threads
 
 log = logging.getLogger(__name__)
 ALIGN = 256
 MAX_CACHED_RECORDINGS = 512
 MAX_TOKENS_PER_PASS = 4096
+READBACK_ROWS = 16  # logits rows the readback buffer holds before it must grow
 
 
 def _align(n: int) -> int:
@@ -60,7 +63,8 @@ class KvCache:
 
 class VulkanBackend:
     name = "vulkan"
-    prefetch_workers = 4  # parallel staging copies: one thread cannot fill a PCIe 5 link
+    # packs loaded (decompressed, copied) at once; each big copy also fans out over the device's copy threads
+    prefetch_workers = max(2, default_copy_threads())
 
     def __init__(self, archive: Any, device_index: int | None = None):
         self.archive = archive
@@ -77,11 +81,15 @@ class VulkanBackend:
         self._scratch: tuple[Allocation, BufferSlice] | None = None
         # per-pass inputs the host rewrites before each pass: token ids and positions (uint32)
         self._io = self.dev.alloc(8 * MAX_TOKENS_PER_PASS, "upload")
+        # host-visible copy of a pass's output (logits), written by the pass's own submission
+        self._readback = self.dev.alloc(4 * READBACK_ROWS * archive.hparams["vocab"], "readback")
+        self._readback_recs: dict[tuple, Recorder] = {}
         self._ff: dict[int, Any] = {}          # rope frequency factors, f32 on the device
         self._cache: OrderedDict[tuple, Recorder] = OrderedDict()
         self._pending: list[tuple[Recorder, list[Any], bool]] = []   # recorded, not yet submitted
         self._inflight: list[tuple[Recorder, list[Any], bool]] = []  # submitted, packs pinned until done
-        self._fast: tuple[Any, int, dict[int, Recorder]] | None = None
+        # (pass shape, tier version, per-step recordings, whole-pass recording or None) of a stable pass
+        self._fast: tuple[Any, int, dict[int, Recorder], Recorder | None] | None = None
         self.resident = False
         self._retired: list[Recorder] = []
         self._pass_recs: dict[int, Recorder] = {}
@@ -92,12 +100,9 @@ class VulkanBackend:
 
     @property
     def reserved_bytes(self) -> int:
-        """Device bytes outside the tier (staging slots where uploads are staged, the io buffer),
-        counted against the budget. Host-visible device memory (unified, lavapipe) needs no staging."""
-        mt = self.dev.info.memory_types[self.dev.memory_type["device"]]
-        staged = not (mt.host_visible and self.dev.direct_copies)
-        threads = self.prefetch_workers + 1  # each copying thread has its own staging slots
-        return (3 * self.dev.STAGING_SLOT_BYTES * threads if staged else 0) + self._io.size
+        """Device memory outside the tier, counted against the budget: the io buffer and staging
+        slots, each only where it lives in device-local memory (system-memory staging is not VRAM)."""
+        return self.dev.staging_vram_bytes() + sum(b.size for b in (self._io, self._readback) if b.block.device_local)
 
     @property
     def pin_limit(self) -> int:
@@ -124,9 +129,12 @@ class VulkanBackend:
         """Stored bytes as they are, plus f32 copies of 1-D tensors the kernels need as f32."""
         return _align(self.archive.packs[pack].raw_size) + self._extra.get(pack, 0)
 
-    def convert(self, pack: int, raw: bytes | memoryview, dest: BufferSlice) -> dict[tuple[str, int], Any]:
+    def convert(self, pack: int, raw: bytes | memoryview, dest: BufferSlice,
+                upload: bool = True) -> dict[tuple[str, int], Any]:
+        """Upload a pack's decoded bytes to `dest` (unless already there) and describe its tensors."""
         buf, base = dest.buffer, dest.offset
-        self.dev.upload(buf, raw, base)
+        if upload:
+            self.dev.upload(buf, raw, base)
         out: dict[tuple[str, int], Any] = {}
         extra = _align(len(raw))
         for t, p in self.slices.get(pack, []):
@@ -143,6 +151,13 @@ class VulkanBackend:
             else:
                 out[(t.name, p.row_start)] = Weight(buf, base + p.offset, t.dtype, p.row_end - p.row_start, t.shape[-1])
         return out
+
+    def convert_file(self, pack: int, dest: BufferSlice) -> dict[tuple[str, int], Any]:
+        """`convert` for a pack stored raw (codec "none") whose checksum was verified: its bytes
+        go from the archive file into staging with preadv, never through the mmap."""
+        offset, size = self.archive.pack_span(pack)
+        self.dev.upload_file(dest.buffer, self.archive.fileno(), offset, size, dest.offset)
+        return self.convert(pack, self.archive.stored_bytes(pack), dest, upload=False)
 
     def kv_view(self, mem: BufferSlice, n_ctx: int, width: int) -> KvCache:
         return KvCache(BufferSlice(mem.buffer, mem.offset, n_ctx * width * 4), n_ctx, width)
@@ -169,7 +184,10 @@ class VulkanBackend:
         env["_after_last"] = False
         widths = self._widths()
         rows_of = {name: (env["_nseq"] if name == "logits" else t) for name in widths}
-        need = self._scratch_bytes(t, env["_nseq"])
+        hp = self.archive.hparams  # split-K attention partials of each sequence (0: the one-pass kernel)
+        attn = [self.ops.attention_scratch_bytes(r1 - r0, hp["n_heads"], hp["head_dim"], kv[0][0].n_ctx)
+                for r0, r1, _p0, kv in env["seqs"]]
+        need = self._scratch_bytes(t, env["_nseq"], attn)
         scratch = self._scratch_slice(need)
         off = scratch.offset
         env["_layout"] += ((id(scratch.buffer), scratch.offset),)  # recordings bind activation buffers here
@@ -177,9 +195,15 @@ class VulkanBackend:
             size = _align(4 * rows_of[name] * w)
             env["_bufs"][name] = (BufferSlice(scratch.buffer, off, size), w, rows_of[name])
             off += size
+        env["_attn"] = []
+        for size in attn:
+            env["_attn"].append(BufferSlice(scratch.buffer, off, size) if size else None)
+            off += _align(size)
 
-    def _scratch_bytes(self, tokens: int, n_seqs: int) -> int:
-        return sum(_align(4 * (n_seqs if n == "logits" else tokens) * w) for n, w in self._widths().items())
+    def _scratch_bytes(self, tokens: int, n_seqs: int, attn: Any = ()) -> int:
+        """Activation bytes of a pass: the _widths rows, plus `attn` (bytes of each sequence's attention partials)."""
+        return (sum(_align(4 * (n_seqs if n == "logits" else tokens) * w) for n, w in self._widths().items())
+                + sum(_align(n) for n in attn))
 
     def _widths(self) -> dict[str, int]:
         hp = self.archive.hparams
@@ -213,14 +237,15 @@ class VulkanBackend:
         if rec is None:
             rec = Recorder(self.dev, label=step["name"])
             payload = {k: v for e in held for k, v in e.payload.items()}
-            for op in step["ops"]:
+            for op in self._plan(step["ops"], env):
                 getattr(self, "op_" + op["op"])(rec, op, env, payload)
             rec.finish()
+            rec.payload = payload  # for re-recording the step into a whole-pass command buffer
             self._cache[key] = rec
             if len(self._cache) > MAX_CACHED_RECORDINGS:
                 old_key, old = self._cache.popitem(last=False)
                 if self._fast is not None and old in self._fast[2].values():
-                    self._fast = None
+                    self._drop_fast()
                 self._retire(old)
         else:
             self._cache.move_to_end(key)
@@ -245,35 +270,63 @@ class VulkanBackend:
             self.wait_all(weights)
 
     def run_pass(self, steps: list[dict[str, Any]], env: dict[str, Any], weights: Any) -> None:
-        """All steps of one pass. When nothing moved since the last pass of the same shape, its
-        recordings are replayed as they are: no per-step Python, one submission per token."""
+        """All steps of one pass. When nothing moved since the last pass of the same shape, the pass
+        is replayed from ONE command buffer holding every step but the embedding gather (recorded
+        on the second such pass): no per-step Python and no gaps between command buffers."""
         tier = self.tier
         shape = (env["_T"], env["_layout"])
-        fast = self._fast if self._fast is not None and self._fast[0] == shape else None
-        self._pass_recs: dict[int, Recorder] = {}
+        fast = self._fast
         tier.frozen = True
         try:
+            if fast is not None and fast[0] == shape and fast[1] == tier.version:
+                if fast[3] is None:
+                    self._fast = fast = (*fast[:3], self._record_whole_pass(steps, env, fast[2]))
+                self._replay_pass(steps, env, weights, fast[3])
+                if tier.version != fast[1]:
+                    self._drop_fast()  # a gather step moved packs: the next pass records again
+                return
+            self._drop_fast()
             v0 = tier.version
-            replayed = False
+            self._pass_recs = {}
             for si, step in enumerate(steps):
-                if fast is not None and not step.get("gather") and tier.version == fast[1] and si in fast[2]:
-                    self._pending.append((fast[2][si], [], False))  # packs resident, tier frozen: nothing moves
-                    self._pass_recs[si] = fast[2][si]
-                    replayed = True
-                    continue
-                if replayed:
-                    self.flush(weights)  # unpinned replays must finish before anything may be evicted
-                    replayed = False
                 self.run_step(si, step, env, weights)
             self.flush(weights, wait=False)
-            stable = tier.version == v0 and all(si in self._pass_recs for si, s in enumerate(steps) if not s.get("gather"))
+            recs = {si: r for si, r in self._pass_recs.items() if not steps[si].get("gather")}
             cached = set(self._cache.values())
-            if stable and all(r in cached for si, r in self._pass_recs.items() if not steps[si].get("gather")):
-                self._fast = (shape, tier.version, {si: r for si, r in self._pass_recs.items() if not steps[si].get("gather")})
-            else:
-                self._fast = None
+            stable = tier.version == v0 and len(recs) == sum(1 for s in steps if not s.get("gather"))
+            gathers_first = all(not s.get("gather") for s in steps[min(recs, default=0):])
+            if stable and gathers_first and all(r in cached for r in recs.values()):
+                self._fast = (shape, tier.version, recs, None)
         finally:
             tier.frozen = False
+
+    def _record_whole_pass(self, steps: list[dict[str, Any]], env: dict[str, Any],
+                           recs: dict[int, Recorder]) -> Recorder:
+        """Every non-gather step of the pass, in order, in one command buffer (same packs, same
+        activation layout as the per-step recordings it is made from)."""
+        whole = Recorder(self.dev, label="pass")
+        for si, step in enumerate(steps):
+            if si in recs:
+                for op in self._plan(step["ops"], env):
+                    getattr(self, "op_" + op["op"])(whole, op, env, recs[si].payload)
+        return whole.finish()
+
+    def _drop_fast(self) -> None:
+        if self._fast is not None and self._fast[3] is not None:
+            self._retire(self._fast[3])
+        self._fast = None
+
+    def _replay_pass(self, steps: list[dict[str, Any]], env: dict[str, Any], weights: Any,
+                     whole: Recorder) -> None:
+        """Gather steps (the embedding rows of this pass's tokens) run keyed by their packs as
+        usual, then the whole-pass recording. The packs are resident and the tier frozen."""
+        self._pass_recs = {}
+        for si, step in enumerate(steps):
+            if step.get("gather"):  # all before the first other step (checked when the pass became fast)
+                self.run_step(si, step, env, weights)
+        self._pending.append((whole, (), False))
+        self._pass_recs[len(steps)] = whole
+        self.flush(weights, wait=False)
 
     def _run_streamed(self, si: int, step: dict[str, Any], env: dict[str, Any], weights: Any) -> None:
         """A step too big to pin at once (under a small budget): each op's weight parts in chunks
@@ -334,11 +387,27 @@ class VulkanBackend:
         self._retired.clear()
 
     def finish(self, env: dict[str, Any], weights: Any, out_name: str) -> np.ndarray:
-        self.flush(weights)
+        """The pass's output: copied into mapped host memory by the pass's own submission (no
+        separate readback round trip), read once its fence signals."""
         sl, w, _ = env["_bufs"][out_name]
         n = env["_nseq"]
-        data = self.dev.download(sl.buffer, n * w * 4, sl.offset)
-        return np.frombuffer(data, dtype=np.float32).reshape(n, w).copy()
+        size = n * w * 4
+        if self._readback.size < size:  # a batch of more than READBACK_ROWS sequences
+            self.wait_all(weights)
+            self._readback.destroy()
+            self._readback = self.dev.alloc(size, "readback")
+            self._readback_recs.clear()
+        key = (id(sl.buffer), sl.offset, size)
+        rec = self._readback_recs.get(key)
+        if rec is None:
+            rec = Recorder(self.dev, label="readback")
+            rec.copy(BufferSlice(sl.buffer, sl.offset, size), BufferSlice(self._readback, 0, size))
+            rec.host_barrier()
+            rec.finish()
+            self._readback_recs[key] = rec
+        self._pending.append((rec, (), False))
+        self.flush(weights)
+        return np.frombuffer(self._readback.view(0, size), dtype=np.float32).reshape(n, w).copy()
 
     # ---- ops: each records dispatches into `rec` ----
     def _rows(self, env: dict[str, Any], name: str) -> int:
@@ -366,6 +435,12 @@ class VulkanBackend:
         w = payload[(op["w"][0], 0)]
         self.ops.rms_norm(rec, x, w, self._buf(env, op["out"]), rows * (n // g), g, a["eps"])
 
+    def _plan(self, ops: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str, Any]]:
+        """The step's ops with norms, SwiGLU and residual adds fused where the kernels allow."""
+        tensors = self.archive.tensors
+        return fusion.plan(ops, env["_T"], env["_nseq"],
+                           lambda rows, op: self.ops.fuses(rows, tensors[op["w"][0]].dtype))
+
     def op_linear(self, rec, op, env, payload) -> None:
         name = op["w"][0]
         t = self.archive.tensors[name]
@@ -373,11 +448,14 @@ class VulkanBackend:
         bias = payload[(op["w"][1], 0)] if len(op["w"]) > 1 else None
         x = self._buf(env, op["in"][0])
         y = self._buf(env, op["out"])
+        norm = (payload[(op["_norm"][0], 0)], op["_norm"][1]) if "_norm" in op else None
+        glu = self._buf(env, op["_glu"]) if "_glu" in op else None
         for p in t.parts:
             if (name, p.row_start) not in payload:
                 continue  # streamed: this part runs in another chunk
             self.ops.linear(rec, payload[(name, p.row_start)], x, y, rows, x_stride=t.shape[-1], y_stride=t.shape[0],
-                            y_col=p.row_start, bias=bias, bias_off=p.row_start)
+                            y_col=p.row_start, bias=bias, bias_off=p.row_start, accumulate=op.get("_accumulate", False),
+                            norm=norm, glu_up=glu)
 
     def op_rope(self, rec, op, env, payload) -> None:
         a = op["attrs"]
@@ -401,11 +479,14 @@ class VulkanBackend:
         q, k, v = (self._buf(env, n) for n in op["in"])
         out = self._buf(env, op["out"])
         kvd = a["n_kv_heads"] * a["head_dim"]
-        for r0, r1, _pos0, kv in env["seqs"]:
+        for (r0, r1, _pos0, kv), sc in zip(env["seqs"], env["_attn"]):
             kc, vc = kv[a["layer"]]
             self.ops.kv_store(rec, k, v, kc.slice, vc.slice, env["_pos"], r1 - r0, kvd, kc.n_ctx, t0=r0)
+            if sc is not None and sc.size < self.ops.attention_scratch_bytes(r1 - r0, a["n_heads"], a["head_dim"],
+                                                                             kc.n_ctx):
+                sc = None  # a layer unlike the hparams: the one-pass kernel
             self.ops.attention(rec, q, kc.slice, vc.slice, env["_pos"], out, r1 - r0, a["n_heads"], a["n_kv_heads"],
-                               a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0)
+                               a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0, scratch=sc)
 
     def op_add(self, rec, op, env, payload) -> None:
         a, b = (self._buf(env, n) for n in op["in"])
@@ -429,12 +510,17 @@ class VulkanBackend:
 
     def close(self) -> None:
         self.flush(None)
+        self._drop_fast()
+        self.wait_all()
         for rec in self._cache.values():
             rec.destroy()
         self._cache.clear()
         for b in self._ff.values():
             b.destroy()
         self._io.destroy()
+        for rec in self._readback_recs.values():
+            rec.destroy()
+        self._readback.destroy()
 
 
 def _n(t: TensorRecord, p: TensorPart) -> int:

@@ -66,6 +66,9 @@ class DeviceInfo:
     has_memory_budget: bool = False
     unified_memory: bool = False   # a DEVICE_LOCAL|HOST_VISIBLE|COHERENT type on the main heap
     pipeline_cache_uuid: str = ""
+    # VK_NV_cooperative_matrix: (M, N, K, A, B, C, D type, scope) per supported shape, as the driver lists
+    # them (VkComponentTypeNV: 0 = f16, 1 = f32; scope 3 = subgroup); empty without the extension
+    coopmat_shapes: tuple[tuple[int, int, int, int, int, int, int, int], ...] = ()
 
     @property
     def main_heap(self) -> MemoryHeap:
@@ -74,11 +77,26 @@ class DeviceInfo:
         return max(local, key=lambda h: h.size)
 
 
+COOPMAT_EXT = "VK_NV_cooperative_matrix"
+COOPMAT_F16_16 = (16, 16, 16, 0, 0, 1, 1, 3)   # 16x16x16, f16 A/B, f32 C/D, subgroup scope
+
+
 def _version(v: int) -> tuple[int, int, int]:
     return (v >> 22, (v >> 12) & 0x3FF, v & 0xFFF)
 
 
-def _read_info(vk: Any, index: int, pd: Any) -> DeviceInfo:
+def _coopmat_shapes(vk: Any, instance: Any, pd: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes vkGetPhysicalDeviceCooperativeMatrixPropertiesNV lists, copied into ints."""
+    try:
+        fn = vk.vkGetInstanceProcAddr(instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV")
+        props = fn(pd)
+        return tuple((int(p.MSize), int(p.NSize), int(p.KSize), int(p.AType), int(p.BType), int(p.CType),
+                      int(p.DType), int(p.scope)) for p in props)
+    except Exception:  # noqa: BLE001 - a driver without the function simply has no shapes
+        return ()
+
+
+def _read_info(vk: Any, index: int, pd: Any, instance: Any = None) -> DeviceInfo:
     # Values are copied into Python ints right away: nested views die with their owner (NOTES 1).
     p11 = vk.VkPhysicalDeviceVulkan11Properties()
     p2 = vk.VkPhysicalDeviceProperties2(pNext=p11)
@@ -121,6 +139,7 @@ def _read_info(vk: Any, index: int, pd: Any) -> DeviceInfo:
         heaps=heaps, memory_types=tuple(types), extensions=exts,
         has_memory_budget="VK_EXT_memory_budget" in exts, unified_memory=unified,
         pipeline_cache_uuid=bytes(props.pipelineCacheUUID[i] for i in range(16)).hex(),
+        coopmat_shapes=_coopmat_shapes(vk, instance, pd) if COOPMAT_EXT in exts and instance is not None else (),
     )
     del p2, p11
     return info
@@ -161,7 +180,7 @@ class Device(MemoryMixin):
 
     def _open(self, vk: Any, index: int | None, pipeline_cache: bool) -> None:
         pds = list(call(vk.vkEnumeratePhysicalDevices, self._instance, context="enumerating devices"))
-        infos = [_read_info(vk, i, pd) for i, pd in enumerate(pds)]
+        infos = [_read_info(vk, i, pd, self._instance) for i, pd in enumerate(pds)]
         usable = [i for i in infos if (i.api_version[0], i.api_version[1]) >= (1, 2)]
         if index is not None:
             if not 0 <= index < len(infos):
@@ -209,7 +228,9 @@ class Device(MemoryMixin):
             self._transfer_index = 0
 
     def _create_device(self, vk: Any) -> None:
-        f11 = vk.VkPhysicalDeviceVulkan11Features()
+        want_coop = COOPMAT_EXT in self.info.extensions and os.environ.get("VKPACK_NO_COOPMAT", "0") in ("", "0")
+        fcm = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV() if want_coop else None
+        f11 = vk.VkPhysicalDeviceVulkan11Features(pNext=fcm)
         f12 = vk.VkPhysicalDeviceVulkan12Features(pNext=f11)
         f2 = vk.VkPhysicalDeviceFeatures2(pNext=f12)
         vk.vkGetPhysicalDeviceFeatures2(self._pd, f2)
@@ -220,12 +241,20 @@ class Device(MemoryMixin):
                          "shaderInt8": bool(f12.shaderInt8), "shaderFloat16": bool(f12.shaderFloat16),
                          "timelineSemaphore": bool(f12.timelineSemaphore),
                          "shaderInt16": bool(f2.features.shaderInt16)}
+        # tensor-core matmuls (matmul_coop.comp): the NV extension, its feature, f16 arithmetic and the
+        # Vulkan memory model (glslang emits it for cooperative-matrix shaders)
+        self.features["cooperativeMatrix"] = bool(
+            fcm is not None and fcm.cooperativeMatrix and f12.vulkanMemoryModel and f12.shaderFloat16)
+        self.features["vulkanMemoryModel"] = self.features["cooperativeMatrix"]
         # Enable exactly what we use; keep every chained struct bound until vkCreateDevice returns (NOTES 2, 11).
-        e11 = vk.VkPhysicalDeviceVulkan11Features(storageBuffer16BitAccess=True)
+        ecm = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV(cooperativeMatrix=True) \
+            if self.features["cooperativeMatrix"] else None
+        e11 = vk.VkPhysicalDeviceVulkan11Features(pNext=ecm, storageBuffer16BitAccess=True)
         e12 = vk.VkPhysicalDeviceVulkan12Features(
             pNext=e11, timelineSemaphore=self.features["timelineSemaphore"],
             storageBuffer8BitAccess=self.features["storageBuffer8BitAccess"],
-            shaderInt8=self.features["shaderInt8"], shaderFloat16=self.features["shaderFloat16"])
+            shaderInt8=self.features["shaderInt8"], shaderFloat16=self.features["shaderFloat16"],
+            vulkanMemoryModel=self.features["vulkanMemoryModel"])
         base = vk.VkPhysicalDeviceFeatures(shaderInt16=self.features["shaderInt16"])
         e2 = vk.VkPhysicalDeviceFeatures2(pNext=e12, features=base)
         prio = [1.0, 1.0]
@@ -236,10 +265,12 @@ class Device(MemoryMixin):
             qinfos = [vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.compute_family, pQueuePriorities=prio[:1]),
                       vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.transfer_family, pQueuePriorities=prio[:1])]
         exts = [e for e in ("VK_EXT_memory_budget",) if e in self.info.extensions]
+        if self.features["cooperativeMatrix"]:
+            exts.append(COOPMAT_EXT)
         info = vk.VkDeviceCreateInfo(pNext=e2, pQueueCreateInfos=qinfos, ppEnabledExtensionNames=exts or None)
         self._dev = call(vk.vkCreateDevice, self._pd, info, None, context=f"creating device {self.info.name}")
         track("device")
-        del info, e2, e12, e11, base, f2, f12, f11
+        del info, e2, e12, e11, ecm, base, f2, f12, f11, fcm
         self.compute_queue = vk.vkGetDeviceQueue(self._dev, self.compute_family, 0)
         self.transfer_queue = vk.vkGetDeviceQueue(self._dev, self.transfer_family, self._transfer_index)
         # A VkQueue must be externally synchronized: one lock per distinct queue.
@@ -289,6 +320,11 @@ class Device(MemoryMixin):
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def coopmat_f16(self) -> bool:
+        """True when 16x16x16 f16 x f16 -> f32 subgroup cooperative matrices are enabled and listed."""
+        return bool(self.features.get("cooperativeMatrix")) and COOPMAT_F16_16 in self.info.coopmat_shapes
 
     def memory_budget(self) -> list[tuple[int, int, int]] | None:
         """[(heap index, budget bytes, usage bytes)] from VK_EXT_memory_budget, or None without it."""
@@ -355,4 +391,4 @@ class _NullLock:
         return None
 
 
-__all__ = ["API_1_2", "API_1_3", "Device", "DeviceInfo", "MemoryHeap", "MemoryType"]
+__all__ = ["API_1_2", "API_1_3", "COOPMAT_F16_16", "Device", "DeviceInfo", "MemoryHeap", "MemoryType"]

@@ -4,20 +4,22 @@ The engine's allocator (`vkpack.runtime.alloc.SubAllocator`) hands out (offset, 
 large `MemoryBlock`s; `Device.buffer(block, offset, size)` makes a `Buffer` over such a range.
 `Arena` is a tiny bump allocator for tests and scratch activations.
 
-Copies are synchronous: `upload`/`download` return when the bytes have arrived. Memory that is
-host-visible and coherent (lavapipe, integrated GPUs, ReBAR VRAM) is written with one memmove;
-otherwise the bytes go through two staging slots, so copying chunk i+1 into staging overlaps
-the transfer of chunk i.
+Copies are synchronous: `upload`/`upload_file`/`download` return when the bytes have arrived.
+Host-visible coherent memory of an integrated or CPU device (lavapipe) is written in place; VRAM
+of a discrete GPU goes through staging slots in system memory and DMA (`staging.py`). Both
+copy with the GIL released, from up to `copy_threads` threads per call.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import _lib
+import numpy as np
+
+from . import _lib, staging
 from ._lib import call, check, track
 from .errors import VulkanError
 
@@ -33,6 +35,7 @@ class MemoryBlock:
         mt = dev.info.memory_types[type_index]
         self.host_visible = mt.host_visible and mt.host_coherent
         self.host_cached = mt.host_cached
+        self.device_local = mt.device_local
         ai = vk.VkMemoryAllocateInfo(allocationSize=size, memoryTypeIndex=type_index)
         self._mem = call(vk.vkAllocateMemory, dev._dev, ai, None,
                          context=f"allocating {size} bytes of {kind} memory (type {type_index})")
@@ -149,26 +152,11 @@ class Arena:
         self.block.destroy()
 
 
-class _Slot:
-    """A staging buffer with its own command buffer and fence, for one in-flight copy."""
-
-    def __init__(self, dev: Any, kind: str, size: int):
-        vk = _lib.vk
-        self.buf = dev.alloc(size, kind)
-        self.cmd = call(vk.vkAllocateCommandBuffers, dev._dev, vk.VkCommandBufferAllocateInfo(
-            commandPool=dev._pools[dev.transfer_family], level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY,
-            commandBufferCount=1), context="allocating a transfer command buffer")[0]
-        self.fence = call(vk.vkCreateFence, dev._dev, vk.VkFenceCreateInfo(), None, context="creating a fence")
-        track("fence")
-        self.busy = False
-        # numpy view of the mapping: numpy copies release the GIL, so threads fill slots in parallel
-        self.host = np.frombuffer(_lib.ffi.buffer(self.buf.block.ptr + self.buf.offset, size), dtype=np.uint8)
-
-
 class MemoryMixin:
     """Memory half of `Device` (kept apart to keep files small)."""
 
-    STAGING_SLOT_BYTES = 16 << 20  # two upload slots + one readback slot, created on first use
+    STAGING_SLOT_BYTES = 8 << 20   # one staging chunk (packs are <= 32 MiB, cut in 4 MiB chunks per thread)
+    READBACK_SLOTS = 2
 
     def _init_memory(self) -> None:
         vk = _lib.vk
@@ -178,10 +166,12 @@ class MemoryMixin:
         self._buffer_type_bits = int(req.memoryTypeBits)
         self.buffer_alignment = max(int(req.alignment), self.info.min_storage_buffer_offset_alignment, 16)
         vk.vkDestroyBuffer(self._dev, probe, None)
-        self._slots: dict[tuple[str, int], list[_Slot]] = {}
-        self._slots_lock = threading.Lock()
+        self._staging: dict[str, staging.SlotPool] = {}
+        self._staging_lock = threading.Lock()
+        self._copy_pool: tuple[int, ThreadPoolExecutor] | None = None
         self.memory_type = {k: self._pick_type(k) for k in KINDS}
-        self.direct_copies = True   # memmove into host-visible memory; False forces staging (tests)
+        self.direct_copies = True   # write host-visible memory in place; False forces staging (tests)
+        self.copy_threads = staging.default_copy_threads()   # threads one big copy may use
 
     def _buffer_info(self, size: int) -> Any:
         vk = _lib.vk
@@ -193,20 +183,23 @@ class MemoryMixin:
         return vk.VkBufferCreateInfo(size=size, usage=usage, sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE)
 
     def _pick_type(self, kind: str) -> int:
+        """device: on a discrete GPU, VRAM the host cannot map (a ReBAR mapping is write-combined
+        across PCIe: ~11 GB/s from one thread, vs ~50 GB/s for DMA); elsewhere host-visible memory
+        if there is some, written in place. upload/readback: system memory, cached where offered."""
         info = self.info
         main = info.main_heap.index
         types = [t for t in info.memory_types if (self._buffer_type_bits >> t.index) & 1]
         if kind == "device":
             cands = [t for t in types if t.device_local] or types
-            if info.unified_memory:  # weights can then be written in place, no staging copy
+            if info.unified_memory and info.type != "discrete":
                 key = lambda t: (t.heap != main, not (t.host_visible and t.host_coherent), t.index)
             else:
                 key = lambda t: (t.heap != main, t.host_visible, t.index)
         else:
             cands = [t for t in types if t.host_visible and t.host_coherent]
-            if kind == "upload":
-                key = lambda t: (t.device_local, t.index)
-            else:  # readback: cached system memory reads fast
+            if kind == "upload":   # system memory: staging must not take VRAM
+                key = lambda t: (t.device_local, not t.host_cached, t.index)
+            else:                  # readback: the host reads it, so cached first
                 key = lambda t: (not t.host_cached, t.device_local, t.index)
         if not cands:
             raise VulkanError(f"{info.name}: no memory type for {kind} buffers")
@@ -239,39 +232,54 @@ class MemoryMixin:
     def arena(self, size: int, kind: str = "device") -> Arena:
         return Arena(self, size, kind)
 
+    # ---- staging ----
+
+    def _in_place(self, type_index: int) -> bool:
+        """Whether copies use the mapping of memory type `type_index` in place (host-visible,
+        coherent, and not VRAM of a discrete GPU behind its PCIe BAR)."""
+        t = self.info.memory_types[type_index]
+        return (self.direct_copies and t.host_visible and t.host_coherent
+                and not (t.device_local and self.info.type == "discrete"))
+
+    def _direct(self, block: MemoryBlock) -> bool:
+        return block.ptr is not None and self._in_place(block.type_index)
+
+    def upload_slots(self) -> int:
+        """Most upload slots that exist at once: DEPTH for each copy thread and for a few callers."""
+        return staging.DEPTH * (self.copy_threads + 4)
+
+    def staging_vram_bytes(self) -> int:
+        """Device-local bytes staging may take: 0 when device memory is written in place or when
+        staging lives in system memory (not VRAM)."""
+        if self._in_place(self.memory_type["device"]):
+            return 0
+        n = 0
+        for kind, slots in (("upload", self.upload_slots()), ("readback", self.READBACK_SLOTS)):
+            if self.info.memory_types[self.memory_type[kind]].device_local:
+                n += slots * self.STAGING_SLOT_BYTES
+        return n
+
+    def _pool(self, kind: str) -> staging.SlotPool:
+        with self._staging_lock:
+            p = self._staging.get(kind)
+            n = self.upload_slots() if kind == "upload" else self.READBACK_SLOTS
+            if p is None or p.slot_bytes != self.STAGING_SLOT_BYTES:
+                if p is not None:
+                    p.close()
+                p = self._staging[kind] = staging.SlotPool(self, kind, self.STAGING_SLOT_BYTES, n)
+            p.max_slots = max(p.max_slots, n)   # copy_threads may have grown
+            return p
+
+    def _copy_executor(self) -> ThreadPoolExecutor:
+        with self._staging_lock:
+            if self._copy_pool is None or self._copy_pool[0] != self.copy_threads:
+                if self._copy_pool is not None:
+                    self._copy_pool[1].shutdown(wait=False)
+                ex = ThreadPoolExecutor(max(1, self.copy_threads), thread_name_prefix="vkpack-copy")
+                self._copy_pool = (self.copy_threads, ex)
+            return self._copy_pool[1]
+
     # ---- copies ----
-
-    def _slot_list(self, kind: str) -> list[_Slot]:
-        """This thread's staging slots: threads copy in parallel (one host thread's memmove into
-        mapped memory tops out near 12 GB/s, well below a PCIe 5 link)."""
-        key = (kind, threading.get_ident())
-        with self._slots_lock:
-            if key not in self._slots:
-                n = 2 if kind == "upload" else 1
-                self._slots[key] = [_Slot(self, kind, self.STAGING_SLOT_BYTES) for _ in range(n)]
-            return self._slots[key]
-
-    def _wait_slot(self, s: _Slot) -> None:
-        if s.busy:
-            vk = _lib.vk
-            call(vk.vkWaitForFences, self._dev, 1, [s.fence], vk.VK_TRUE, _lib.UINT64_MAX, context="staging copy")
-            call(vk.vkResetFences, self._dev, 1, [s.fence])
-            s.busy = False
-
-    def _copy_async(self, s: _Slot, src: Any, src_off: int, dst: Any, dst_off: int, n: int) -> None:
-        with self._slots_lock:  # the slots' command buffers share one pool: record one at a time
-            self._record_copy(s, src, src_off, dst, dst_off, n)
-
-    def _record_copy(self, s: _Slot, src: Any, src_off: int, dst: Any, dst_off: int, n: int) -> None:
-        vk = _lib.vk
-        call(vk.vkBeginCommandBuffer, s.cmd, vk.VkCommandBufferBeginInfo(
-            flags=vk.VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT))
-        vk.vkCmdCopyBuffer(s.cmd, src, dst, 1, [vk.VkBufferCopy(srcOffset=src_off, dstOffset=dst_off, size=n)])
-        call(vk.vkEndCommandBuffer, s.cmd)
-        with self._transfer_lock:
-            call(vk.vkQueueSubmit, self.transfer_queue, 1, [vk.VkSubmitInfo(pCommandBuffers=[s.cmd])], s.fence,
-                 context="submitting a staging copy")
-        s.busy = True
 
     def _check_range(self, buf: Buffer, offset: int, n: int) -> None:
         if buf._buf is None:
@@ -279,52 +287,71 @@ class MemoryMixin:
         if offset < 0 or n < 0 or offset + n > buf.size:
             raise VulkanError(f"copy of {n} bytes at offset {offset} outside buffer of {buf.size} bytes")
 
+    def _copy_in(self, buf: Buffer, offset: int, n: int, fill: Any) -> None:
+        """Write n bytes into `buf` at `offset`, produced by fill(out, pos, m) (see staging.Job)."""
+        if self._direct(buf.block):
+            threads, chunk = staging.split(n, None, self.copy_threads)
+            dst = np.frombuffer(_lib.ffi.buffer(buf.block.ptr + buf.offset + offset, n), dtype=np.uint8)
+            if threads == 1:
+                fill(dst, 0, n)
+                return
+            job = staging.Job(n, chunk, fill, direct=dst)
+        else:
+            pool = self._pool("upload")
+            threads, chunk = staging.split(n, pool.slot_bytes, self.copy_threads)
+            job = staging.Job(n, chunk, fill, pool=pool, dst=buf._buf, dst_off=offset)
+        staging.run(self, job, threads)
+
     def upload(self, buf: Buffer, data: Any, offset: int = 0) -> None:
         """Copy bytes-like `data` (bytes, memoryview, numpy array) into `buf` at byte `offset`."""
-        ffi = _lib.ffi
-        src = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+        if isinstance(data, np.ndarray):
+            src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        else:
+            src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
         n = len(src)
         self._check_range(buf, offset, n)
-        if n == 0:
-            return
-        if buf.host_visible and self.direct_copies:
-            ffi.memmove(buf.block.ptr + buf.offset + offset, src, n)
-            return
-        if True:  # slots are per thread: no lock needed
-            slots = self._slot_list("upload")
-            step = self.STAGING_SLOT_BYTES
-            for i, pos in enumerate(range(0, n, step)):
-                s = slots[i % len(slots)]
-                self._wait_slot(s)
-                m = min(step, n - pos)
-                s.host[:m] = np.frombuffer(src[pos:pos + m], dtype=np.uint8)
-                self._copy_async(s, s.buf._buf, 0, buf._buf, offset + pos, m)
-            for s in slots:
-                self._wait_slot(s)
+        if n:
+            self._copy_in(buf, offset, n, lambda out, pos, m: np.copyto(out, src[pos:pos + m]))
+
+    def upload_file(self, buf: Buffer, fd: int, file_offset: int, nbytes: int, offset: int = 0) -> None:
+        """Copy `nbytes` of open file `fd` from `file_offset` into `buf` at byte `offset`, read with
+        os.preadv straight into staging (or into mapped memory): no mmap faults, no extra copy."""
+        self._check_range(buf, offset, nbytes)
+        size = os.fstat(fd).st_size
+        if file_offset < 0 or file_offset + nbytes > size:
+            raise VulkanError(f"read of {nbytes} bytes at file offset {file_offset} outside file of {size} bytes")
+        if nbytes:
+            self._copy_in(buf, offset, nbytes, lambda out, pos, m: staging.pread_into(fd, out, file_offset + pos))
 
     def download(self, buf: Buffer, nbytes: int | None = None, offset: int = 0) -> bytes:
         """Return `nbytes` (default: to the end) of `buf` from byte `offset`; GPU writes must be finished."""
         ffi = _lib.ffi
         n = buf.size - offset if nbytes is None else nbytes
         self._check_range(buf, offset, n)
-        if buf.host_visible and self.direct_copies and (buf.block.host_cached or self.info.type != "discrete"):
+        if n == 0:
+            return b""
+        if self._direct(buf.block) and (buf.block.host_cached or self.info.type != "discrete"):
             return ffi.buffer(buf.block.ptr + buf.offset + offset, n)[:]
-        out = bytearray(n)
-        if True:
-            (s,) = self._slot_list("readback")
-            step = self.STAGING_SLOT_BYTES
-            for pos in range(0, n, step):
-                m = min(step, n - pos)
-                self._copy_async(s, buf._buf, offset + pos, s.buf._buf, 0, m)
-                self._wait_slot(s)
-                out[pos:pos + m] = ffi.buffer(s.buf.block.ptr + s.buf.offset, m)
-        return bytes(out)
+        out = np.empty(n, dtype=np.uint8)
+        pool = self._pool("readback")
+        s = pool.get()
+        try:
+            for pos in range(0, n, s.size):
+                m = min(s.size, n - pos)
+                s.copy(self, buf._buf, offset + pos, s.buf._buf, 0, m, to_host=True)
+                s.wait(self)
+                out[pos:pos + m] = s.host[:m]
+        finally:
+            s.wait(self)
+            pool.put(s)
+        return out.tobytes()
 
     def _close_memory(self) -> None:
-        vk = _lib.vk
-        for slots in getattr(self, "_slots", {}).values():
-            for s in slots:
-                vk.vkDestroyFence(self._dev, s.fence, None)
-                track("fence", -1)
-                s.buf.destroy()
-        self._slots = {}
+        """Drop the staging slots and copy threads (made again on the next staged copy)."""
+        with self._staging_lock:
+            pools, self._staging = list(getattr(self, "_staging", {}).values()), {}
+            ex, self._copy_pool = getattr(self, "_copy_pool", None), None
+        if ex is not None:
+            ex[1].shutdown(wait=True)
+        for p in pools:
+            p.close()

@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from vkpack.shaders.variants import COOP_TYPES
+
 from .errors import VulkanError
 from .kernels import BufferSlice, Kernel, as_slice, get_kernel
 from .memory import Buffer
@@ -92,11 +94,26 @@ class Ops:
         self.mm_rows = 4 if self.cpu else 2     # rows per workgroup (each x load serves all of them)
         self.mm_max_tokens = 8                  # tokens per workgroup for T > 1 (weight reuse factor)
         self.mm_units = 1 if self.cpu else 2    # weight units loaded per invocation before use
+        # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
+        self.mv_subgroup = False
+        self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
         # from this T on: the shared-memory tiled matmul (on lavapipe, barriers make it slower: never)
         self.mm_tiled_min_tokens = 1 << 30 if self.cpu else 64
         self.mm_tile: tuple[int, int, int, int] | None = None   # (BM, BN, TM, TN); None: chosen by T
+        # tensor cores (matmul_coop.comp, VK_NV_cooperative_matrix) from this T on, for COOP_TYPES weights
+        self.coop = bool(getattr(dev, "coopmat_f16", False))
+        self.mm_coop_min_tokens = 32
+        self.mm_coop_tile: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, WM, WN); None: by size
+        self.mm_coop_min_groups = 128           # default tile: the widest that still gives this many workgroups
         self.red_wg = sg if self.cpu else 256    # rms_norm, argmax
         self.attn_wg = sg if self.cpu else 64
+        # split-K decode attention (attention_split + attention_merge) for T <= attn_split_max_tokens
+        self.attn_split_max_tokens = 16          # more tokens: the one-pass kernel has workgroups enough
+        # H200, 8B shape, n_ctx 8192: rows 64 / wg 128 best at L <= 4096; 128 rows (the cap) at L = 8192
+        self.attn_split_rows = 256 if self.cpu else 64   # cache rows per split (at least: attention_splits)
+        self.attn_max_splits = 64                # caps the splits (and scratch): longer splits at long n_ctx
+        self.attn_split_wg = sg if self.cpu else 128
+        self.attn_merge_wg = sg if self.cpu else 128
         self.ew_wg = 64 if self.cpu else 256     # elementwise: rope, add, swiglu, kv_store, embed
         self._walign = max(16, info.min_storage_buffer_offset_alignment)
 
@@ -126,12 +143,43 @@ class Ops:
             raise VulkanError(f"one row of {w.row_bytes} bytes exceeds maxStorageBufferRange")
         return [(r, min(per, w.rows - r)) for r in range(0, w.rows, per)]
 
+    def _coop_kernel(self, dtype: str, T: int, rows: int) -> tuple[Kernel, int, int]:
+        """The cooperative-matrix matmul for dtype: (kernel, rows per workgroup, tokens per workgroup)."""
+        tile = self.mm_coop_tile
+        if tile is None:    # H200: 32x32 per subgroup is best; narrower tiles when workgroups are few
+            tiles = ((128, 64, 32, 4, 2), (128, 32, 32, 4, 1), (64, 32, 32, 2, 1))
+            tile = next((t for t in tiles if -(-rows // t[0]) * -(-T // t[1]) >= self.mm_coop_min_groups),
+                        tiles[-1])
+        bm, bn, bk, wm, wn = tile
+        span = WEIGHT_FORMATS[dtype][3]
+        bk = -(-max(bk, span) // span) * span
+
+        def smem(bm: int, bn: int) -> int:  # 2 x f16 tiles of (bm + bn) x bk (+16 B a row), f32 staging
+            return 2 * (bm + bn) * (bk // 8 + 1) * 16 + wm * wn * 1024
+
+        while smem(bm, bn) > self.dev.info.max_shared_memory:   # Q4_K's 64-wide K step on a 48 KiB device
+            if bm >= bn and bm > 16 * wm:
+                bm //= 2
+            elif bn > 16 * wn:
+                bn //= 2
+            else:
+                break
+        if bm % (16 * wm) or bn % (16 * wn) or bk % 16 or bm > 64 * wm or bn > 64 * wn \
+                or smem(bm, bn) > self.dev.info.max_shared_memory:
+            raise VulkanError(f"linear: coop tile {bm}x{bn}x{bk} with {wm}x{wn} subgroups (64x64 at most each) is "
+                              f"invalid or needs more than {self.dev.info.max_shared_memory} B of shared memory")
+        spec = {0: wm * wn * self.dev.info.subgroup_size, 1: bm, 2: bn, 3: bk, 4: wm, 5: wn}
+        return self._k(f"matmul_coop_{dtype.lower()}", 4, 36, (3,), spec), bm, bn
+
     # ---- linear ----
 
     def linear(self, rec: Recorder, w: Weight, x: Any, y: Any, T: int, *, x_stride: int | None = None,
                y_stride: int | None = None, y_col: int = 0, bias: Any = None, bias_off: int = 0,
-               accumulate: bool = False) -> None:
+               accumulate: bool = False, norm: tuple[Any, float] | None = None, glu_up: Any = None) -> None:
         """y[t, y_col + r] (+)= x[t, :] @ W[r, :] (+ bias[bias_off + r]) for r < w.rows, t < T.
+
+        Fusions (only where `fuses(T)`): norm=(weight, eps) uses rms_norm(x[t]) * weight as x;
+        glu_up=u uses silu(x) * u as x (u laid out as x).
 
         x: (T, x_stride) f32, x_stride default w.cols (multiple of 4). y: (T, y_stride) f32, y_stride
         default w.rows; use y_col/y_stride to write one row-part of a split weight into a shared output.
@@ -147,7 +195,12 @@ class Ops:
             raise VulkanError(f"linear: x ({_nbytes(x)} B) or y ({_nbytes(y)} B) too small for T={T}")
         if bias is not None and _nbytes(bias) < (bias_off + w.rows) * 4:
             raise VulkanError(f"linear: bias of {_nbytes(bias)} B too small for {bias_off + w.rows} floats")
-        if T >= self.mm_tiled_min_tokens:
+        fuse = (1 if norm is not None else 0) | (2 if glu_up is not None else 0)
+        if fuse and not self.fuses(T, w.dtype):
+            raise VulkanError(f"linear: norm/glu fusion is not available for T={T} ({w.dtype})")
+        if self.coop and T >= self.mm_coop_min_tokens and w.dtype in COOP_TYPES:
+            k, nr, nt = self._coop_kernel(w.dtype, T, w.rows)
+        elif T >= self.mm_tiled_min_tokens:
             bm, bn, tm, tn = self.mm_tile or ((128, 64, 8, 4) if T >= 256 else (64, 64, 4, 4))
             bk = max(32, WEIGHT_FORMATS[w.dtype][3])
             while bk * (bm + bn) * 4 > self.dev.info.max_shared_memory and bn > tn:
@@ -158,17 +211,34 @@ class Ops:
             spec = {0: (bm // tm) * (bn // tn), 1: bm, 2: bn, 3: bk, 4: tm, 5: tn}
             k = self._k(f"matmul_tiled_{w.dtype.lower()}", 4, 36, (3,), spec)
             nr, nt = bm, bn
+        elif T == 1 and self.mv_subgroup and not self.suffix:
+            nr, nt = self.mv_rows * max(1, self.mv_wg // max(1, self.dev.info.subgroup_size)), 1
+            k = self._k(f"matvec_{w.dtype.lower()}", 4, 36, (3,),
+                        {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units})
         else:
             nt = 1 if T == 1 else min(self.mm_max_tokens, _pow2_at_least(T))
             nr = self.mm_rows
-            k = self._k(f"matmul_{w.dtype.lower()}", 4, 36, (3,), {0: self.mm_wg, 1: nr, 2: nt, 3: self.mm_units},
-                        reduce=True)
+            k = self._k(f"matmul_{w.dtype.lower()}", 6, 40, (3,),
+                        {0: self.mm_wg, 1: nr, 2: nt, 3: self.mm_units, 4: fuse}, reduce=True)
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
         for r0, rows in self._row_parts(w):
             wslice, woff = self._weight_slice(w, r0, rows)
             gx, gz = self._grid(-(-rows // nr))
             push = struct.pack("<9I", rows, w.cols, T, woff, xs, ys, y_col + r0, bias_off + r0, flags)
-            rec.dispatch(k, [wslice, x, bias if bias is not None else y, y], (gx, -(-T // nt), gz), push)
+            # the rows this dispatch writes (one token: a contiguous range), so that the row-parts
+            # of a split weight are not separated by barriers; an unused bias slot binds x (read anyway)
+            touched = {3: (4 * (y_col + r0), 4 * (y_col + r0 + rows))} if T == 1 else None
+            binds = [wslice, x, bias if bias is not None else x, y]
+            if k.n_bindings == 6:  # matmul.comp: the fusion inputs (x again where unused)
+                push += struct.pack("<f", norm[1] if norm is not None else 0.0)
+                binds += [glu_up if glu_up is not None else x, norm[0] if norm is not None else x]
+            rec.dispatch(k, binds, (gx, -(-T // nt), gz), push, touched)
+
+    def fuses(self, T: int, dtype: str) -> bool:
+        """Whether linear() runs matmul.comp for T tokens (the kernel with the norm/GLU fusions)."""
+        if self.coop and T >= self.mm_coop_min_tokens and dtype in COOP_TYPES:
+            return False
+        return T < self.mm_tiled_min_tokens and not (T == 1 and self.mv_subgroup and not self.suffix)
 
     def embed(self, rec: Recorder, w: Weight, ids: Any, out: Any, T: int, *, out_stride: int | None = None,
               id_off: int = 0, keep_outside: bool = False) -> None:
@@ -189,7 +259,10 @@ class Ops:
 
     def rms_norm(self, rec: Recorder, x: Any, w: Any, y: Any, n_groups: int, n: int, eps: float) -> None:
         """y[g, :] = x[g, :] / sqrt(mean(x[g, :]^2) + eps) * w for n_groups groups of n floats (y may be x)."""
-        k = self._k("rms_norm", 3, 12, (2,), {0: self.red_wg}, reduce=True)
+        # one group (a decode token): one wide workgroup, few elements per invocation (latency bound)
+        wg = self.red_wg if n_groups > 1 or self.cpu else 1 << (min(1024, self.dev.info.max_workgroup_invocations)
+                                                                .bit_length() - 1)
+        k = self._k("rms_norm", 3, 12, (2,), {0: wg}, reduce=True)
         gx, gz = self._grid(n_groups)
         rec.dispatch(k, [x, w, y], (gx, 1, gz), struct.pack("<2If", n_groups, n, eps))
 
@@ -251,19 +324,81 @@ class Ops:
         rec.dispatch(kern, [k, v, k_cache, v_cache, pos], (-(-(kv_dim // 2) // self.ew_wg), T, 1),
                      struct.pack("<6I", T, kv_dim, n_ctx, ks, vs, t0))
 
+    def attention_splits(self, T: int, n_ctx: int) -> tuple[int, int] | None:
+        """(rows per split at least, n_splits) when attention() takes the split kernels for T tokens, else
+        None. A split holds R = max(rows, ceil(L / n_splits)) of the L live rows, computed on the device."""
+        if self.suffix or T > self.attn_split_max_tokens:
+            return None  # the split kernel needs subgroup ops
+        return self.attn_split_rows, max(1, min(self.attn_max_splits, -(-n_ctx // self.attn_split_rows)))
+
+    def attention_scratch_bytes(self, T: int, n_heads: int, head_dim: int, n_ctx: int) -> int:
+        """Bytes of the `scratch` that attention() needs for these sizes (0: it needs none)."""
+        plan = self.attention_splits(T, n_ctx)
+        if plan is None:
+            return 0
+        n = T * n_heads * plan[1]
+        return -(-n * head_dim * 4 // self._walign) * self._walign + n * 8
+
     def attention(self, rec: Recorder, q: Any, k_cache: Any, v_cache: Any, pos: Any, out: Any, T: int,
                   n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, *, f16: bool = False,
                   scale: float | None = None, q_stride: int | None = None, o_stride: int | None = None,
-                  t0: int = 0) -> None:
+                  t0: int = 0, scratch: Any = None) -> None:
         """out[t, h] = softmax(q[t, h] . K[0..pos[t]] * scale) @ V[0..pos[t]] for rows t0..t0+T-1 of q, pos,
-        out (one sequence of a batch; its cache holds rows 0..max pos); grouped-query heads."""
+        out (one sequence of a batch; its cache holds rows 0..max pos); grouped-query heads.
+
+        With `scratch` (attention_scratch_bytes(T, ...) bytes, if not 0) few tokens take the split-K
+        kernels: many workgroups per token, each K/V row read once per kv head. Without, one workgroup
+        per (head, token) walks all rows (fine for prefill, where T gives the parallelism)."""
         if n_heads % n_kv_heads or head_dim % 4:
             raise VulkanError(f"attention: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} "
                               f"and head_dim {head_dim} a multiple of 4")
         qs = n_heads * head_dim if q_stride is None else q_stride
         os_ = n_heads * head_dim if o_stride is None else o_stride
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        plan = self.attention_splits(T, n_ctx) if scratch is not None else None
+        if plan is not None:
+            need = self.attention_scratch_bytes(T, n_heads, head_dim, n_ctx)
+            if _nbytes(scratch) < need:
+                raise VulkanError(f"attention: scratch of {_nbytes(scratch)} B < {need} B")
+            self._attention_split(rec, q, k_cache, v_cache, pos, out, T, n_heads, n_kv_heads, head_dim, n_ctx,
+                                  f16, scale, qs, os_, t0, scratch, plan)
+            return
         kern = self._k("attention_f16" if f16 else "attention_f32", 5, 32, (4,),
                        {0: self.attn_wg, 1: head_dim}, reduce=True)
         rec.dispatch(kern, [q, k_cache, v_cache, pos, out], (n_heads, T, 1),
                      struct.pack("<6IfI", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale, t0))
+
+    def _attention_split(self, rec: Recorder, q: Any, kc: Any, vc: Any, pos: Any, out: Any, T: int, n_heads: int,
+                         n_kv: int, hd: int, n_ctx: int, f16: bool, scale: float, qs: int, os_: int, t0: int,
+                         scratch: Any, plan: tuple[int, int]) -> None:
+        """attention_split (partials into scratch) + attention_merge. Cost, Llama-3-8B layer (32 heads,
+        8 kv heads, head_dim 128), one token, n_ctx 8192: K/V are read once per kv head, 2 * L * 1024 * (2 B
+        f16, 4 B f32). Measured on an H200 (both dispatches, barriers included; an empty dispatch + barrier
+        is 2.2 us): L = 512 13 us (latency bound); L = 4096 16 us f16 / 22 us f32; L = 8192 23 / 38 us
+        (1.5-1.9 TB/s); the one-pass kernel took 87 / 673-993 us at L = 512 / 4096. The merge is ~2.5 us
+        over the floor. Left to gain: issue the V loads with the K loads, merge in the last split's workgroup."""
+        rows, ns = plan
+        wg, sg = self.attn_split_wg, max(1, self.dev.info.subgroup_size)
+        lpr = min(8, sg, wg)
+        if wg % lpr or lpr & (lpr - 1):
+            raise VulkanError(f"attention: attn_split_wg {wg} must be a multiple of {lpr}")
+        rc = min(64, _pow2_at_least(rows))
+        g = n_heads // n_kv
+        vu = hd // 4
+        rg = wg // vu if wg >= vu else 1
+
+        def smem(gb: int) -> int:  # qs, ps, red, racc, rl of attention_split.comp
+            return gb * (hd * 4 + rc * 4 + wg * 4 + rg * 4) + (rg * gb * hd * 4 if rg > 1 else 16)
+
+        gb = min(g, 8)
+        while gb > 1 and smem(gb) > self.dev.info.max_shared_memory:
+            gb = (gb + 1) // 2
+        n = T * n_heads * ns
+        acc_bytes = -(-n * hd * 4 // self._walign) * self._walign
+        pacc, pml = _sub(scratch, 0, n * hd * 4), _sub(scratch, acc_bytes, n * 8)
+        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 6, 36, (4, 5),
+                     {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc})
+        rec.dispatch(k1, [q, kc, vc, pos, pacc, pml], (ns, n_kv * -(-g // gb), T),
+                     struct.pack("<8If", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale))
+        k2 = self._k("attention_merge", 4, 28, (3,), {0: self.attn_merge_wg, 1: hd})
+        rec.dispatch(k2, [pacc, pml, pos, out], (n_heads, T, 1), struct.pack("<7I", T, n_heads, n_ctx, os_, t0, rows, ns))

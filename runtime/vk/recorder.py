@@ -171,8 +171,13 @@ class Recorder:
         return s
 
     def dispatch(self, kernel: Kernel, bindings: Sequence[Buffer | BufferSlice],
-                 groups: tuple[int, int, int], push: bytes = b"") -> None:
-        """Record `kernel` over `bindings` (binding i = bindings[i]) with `groups` workgroups."""
+                 groups: tuple[int, int, int], push: bytes = b"",
+                 touched: dict[int, tuple[int, int]] | None = None) -> None:
+        """Record `kernel` over `bindings` (binding i = bindings[i]) with `groups` workgroups.
+
+        `touched` narrows what binding i reads or writes to bytes [start, end) of its slice, for
+        the barrier placement: row-parts of one weight writing disjoint rows of one output then
+        run without barriers between them."""
         self._need()
         vk, ffi, lib = _lib.vk, _lib.ffi, _lib.lib
         if len(bindings) != kernel.n_bindings:
@@ -198,7 +203,9 @@ class Recorder:
             infos[i].buffer = s.buffer._buf
             infos[i].offset = s.offset
             infos[i].range = s.size
-            rng = (s.buffer.block._mem, s.buffer.offset + s.offset, s.buffer.offset + s.offset + s.size)
+            lo, hi = touched[i] if touched and i in touched else (0, s.size)
+            base = s.buffer.offset + s.offset
+            rng = (s.buffer.block._mem, base + lo, base + hi)
             (writes if i in kernel.writes else reads).append(rng)
         self._hazard(reads, writes)
         ds = self._pools.allocate(kernel)

@@ -1,0 +1,84 @@
+"""Record-time peephole fusion of a step's ops for the Vulkan backend.
+
+A decode token is latency bound: every op is a dispatch and most are followed by a barrier
+(the GPU drains). Three patterns of the shared decoder graph fold into the linear next to them:
+
+- `rms_norm(x -> h)` whose only readers are linears: each linear normalizes x itself while it
+  loads it (matmul.comp FUSE & 1); the norm dispatch and its barrier go away.
+- `swiglu(g, u -> m)` read only by the next linear: that linear loads silu(g) * u (FUSE & 2).
+- `linear(in -> a); add(x, a -> x)`: the linear accumulates into x (the residual adds).
+
+The norm and GLU fusions exist only in matmul.comp (few tokens): `fuses(rows, op)` says whether
+the linear for `rows` rows runs there. Ops are plain dicts (the archive's graph), never mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Op = dict[str, Any]
+
+
+def _rows_per_op(ops: list[Op], tokens: int, n_seqs: int) -> list[int]:
+    """Rows each op works on: all tokens, or one per sequence after `last_token`."""
+    rows, after_last = [], False
+    for op in ops:
+        if op["op"] == "embed":
+            after_last = False
+        rows.append(n_seqs if after_last else tokens)
+        if op["op"] == "last_token":
+            after_last = True
+    return rows
+
+
+def _readers(ops: list[Op], start: int, name: str) -> list[int]:
+    return [j for j in range(start, len(ops)) if name in ops[j].get("in", ())]
+
+
+def _written_between(ops: list[Op], lo: int, hi: int, names: set[str]) -> bool:
+    return any(ops[j].get("out") in names for j in range(lo, hi))
+
+
+def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], bool]) -> list[Op]:
+    """The ops to record, with fused ones dropped and their consumers annotated:
+    `_norm` (norm weight name, eps), `_glu` (name of u), `_accumulate` (True)."""
+    rows = _rows_per_op(ops, tokens, n_seqs)
+    out: list[Op | None] = [dict(op) for op in ops]
+    for i, op in enumerate(ops):
+        if op["op"] == "rms_norm" and not op["attrs"].get("group") and op["out"] != op["in"][0]:
+            x, h = op["in"][0], op["out"]
+            users = _readers(ops, i + 1, h)
+            if users and all(ops[j]["op"] == "linear" and ops[j]["in"][0] == h and fuses(rows[j], ops[j])
+                             for j in users) and not _written_between(ops, i + 1, users[-1], {x, h}):
+                out[i] = None
+                for j in users:
+                    out[j] = {**out[j], "in": [x], "_norm": (op["w"][0], op["attrs"]["eps"])}
+        elif op["op"] == "swiglu":
+            g, u = op["in"]
+            users = _readers(ops, i + 1, op["out"])
+            if (len(users) == 1 and ops[users[0]]["op"] == "linear" and ops[users[0]]["in"][0] == op["out"]
+                    and fuses(rows[users[0]], ops[users[0]]) and not _written_between(ops, i + 1, users[0], {g, u})):
+                out[i] = None
+                out[users[0]] = {**out[users[0]], "in": [g], "_glu": u}
+    kept = [op for op in out if op is not None]
+    return _accumulate_residuals(kept)
+
+
+def _accumulate_residuals(ops: list[Op]) -> list[Op]:
+    """`linear(in -> a); add(x, a -> x)` -> one linear accumulating into x (a read by nothing else)."""
+    out: list[Op] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        nxt = ops[i + 1] if i + 1 < len(ops) else None
+        if (op["op"] == "linear" and nxt is not None and nxt["op"] == "add" and len(nxt["in"]) == 2
+                and op["out"] in nxt["in"] and nxt["out"] in nxt["in"] and nxt["out"] != op["out"]
+                and nxt["out"] not in op["in"] and not op.get("_glu") == nxt["out"]
+                and not _readers(ops, i + 2, op["out"])):
+            out.append({**op, "out": nxt["out"], "_accumulate": True})
+            i += 2
+            continue
+        out.append(op)
+        i += 1
+    return out

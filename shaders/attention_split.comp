@@ -1,0 +1,198 @@
+#version 450
+// Split-K ("flash-decoding") attention for few tokens, pass 1 of 2 (attention_merge.comp is pass 2).
+// Query t (row t0 + z of q and pos) attends to cache rows 0..L-1, L = min(pos[t] + 1, n_ctx). Those rows
+// are cut into n_splits splits of R = max(rows, ceil(L / n_splits)) rows, read at run time, so one
+// recording serves every position; splits starting at or past L write an empty partial (-inf, 0).
+// One workgroup per (kv head and block of up to GB of its query heads, split, token): every K/V row
+// is read once for all GB heads. The split walks its rows in chunks of RC: scores by clusters of LPR
+// lanes per row (coalesced K loads, shuffle-xor sums), online softmax, then V accumulated with
+// invocations over head_dim (coalesced). Output per (token, head, split): acc[HD] = sum_r p_r V_r and
+// (m, l) with p_r = exp(s_r - m), l = sum_r p_r. Grid: x = n_splits, y = n_kv_heads * ceil(G / GB), z = T
+// (splits fastest: a CPU driver that cuts the grid into contiguous ranges gives each thread live splits).
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_arithmetic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
+layout(local_size_x_id = 0) in;
+layout(constant_id = 1) const uint HD = 128;   // head_dim (multiple of 4)
+layout(constant_id = 2) const uint GB = 4;     // query heads per workgroup
+layout(constant_id = 3) const uint LPR = 8;    // lanes per K row in the scores: power of 2 <= subgroup size
+layout(constant_id = 4) const uint RC = 64;    // rows per chunk (their scores live in shared memory)
+const uint WG = gl_WorkGroupSize.x;            // a multiple of LPR
+const uint VU = HD / 4;                        // 4-float units per head row
+const uint UPL = (VU + LPR - 1) / LPR;         // units per lane in the scores
+const uint RPI = (16 + UPL - 1) / UPL;         // rows per cluster loaded at once (~16 units in flight)
+const uint NC = WG / LPR;                      // clusters: rows scored side by side
+const uint RG = WG >= VU ? WG / VU : 1;        // row groups in the V pass
+const uint UPI = WG >= VU ? 1 : (VU + WG - 1) / WG;   // units per invocation in the V pass
+const uint VB = (8 + UPI - 1) / UPI;           // V rows loaded at once
+
+layout(binding = 0) readonly buffer QB { float q[]; };     // (T, q_stride) f32
+#ifdef KV_F16
+layout(binding = 1) readonly buffer KC { uvec2 kc[]; };    // (n_ctx, kv_dim) f16, 4 per uvec2
+layout(binding = 2) readonly buffer VC { uvec2 vc[]; };
+#else
+layout(binding = 1) readonly buffer KC { vec4 kc[]; };     // (n_ctx, kv_dim) f32
+layout(binding = 2) readonly buffer VC { vec4 vc[]; };
+#endif
+layout(binding = 3) readonly buffer PB { uint pos[]; };    // (T) positions
+layout(binding = 4) writeonly buffer PA { vec4 pacc[]; };  // (T, n_heads, n_splits, HD) partial sums
+layout(binding = 5) writeonly buffer PM { vec2 pml[]; };   // (T, n_heads, n_splits) (m, l)
+
+layout(push_constant) uniform PC {
+    uint T;
+    uint n_heads;
+    uint n_kv_heads;
+    uint n_ctx;
+    uint q_stride;
+    uint t0;        // first token row
+    uint rows;      // rows per split, at least
+    uint n_splits;
+    float scale;
+} pc;
+
+shared vec4 qs[GB * VU];                        // scaled queries of the GB heads
+shared float ps[GB * RC];                       // the chunk's scores, then probabilities
+shared float red[GB * WG];                      // per-subgroup maxima
+shared vec4 racc[RG > 1 ? RG * GB * VU : 1];    // row-group sums
+shared float rl[RG * GB];
+
+#ifdef KV_F16
+vec4 k4(uint i) { uvec2 a = kc[i]; return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
+vec4 v4(uint i) { uvec2 a = vc[i]; return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
+#else
+vec4 k4(uint i) { return kc[i]; }
+vec4 v4(uint i) { return vc[i]; }
+#endif
+
+void main() {
+    const float NEG_INF = -1.0 / 0.0;
+    uint lid = gl_LocalInvocationID.x;
+    uint G = pc.n_heads / pc.n_kv_heads, HB = (G + GB - 1) / GB;
+    uint kvh = gl_WorkGroupID.y / HB, g0 = gl_WorkGroupID.y % HB * GB;
+    uint ng = min(GB, G - g0), h0 = kvh * G + g0;           // heads h0..h0+ng-1
+    uint split = gl_WorkGroupID.x, tl = gl_WorkGroupID.z, t = tl + pc.t0;
+    uint L = min(pos[t] + 1u, pc.n_ctx);
+    uint R = max(pc.rows, (L + pc.n_splits - 1u) / pc.n_splits);
+    uint j0 = split * R, j1 = min(j0 + R, L);
+    uint pidx = (tl * pc.n_heads + h0) * pc.n_splits + split;   // head g: pidx + g * n_splits
+    if (j0 >= L) {                                               // uniform: past the end
+        if (lid < ng) pml[pidx + lid * pc.n_splits] = vec2(NEG_INF, 0.0);
+        return;
+    }
+    for (uint i = lid; i < GB * VU; i += WG) {
+        uint g = i / VU, b = t * pc.q_stride + (h0 + g) * HD + 4u * (i % VU);
+        qs[i] = g < ng ? vec4(q[b], q[b + 1], q[b + 2], q[b + 3]) * pc.scale : vec4(0.0);
+    }
+    barrier();
+
+    uint rowu = pc.n_kv_heads * VU, kb = kvh * VU;   // units per cache row, head offset
+    uint cl = lid / LPR, ln = lid % LPR;              // scores: cluster (row) and lane
+    uint rg = WG >= VU ? lid / VU : 0u, vu0 = WG >= VU ? lid % VU : lid;   // V pass: row group, unit
+    float m[GB], l[GB];
+    vec4 acc[GB * UPI];
+    for (uint g = 0; g < GB; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0;
+        for (uint i = 0; i < UPI; i++) acc[g * UPI + i] = vec4(0.0);
+    }
+
+    for (uint c0 = j0; c0 < j1; c0 += RC) {
+        uint n = min(RC, j1 - c0);
+        float mx[GB];
+        for (uint g = 0; g < GB; g++) mx[g] = NEG_INF;
+        for (uint r0 = 0; r0 < n; r0 += NC * RPI) {      // uniform trip count: shuffles stay convergent
+            vec4 kr[RPI * UPL];
+            for (uint k = 0; k < RPI; k++) {
+                uint r = r0 + k * NC + cl;
+                for (uint i = 0; i < UPL; i++) {
+                    uint u = ln + i * LPR;
+                    kr[k * UPL + i] = r < n && u < VU ? k4((c0 + r) * rowu + kb + u) : vec4(0.0);
+                }
+            }
+            for (uint k = 0; k < RPI; k++) {
+                uint r = r0 + k * NC + cl;
+                for (uint g = 0; g < GB; g++) {
+                    float s = 0.0;
+                    for (uint i = 0; i < UPL; i++) {
+                        uint u = ln + i * LPR;
+                        if (u < VU) s += dot(qs[g * VU + u], kr[k * UPL + i]);
+                    }
+                    for (uint o = LPR / 2; o > 0; o >>= 1) s += subgroupShuffleXor(s, o);
+                    if (r < n) {
+                        mx[g] = max(mx[g], s);
+                        if (ln == 0) ps[g * RC + r] = s;
+                    }
+                }
+            }
+        }
+        for (uint g = 0; g < GB; g++) {
+            mx[g] = subgroupMax(mx[g]);
+            if (subgroupElect()) red[g * WG + gl_SubgroupID] = mx[g];
+        }
+        barrier();
+        for (uint g = 0; g < GB; g++) {                   // new running max; rescale the old sums
+            float mn = m[g];
+            for (uint i = 0; i < gl_NumSubgroups; i++) mn = max(mn, red[g * WG + i]);
+            float alpha = exp(m[g] - mn);
+            m[g] = mn;
+            l[g] *= alpha;
+            for (uint i = 0; i < UPI; i++) acc[g * UPI + i] *= alpha;
+            for (uint r = lid; r < n; r += WG) ps[g * RC + r] = exp(ps[g * RC + r] - mn);
+        }
+        barrier();
+        if (rg < RG) {
+            for (uint r0 = rg; r0 < n; r0 += RG * VB) {
+                vec4 vr[VB * UPI];
+                for (uint k = 0; k < VB; k++) {
+                    uint r = r0 + k * RG;
+                    for (uint i = 0; i < UPI; i++) {
+                        uint u = vu0 + i * WG;
+                        vr[k * UPI + i] = r < n && u < VU ? v4((c0 + r) * rowu + kb + u) : vec4(0.0);
+                    }
+                }
+                for (uint k = 0; k < VB; k++) {
+                    uint r = r0 + k * RG;
+                    if (r >= n) break;
+                    for (uint g = 0; g < GB; g++) {
+                        float p = ps[g * RC + r];
+                        l[g] += p;
+                        for (uint i = 0; i < UPI; i++) acc[g * UPI + i] += p * vr[k * UPI + i];
+                    }
+                }
+            }
+        }
+        barrier();                                        // ps and red are rewritten by the next chunk
+    }
+
+    if (RG == 1) {
+        if (rg == 0) {
+            for (uint g = 0; g < GB; g++)
+                for (uint i = 0; i < UPI; i++) {
+                    uint u = vu0 + i * WG;
+                    if (g < ng && u < VU) pacc[(pidx + g * pc.n_splits) * VU + u] = acc[g * UPI + i];
+                }
+        }
+        for (uint g = 0; g < GB; g++)
+            if (lid == 0 && g < ng) pml[pidx + g * pc.n_splits] = vec2(m[g], l[g]);
+        return;
+    }
+    if (rg < RG) {
+        for (uint g = 0; g < GB; g++) {
+            racc[(rg * GB + g) * VU + vu0] = acc[g];
+            if (vu0 == 0) rl[rg * GB + g] = l[g];
+        }
+    }
+    barrier();
+    for (uint i = lid; i < ng * VU; i += WG) {
+        uint g = i / VU, u = i % VU;
+        vec4 s = vec4(0.0);
+        for (uint j = 0; j < RG; j++) s += racc[(j * GB + g) * VU + u];
+        pacc[(pidx + g * pc.n_splits) * VU + u] = s;
+    }
+    for (uint g = 0; g < GB; g++) {
+        if (lid != g || g >= ng) continue;
+        float s = 0.0;
+        for (uint j = 0; j < RG; j++) s += rl[j * GB + g];
+        pml[pidx + g * pc.n_splits] = vec2(m[g], s);
+    }
+}
