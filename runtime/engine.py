@@ -81,6 +81,8 @@ class Engine:
                                 pass_tokens=min(self.context, 2048 if not streaming else 512))
         self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead,
                                  self.metrics, workers=getattr(self.backend, "prefetch_workers", 1))
+        if not streaming and hasattr(self.backend, "run_step"):  # a device backend holding the whole model
+            self.loader.preload(getattr(self.backend, "prefetch_workers", 1))
         self.executor = Executor(self.archive, self.backend, self.loader, where)
         self.tokenizer = _load_tokenizer(self.archive.tokenizer)
         tok = self.archive.tokenizer

@@ -39,6 +39,7 @@ class WeightAccess:
         self.step = 0
         self.op_index: dict[int, int] = {}
         self.last_position = 0
+        self._starts: dict[str, np.ndarray] = {}
 
     def hold_step(self, si: int, step: dict[str, Any], gather_tokens: np.ndarray | None) -> list[Any]:
         """Acquire (pin) every pack of a step, in access order, for a backend that runs the step
@@ -48,16 +49,25 @@ class WeightAccess:
         seen: set[int] = set()
         for oi, op in enumerate(step["ops"]):
             for name in op["w"]:
-                for pi, part in enumerate(tensors[name].parts):
+                parts = tensors[name].parts
+                idx = range(len(parts)) if gather_tokens is None else self._parts_of_rows(name, parts, gather_tokens)
+                for pi in idx:
+                    part = parts[pi]
                     if part.pack in seen:
-                        continue
-                    if gather_tokens is not None and not np.any((gather_tokens >= part.row_start) & (gather_tokens < part.row_end)):
                         continue
                     pos = self.where[(si, oi, name, pi)]
                     held.append(self.loader.acquire(part.pack, pos))
                     self.last_position = pos
                     seen.add(part.pack)
         return held
+
+    def _parts_of_rows(self, name: str, parts: list[Any], rows: np.ndarray) -> list[int]:
+        """Indices of the row-parts holding `rows` (a table of 100 parts is searched, not scanned)."""
+        starts = self._starts.get(name)
+        if starts is None:
+            starts = self._starts[name] = np.array([p.row_start for p in parts], dtype=np.int64)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        return [int(i) for i in np.unique(which) if i >= 0 and np.any(rows[which == i] < parts[i].row_end)]
 
     def release_entries(self, entries: list[Any]) -> None:
         for e in entries:

@@ -79,6 +79,17 @@ class PackLoader:
         self.prefetch(cursor)
         return e
 
+    def preload(self, workers: int) -> None:
+        """Load every pack once, from `workers` threads: a model that fits its budget is made
+        resident at start (as llama.cpp loads its weights), so no pass pays for first loads."""
+        first: dict[int, int] = {}
+        for pos, pack in enumerate(self.schedule.sequence):
+            first.setdefault(pack, pos)
+        todo = [(p, pos) for p, pos in first.items() if p not in self.tier.entries]
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vkpack-preload") as pool:
+            for f in [pool.submit(self._load, p, pos, None, False) for p, pos in todo]:
+                f.result()
+
     def release(self, e: Entry) -> None:
         with self.tier.lock:
             e.pins -= 1

@@ -96,7 +96,7 @@ def model_archive(name: str, work: Path) -> Path:
 
 
 def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int) -> dict:
-    eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + n_decode + 8, prefetch_lookahead=8)
+    eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + n_decode + 8, prefetch_lookahead=16)
     try:
         be = eng.backend
         rng = np.random.default_rng(1)

@@ -27,7 +27,7 @@ from .staging import default_copy_threads
 
 log = logging.getLogger(__name__)
 ALIGN = 256
-MAX_CACHED_RECORDINGS = 512
+MAX_CACHED_RECORDINGS = 1024
 MAX_TOKENS_PER_PASS = 4096
 READBACK_ROWS = 16  # logits rows the readback buffer holds before it must grow
 
@@ -232,7 +232,7 @@ class VulkanBackend:
             return
         t0 = time.perf_counter()
         held = weights.hold_step(si, step, env["tokens"] if step.get("gather") else None)
-        key = (si, env["_T"], env["_layout"], tuple((e.pack, e.alloc.block, e.alloc.offset) for e in held))
+        key = self._step_key(si, step, env, held)
         rec = self._cache.get(key)
         if rec is None:
             rec = Recorder(self.dev, label=step["name"])
@@ -256,6 +256,34 @@ class VulkanBackend:
         if self._pinned() > self.pin_limit:
             self.flush(weights)
 
+    @staticmethod
+    def _step_key(si: int, step: dict[str, Any], env: dict[str, Any], held: list[Any]) -> tuple:
+        """What a step's recording depends on: the pass shape, where its packs are and, except for
+        the embedding gather (ids and activations only), where each sequence's KV cache is."""
+        layout = env["_layout"][-1:] if step.get("gather") else env["_layout"]
+        return (si, env["_T"], layout, tuple((e.pack, e.alloc.block, e.alloc.offset) for e in held))
+
+    def _prerecord_gathers(self, steps: list[dict[str, Any]], env: dict[str, Any]) -> None:
+        """Resident decode: record the embedding gather once per embedding pack now, so that no
+        later token pays for a recording when its row lies in a pack not seen yet."""
+        for si, step in enumerate(steps):
+            if not step.get("gather"):
+                continue
+            packs = {p.pack for op in step["ops"] for name in op["w"] for p in self.archive.tensors[name].parts}
+            for pack in sorted(packs):
+                e = self.tier.entries.get(pack)
+                if e is None:
+                    continue
+                key = self._step_key(si, step, env, [e])
+                if key in self._cache:
+                    continue
+                rec = Recorder(self.dev, label=step["name"])
+                for op in self._plan(step["ops"], env):
+                    getattr(self, "op_" + op["op"])(rec, op, env, e.payload)
+                rec.payload = e.payload
+                self._cache[key] = rec.finish()
+                self._cache.move_to_end(key, last=False)  # evicted before the steps' recordings
+
     def _pinned(self) -> int:
         return sum(self.pack_bytes(e.pack) for batch in (self._pending, self._inflight) for _, h, _ in batch for e in h)
 
@@ -276,29 +304,33 @@ class VulkanBackend:
         tier = self.tier
         shape = (env["_T"], env["_layout"])
         fast = self._fast
-        tier.frozen = True
-        try:
-            if fast is not None and fast[0] == shape and fast[1] == tier.version:
+        if fast is not None and fast[0] == shape and fast[1] == tier.version:
+            tier.frozen = True  # the replay pins nothing: prefetch may neither place nor evict now
+            try:
                 if fast[3] is None:
                     self._fast = fast = (*fast[:3], self._record_whole_pass(steps, env, fast[2]))
+                    if self.resident and env["_T"] == 1:
+                        self._prerecord_gathers(steps, env)
                 self._replay_pass(steps, env, weights, fast[3])
-                if tier.version != fast[1]:
-                    self._drop_fast()  # a gather step moved packs: the next pass records again
-                return
-            self._drop_fast()
-            v0 = tier.version
-            self._pass_recs = {}
-            for si, step in enumerate(steps):
-                self.run_step(si, step, env, weights)
-            self.flush(weights, wait=False)
-            recs = {si: r for si, r in self._pass_recs.items() if not steps[si].get("gather")}
-            cached = set(self._cache.values())
-            stable = tier.version == v0 and len(recs) == sum(1 for s in steps if not s.get("gather"))
-            gathers_first = all(not s.get("gather") for s in steps[min(recs, default=0):])
-            if stable and gathers_first and all(r in cached for r in recs.values()):
-                self._fast = (shape, tier.version, recs, None)
-        finally:
-            tier.frozen = False
+            finally:
+                tier.frozen = False
+            if tier.version != fast[1]:
+                self._drop_fast()  # a gather step moved packs: the next pass records again
+            return
+        # step by step: every step pins its packs until its fence signals, so prefetching (and
+        # evicting what is not pinned) goes on while the pass runs
+        self._drop_fast()
+        v0 = tier.version
+        self._pass_recs = {}
+        for si, step in enumerate(steps):
+            self.run_step(si, step, env, weights)
+        self.flush(weights, wait=False)
+        recs = {si: r for si, r in self._pass_recs.items() if not steps[si].get("gather")}
+        cached = set(self._cache.values())
+        stable = tier.version == v0 and len(recs) == sum(1 for s in steps if not s.get("gather"))
+        gathers_first = all(not s.get("gather") for s in steps[min(recs, default=0):])
+        if stable and gathers_first and all(r in cached for r in recs.values()):
+            self._fast = (shape, tier.version, recs, None)
 
     def _record_whole_pass(self, steps: list[dict[str, Any]], env: dict[str, Any],
                            recs: dict[int, Recorder]) -> Recorder:
