@@ -22,6 +22,8 @@ class Metrics:
     prefetch_late: int = 0         # prefetch started but the executor had to wait
     misses: int = 0                # loaded on demand
     stall_seconds: float = 0.0     # executor time spent waiting for packs
+    alloc_seconds: float = 0.0     # time finding room for packs (eviction planning), all threads
+    prefetch_no_room: int = 0      # prefetches dropped: room only by evicting a pack needed sooner
     prefetch_errors: int = 0
     last_prefetch_error: str = ""
     peak_device_bytes: int = 0

@@ -126,6 +126,7 @@ class PackLoader:
     def _load(self, pack: int, cursor: int, protect: int | None, pin: bool) -> Entry | None:
         rec = self.archive.packs[pack]
         nbytes = self.backend.pack_bytes(pack)
+        t_alloc = time.perf_counter()
         alloc = self.tier.allocate_pack(pack, nbytes, cursor, protect)
         if alloc is None and protect is None:
             # prefetches in flight hold allocations that are not evictable entries yet: let them land
@@ -134,8 +135,10 @@ class PackLoader:
             for f in others:
                 f.result()
             alloc = self.tier.allocate_pack(pack, nbytes, cursor, protect)
+        self.metrics.alloc_seconds += time.perf_counter() - t_alloc  # a float add: GIL-atomic enough for a metric
         if alloc is None:
             if protect is not None:
+                self.metrics.prefetch_no_room += 1
                 return None  # no room without evicting something needed sooner: skip this prefetch
             raise BudgetError(f"device budget {self.tier.budget / 2**20:.1f} MiB cannot hold pack {pack} "
                               f"({nbytes / 2**20:.1f} MiB) next to the pinned packs and reservations")

@@ -95,8 +95,13 @@ def model_archive(name: str, work: Path) -> Path:
     return arch
 
 
-def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int) -> dict:
-    eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + n_decode + 8, prefetch_lookahead=16)
+COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload_seconds", "bytes_uploaded",
+            "read_seconds", "alloc_seconds", "prefetch_no_room")
+
+
+def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 16) -> dict:
+    eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + n_decode + 8,
+                 prefetch_lookahead=lookahead)
     try:
         be = eng.backend
         rng = np.random.default_rng(1)
@@ -104,17 +109,22 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int)
         eng.generate(prompt[:8], max_tokens=4, temperature=0, ignore_eos=True)  # record, load, warm
         m = eng.metrics
         with eng.kv_session(prompt_len + n_decode + 1) as kv:
+            first = time.perf_counter()
+            eng.forward_batch([(prompt, 0, kv)])   # the first prompt pass records its steps
+            first = time.perf_counter() - first
             up0 = m.bytes_uploaded
             t = time.perf_counter()
-            logits = eng.forward_batch([(prompt, 0, kv)])
+            logits = eng.forward_batch([(prompt, 0, kv)])  # the same positions again: steady state
             prefill = time.perf_counter() - t
             up_prefill = m.bytes_uploaded - up0
             tok = int(np.argmax(logits[0]))
             up0, h0, w0 = m.bytes_uploaded, be.host_seconds, be.wait_seconds
+            before = {k: getattr(m, k) for k in COUNTERS}
             t = time.perf_counter()
             for i in range(n_decode):  # greedy decode, one pass per token
                 tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
             dt = time.perf_counter() - t
+            loads = {k: getattr(m, k) - before[k] for k in COUNTERS}
         n = n_decode
         return {
             "vram_gb": vram_gb, "model_bytes": eng.model_bytes, "budget": eng.tier.budget,
@@ -124,6 +134,7 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int)
             "host_ms_per_token": (dt - (be.wait_seconds - w0)) / n * 1e3,
             "step_python_ms_per_token": (be.host_seconds - h0) / n * 1e3,
             "submits": be.submits, "stall_s": m.stall_seconds, "peak": eng.tier.peak,
+            "first_prefill_s": first, "decode_loads": loads,
         }
     finally:
         eng.close()
@@ -164,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--decode-streamed", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--lookahead", type=int, default=16, help="prefetch lookahead (packs)")
+    ap.add_argument("--workers", type=int, default=0, help="prefetch threads (0: the backend's default)")
+    ap.add_argument("--skip-limits", action="store_true", help="do not measure the limits (for sweeps)")
+    ap.add_argument("--resident", default="yes", choices=("yes", "no"), help="also run resident")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
@@ -172,17 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         SHAPES.update({k: ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
     res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
-    res["limits"] = limits(args.quick)
+    if args.workers:
+        from vkpack.runtime.vk.backend import VulkanBackend
+
+        VulkanBackend.prefetch_workers = args.workers
+    res["limits"] = limits(args.quick) if not args.skip_limits else {
+        "device": "(limits not measured)", "type": "", "read_gbps": float("nan"), "h2d_gbps": float("nan"),
+        "pack_upload_gbps": float("nan")}
     print(json.dumps(res["limits"]), flush=True)
     for name in args.models.split(","):
         runs = []
-        for vram in (None, args.vram_gb):
+        for vram in ((None,) if args.resident == "yes" else ()) + (args.vram_gb,):
             try:
                 arch = model_archive(name, work)
                 if vram is not None and Archive(arch).size < vram * 2**30:
                     continue  # fits anyway: nothing streamed
                 r = run_model(arch, vram, args.prompt if not args.quick else 16,
-                              args.decode if vram is None else args.decode_streamed)
+                              args.decode if vram is None else args.decode_streamed, args.lookahead)
             except Exception as e:  # keep going: partial results still come back
                 traceback.print_exc()
                 r = {"vram_gb": vram, "error": f"{type(e).__name__}: {e}"}
