@@ -146,7 +146,8 @@ class PackLoader:
             if rec.codec == "none" and pack in self.verified and hasattr(self.backend, "convert_file"):
                 # checked before: from the file straight into staging (no mmap faults, no copy in RAM)
                 t0 = time.perf_counter()
-                payload = self.backend.convert_file(pack, self.tier.view(alloc))
+                # a prefetch worker is one of several loading at once: it copies alone, no hand-offs
+                payload = self.backend.convert_file(pack, self.tier.view(alloc), 1 if protect is not None else None)
                 self.metrics.add_read(rec.stored_size, 0, 0.0)
             else:
                 raw = self.ram.get(pack)

@@ -260,7 +260,7 @@ def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch
     monkeypatch.setattr(staging, "MIN_CHUNK", 64 << 10)
     calls = []
     orig = VulkanBackend.convert_file
-    monkeypatch.setattr(VulkanBackend, "convert_file", lambda self, p, d: calls.append(p) or orig(self, p, d))
+    monkeypatch.setattr(VulkanBackend, "convert_file", lambda self, p, d, threads=None: calls.append(p) or orig(self, p, d, threads))
     with Engine(raw_archive, device="cpu") as c:
         ids = c.encode("stream the packs from the file")
         c.generate(ids, max_tokens=10, temperature=0, ignore_eos=True)

@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--lookahead", type=int, default=16, help="prefetch lookahead (packs)")
     ap.add_argument("--workers", type=int, default=0, help="prefetch threads (0: the backend's default)")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="sys.setswitchinterval for the run (0: Python's default, 5 ms)")
     ap.add_argument("--skip-limits", action="store_true", help="do not measure the limits (for sweeps)")
     ap.add_argument("--resident", default="yes", choices=("yes", "no"), help="also run resident")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         SHAPES.update({k: ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
     res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.workers:
         from vkpack.runtime.vk.backend import VulkanBackend
 

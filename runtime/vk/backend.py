@@ -152,11 +152,11 @@ class VulkanBackend:
                 out[(t.name, p.row_start)] = Weight(buf, base + p.offset, t.dtype, p.row_end - p.row_start, t.shape[-1])
         return out
 
-    def convert_file(self, pack: int, dest: BufferSlice) -> dict[tuple[str, int], Any]:
+    def convert_file(self, pack: int, dest: BufferSlice, threads: int | None = None) -> dict[tuple[str, int], Any]:
         """`convert` for a pack stored raw (codec "none") whose checksum was verified: its bytes
         go from the archive file into staging with preadv, never through the mmap."""
         offset, size = self.archive.pack_span(pack)
-        self.dev.upload_file(dest.buffer, self.archive.fileno(), offset, size, dest.offset)
+        self.dev.upload_file(dest.buffer, self.archive.fileno(), offset, size, dest.offset, threads)
         return self.convert(pack, self.archive.stored_bytes(pack), dest, upload=False)
 
     def kv_view(self, mem: BufferSlice, n_ctx: int, width: int) -> KvCache:

@@ -155,7 +155,7 @@ class Arena:
 class MemoryMixin:
     """Memory half of `Device` (kept apart to keep files small)."""
 
-    STAGING_SLOT_BYTES = 8 << 20   # one staging chunk (packs are <= 32 MiB, cut in 4 MiB chunks per thread)
+    STAGING_SLOT_BYTES = 16 << 20  # one staging chunk (a pack of up to 50 MB is a few chunks)
     READBACK_SLOTS = 2
 
     def _init_memory(self) -> None:
@@ -287,10 +287,12 @@ class MemoryMixin:
         if offset < 0 or n < 0 or offset + n > buf.size:
             raise VulkanError(f"copy of {n} bytes at offset {offset} outside buffer of {buf.size} bytes")
 
-    def _copy_in(self, buf: Buffer, offset: int, n: int, fill: Any) -> None:
-        """Write n bytes into `buf` at `offset`, produced by fill(out, pos, m) (see staging.Job)."""
+    def _copy_in(self, buf: Buffer, offset: int, n: int, fill: Any, threads: int | None = None) -> None:
+        """Write n bytes into `buf` at `offset`, produced by fill(out, pos, m) (see staging.Job);
+        `threads` caps the copying threads (default `copy_threads`)."""
+        copy_threads = self.copy_threads if threads is None else max(1, threads)
         if self._direct(buf.block):
-            threads, chunk = staging.split(n, None, self.copy_threads)
+            threads, chunk = staging.split(n, None, copy_threads)
             dst = np.frombuffer(_lib.ffi.buffer(buf.block.ptr + buf.offset + offset, n), dtype=np.uint8)
             if threads == 1:
                 fill(dst, 0, n)
@@ -298,7 +300,7 @@ class MemoryMixin:
             job = staging.Job(n, chunk, fill, direct=dst)
         else:
             pool = self._pool("upload")
-            threads, chunk = staging.split(n, pool.slot_bytes, self.copy_threads)
+            threads, chunk = staging.split(n, pool.slot_bytes, copy_threads)
             job = staging.Job(n, chunk, fill, pool=pool, dst=buf._buf, dst_off=offset)
         staging.run(self, job, threads)
 
@@ -313,15 +315,18 @@ class MemoryMixin:
         if n:
             self._copy_in(buf, offset, n, lambda out, pos, m: np.copyto(out, src[pos:pos + m]))
 
-    def upload_file(self, buf: Buffer, fd: int, file_offset: int, nbytes: int, offset: int = 0) -> None:
+    def upload_file(self, buf: Buffer, fd: int, file_offset: int, nbytes: int, offset: int = 0,
+                    threads: int | None = None) -> None:
         """Copy `nbytes` of open file `fd` from `file_offset` into `buf` at byte `offset`, read with
-        os.preadv straight into staging (or into mapped memory): no mmap faults, no extra copy."""
+        os.preadv straight into staging (or into mapped memory): no mmap faults, no extra copy.
+        `threads=1` when the caller is itself one of several loading threads (no hand-offs)."""
         self._check_range(buf, offset, nbytes)
         size = os.fstat(fd).st_size
         if file_offset < 0 or file_offset + nbytes > size:
             raise VulkanError(f"read of {nbytes} bytes at file offset {file_offset} outside file of {size} bytes")
         if nbytes:
-            self._copy_in(buf, offset, nbytes, lambda out, pos, m: staging.pread_into(fd, out, file_offset + pos))
+            self._copy_in(buf, offset, nbytes, lambda out, pos, m: staging.pread_into(fd, out, file_offset + pos),
+                          threads)
 
     def download(self, buf: Buffer, nbytes: int | None = None, offset: int = 0) -> bytes:
         """Return `nbytes` (default: to the end) of `buf` from byte `offset`; GPU writes must be finished."""
