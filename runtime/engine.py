@@ -37,7 +37,8 @@ class Engine:
         vram_gb: device tier budget in GiB (None: everything resident).
         ram_gb: budget for cached decoded packs in GiB (None: unlimited).
         device: "auto", "cpu" or "vulkan".
-        prefetch_lookahead: packs to load ahead along the access graph (0: on demand only).
+        prefetch_lookahead: packs to load ahead along the access graph (0: on demand only); a backend
+            loading from N threads raises it to at least 2N.
         eviction_aggression: the graph policy's scoring knob, 0..1.
         policy: "graph" (Belady by next use in the graph) or "lru" (the baseline).
         context: the longest prompt + generation this engine accepts (default: the model's, at most 4096).
@@ -75,10 +76,15 @@ class Engine:
         self.tier = DeviceTier(budget, self.backend.max_block, self.backend.backing_factory, self.policy)
         # Decoded bytes are worth caching only when packs get evicted from the device tier.
         streaming = budget < self.model_bytes + self._kv_bytes(self.context)
+        if streaming and hasattr(self.backend, "run_step"):  # a device backend: loads from many threads
+            largest = max(self.backend.pack_bytes(p.id) for p in self.archive.packs)
+            self.tier.evict_batch = min(4 * largest, budget // 16)
         self.ram = RamTier(self.metrics.ram_budget if streaming else 0, self.policy)
         if hasattr(self.backend, "attach"):
             self.backend.attach(self.tier, resident=not streaming,
                                 pass_tokens=min(self.context, 2048 if not streaming else 512))
+        if prefetch_lookahead > 0:  # a device backend loads from several threads: keep them all busy
+            prefetch_lookahead = max(prefetch_lookahead, 2 * getattr(self.backend, "prefetch_workers", 0))
         self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead,
                                  self.metrics, workers=getattr(self.backend, "prefetch_workers", 1))
         if not streaming and hasattr(self.backend, "run_step"):  # a device backend holding the whole model

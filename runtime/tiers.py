@@ -44,6 +44,10 @@ class DeviceTier:
         self.evictions = 0
         self.version = 0          # bumped whenever a pack enters or leaves: recordings stay valid while it holds
         self.frozen = False       # while set, prefetch may not place or evict packs (a replayed pass is reading them)
+        # Evict at least this many bytes at once when room must be made (0: just enough). Streaming
+        # evicts for nearly every load; one planned window serving several loads cuts the planning
+        # (pure Python, under the GIL the loading threads share) several times over.
+        self.evict_batch = 0
 
     @property
     def in_use(self) -> int:
@@ -89,7 +93,11 @@ class DeviceTier:
                 return math.inf
             return self.policy.cost(e.pack, al.size, cursor)
 
-        victims = self.allocator.plan_eviction(nbytes, cost)
+        victims = None
+        if self.evict_batch > nbytes:
+            victims = self.allocator.plan_eviction(self.evict_batch, cost)
+        if victims is None:
+            victims = self.allocator.plan_eviction(nbytes, cost)
         if victims is None:
             return None
         for al in victims:
