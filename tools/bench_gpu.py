@@ -12,6 +12,9 @@ of its limit; plus the Python host time per token. Results go to OUT/bench_gpu.j
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import itertools
 import json
 import os
@@ -95,6 +98,7 @@ def model_archive(name: str, work: Path) -> Path:
     return arch
 
 
+PROFILE_HOST = False  # --profile-host: cProfile of the decode loop (the main thread) printed
 COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload_seconds", "bytes_uploaded",
             "read_seconds", "alloc_seconds", "prefetch_no_room")
 
@@ -120,10 +124,18 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
             tok = int(np.argmax(logits[0]))
             up0, h0, w0 = m.bytes_uploaded, be.host_seconds, be.wait_seconds
             before = {k: getattr(m, k) for k in COUNTERS}
+            prof = cProfile.Profile() if PROFILE_HOST else None
             t = time.perf_counter()
+            if prof is not None:
+                prof.enable()
             for i in range(n_decode):  # greedy decode, one pass per token
                 tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
             dt = time.perf_counter() - t
+            if prof is not None:
+                prof.disable()
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+                print(out.getvalue()[:6000], flush=True)
             loads = {k: getattr(m, k) - before[k] for k in COUNTERS}
         n = n_decode
         return {
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="prefetch threads (0: the backend's default)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="sys.setswitchinterval for the run (0: Python's default, 5 ms)")
+    ap.add_argument("--profile-host", action="store_true", help="print a cProfile of the decode loop")
     ap.add_argument("--skip-limits", action="store_true", help="do not measure the limits (for sweeps)")
     ap.add_argument("--resident", default="yes", choices=("yes", "no"), help="also run resident")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
@@ -189,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         SHAPES.update({k: ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
     res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
+    global PROFILE_HOST
+    PROFILE_HOST = args.profile_host
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.workers:
