@@ -39,12 +39,15 @@ class AccessSchedule:
     def upcoming(self, cursor: int, n: int) -> list[int]:
         """The next `n` distinct packs from `cursor` on (the prefetch window)."""
         out: list[int] = []
-        for k in range(min(self.length, 4 * n + 8)):
-            pos = (cursor + k) % self.length
-            if pos in self.gathered:
+        seen: set[int] = set()
+        seq, gathered, length = self.sequence, self.gathered, self.length
+        for k in range(min(length, 4 * n + 8)):
+            pos = (cursor + k) % length
+            if pos in gathered:
                 continue
-            p = self.sequence[pos]
-            if p not in out:
+            p = seq[pos]
+            if p not in seen:
+                seen.add(p)
                 out.append(p)
                 if len(out) == n:
                     break
@@ -72,9 +75,11 @@ class BeladyPolicy:
                 best, best_d = p, d
         return best
 
-    def cost(self, pack: int, nbytes: int, cursor: int) -> float:
-        """Price of evicting `pack` now: bytes we will have to stream back, discounted by how far off."""
-        return nbytes / (1 + self.schedule.next_use(pack, cursor))
+    def cost(self, pack: int, nbytes: int, cursor: int, next_use: int | None = None) -> float:
+        """Price of evicting `pack` now: bytes we will have to stream back, discounted by how far off
+        (`next_use`: its distance, when the caller has it already)."""
+        d = self.schedule.next_use(pack, cursor) if next_use is None else next_use
+        return nbytes / (1 + d)
 
     def touch(self, pack: int) -> None:
         pass
@@ -94,7 +99,7 @@ class LRUPolicy:
         cands = list(candidates)
         return min(cands, key=lambda p: self._last.get(p, -1)) if cands else None
 
-    def cost(self, pack: int, nbytes: int, cursor: int) -> float:
+    def cost(self, pack: int, nbytes: int, cursor: int, next_use: int | None = None) -> float:
         return float(self._last.get(pack, -1) + 1)
 
     def touch(self, pack: int) -> None:

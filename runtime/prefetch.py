@@ -98,15 +98,15 @@ class PackLoader:
     def prefetch(self, cursor: int) -> None:
         if self._pool is None:
             return
-        for dist, pack in enumerate(self.schedule.upcoming(cursor + 1, self.lookahead), start=1):
-            with self.tier.lock:
-                if pack in self.tier.entries:
-                    continue
+        entries, inflight = self.tier.entries, self.inflight
+        for pack in self.schedule.upcoming(cursor + 1, self.lookahead):
+            if pack in entries or pack in inflight:  # unlocked peeks (a dict lookup is atomic): cheap skips
+                continue
             with self._lock:
-                if pack in self.inflight:
+                if pack in inflight:
                     continue
                 fut: Future = Future()
-                self.inflight[pack] = fut
+                inflight[pack] = fut
             self._pool.submit(self._prefetch_job, pack, cursor, fut)
 
     def _prefetch_job(self, pack: int, cursor: int, fut: Future) -> None:

@@ -11,10 +11,9 @@ import os
 import threading
 import types
 
+import make_synthetic as ms
 import numpy as np
 import pytest
-
-import make_synthetic as ms
 from vkpack.compiler.build import build
 from vkpack.pack_format.reader import Archive
 from vkpack.runtime import vk as gpu

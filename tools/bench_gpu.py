@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import pstats
 import itertools
 import json
 import os
 import platform
+import pstats
 import struct
 import sys
 import time
@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_synthetic as ms  # noqa: E402
-
-from vkpack.compiler.build import build  # noqa: E402
-from vkpack.pack_format.reader import Archive  # noqa: E402
-from vkpack.runtime import vk  # noqa: E402
-from vkpack.runtime.engine import Engine  # noqa: E402
+import make_synthetic as ms
+from vkpack.compiler.build import build
+from vkpack.pack_format.reader import Archive
+from vkpack.runtime import vk
+from vkpack.runtime.engine import Engine
 
 SHAPES = {  # name -> Spec (all with SmolLM2's 49,152-token vocabulary)
     "smol": ms.Spec(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, tied=True),
@@ -103,7 +102,7 @@ COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload
             "read_seconds", "alloc_seconds", "prefetch_no_room")
 
 
-def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 16) -> dict:
+def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 32) -> dict:
     eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + n_decode + 8,
                  prefetch_lookahead=lookahead)
     try:
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--decode-streamed", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--lookahead", type=int, default=16, help="prefetch lookahead (packs)")
+    ap.add_argument("--lookahead", type=int, default=32, help="prefetch lookahead (packs)")
     ap.add_argument("--workers", type=int, default=0, help="prefetch threads (0: the backend's default)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="sys.setswitchinterval for the run (0: Python's default, 5 ms)")

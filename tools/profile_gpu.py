@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import SHAPES, model_archive  # noqa: E402
-
-from vkpack.runtime.engine import Engine  # noqa: E402
-from vkpack.runtime.vk.recorder import Recorder  # noqa: E402
+from bench_gpu import SHAPES, model_archive
+from vkpack.runtime.engine import Engine
+from vkpack.runtime.vk.recorder import Recorder
 
 
 def pass_profile(backend) -> dict:
