@@ -86,9 +86,23 @@ class PackLoader:
         for pos, pack in enumerate(self.schedule.sequence):
             first.setdefault(pack, pos)
         todo = [(p, pos) for p, pos in first.items() if p not in self.tier.entries]
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vkpack-preload") as pool:
-            for f in [pool.submit(self._load, p, pos, None, False) for p, pos in todo]:
-                f.result()
+        # placed one after the other in pack order first (then filled in parallel), so that the
+        # row-parts of one tensor sit back to back and a backend may run them as one weight
+        placed = []
+        try:
+            for p, pos in todo:
+                a = self.tier.allocate_pack(p, self.backend.pack_bytes(p), pos, None)
+                if a is None:
+                    raise BudgetError(f"device budget {self.tier.budget / 2**20:.1f} MiB cannot hold pack {p}")
+                placed.append((p, pos, a))
+            with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vkpack-preload") as pool:
+                futs = [pool.submit(self._load, p, pos, None, False, a) for p, pos, a in placed]
+                placed = []  # _fill releases its allocation when it fails
+                for f in futs:
+                    f.result()
+        finally:
+            for _p, _pos, a in placed:
+                self.tier.release(a)
 
     def release(self, e: Entry) -> None:
         with self.tier.lock:
@@ -123,9 +137,12 @@ class PackLoader:
             fut.set_result(None)
 
     # ---- one load ----
-    def _load(self, pack: int, cursor: int, protect: int | None, pin: bool) -> Entry | None:
+    def _load(self, pack: int, cursor: int, protect: int | None, pin: bool, alloc: Any = None) -> Entry | None:
+        """Make `pack` resident (in `alloc` when the caller placed it already)."""
         rec = self.archive.packs[pack]
         nbytes = self.backend.pack_bytes(pack)
+        if alloc is not None:
+            return self._fill(pack, rec, nbytes, alloc, cursor, protect, pin)
         t_alloc = time.perf_counter()
         alloc = self.tier.allocate_pack(pack, nbytes, cursor, protect)
         if alloc is None and protect is None:
@@ -142,6 +159,11 @@ class PackLoader:
                 return None  # no room without evicting something needed sooner: skip this prefetch
             raise BudgetError(f"device budget {self.tier.budget / 2**20:.1f} MiB cannot hold pack {pack} "
                               f"({nbytes / 2**20:.1f} MiB) next to the pinned packs and reservations")
+        return self._fill(pack, rec, nbytes, alloc, cursor, protect, pin)
+
+    def _fill(self, pack: int, rec: Any, nbytes: int, alloc: Any, cursor: int, protect: int | None,
+              pin: bool) -> Entry:
+        """Read, check, decode and upload `pack` into its allocation; then it is an entry."""
         try:
             if rec.codec == "none" and pack in self.verified and hasattr(self.backend, "convert_file"):
                 # checked before: from the file straight into staging (no mmap faults, no copy in RAM)

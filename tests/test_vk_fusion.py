@@ -51,3 +51,17 @@ def test_no_fusion_when_the_norm_output_has_other_readers_or_groups():
     assert kinds(plan(ops, 1, 1, lambda r, o: True))[0] == "rms_norm"
     qk = [op("rms_norm", ["q"], "q2", ["qn"], eps=1e-5, group=64), op("linear", ["q2"], "y", ["w"])]
     assert kinds(plan(qk, 1, 1, lambda r, o: True))[0] == "rms_norm"
+
+
+def test_row_parts_back_to_back_run_as_one_weight():
+    from types import SimpleNamespace
+
+    from vkpack.runtime.vk.backend import _merged_parts
+    from vkpack.runtime.vk.ops import Weight
+
+    buf, other = SimpleNamespace(size=1 << 20), SimpleNamespace(size=1 << 20)
+    w = lambda b, off, rows: Weight(b, off, "F16", rows, 64)  # noqa: E731 - 128 bytes a row
+    parts = [(0, 10, w(buf, 0, 10)), (10, 20, w(buf, 1280, 10)), (20, 25, w(buf, 4096, 5)),
+             (25, 30, w(other, 4096 + 640, 5)), (30, 40, None), (40, 50, w(buf, 5376, 10))]
+    merged = _merged_parts(parts)
+    assert [(r0, m.offset, m.rows) for r0, m in merged] == [(0, 0, 20), (20, 4096, 5), (25, 4736, 5), (40, 5376, 10)]

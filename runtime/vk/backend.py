@@ -95,6 +95,7 @@ class VulkanBackend:
         self.resident = False
         self._retired: list[Recorder] = []
         self._pass_recs: dict[int, Recorder] = {}
+        self._step_bytes: dict[int, int] = {}   # pack bytes each step pins
         self.host_seconds = 0.0   # Python time recording/keying steps
         self.wait_seconds = 0.0   # time blocked on fences (the device working, or uploads pending)
         self.submits = 0
@@ -229,7 +230,10 @@ class VulkanBackend:
 
     def run_step(self, si: int, step: dict[str, Any], env: dict[str, Any], weights: Any) -> None:
         """Record (or replay) one step; submit it without waiting, its packs pinned until done."""
-        if sum(self.pack_bytes(p) for p in step["packs"]) > self.pin_limit:
+        step_bytes = self._step_bytes.get(si)
+        if step_bytes is None:
+            step_bytes = self._step_bytes[si] = sum(self.pack_bytes(p) for p in step["packs"])
+        if step_bytes > self.pin_limit:
             self._run_streamed(si, step, env, weights)
             return
         t0 = time.perf_counter()
@@ -254,9 +258,10 @@ class VulkanBackend:
         self._pending.append((rec, held, bool(step.get("gather")) and key not in self._cache))
         self.host_seconds += time.perf_counter() - t0
         self._pass_recs[si] = rec
-        weights.loader.prefetch(weights.last_position)
-        if self._pinned() > self.pin_limit:
-            self.flush(weights)
+        if not self.resident:  # resident: every pack was loaded at start, nothing to fetch or unpin
+            weights.loader.prefetch(weights.last_position)
+            if self._pinned() > self.pin_limit:
+                self.flush(weights)
 
     @staticmethod
     def _step_key(si: int, step: dict[str, Any], env: dict[str, Any], held: list[Any]) -> tuple:
@@ -484,11 +489,10 @@ class VulkanBackend:
         y = self._buf(env, op["out"])
         norm = (payload[(op["_norm"][0], 0)], op["_norm"][1]) if "_norm" in op else None
         glu = self._buf(env, op["_glu"]) if "_glu" in op else None
-        for p in t.parts:
-            if (name, p.row_start) not in payload:
-                continue  # streamed: this part runs in another chunk
-            self.ops.linear(rec, payload[(name, p.row_start)], x, y, rows, x_stride=t.shape[-1], y_stride=t.shape[0],
-                            y_col=p.row_start, bias=bias, bias_off=p.row_start, accumulate=op.get("_accumulate", False),
+        # (streamed: parts not in the payload run in another chunk)
+        for row0, w in _merged_parts([(p.row_start, p.row_end, payload.get((name, p.row_start))) for p in t.parts]):
+            self.ops.linear(rec, w, x, y, rows, x_stride=t.shape[-1], y_stride=t.shape[0],
+                            y_col=row0, bias=bias, bias_off=row0, accumulate=op.get("_accumulate", False),
                             norm=norm, glu_up=glu)
 
     def op_rope(self, rec, op, env, payload) -> None:
@@ -555,6 +559,27 @@ class VulkanBackend:
         for rec in self._readback_recs.values():
             rec.destroy()
         self._readback.destroy()
+
+
+def _merged_parts(parts: list[tuple[int, int, Weight | None]]) -> list[tuple[int, Weight]]:
+    """Row-parts of one weight as (first row, Weight), neighbours that lie back to back in one
+    buffer joined into one Weight: one dispatch instead of several (packs placed in order at
+    start are contiguous; an 8B model's MLP matrix is three 50 MB parts, its tied head 100)."""
+    out: list[tuple[int, Weight]] = []
+    end_row = -1
+    for r0, r1, w in parts:
+        if w is None:
+            end_row = -1
+            continue
+        if out and r0 == end_row:
+            prev = out[-1][1]
+            if prev.buffer is w.buffer and prev.offset + prev.nbytes == w.offset and prev.dtype == w.dtype:
+                out[-1] = (out[-1][0], Weight(w.buffer, prev.offset, w.dtype, prev.rows + w.rows, w.cols))
+                end_row = r1
+                continue
+        out.append((r0, w))
+        end_row = r1
+    return out
 
 
 def _n(t: TensorRecord, p: TensorPart) -> int:
