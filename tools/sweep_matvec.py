@@ -1,6 +1,6 @@
 """Decode matvec configurations on a GPU, measured the way a model runs them (to pick Ops defaults).
 
-Weights of several 8B-shaped layers (q, k, v, o, gate, up, down, F16) live in distinct device
+Weights of several layers shaped as the 8B (or 1B) (q, k, v, o, gate, up, down, F16) live in distinct device
 memory, so nothing is served from L2, and the linears are recorded back to back with a barrier
 after each, as in a decode pass. Reports the weight read rate for each (workgroup, rows per
 workgroup, units in flight) against the same pass's best.
@@ -17,7 +17,10 @@ import sys
 from vkpack.runtime.vk import Device, Ops, Recorder, Weight
 from vkpack.runtime.vk.ops import WEIGHT_FORMATS
 
-SHAPES_8B = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+SHAPES = {  # one layer's linears: q, k, v, o, gate, up, down
+    "8b": [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)],
+    "1b": [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)],
+}
 
 
 def weights(dev: Device, layers: int, dtype: str, shapes: list[tuple[int, int]]) -> tuple[list, list]:
@@ -58,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--dtype", default="F16")
+    ap.add_argument("--shape", default="8b", choices=sorted(SHAPES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--wg", default="64,128,256")
     ap.add_argument("--rows", default="1,2,4,8")
     ap.add_argument("--units", default="1,2,4,8")
     args = ap.parse_args(argv)
     dev = Device()
-    bufs, ws = weights(dev, args.layers, args.dtype, SHAPES_8B)
+    bufs, ws = weights(dev, args.layers, args.dtype, SHAPES[args.shape])
     total = sum(w.nbytes for w in ws)
     x, y = dev.alloc(14336 * 4), dev.alloc(14336 * 4)
     rec = Recorder(dev)
