@@ -21,6 +21,8 @@ HASHES = {
     'embed_q8_0': '87b9091c14cf4889',
     'kv_store_f16': 'bc7ff3abf4f8a945',
     'kv_store_f32': '002408e5166d9030',
+    'kv_store_rope_f16': 'd0b9eadeff29ca47',
+    'kv_store_rope_f32': '6bd339c09d782f0c',
     'matmul_bf16': '277648514e52ecc6',
     'matmul_bf16_nosg': '6310549442286165',
     'matmul_coop_f16': '1eee7d7b3ebb42bc',

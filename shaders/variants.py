@@ -27,6 +27,8 @@ VARIANTS.update({
     "rope": {"source": "rope.comp", "defines": {}, "reduce": False},
     "kv_store_f32": {"source": "kv_store.comp", "defines": {}, "reduce": False},
     "kv_store_f16": {"source": "kv_store.comp", "defines": {"KV_F16": 1}, "reduce": False},
+    "kv_store_rope_f32": {"source": "kv_store_rope.comp", "defines": {}, "reduce": False},
+    "kv_store_rope_f16": {"source": "kv_store_rope.comp", "defines": {"KV_F16": 1}, "reduce": False},
     "attention_f32": {"source": "attention.comp", "defines": {}, "reduce": True},
     "attention_f16": {"source": "attention.comp", "defines": {"KV_F16": 1}, "reduce": True},
     # split-K decode attention: subgroup ops required (no _nosg twins; Ops falls back to attention_*)

@@ -22,7 +22,8 @@ def kinds(ops):
 
 def test_decode_fuses_norms_glu_and_residuals():
     a = plan(ATTN, 1, 1, lambda rows, o: True)
-    assert kinds(a) == ["linear", "linear", "linear", "rope", "rope", "attention", "linear"]
+    assert kinds(a) == ["linear", "linear", "linear", "rope", "attention", "linear"]
+    assert a[3]["in"] == ["q"] and a[4]["_rope_k"] == ATTN[5]["attrs"]
     assert all(o["in"] == ["x"] and o["_norm"] == ("n", 1e-5) for o in a[:3])
     assert a[-1]["out"] == "x" and a[-1]["_accumulate"]
     m = plan(MLP, 1, 1, lambda rows, o: True)

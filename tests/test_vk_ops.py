@@ -445,3 +445,38 @@ def test_linear_fused_norm_and_glu(dev, cfg, dtype, T):
     assert nmse(from_dev(dev, y2, np.float32, (T, rows)), glu @ wd.T) < 1e-7
     for b in (wb, xb, ub, nb, y1, y2):
         b.destroy()
+
+
+@pytest.mark.parametrize("f16", [False, True])
+@pytest.mark.parametrize("mode,hd,n_rot,use_ff", [("norm", 64, 64, False), ("neox", 128, 128, True),
+                                                  ("neox", 64, 32, False), ("norm", 80, 48, True)])
+@pytest.mark.parametrize("T,t0", [(1, 0), (3, 2)])
+def test_kv_store_with_rope_equals_rope_then_store(dev, ops, f16, mode, hd, n_rot, use_ff, T, t0):
+    """The decode fusion: keys rotated on their way into the cache, as rope() + kv_store() do it."""
+    rng = np.random.default_rng(hd + n_rot + T)
+    n_kv, n_ctx, rows = 2, 32, t0 + T
+    kv_dim = n_kv * hd
+    cdt = np.float16 if f16 else np.float32
+    k = rng.standard_normal((rows, kv_dim)).astype(np.float32)
+    v = rng.standard_normal((rows, kv_dim)).astype(np.float32)
+    pos = np.array([7, 3, 20, 11, 9][:rows], dtype=np.uint32)
+    ff = rng.uniform(1.0, 4.0, n_rot // 2).astype(np.float32)
+    fb = to_dev(dev, ff)
+    rope = {"head_dim": hd, "n_rot": n_rot, "mode": mode, "base": 10000.0, "freq_factors": fb if use_ff else None}
+    kb, vb, pb = to_dev(dev, k), to_dev(dev, v), to_dev(dev, pos)
+    caches = [dev.alloc(n_ctx * kv_dim * np.dtype(cdt).itemsize) for _ in range(4)]
+    run(dev, lambda rec: [rec.fill(c) for c in caches])
+    run(dev, lambda rec: ops.kv_store(rec, kb, vb, caches[0], caches[1], pb, T, kv_dim, n_ctx, f16=f16, t0=t0,
+                                      rope=rope))
+    run(dev, lambda rec: (ops.rope(rec, kb, pb, rows, n_kv, hd, n_rot=n_rot, mode=mode, base=10000.0,
+                                   freq_factors=fb if use_ff else None),
+                          ops.kv_store(rec, kb, vb, caches[2], caches[3], pb, T, kv_dim, n_ctx, f16=f16, t0=t0)))
+    fused_k, fused_v, ref_k, ref_v = (from_dev(dev, c, cdt, (n_ctx, kv_dim)) for c in caches)
+    assert np.array_equal(fused_v, ref_v)
+    # the same float expressions as rope.comp; a GPU compiler may still contract them differently
+    assert np.allclose(fused_k.astype(np.float32), ref_k.astype(np.float32), rtol=1e-6, atol=1e-6 if not f16 else 1e-3)
+    expect = rope_ref(k, pos, n_kv, hd, n_rot, mode, 10000.0, ff if use_ff else None)
+    got = fused_k[pos[t0:t0 + T]].astype(np.float32)
+    assert np.allclose(got, expect[t0:t0 + T], atol=2e-3 if f16 else 1e-5)
+    for b in [kb, vb, pb, fb] + caches:
+        b.destroy()

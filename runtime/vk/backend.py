@@ -517,9 +517,14 @@ class VulkanBackend:
         q, k, v = (self._buf(env, n) for n in op["in"])
         out = self._buf(env, op["out"])
         kvd = a["n_kv_heads"] * a["head_dim"]
+        rope = None
+        if "_rope_k" in op:  # fused: the keys are rotated by the store (fusion.py)
+            ra = op["_rope_k"]
+            rope = {"head_dim": ra["head_dim"], "n_rot": ra["rope_dim"], "mode": ra["mode"], "base": ra["theta"],
+                    "freq_factors": self._freq_factors(ra.get("freq_factors"))}
         for (r0, r1, _pos0, kv), sc in zip(env["seqs"], env["_attn"]):
             kc, vc = kv[a["layer"]]
-            self.ops.kv_store(rec, k, v, kc.slice, vc.slice, env["_pos"], r1 - r0, kvd, kc.n_ctx, t0=r0)
+            self.ops.kv_store(rec, k, v, kc.slice, vc.slice, env["_pos"], r1 - r0, kvd, kc.n_ctx, t0=r0, rope=rope)
             if sc is not None and sc.size < self.ops.attention_scratch_bytes(r1 - r0, a["n_heads"], a["head_dim"],
                                                                              kc.n_ctx):
                 sc = None  # a layer unlike the hparams: the one-pass kernel

@@ -7,6 +7,7 @@ A decode token is latency bound: every op is a dispatch and most are followed by
   loads it (matmul.comp FUSE & 1); the norm dispatch and its barrier go away.
 - `swiglu(g, u -> m)` read only by the next linear: that linear loads silu(g) * u (FUSE & 2).
 - `linear(in -> a); add(x, a -> x)`: the linear accumulates into x (the residual adds).
+- `rope(k)` read only by the attention: the KV store rotates the keys as it writes the cache.
 
 The norm and GLU fusions exist only in matmul.comp (few tokens): `fuses(rows, op)` says whether
 the linear for `rows` rows runs there. Ops are plain dicts (the archive's graph), never mutated.
@@ -42,7 +43,7 @@ def _written_between(ops: list[Op], lo: int, hi: int, names: set[str]) -> bool:
 
 def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], bool]) -> list[Op]:
     """The ops to record, with fused ones dropped and their consumers annotated:
-    `_norm` (norm weight name, eps), `_glu` (name of u), `_accumulate` (True)."""
+    `_norm` (norm weight name, eps), `_glu` (name of u), `_accumulate` (True), `_rope_k` (rope attrs)."""
     rows = _rows_per_op(ops, tokens, n_seqs)
     out: list[Op | None] = [dict(op) for op in ops]
     for i, op in enumerate(ops):
@@ -61,6 +62,11 @@ def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], boo
                     and fuses(rows[users[0]], ops[users[0]]) and not _written_between(ops, i + 1, users[0], {g, u})):
                 out[i] = None
                 out[users[0]] = {**out[users[0]], "in": [g], "_glu": u}
+        elif op["op"] == "rope" and op["out"] == op["in"][0]:
+            users = _readers(ops, i + 1, op["out"])
+            if len(users) == 1 and ops[users[0]]["op"] == "attention" and ops[users[0]]["in"][1] == op["out"]:
+                out[i] = None  # the keys are rotated by the KV store on their way into the cache
+                out[users[0]] = {**out[users[0]], "_rope_k": op["attrs"]}
     kept = [op for op in out if op is not None]
     return _accumulate_residuals(kept)
 

@@ -313,13 +313,27 @@ class Ops:
 
     def kv_store(self, rec: Recorder, k: Any, v: Any, k_cache: Any, v_cache: Any, pos: Any, T: int,
                  kv_dim: int, n_ctx: int, *, f16: bool = False, k_stride: int | None = None,
-                 v_stride: int | None = None, t0: int = 0) -> None:
+                 v_stride: int | None = None, t0: int = 0, rope: dict[str, Any] | None = None) -> None:
         """k_cache[pos[t], :] = k[t, :], v_cache[pos[t], :] = v[t, :] for rows t0..t0+T-1 of k, v, pos;
-        caches (n_ctx, kv_dim) f32 or f16. Positions >= n_ctx are skipped (the engine must check them)."""
+        caches (n_ctx, kv_dim) f32 or f16. Positions >= n_ctx are skipped (the engine must check them).
+
+        rope: rotate the keys on the way in, as rope() would (keys: head_dim, n_rot, mode, base, and
+        optionally freq_scale, freq_factors): the decode fusion of rope(k) and the store."""
         ks = kv_dim if k_stride is None else k_stride
         vs = kv_dim if v_stride is None else v_stride
         if kv_dim % 2 or ks % 2 or vs % 2:
             raise VulkanError(f"kv_store: kv_dim {kv_dim} and strides must be even")
+        if rope is not None:
+            hd, n_rot, mode = rope["head_dim"], rope.get("n_rot") or rope["head_dim"], rope.get("mode", "norm")
+            if kv_dim % hd or hd % 2 or n_rot % 2 or n_rot > hd or mode not in ("norm", "neox"):
+                raise VulkanError(f"kv_store: rope head_dim {hd}, n_rot {n_rot}, mode {mode!r} do not fit kv_dim {kv_dim}")
+            ff = rope.get("freq_factors")
+            kern = self._k("kv_store_rope_f16" if f16 else "kv_store_rope_f32", 6, 48, (2, 3), {0: self.ew_wg})
+            push = struct.pack("<10I2f", T, kv_dim, n_ctx, ks, vs, t0, hd, n_rot, 0 if mode == "norm" else 1,
+                               1 if ff is not None else 0, rope["base"], rope.get("freq_scale", 1.0))
+            rec.dispatch(kern, [k, v, k_cache, v_cache, pos, ff if ff is not None else pos],
+                         (-(-(kv_dim // 2) // self.ew_wg), T, 1), push)
+            return
         kern = self._k("kv_store_f16" if f16 else "kv_store_f32", 5, 24, (2, 3), {0: self.ew_wg})
         rec.dispatch(kern, [k, v, k_cache, v_cache, pos], (-(-(kv_dim // 2) // self.ew_wg), T, 1),
                      struct.pack("<6I", T, kv_dim, n_ctx, ks, vs, t0))
