@@ -17,6 +17,9 @@ layout(constant_id = 1) const uint HD = 128;   // head_dim (multiple of 4)
 layout(constant_id = 2) const uint GB = 4;     // query heads per workgroup
 layout(constant_id = 3) const uint LPR = 8;    // lanes per K row in the scores: power of 2 <= subgroup size
 layout(constant_id = 4) const uint RC = 64;    // rows per chunk (their scores live in shared memory)
+// MERGE = 1: the workgroup that finishes last among the splits of its (heads, token) merges them into
+// `o` (counted with an atomic per group, reset by that workgroup): no second dispatch, no barrier.
+layout(constant_id = 5) const uint MERGE = 0;
 const uint WG = gl_WorkGroupSize.x;            // a multiple of LPR
 const uint VU = HD / 4;                        // 4-float units per head row
 const uint UPL = (VU + LPR - 1) / LPR;         // units per lane in the scores
@@ -35,8 +38,10 @@ layout(binding = 1) readonly buffer KC { vec4 kc[]; };     // (n_ctx, kv_dim) f3
 layout(binding = 2) readonly buffer VC { vec4 vc[]; };
 #endif
 layout(binding = 3) readonly buffer PB { uint pos[]; };    // (T) positions
-layout(binding = 4) writeonly buffer PA { vec4 pacc[]; };  // (T, n_heads, n_splits, HD) partial sums
-layout(binding = 5) writeonly buffer PM { vec2 pml[]; };   // (T, n_heads, n_splits) (m, l)
+layout(binding = 4) coherent buffer PA { vec4 pacc[]; };   // (T, n_heads, n_splits, HD) partial sums
+layout(binding = 5) coherent buffer PM { vec2 pml[]; };    // (T, n_heads, n_splits) (m, l)
+layout(binding = 6) writeonly buffer OB { float o[]; };    // MERGE: (T, o_stride) f32 output
+layout(binding = 7) coherent buffer CB { uint count[]; };  // MERGE: splits done per (token row, y); zeros
 
 layout(push_constant) uniform PC {
     uint T;
@@ -48,7 +53,47 @@ layout(push_constant) uniform PC {
     uint rows;      // rows per split, at least
     uint n_splits;
     float scale;
+    uint o_stride;  // MERGE
 } pc;
+
+shared bool last_one;
+
+// MERGE epilogue, after this workgroup's partials are written: count it; the last of the group
+// combines all live splits of its heads as attention_merge.comp does.
+void merge_if_last(uint h0, uint ng, uint tl, uint t, uint L, uint R) {
+    uint lid = gl_LocalInvocationID.x;
+    memoryBarrierBuffer();                      // this workgroup's partials, before it is counted
+    barrier();
+    if (lid == 0) {
+        uint c = (pc.t0 + tl) * gl_NumWorkGroups.y + gl_WorkGroupID.y;
+        last_one = atomicAdd(count[c], 1u) == pc.n_splits - 1u;
+        if (last_one) count[c] = 0u;            // ready for the next replay
+    }
+    barrier();
+    if (!last_one) return;
+    memoryBarrierBuffer();
+    uint live = (L + R - 1u) / R;
+    for (uint i = gl_LocalInvocationID.x; i < ng * VU; i += gl_WorkGroupSize.x) {
+        uint g = i / VU, u = i % VU;
+        uint base = (tl * pc.n_heads + h0 + g) * pc.n_splits;
+        float M = -1.0 / 0.0;
+        for (uint s = 0; s < live; s++) M = max(M, pml[base + s].x);
+        float l = 0.0;
+        vec4 a = vec4(0.0);
+        for (uint s = 0; s < live; s++) {
+            vec2 e = pml[base + s];
+            float w = exp(e.x - M);
+            l += e.y * w;
+            a += w * pacc[(base + s) * VU + u];
+        }
+        a /= l;
+        uint ob = t * pc.o_stride + (h0 + g) * HD + 4u * u;
+        o[ob] = a.x;
+        o[ob + 1u] = a.y;
+        o[ob + 2u] = a.z;
+        o[ob + 3u] = a.w;
+    }
+}
 
 shared vec4 qs[GB * VU];                        // scaled queries of the GB heads
 shared float ps[GB * RC];                       // the chunk's scores, then probabilities
@@ -77,6 +122,7 @@ void main() {
     uint pidx = (tl * pc.n_heads + h0) * pc.n_splits + split;   // head g: pidx + g * n_splits
     if (j0 >= L) {                                               // uniform: past the end
         if (lid < ng) pml[pidx + lid * pc.n_splits] = vec2(NEG_INF, 0.0);
+        if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
         return;
     }
     for (uint i = lid; i < GB * VU; i += WG) {
@@ -174,6 +220,7 @@ void main() {
         }
         for (uint g = 0; g < GB; g++)
             if (lid == 0 && g < ng) pml[pidx + g * pc.n_splits] = vec2(m[g], l[g]);
+        if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
         return;
     }
     if (rg < RG) {
@@ -195,4 +242,5 @@ void main() {
         for (uint j = 0; j < RG; j++) s += rl[j * GB + g];
         pml[pidx + g * pc.n_splits] = vec2(m[g], s);
     }
+    if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
 }

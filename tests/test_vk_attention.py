@@ -89,12 +89,15 @@ def test_split_attention(dev, ops, f16, pos, n_heads, n_kv, hd, n_ctx):
 
 @pytest.mark.parametrize("wg,merge_wg,rows,max_splits", [(8, 8, 16, 4), (32, 16, 64, 128), (64, 128, 32, 1000),
                                                          (128, 64, 100, 3), (256, 256, 64, 128)])
-def test_split_configs(dev, wg, merge_wg, rows, max_splits):
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["last-workgroup-merges", "merge-pass"])
+def test_split_configs(dev, wg, merge_wg, rows, max_splits, fused_merge):
     """Workgroup sizes (several subgroups, fewer invocations than head_dim units), split rows not a
-    power of 2, splits capped so each walks several chunks; t0 and padded strides."""
+    power of 2, splits capped so each walks several chunks; t0 and padded strides; the merge done by
+    the split kernel's last workgroup or by the second pass. Run twice: the counters reset themselves."""
     ops = gpu.Ops(dev)
     ops.attn_split_wg, ops.attn_merge_wg, ops.attn_split_rows, ops.attn_max_splits = wg, merge_wg, rows, max_splits
-    for f16, (pos, n_heads, n_kv, hd) in [(False, ([700, 0, 350], 8, 2, 128)), (True, ([513, 64], 6, 3, 80))]:
+    ops.attn_fused_merge = fused_merge
+    for f16, (pos, n_heads, n_kv, hd) in 2 * [(False, ([700, 0, 350], 8, 2, 128)), (True, ([513, 64], 6, 3, 80))]:
         out, ref = run_case(dev, ops, pos, n_heads, n_kv, hd, 720, f16, t0=2, q_pad=8, o_pad=4, seed=wg + rows)
         assert nmse(out, ref) < 1e-7
 

@@ -116,6 +116,8 @@ class Ops:
         self.attn_merge_wg = sg if self.cpu else 128
         self.ew_wg = 64 if self.cpu else 256     # elementwise: rope, add, swiglu, kv_store, embed
         self._walign = max(16, info.min_storage_buffer_offset_alignment)
+        self.attn_fused_merge = True   # the split kernel's last workgroup merges (no attention_merge pass)
+        self._counters: Buffer | None = None
 
     # ---- helpers ----
 
@@ -353,6 +355,22 @@ class Ops:
         n = T * n_heads * plan[1]
         return -(-n * head_dim * 4 // self._walign) * self._walign + n * 8
 
+    def _split_counters(self, n: int) -> Buffer:
+        """Zeroed uint32 counters the split kernel counts finished splits in (each group's last
+        workgroup resets its counter, so they stay zero between passes)."""
+        if self._counters is None or self._counters.size < 4 * n:
+            if self._counters is not None:
+                self.dev.wait_idle()
+                self._counters.destroy()
+            self._counters = self.dev.alloc(max(4 * n, 4 << 20))  # 4096 token rows x 256 groups
+            rec = Recorder(self.dev, label="zero counters")
+            try:
+                rec.fill(self._counters, 0)
+                rec.run()
+            finally:
+                rec.destroy()
+        return self._counters
+
     def attention(self, rec: Recorder, q: Any, k_cache: Any, v_cache: Any, pos: Any, out: Any, T: int,
                   n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, *, f16: bool = False,
                   scale: float | None = None, q_stride: int | None = None, o_stride: int | None = None,
@@ -410,9 +428,15 @@ class Ops:
         n = T * n_heads * ns
         acc_bytes = -(-n * hd * 4 // self._walign) * self._walign
         pacc, pml = _sub(scratch, 0, n * hd * 4), _sub(scratch, acc_bytes, n * 8)
-        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 6, 36, (4, 5),
-                     {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc})
-        rec.dispatch(k1, [q, kc, vc, pos, pacc, pml], (ns, n_kv * -(-g // gb), T),
-                     struct.pack("<8If", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale))
+        merge = 1 if self.attn_fused_merge else 0
+        ny = n_kv * -(-g // gb)
+        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 40, (4, 5, 6, 7),
+                     {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc, 5: merge})
+        counters = self._split_counters((t0 + T) * ny)
+        rec.dispatch(k1, [q, kc, vc, pos, pacc, pml, out, counters], (ns, ny, T),
+                     struct.pack("<8IfI", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_),
+                     {7: (4 * t0 * ny, 4 * (t0 + T) * ny)})
+        if merge:
+            return
         k2 = self._k("attention_merge", 4, 28, (3,), {0: self.attn_merge_wg, 1: hd})
         rec.dispatch(k2, [pacc, pml, pos, out], (n_heads, T, 1), struct.pack("<7I", T, n_heads, n_ctx, os_, t0, rows, ns))
