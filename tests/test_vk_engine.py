@@ -67,6 +67,7 @@ def test_synthetic_families_and_split_packs(tmp_path, arch, dtype):
         parts = sum(len(t.parts) for t in g.archive.tensors.values() if len(t.shape) == 2)
         linears = sum(1 for k in g.backend._fast[3]._keep if k.name.startswith(("matmul", "matvec")))
         assert linears < parts, (linears, parts)
+        assert g.backend._fast[4], "the embedding table is gathered inside the whole-pass recording"
         a, b = ids, c.encode("another one")
         with g.kv_session(32) as ka, g.kv_session(32) as kb, c.kv_session(32) as kc, c.kv_session(32) as kd:
             both_g = g.forward_batch([(a, 0, ka), (b, 0, kb)])

@@ -90,8 +90,9 @@ class VulkanBackend:
         self._cache: OrderedDict[tuple, Recorder] = OrderedDict()
         self._pending: list[tuple[Recorder, list[Any], bool]] = []   # recorded, not yet submitted
         self._inflight: list[tuple[Recorder, list[Any], bool]] = []  # submitted, packs pinned until done
-        # (pass shape, tier version, per-step recordings, whole-pass recording or None) of a stable pass
-        self._fast: tuple[Any, int, dict[int, Recorder], Recorder | None] | None = None
+        # (pass shape, tier version, per-step recordings, whole-pass recording or None, whether the
+        # whole-pass recording holds the embedding gathers too) of a stable pass
+        self._fast: tuple[Any, int, dict[int, Recorder], Recorder | None, bool] | None = None
         self.resident = False
         self._retired: list[Recorder] = []
         self._pass_recs: dict[int, Recorder] = {}
@@ -315,10 +316,12 @@ class VulkanBackend:
             tier.frozen = True  # the replay pins nothing: prefetch may neither place nor evict now
             try:
                 if fast[3] is None:
-                    self._fast = fast = (*fast[:3], self._record_whole_pass(steps, env, fast[2]))
-                    if self.resident and env["_T"] == 1:
+                    gathers = self._resident_gathers(steps) if self.resident else None
+                    self._fast = fast = (*fast[:3], self._record_whole_pass(steps, env, fast[2], gathers),
+                                         gathers is not None)
+                    if gathers is None and self.resident and env["_T"] == 1:
                         self._prerecord_gathers(steps, env)
-                self._replay_pass(steps, env, weights, fast[3])
+                self._replay_pass(steps, env, weights, fast[3], gathers_inside=fast[4])
             finally:
                 tier.frozen = False
             if tier.version != fast[1]:
@@ -337,18 +340,43 @@ class VulkanBackend:
         stable = tier.version == v0 and len(recs) == sum(1 for s in steps if not s.get("gather"))
         gathers_first = all(not s.get("gather") for s in steps[min(recs, default=0):])
         if stable and gathers_first and all(r in cached for r in recs.values()):
-            self._fast = (shape, tier.version, recs, None)
+            self._fast = (shape, tier.version, recs, None, False)
 
-    def _record_whole_pass(self, steps: list[dict[str, Any]], env: dict[str, Any],
-                           recs: dict[int, Recorder]) -> Recorder:
+    def _record_whole_pass(self, steps: list[dict[str, Any]], env: dict[str, Any], recs: dict[int, Recorder],
+                           gathers: dict[int, dict] | None = None) -> Recorder:
         """Every non-gather step of the pass, in order, in one command buffer (same packs, same
-        activation layout as the per-step recordings it is made from)."""
+        activation layout as the per-step recordings it is made from); with `gathers` (payloads
+        of gather steps over their whole tables) the embedding gathers too."""
         whole = Recorder(self.dev, label="pass")
         for si, step in enumerate(steps):
-            if si in recs:
+            payload = recs[si].payload if si in recs else (gathers or {}).get(si)
+            if payload is not None:
                 for op in self._plan(step["ops"], env):
-                    getattr(self, "op_" + op["op"])(whole, op, env, recs[si].payload)
+                    getattr(self, "op_" + op["op"])(whole, op, env, payload)
         return whole.finish()
+
+    def _resident_gathers(self, steps: list[dict[str, Any]]) -> dict[int, dict] | None:
+        """Payloads for the gather steps that read each table as ONE weight: possible when all its
+        row-parts are resident back to back (packs placed in order at start). Then the embedding
+        gather needs no per-token choice of pack and joins the whole-pass recording."""
+        out: dict[int, dict] = {}
+        for si, step in enumerate(steps):
+            if not step.get("gather"):
+                continue
+            payload: dict = {}
+            for op in step["ops"]:
+                for name in op["w"]:
+                    t = self.archive.tensors[name]
+                    ws = []
+                    for p in t.parts:
+                        e = self.tier.entries.get(p.pack)
+                        ws.append((p.row_start, p.row_end, e.payload.get((name, p.row_start)) if e else None))
+                    merged = _merged_parts(ws)
+                    if len(merged) != 1 or merged[0][0] != 0 or merged[0][1].rows != t.shape[0]:
+                        return None
+                    payload[(name, 0)] = merged[0][1]
+            out[si] = payload
+        return out
 
     def _drop_fast(self) -> None:
         if self._fast is not None and self._fast[3] is not None:
@@ -356,12 +384,13 @@ class VulkanBackend:
         self._fast = None
 
     def _replay_pass(self, steps: list[dict[str, Any]], env: dict[str, Any], weights: Any,
-                     whole: Recorder) -> None:
+                     whole: Recorder, gathers_inside: bool = False) -> None:
         """Gather steps (the embedding rows of this pass's tokens) run keyed by their packs as
-        usual, then the whole-pass recording. The packs are resident and the tier frozen."""
+        usual (unless the whole-pass recording holds them), then the whole-pass recording. The
+        packs are resident and the tier frozen."""
         self._pass_recs = {}
         for si, step in enumerate(steps):
-            if step.get("gather"):  # all before the first other step (checked when the pass became fast)
+            if step.get("gather") and not gathers_inside:  # all before the first other step
                 self.run_step(si, step, env, weights)
         self._pending.append((whole, (), False))
         self._pass_recs[len(steps)] = whole

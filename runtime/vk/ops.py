@@ -93,7 +93,7 @@ class Ops:
         # Matmul defaults measured on an H200 (8192x8192 F16, T = 1..512) and on lavapipe.
         self.mm_rows = 4 if self.cpu else 2     # rows per workgroup (each x load serves all of them)
         self.mm_max_tokens = 8                  # tokens per workgroup for T > 1 (weight reuse factor)
-        self.mm_units = 1 if self.cpu else 2    # weight units loaded per invocation before use
+        self.mm_units = 1                       # weight units loaded per invocation before use (sweep_matvec)
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
