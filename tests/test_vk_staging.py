@@ -243,12 +243,14 @@ def test_archive_pack_span_reads_the_stored_bytes(raw_archive):
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["in-place", "staged"])
-def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch, direct):
-    """Under a small budget, packs come back after eviction through convert_file (preadv),
-    and the tokens match the numpy backend."""
+@pytest.mark.parametrize("reload_from", ["file", "mmap"])
+def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch, direct, reload_from):
+    """Under a small budget, packs come back after eviction through convert_file (preadv, or the
+    mapping), and the tokens match the numpy backend."""
     from vkpack.runtime.engine import Engine
     from vkpack.runtime.vk.backend import VulkanBackend
 
+    monkeypatch.setattr(VulkanBackend, "reload_from", reload_from)
     init = MemoryMixin._init_memory
 
     def small_staging(self):

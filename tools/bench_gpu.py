@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="sys.setswitchinterval for the run (0: Python's default, 5 ms)")
     ap.add_argument("--profile-host", action="store_true", help="print a cProfile of the decode loop")
+    ap.add_argument("--reload-from", default="", choices=("", "file", "mmap"),
+                    help="where verified raw packs are reloaded from (default: the backend's)")
     ap.add_argument("--skip-limits", action="store_true", help="do not measure the limits (for sweeps)")
     ap.add_argument("--resident", default="yes", choices=("yes", "no"), help="also run resident")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
@@ -214,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     PROFILE_HOST = args.profile_host
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
+    if args.reload_from:
+        from vkpack.runtime.vk.backend import VulkanBackend
+
+        VulkanBackend.reload_from = args.reload_from
     if args.workers:
         from vkpack.runtime.vk.backend import VulkanBackend
 

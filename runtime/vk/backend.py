@@ -134,11 +134,11 @@ class VulkanBackend:
         return _align(self.archive.packs[pack].raw_size) + self._extra.get(pack, 0)
 
     def convert(self, pack: int, raw: bytes | memoryview, dest: BufferSlice,
-                upload: bool = True) -> dict[tuple[str, int], Any]:
+                upload: bool = True, threads: int | None = None) -> dict[tuple[str, int], Any]:
         """Upload a pack's decoded bytes to `dest` (unless already there) and describe its tensors."""
         buf, base = dest.buffer, dest.offset
         if upload:
-            self.dev.upload(buf, raw, base)
+            self.dev.upload(buf, raw, base, threads)
         out: dict[tuple[str, int], Any] = {}
         extra = _align(len(raw))
         for t, p in self.slices.get(pack, []):
@@ -156,9 +156,15 @@ class VulkanBackend:
                 out[(t.name, p.row_start)] = Weight(buf, base + p.offset, t.dtype, p.row_end - p.row_start, t.shape[-1])
         return out
 
+    # where a verified raw pack is read from on reloads: "file" (preadv into staging) or "mmap"
+    # (the archive's mapping, already faulted in by the first load)
+    reload_from = "file"
+
     def convert_file(self, pack: int, dest: BufferSlice, threads: int | None = None) -> dict[tuple[str, int], Any]:
         """`convert` for a pack stored raw (codec "none") whose checksum was verified: its bytes
         go from the archive file into staging with preadv, never through the mmap."""
+        if self.reload_from == "mmap":
+            return self.convert(pack, self.archive.stored_bytes(pack), dest, threads=threads)
         offset, size = self.archive.pack_span(pack)
         self.dev.upload_file(dest.buffer, self.archive.fileno(), offset, size, dest.offset, threads)
         return self.convert(pack, self.archive.stored_bytes(pack), dest, upload=False)

@@ -304,8 +304,9 @@ class MemoryMixin:
             job = staging.Job(n, chunk, fill, pool=pool, dst=buf._buf, dst_off=offset)
         staging.run(self, job, threads)
 
-    def upload(self, buf: Buffer, data: Any, offset: int = 0) -> None:
-        """Copy bytes-like `data` (bytes, memoryview, numpy array) into `buf` at byte `offset`."""
+    def upload(self, buf: Buffer, data: Any, offset: int = 0, threads: int | None = None) -> None:
+        """Copy bytes-like `data` (bytes, memoryview, numpy array) into `buf` at byte `offset`
+        (`threads` caps the copying threads, default `copy_threads`)."""
         if isinstance(data, np.ndarray):
             src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         else:
@@ -313,7 +314,7 @@ class MemoryMixin:
         n = len(src)
         self._check_range(buf, offset, n)
         if n:
-            self._copy_in(buf, offset, n, lambda out, pos, m: np.copyto(out, src[pos:pos + m]))
+            self._copy_in(buf, offset, n, lambda out, pos, m: np.copyto(out, src[pos:pos + m]), threads)
 
     def upload_file(self, buf: Buffer, fd: int, file_offset: int, nbytes: int, offset: int = 0,
                     threads: int | None = None) -> None:
