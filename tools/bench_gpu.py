@@ -97,6 +97,7 @@ def model_archive(name: str, work: Path) -> Path:
     return arch
 
 
+EVICT_BATCH_MB = -1.0  # --evict-batch-mb: the tier's eviction batch (-1: the engine's choice)
 WARM_DECODE = 4      # decode passes run before the timed ones (they record the session's steps)
 PROFILE_HOST = False  # --profile-host: cProfile of the decode loop (the main thread) printed
 COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload_seconds", "bytes_uploaded",
@@ -106,6 +107,8 @@ COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload
 def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 32) -> dict:
     eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + WARM_DECODE + n_decode + 8,
                  prefetch_lookahead=lookahead)
+    if EVICT_BATCH_MB >= 0:
+        eng.tier.evict_batch = int(EVICT_BATCH_MB * 2**20)
     try:
         be = eng.backend
         rng = np.random.default_rng(1)
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-host", action="store_true", help="print a cProfile of the decode loop")
     ap.add_argument("--reload-from", default="", choices=("", "file", "mmap"),
                     help="where verified raw packs are reloaded from (default: the backend's)")
+    ap.add_argument("--evict-batch-mb", type=float, default=-1.0, help="eviction batch in MiB (-1: the engine's)")
     ap.add_argument("--skip-limits", action="store_true", help="do not measure the limits (for sweeps)")
     ap.add_argument("--resident", default="yes", choices=("yes", "no"), help="also run resident")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
@@ -212,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         SHAPES.update({k: ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
     res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
-    global PROFILE_HOST
-    PROFILE_HOST = args.profile_host
+    global PROFILE_HOST, EVICT_BATCH_MB
+    PROFILE_HOST, EVICT_BATCH_MB = args.profile_host, args.evict_batch_mb
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.reload_from:
