@@ -243,12 +243,20 @@ class Engine:
         self.close()
 
 
+KV_GRANULE = 256  # device sessions' KV rows are a multiple of this (at most the engine's context)
+
+
 class _KvSession:
     """Reserves one sequence's KV cache (and numpy activation room) as ONE range of the device
     tier, cut into per-layer views, so that sessions do not scatter small holes across the budget."""
 
     def __init__(self, eng: Engine, n_ctx: int, max_pass_tokens: int | None = None):
         self.eng = eng
+        if getattr(eng.backend, "resident", False):
+            # a device backend's recordings depend on the cache's size and place: sessions rounded to
+            # a granule land where an earlier one of that size was, and replay its recordings (only
+            # when the model is resident: under a small budget the KV bytes are worth more)
+            n_ctx = -(-n_ctx // KV_GRANULE) * KV_GRANULE
         self.n_ctx = max(1, min(n_ctx, eng.context))
         self.layers = eng.archive.graph["kv_cache"]["n_layers"]
         self.width = eng._kv_dim()

@@ -42,9 +42,9 @@ def test_smollm2_vulkan_matches_numpy(smollm2_archive, smol_cpu, quarter):
         assert rel_err(eng.logits(ids), ref_logits) < REL_TOL
         assert greedy(eng, ids, 32) == ref_tokens
         if not quarter:  # resident: decode replays one whole-pass command buffer per token
-            fast = eng.backend._fast
-            assert fast is not None and fast[3] is not None
-            assert fast[3] in eng.backend._pass_recs.values()
+            fast = eng.backend.last_fast
+            assert fast is not None and fast[2] is not None
+            assert fast[2] in eng.backend._pass_recs.values()
         st = eng.stats()
         assert st["peak_device_bytes"] <= st["device_budget"]
         if quarter:
@@ -65,9 +65,9 @@ def test_synthetic_families_and_split_packs(tmp_path, arch, dtype):
         assert greedy(g, ids, 12) == greedy(c, ids, 12)
         # packs placed in order at start: the row-parts of a tensor run as one weight
         parts = sum(len(t.parts) for t in g.archive.tensors.values() if len(t.shape) == 2)
-        linears = sum(1 for k in g.backend._fast[3]._keep if k.name.startswith(("matmul", "matvec")))
+        linears = sum(1 for k in g.backend.last_fast[2]._keep if k.name.startswith(("matmul", "matvec")))
         assert linears < parts, (linears, parts)
-        assert g.backend._fast[4], "the embedding table is gathered inside the whole-pass recording"
+        assert g.backend.last_fast[3], "the embedding table is gathered inside the whole-pass recording"
         a, b = ids, c.encode("another one")
         with g.kv_session(32) as ka, g.kv_session(32) as kb, c.kv_session(32) as kc, c.kv_session(32) as kd:
             both_g = g.forward_batch([(a, 0, ka), (b, 0, kb)])
@@ -84,3 +84,25 @@ def test_auto_prefers_numpy_over_a_cpu_vulkan_device(smollm2_archive):
     finally:
         dev.close()
     assert kind == expected
+
+
+def test_requests_of_other_lengths_replay_the_decode_recordings(tmp_path, monkeypatch):
+    """Resident: sessions are rounded to a granule, so a request with another prompt length records
+    its prefill pass only; its decode replays what the request before recorded."""
+    from vkpack.runtime.vk import recorder
+
+    spec = ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=512, std=0.1)
+    src = ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=3)
+    build(src, tmp_path / "m.vkpack", progress=False)
+    made = []
+    init = recorder.Recorder.__init__
+    monkeypatch.setattr(recorder.Recorder, "__init__", lambda self, *a, **k: made.append(1) or init(self, *a, **k))
+    with Engine(tmp_path / "m.vkpack", device="vulkan", context=512) as g:
+        g.generate([5, 6, 7], max_tokens=6, temperature=0, ignore_eos=True)
+        first = len(made)
+        g.generate([5, 6, 7, 8, 9, 10, 11], max_tokens=6, temperature=0, ignore_eos=True)
+        second = len(made) - first
+        steps = len(g.archive.graph["steps"])
+    # the prefill's steps, and the copy of its logits (their place in the activations depends on T)
+    assert second <= steps + 1, f"{second} recordings for a prefill of {steps} steps: the decode was recorded again"
+    assert first > 2 * steps

@@ -28,6 +28,7 @@ from .recorder import Recorder, submit_all
 log = logging.getLogger(__name__)
 ALIGN = 256
 MAX_CACHED_RECORDINGS = 1024
+MAX_FAST_SHAPES = 4  # replayable pass shapes kept (decode of a few session sizes, a prefill)
 MAX_TOKENS_PER_PASS = 4096
 READBACK_ROWS = 16  # logits rows the readback buffer holds before it must grow
 
@@ -90,9 +91,11 @@ class VulkanBackend(GraphOpsMixin):
         self._cache: OrderedDict[tuple, Recorder] = OrderedDict()
         self._pending: list[tuple[Recorder, list[Any], bool]] = []   # recorded, not yet submitted
         self._inflight: list[tuple[Recorder, list[Any], bool]] = []  # submitted, packs pinned until done
-        # (pass shape, tier version, per-step recordings, whole-pass recording or None, whether the
-        # whole-pass recording holds the embedding gathers too) of a stable pass
-        self._fast: tuple[Any, int, dict[int, Recorder], Recorder | None, bool] | None = None
+        # pass shape -> (tier version, per-step recordings, whole-pass recording or None, whether the
+        # whole-pass recording holds the embedding gathers too), for the few latest stable pass shapes
+        # (a request's prefill does not drop the decode pass of the session before it)
+        self._fast: OrderedDict[Any, tuple[int, dict[int, Recorder], Recorder | None, bool]] = OrderedDict()
+        self.last_fast: tuple | None = None     # the entry the last replayed pass used (tests, tools)
         self.resident = False
         self._retired: list[Recorder] = []
         self._pass_recs: dict[int, Recorder] = {}
@@ -257,8 +260,9 @@ class VulkanBackend(GraphOpsMixin):
             self._cache[key] = rec
             if len(self._cache) > MAX_CACHED_RECORDINGS:
                 _key, old = self._cache.popitem(last=False)
-                if self._fast is not None and old in self._fast[2].values():
-                    self._drop_fast()
+                for sh, entry in list(self._fast.items()):
+                    if old in entry[1].values():
+                        self._drop_fast(sh)
                 self._retire(old)
         else:
             self._cache.move_to_end(key)
@@ -317,25 +321,29 @@ class VulkanBackend(GraphOpsMixin):
         on the second such pass): no per-step Python and no gaps between command buffers."""
         tier = self.tier
         shape = (env["_T"], env["_layout"])
-        fast = self._fast
-        if fast is not None and fast[0] == shape and fast[1] == tier.version:
+        fast = self._fast.get(shape)
+        if fast is not None and fast[0] != tier.version:
+            self._drop_fast(shape)  # packs moved since: record again
+            fast = None
+        if fast is not None:
+            self._fast.move_to_end(shape)
             tier.frozen = True  # the replay pins nothing: prefetch may neither place nor evict now
             try:
-                if fast[3] is None:
+                if fast[2] is None:
                     gathers = self._resident_gathers(steps) if self.resident else None
-                    self._fast = fast = (*fast[:3], self._record_whole_pass(steps, env, fast[2], gathers),
-                                         gathers is not None)
+                    whole = self._record_whole_pass(steps, env, fast[1], gathers)
+                    self._fast[shape] = fast = (fast[0], fast[1], whole, gathers is not None)
                     if gathers is None and self.resident and env["_T"] == 1:
                         self._prerecord_gathers(steps, env)
-                self._replay_pass(steps, env, weights, fast[3], gathers_inside=fast[4])
+                self._replay_pass(steps, env, weights, fast[2], gathers_inside=fast[3])
+                self.last_fast = fast
             finally:
                 tier.frozen = False
-            if tier.version != fast[1]:
-                self._drop_fast()  # a gather step moved packs: the next pass records again
+            if tier.version != fast[0]:
+                self._drop_fast(shape)  # a gather step moved packs: the next pass records again
             return
         # step by step: every step pins its packs until its fence signals, so prefetching (and
         # evicting what is not pinned) goes on while the pass runs
-        self._drop_fast()
         v0 = tier.version
         self._pass_recs = {}
         for si, step in enumerate(steps):
@@ -346,7 +354,9 @@ class VulkanBackend(GraphOpsMixin):
         stable = tier.version == v0 and len(recs) == sum(1 for s in steps if not s.get("gather"))
         gathers_first = all(not s.get("gather") for s in steps[min(recs, default=0):])
         if stable and gathers_first and all(r in cached for r in recs.values()):
-            self._fast = (shape, tier.version, recs, None, False)
+            self._fast[shape] = (tier.version, recs, None, False)
+            while len(self._fast) > MAX_FAST_SHAPES:
+                self._drop_fast(next(iter(self._fast)))
 
     def _record_whole_pass(self, steps: list[dict[str, Any]], env: dict[str, Any], recs: dict[int, Recorder],
                            gathers: dict[int, dict] | None = None) -> Recorder:
@@ -384,10 +394,12 @@ class VulkanBackend(GraphOpsMixin):
             out[si] = payload
         return out
 
-    def _drop_fast(self) -> None:
-        if self._fast is not None and self._fast[3] is not None:
-            self._retire(self._fast[3])
-        self._fast = None
+    def _drop_fast(self, shape: Any = None) -> None:
+        """Forget the replayable pass of `shape` (all of them when None)."""
+        for sh in list(self._fast) if shape is None else [shape]:
+            entry = self._fast.pop(sh, None)
+            if entry is not None and entry[2] is not None:
+                self._retire(entry[2])
 
     def _replay_pass(self, steps: list[dict[str, Any]], env: dict[str, Any], weights: Any,
                      whole: Recorder, gathers_inside: bool = False) -> None:
