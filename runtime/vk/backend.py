@@ -84,6 +84,8 @@ class VulkanBackend(GraphOpsMixin):
         self._scratch: tuple[Allocation, BufferSlice] | None = None
         # per-pass inputs the host rewrites before each pass: token ids and positions (uint32)
         self._io = self.dev.alloc(8 * MAX_TOKENS_PER_PASS, "upload")
+        self._io_u32 = np.frombuffer(self._io.view(), dtype=np.uint32)
+        self._bufs_cache: dict[tuple, tuple[dict, list]] = {}
         # host-visible copy of a pass's output (logits), written by the pass's own submission
         self._readback = self.dev.alloc(4 * READBACK_ROWS * archive.hparams["vocab"], "readback")
         self._readback_recs: dict[tuple, Recorder] = {}
@@ -183,35 +185,43 @@ class VulkanBackend(GraphOpsMixin):
         if t > MAX_TOKENS_PER_PASS:
             raise ValueError(f"{t} tokens in one pass; at most {MAX_TOKENS_PER_PASS}")
         self.wait_all()
-        self.dev.upload(self._io, tokens.astype(np.uint32).tobytes(), 0)
-        self.dev.upload(self._io, positions.astype(np.uint32).tobytes(), 4 * MAX_TOKENS_PER_PASS)
+        io = self._io_u32  # host-visible: written in place, read by the next submission
+        io[:t] = tokens
+        io[MAX_TOKENS_PER_PASS:MAX_TOKENS_PER_PASS + t] = positions
         env["_ids"] = BufferSlice(self._io, 0, 4 * t)
         env["_pos"] = BufferSlice(self._io, 4 * MAX_TOKENS_PER_PASS, 4 * t)
         env["_T"] = t
-        env["_nseq"] = len(env["seqs"])
+        env["_nseq"] = nseq = len(env["seqs"])
+        env["_after_last"] = False
         # what a recording depends on besides its packs: row ranges and where each KV cache lives
         # (positions are read from the io buffer, so a decode step replays at every position)
-        env["_layout"] = tuple((r0, r1, kv[0][0].n_ctx, tuple((id(kc.slice.buffer), kc.slice.offset, vc.slice.offset)
-                                                         for kc, vc in kv)) for r0, r1, _p0, kv in env["seqs"])
-        env["_bufs"] = {}
-        env["_after_last"] = False
-        widths = self._widths()
-        rows_of = {name: (env["_nseq"] if name == "logits" else t) for name in widths}
+        layout = tuple((r0, r1) + _kv_layout(kv) for r0, r1, _p0, kv in env["seqs"])
         hp = self.archive.hparams  # split-K attention partials of each sequence (0: the one-pass kernel)
-        attn = [self.ops.attention_scratch_bytes(r1 - r0, hp["n_heads"], hp["head_dim"], kv[0][0].n_ctx)
-                for r0, r1, _p0, kv in env["seqs"]]
-        need = self._scratch_bytes(t, env["_nseq"], attn)
-        scratch = self._scratch_slice(need)
-        off = scratch.offset
-        env["_layout"] += ((id(scratch.buffer), scratch.offset),)  # recordings bind activation buffers here
-        for name, w in widths.items():
-            size = _align(4 * rows_of[name] * w)
-            env["_bufs"][name] = (BufferSlice(scratch.buffer, off, size), w, rows_of[name])
+        attn = tuple(self.ops.attention_scratch_bytes(r1 - r0, hp["n_heads"], hp["head_dim"], kv[0][0].n_ctx)
+                     for r0, r1, _p0, kv in env["seqs"])
+        scratch = self._scratch_slice(self._scratch_bytes(t, nseq, attn))
+        env["_layout"] = layout + ((id(scratch.buffer), scratch.offset),)  # activations live here
+        key = (t, nseq, attn, id(scratch.buffer), scratch.offset)
+        bufs = self._bufs_cache.get(key)
+        if bufs is None:
+            bufs = self._bufs_cache[key] = self._lay_out(scratch, t, nseq, attn)
+            if len(self._bufs_cache) > 64:
+                self._bufs_cache.pop(next(iter(self._bufs_cache)))
+        env["_bufs"], env["_attn"] = bufs
+
+    def _lay_out(self, scratch: BufferSlice, t: int, nseq: int, attn: tuple[int, ...]) -> tuple[dict, list]:
+        """Activation buffers of a pass (name -> (slice, width, rows)) and the attention partials."""
+        off, bufs = scratch.offset, {}
+        for name, w in self._widths().items():
+            rows = nseq if name == "logits" else t
+            size = _align(4 * rows * w)
+            bufs[name] = (BufferSlice(scratch.buffer, off, size), w, rows)
             off += size
-        env["_attn"] = []
+        parts = []
         for size in attn:
-            env["_attn"].append(BufferSlice(scratch.buffer, off, size) if size else None)
+            parts.append(BufferSlice(scratch.buffer, off, size) if size else None)
             off += _align(size)
+        return bufs, parts
 
     def _scratch_bytes(self, tokens: int, n_seqs: int, attn: Any = ()) -> int:
         """Activation bytes of a pass: the _widths rows, plus `attn` (bytes of each sequence's attention partials)."""
@@ -518,6 +528,16 @@ class VulkanBackend(GraphOpsMixin):
         for rec in self._readback_recs.values():
             rec.destroy()
         self._readback.destroy()
+
+
+def _kv_layout(kv: list[tuple[KvCache, KvCache]]) -> tuple:
+    """(n_ctx, where each layer's K and V caches are), computed once per session (cached on it)."""
+    first = kv[0][0]
+    lay = getattr(first, "layout", None)
+    if lay is None:
+        lay = first.layout = (first.n_ctx, tuple((id(kc.slice.buffer), kc.slice.offset, vc.slice.offset)
+                                                 for kc, vc in kv))
+    return lay
 
 
 def _n(t: TensorRecord, p: TensorPart) -> int:
