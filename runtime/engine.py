@@ -42,15 +42,20 @@ class Engine:
         eviction_aggression: the graph policy's scoring knob, 0..1.
         policy: "graph" (Belady by next use in the graph) or "lru" (the baseline).
         context: the longest prompt + generation this engine accepts (default: the model's, at most 4096).
+        workgroup_size, subgroups, fp32, shader_dir: Vulkan kernel settings (--workgroup-size,
+            --no-subgroups, --fp32, --shader-dir); see `vk.Ops.configure` and `vk.spirv.set_shader_dir`.
     """
 
     def __init__(self, path: str | Path, vram_gb: float | None = None, ram_gb: float | None = None,
                  device: str = "auto", prefetch_lookahead: int = 3, eviction_aggression: float = 0.7,
                  policy: str = "graph", context: int | None = None, threads: int | None = None,
-                 device_index: int | None = None):
+                 device_index: int | None = None, workgroup_size: int | None = None, subgroups: bool = True,
+                 fp32: bool = False, shader_dir: str | Path | None = None):
         self.archive = Archive(path)
         self.hp = self.archive.hparams
-        self.backend = _make_backend(device, self.archive, device_index)
+        self.backend = _make_backend(device, self.archive, device_index,
+                                     {"workgroup_size": workgroup_size, "subgroups": subgroups, "fp32": fp32},
+                                     shader_dir)
         if threads and hasattr(self.backend, "set_threads"):
             self.backend.set_threads(threads, threads)
         self.context = min(context or min(self.hp["context"], DEFAULT_CONTEXT), self.hp["context"])
@@ -300,8 +305,10 @@ class _KvSession:
         self.allocs = []
 
 
-def _make_backend(device: str, archive: Archive, device_index: int | None = None) -> Any:
-    """The Vulkan backend where a device works (`auto` falls back to numpy with one warning)."""
+def _make_backend(device: str, archive: Archive, device_index: int | None = None,
+                  kernel_options: dict[str, Any] | None = None, shader_dir: str | Path | None = None) -> Any:
+    """The Vulkan backend where a device works (`auto` falls back to numpy with one warning).
+    `kernel_options` (workgroup_size, subgroups, fp32) and `shader_dir` only concern Vulkan."""
     if device not in ("auto", "cpu", "vulkan"):
         raise ValueError(f"device {device!r}: choose auto, cpu or vulkan")
     if device in ("auto", "vulkan"):
@@ -310,9 +317,11 @@ def _make_backend(device: str, archive: Archive, device_index: int | None = None
         ok, why = vk.available()
         if ok:
             try:
+                from .vk import spirv
                 from .vk.backend import VulkanBackend
 
-                backend = VulkanBackend(archive, device_index)
+                spirv.set_shader_dir(shader_dir)
+                backend = VulkanBackend(archive, device_index, **(kernel_options or {}))
                 if device == "vulkan" or backend.dev.info.type != "cpu":
                     return backend
                 # a software rasterizer (lavapipe) is slower than numpy: auto keeps to the CPU backend

@@ -106,3 +106,57 @@ def test_requests_of_other_lengths_replay_the_decode_recordings(tmp_path, monkey
     # the prefill's steps, and the copy of its logits (their place in the activations depends on T)
     assert second <= steps + 1, f"{second} recordings for a prefill of {steps} steps: the decode was recorded again"
     assert first > 2 * steps
+
+
+def test_kernel_settings_reach_the_kernels(tmp_path):
+    """--workgroup-size, --no-subgroups and --fp32 change the kernels the engine runs, not the result."""
+    spec = ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=512, std=0.1)
+    src = ms.write_gguf(tmp_path / "m.gguf", spec, dtype="Q8_0", seed=5)
+    build(src, tmp_path / "m.vkpack", progress=False)
+    with Engine(tmp_path / "m.vkpack", device="cpu") as c:
+        ids = c.encode("settings")
+        ref = c.logits(ids)
+    with Engine(tmp_path / "m.vkpack", device="vulkan", workgroup_size=16, subgroups=False, fp32=True) as g:
+        ops = g.backend.ops
+        assert ops.suffix == "_nosg" and ops.mm_wg == ops.red_wg == ops.ew_wg == 16 and not ops.coop
+        assert rel_err(g.logits(ids), ref) < REL_TOL
+        used = {k.name for k in g.backend.dev._kernels.values()}
+        assert "matmul_q8_0_nosg" in used and not any(n.startswith("attention_split") for n in used)
+    with pytest.raises(Exception, match="power of 2"):
+        Engine(tmp_path / "m.vkpack", device="vulkan", workgroup_size=24, subgroups=False)
+
+
+def test_shader_dir_swaps_a_shader(tmp_path):
+    """--shader-dir: a variant whose source is in the folder is compiled from there (here an `add`
+    that adds 1000 more), the others stay the packaged ones."""
+    import shutil
+
+    from vkpack.runtime.vk import spirv
+
+    if spirv.glslc_path() is None:
+        pytest.skip("glslc not installed")
+    d = tmp_path / "shaders"
+    d.mkdir()
+    text = (spirv.SHADER_DIR / "add.comp").read_text()
+    assert "a[i] + b[i]" in text
+    (d / "add.comp").write_text(text.replace("a[i] + b[i]", "a[i] + b[i] + 1000.0"))
+    try:
+        spirv.set_shader_dir(d)
+        assert spirv.load_spirv("add") != (spirv.SHADER_DIR / "add.spv").read_bytes()
+        assert spirv.load_spirv("rope") == (spirv.SHADER_DIR / "rope.spv").read_bytes()
+        dev = vk.Device()
+        try:
+            ops = vk.Ops(dev)
+            a = dev.alloc(64)
+            dev.upload(a, np.ones(16, np.float32))
+            rec = vk.Recorder(dev)
+            ops.add(rec, a, a, a, 16)
+            rec.run()
+            rec.destroy()
+            assert np.frombuffer(dev.download(a), np.float32)[0] == 1002.0
+        finally:
+            dev.close()
+        assert (d / ".spv" / "add.spv").exists()
+    finally:
+        spirv.set_shader_dir(None)
+        shutil.rmtree(d)

@@ -69,10 +69,16 @@ class VulkanBackend(GraphOpsMixin):
     # 4 GiB-budget 8B stream faster than 8 or 4)
     prefetch_workers = max(2, min(16, (os.cpu_count() or 2) * 3 // 4))
 
-    def __init__(self, archive: Any, device_index: int | None = None):
+    def __init__(self, archive: Any, device_index: int | None = None, workgroup_size: int | None = None,
+                 subgroups: bool = True, fp32: bool = False):
         self.archive = archive
         self.dev = Device(device_index)
         self.ops = Ops(self.dev)
+        try:
+            self.ops.configure(workgroup_size, subgroups, fp32)
+        except BaseException:
+            self.dev.close()
+            raise
         info = self.dev.info
         self.max_block = min(1 << 30, info.max_memory_allocation_size, info.main_heap.size // 2) // ALIGN * ALIGN
         self.slices: dict[int, list[tuple[TensorRecord, TensorPart]]] = {}

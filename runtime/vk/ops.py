@@ -106,6 +106,8 @@ class Ops:
         self.mm_coop_tile: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, WM, WN); None: by size
         self.mm_coop_min_groups = 128           # default tile: the widest that still gives this many workgroups
         self.red_wg = sg if self.cpu else 256    # rms_norm, argmax
+        # rms_norm of one row (a decode token): one wide workgroup, few elements per invocation
+        self.red_wg_single = 1 << (min(1024, info.max_workgroup_invocations).bit_length() - 1)
         self.attn_wg = sg if self.cpu else 64
         # split-K decode attention (attention_split + attention_merge) for T <= attn_split_max_tokens
         self.attn_split_max_tokens = 16          # more tokens: the one-pass kernel has workgroups enough
@@ -120,6 +122,29 @@ class Ops:
         self._counters: Buffer | None = None
 
     # ---- helpers ----
+
+    def configure(self, workgroup_size: int | None = None, subgroups: bool = True, fp32: bool = False) -> None:
+        """The user's kernel settings (--workgroup-size, --no-subgroups, --fp32) over the defaults.
+
+        workgroup_size: invocations of every workgroup-size specialization constant (the tiled and
+        cooperative-matrix matmuls size theirs from their tiles). subgroups=False: shared-memory
+        reductions everywhere (the `_nosg` variants; split-K attention needs subgroups, so the
+        one-pass kernel runs). fp32: no kernel rounds activations to fp16 (the tensor-core prefill
+        does; it is left out)."""
+        if not subgroups:
+            self.suffix = "_nosg"
+        if workgroup_size is not None:
+            lim = self.dev.info.max_workgroup_invocations
+            if not 1 <= workgroup_size <= lim:
+                raise VulkanError(f"--workgroup-size {workgroup_size}: must be 1..{lim} on {self.dev.info.name}")
+            if self.suffix and workgroup_size & (workgroup_size - 1):
+                raise VulkanError(f"--workgroup-size {workgroup_size}: must be a power of 2 without subgroups "
+                                  "(shared-memory tree reductions)")
+            for attr in ("mm_wg", "mv_wg", "red_wg", "red_wg_single", "attn_wg", "ew_wg", "attn_split_wg",
+                         "attn_merge_wg"):
+                setattr(self, attr, workgroup_size)
+        if fp32:
+            self.coop = False
 
     def _k(self, name: str, n_bind: int, push: int, writes: tuple[int, ...], spec: dict[int, Any],
            reduce: bool = False) -> Kernel:
@@ -262,8 +287,7 @@ class Ops:
     def rms_norm(self, rec: Recorder, x: Any, w: Any, y: Any, n_groups: int, n: int, eps: float) -> None:
         """y[g, :] = x[g, :] / sqrt(mean(x[g, :]^2) + eps) * w for n_groups groups of n floats (y may be x)."""
         # one group (a decode token): one wide workgroup, few elements per invocation (latency bound)
-        wg = self.red_wg if n_groups > 1 or self.cpu else 1 << (min(1024, self.dev.info.max_workgroup_invocations)
-                                                                .bit_length() - 1)
+        wg = self.red_wg if n_groups > 1 or self.cpu else self.red_wg_single
         k = self._k("rms_norm", 3, 12, (2,), {0: wg}, reduce=True)
         gx, gz = self._grid(n_groups)
         rec.dispatch(k, [x, w, y], (gx, 1, gz), struct.pack("<2If", n_groups, n, eps))

@@ -6,12 +6,17 @@ rebuilt on the next load when `glslc` is on PATH (set VKPACK_SHADER_AUTOBUILD=0 
 
 Staleness is decided by content, not mtime (a git checkout gives every file a fresh mtime): each
 build records a hash of its inputs (source, common/*.glsl, defines, flags) in shaders/_spv_inputs.py.
+
+`set_shader_dir(d)` (`--shader-dir`) swaps shaders without touching the package: a variant whose
+source file is in `d` is compiled from there (includes resolve in `d`, then in the package) into
+`d/.spv/` at first use and whenever its inputs change; the other variants stay the packaged ones.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -42,11 +47,35 @@ def spv_path(name: str) -> Path:
 MANIFEST = SHADER_DIR / "_spv_inputs.py"
 
 
-def input_hash(name: str) -> str:
+_override: Path | None = None  # set_shader_dir()
+
+
+def set_shader_dir(path: str | Path | None) -> None:
+    """Compile variants whose sources are in `path` from there (None: the packaged shaders only)."""
+    global _override
+    if path is None:
+        _override = None
+        return
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise VulkanError(f"--shader-dir {path}: not a directory")
+    _override = p
+
+
+def _source_dir(name: str) -> Path:
+    """Where variant `name` is compiled from: the override folder when it has its source."""
+    if _override is not None and (_override / variants()[name]["source"]).is_file():
+        return _override
+    return SHADER_DIR
+
+
+def input_hash(name: str, src_dir: Path = SHADER_DIR) -> str:
     """Hash of everything variant `name` is compiled from."""
     v = variants()[name]
     h = hashlib.sha256(repr((v["source"], sorted(v["defines"].items()), GLSLC_FLAGS)).encode())
-    for p in [SHADER_DIR / v["source"], *sorted((SHADER_DIR / "common").glob("*.glsl"))]:
+    common = {p.name: p for p in sorted((SHADER_DIR / "common").glob("*.glsl"))}
+    common.update({p.name: p for p in sorted((src_dir / "common").glob("*.glsl"))})
+    for p in [src_dir / v["source"], *(common[k] for k in sorted(common))]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -76,7 +105,8 @@ def is_stale(name: str) -> bool:
     return recorded_hashes().get(name) != input_hash(name)
 
 
-def compile_variant(name: str, out: Path | None = None, glslc: str | None = None) -> Path:
+def compile_variant(name: str, out: Path | None = None, glslc: str | None = None,
+                    src_dir: Path = SHADER_DIR) -> Path:
     """Compile variant `name` with glslc to `out` (default: shaders/<name>.spv), atomically."""
     table = variants()
     if name not in table:
@@ -89,7 +119,8 @@ def compile_variant(name: str, out: Path | None = None, glslc: str | None = None
     defines = [f"-D{k}={val}" for k, val in v["defines"].items()]
     fd, tmp = tempfile.mkstemp(suffix=".spv", dir=out.parent)
     os.close(fd)
-    cmd = [glslc, *GLSLC_FLAGS, f"-I{SHADER_DIR}", *defines, str(SHADER_DIR / v["source"]), "-o", tmp]
+    includes = [f"-I{src_dir}"] + ([f"-I{SHADER_DIR}"] if src_dir != SHADER_DIR else [])
+    cmd = [glslc, *GLSLC_FLAGS, *includes, *defines, str(src_dir / v["source"]), "-o", tmp]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode != 0:
@@ -113,8 +144,33 @@ def build_all(force: bool = False) -> list[str]:
     return built
 
 
+def _load_override(name: str, src_dir: Path) -> Path:
+    """`src_dir/.spv/<name>.spv`, compiled when missing or built from other inputs."""
+    out_dir = src_dir / ".spv"
+    manifest = out_dir / "inputs.json"
+    out = out_dir / f"{name}.spv"
+    try:
+        hashes = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        hashes = {}
+    h = input_hash(name, src_dir)
+    if hashes.get(name) != h or not out.exists():
+        out_dir.mkdir(exist_ok=True)
+        compile_variant(name, out, src_dir=src_dir)
+        hashes[name] = h
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=out_dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(hashes, f, indent=1, sort_keys=True)
+        os.replace(tmp, manifest)
+    return out
+
+
 def load_spirv(name: str) -> bytes:
     """The SPIR-V words of variant `name`, rebuilding a stale file first when glslc is available."""
+    src_dir = _source_dir(name) if name in variants() else SHADER_DIR
+    if src_dir != SHADER_DIR:
+        path = _load_override(name, src_dir)
+        return _checked(name, path)
     path = spv_path(name)
     if os.environ.get("VKPACK_SHADER_AUTOBUILD", "1") != "0" and is_stale(name) and glslc_path():
         try:
@@ -122,6 +178,10 @@ def load_spirv(name: str) -> bytes:
         except (OSError, VulkanError) as e:
             if not path.exists():
                 raise VulkanError(f"shader {name}: {e}") from e
+    return _checked(name, path)
+
+
+def _checked(name: str, path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as e:
