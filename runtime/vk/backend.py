@@ -22,7 +22,7 @@ from ..alloc import Allocation
 from .device import Device
 from .graph_ops import GraphOpsMixin, _merged_parts
 from .kernels import BufferSlice
-from .ops import Ops, Weight
+from .ops import SPLIT_COUNTER_BYTES, Ops, Weight
 from .recorder import Recorder, submit_all
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,11 @@ class VulkanBackend(GraphOpsMixin):
     @property
     def reserved_bytes(self) -> int:
         """Device memory outside the tier, counted against the budget: the io buffer and staging
-        slots, each only where it lives in device-local memory (system-memory staging is not VRAM)."""
-        return self.dev.staging_vram_bytes() + sum(b.size for b in (self._io, self._readback) if b.block.device_local)
+        slots, each only where it lives in device-local memory (system-memory staging is not VRAM),
+        and the split-K attention's counters."""
+        counters = 0 if self.ops.suffix else SPLIT_COUNTER_BYTES
+        return (self.dev.staging_vram_bytes() + counters
+                + sum(b.size for b in (self._io, self._readback) if b.block.device_local))
 
     @property
     def pin_limit(self) -> int:

@@ -30,6 +30,9 @@ WEIGHT_FORMATS = {
 }
 
 
+SPLIT_COUNTER_BYTES = 4 << 20  # split-K attention counters: 4096 token rows x 256 head groups
+
+
 @dataclass(frozen=True)
 class Weight:
     """A (rows, cols) weight as stored (GGML blocks or plain floats) at byte `offset` of `buffer`.
@@ -386,7 +389,7 @@ class Ops:
             if self._counters is not None:
                 self.dev.wait_idle()
                 self._counters.destroy()
-            self._counters = self.dev.alloc(max(4 * n, 4 << 20))  # 4096 token rows x 256 groups
+            self._counters = self.dev.alloc(max(4 * n, SPLIT_COUNTER_BYTES))
             rec = Recorder(self.dev, label="zero counters")
             try:
                 rec.fill(self._counters, 0)
