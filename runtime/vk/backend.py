@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ...pack_format.errors import VkpackError
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
 from .device import Device
+from .errors import VulkanError
 from .graph_ops import GraphOpsMixin, _merged_parts
 from .kernels import BufferSlice
 from .ops import SPLIT_COUNTER_BYTES, Ops, Weight
@@ -76,9 +78,9 @@ class VulkanBackend(GraphOpsMixin):
         self.ops = Ops(self.dev)
         try:
             self.ops.configure(workgroup_size, subgroups, fp32)
-        except BaseException:
+        except VulkanError as e:  # a setting this device cannot take: the user's error, not the device's
             self.dev.close()
-            raise
+            raise VkpackError(str(e)) from None
         info = self.dev.info
         self.max_block = min(1 << 30, info.max_memory_allocation_size, info.main_heap.size // 2) // ALIGN * ALIGN
         self.slices: dict[int, list[tuple[TensorRecord, TensorPart]]] = {}
