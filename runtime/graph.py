@@ -51,7 +51,7 @@ class WeightAccess:
         for oi, op in enumerate(step["ops"]):
             for name in op["w"]:
                 parts = tensors[name].parts
-                idx = range(len(parts)) if gather_tokens is None else self._parts_of_rows(name, parts, gather_tokens)
+                idx = range(len(parts)) if gather_tokens is None else self.parts_of_rows(name, parts, gather_tokens)
                 for pi in idx:
                     part = parts[pi]
                     if part.pack in seen:
@@ -62,7 +62,7 @@ class WeightAccess:
                     seen.add(part.pack)
         return held
 
-    def _parts_of_rows(self, name: str, parts: list[Any], rows: np.ndarray) -> list[int]:
+    def parts_of_rows(self, name: str, parts: list[Any], rows: np.ndarray) -> list[int]:
         """Indices of the row-parts holding `rows` (a table of 100 parts is searched, not scanned)."""
         starts = self._starts.get(name)
         if starts is None:

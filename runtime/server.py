@@ -411,13 +411,10 @@ async def completions(request: Request) -> Response:
     job = _Job(state, _gen_args(state, body, ids, params), request.receive)
     job.start()
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    make = _chunk_maker(state, rid, created, "text_completion", include_usage)
 
     def chunk(text: str, reason: str | None) -> dict[str, Any]:
-        c = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
-        if include_usage:
-            c["usage"] = None
-        return c
+        return make({"text": text}, reason)
 
     if stream:
         def render(ev: Event | None) -> list[dict[str, Any]]:
@@ -459,13 +456,10 @@ async def chat_completions(request: Request) -> Response:
     job = _Job(state, _gen_args(state, body, ids, params), request.receive)
     job.start()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    make = _chunk_maker(state, rid, created, "chat.completion.chunk", include_usage)
 
     def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
-        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-        if include_usage:
-            c["usage"] = None
-        return c
+        return make({"delta": delta}, reason)
 
     if stream:
         def render(ev: Event | None) -> list[dict[str, Any]]:
@@ -487,6 +481,18 @@ async def chat_completions(request: Request) -> Response:
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "logprobs": None, "finish_reason": end.reason}],
                          "usage": _usage(end)})
+
+
+def _chunk_maker(state: _State, rid: str, created: int, obj: str, include_usage: bool) -> Any:
+    """Builds one response object (a stream chunk, or the body without a stream) of the given
+    OpenAI `object` type around a choice's content (`{"text": ...}` or `{"delta": ...}`)."""
+    def make(content: dict[str, Any], reason: str | None) -> dict[str, Any]:
+        c = {"id": rid, "object": obj, "created": created, "model": state.model_name,
+             "choices": [{"index": 0, **content, "logprobs": None, "finish_reason": reason}]}
+        if include_usage:
+            c["usage"] = None
+        return c
+    return make
 
 
 def _model_card(state: _State) -> dict[str, Any]:

@@ -43,8 +43,8 @@ import numpy as np
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 import make_synthetic as ms
-from bench_docs import DOCS, write_section
 import smollm2
+from bench_docs import DOCS, write_section
 
 GIB = 1 << 30
 MB = 1e6
@@ -81,6 +81,16 @@ def synthetic_spec() -> ms.Spec:
     return ms.Spec.llama_1b().with_target_gb(1.0, "F16")
 
 
+def _generated(gguf: Path, arch: Path, spec: ms.Spec, dtype: str) -> None:
+    """Write the synthetic GGUF and build its archive unless they exist and are up to date."""
+    if not gguf.exists():
+        print(f"writing {gguf}", file=sys.stderr)
+        ms.write_gguf(gguf, spec, dtype=dtype, seed=0)
+    if not arch.exists() or arch.stat().st_mtime < gguf.stat().st_mtime:
+        print(f"building {arch}", file=sys.stderr)
+        build(gguf, arch, progress=False)
+
+
 def models(work: Path) -> list[Model]:
     """The two models, building the synthetic one (GGUF and archive) into `work` on first use."""
     from vkpack.compiler.build import build
@@ -90,12 +100,7 @@ def models(work: Path) -> list[Model]:
     spec = synthetic_spec()
     gguf = work / f"synthetic-llama-{spec.layers}L-F16.gguf"
     arch = gguf.with_suffix(".vkpack")
-    if not gguf.exists():
-        print(f"writing {gguf}", file=sys.stderr)
-        ms.write_gguf(gguf, spec, dtype="F16", seed=0)
-    if not arch.exists() or arch.stat().st_mtime < gguf.stat().st_mtime:
-        print(f"building {arch}", file=sys.stderr)
-        build(gguf, arch, progress=False)
+    _generated(gguf, arch, spec, "F16")
     out.append(Model("synthetic", "synthetic 1 GB F16", arch, gguf,
                      f"llama, {spec.layers} layers, hidden {spec.hidden}, ffn {spec.ffn}, vocab {spec.vocab}, tied; "
                      "random N(0, 0.02) weights", (128,),
@@ -106,12 +111,7 @@ def models(work: Path) -> list[Model]:
     f32 = ms.Spec(layers=8, hidden=1024, heads=16, kv_heads=4, ffn=4096, vocab=16384)
     g32 = work / "synthetic-llama-8L-1024-F32.gguf"
     a32 = g32.with_suffix(".vkpack")
-    if not g32.exists():
-        print(f"writing {g32}", file=sys.stderr)
-        ms.write_gguf(g32, f32, dtype="F32", seed=0)
-    if not a32.exists() or a32.stat().st_mtime < g32.stat().st_mtime:
-        print(f"building {a32}", file=sys.stderr)
-        build(g32, a32, progress=False)
+    _generated(g32, a32, f32, "F32")
     out.append(Model("synthetic_f32", "synthetic 0.5 GB F32", a32, g32,
                      "llama, 8 layers, hidden 1024, ffn 4096, vocab 16384, untied; random N(0, 0.02) weights", (128,),
                      prefetch_only=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -24,10 +25,7 @@ class SourceTensor:
 
     @property
     def n_rows(self) -> int:
-        n = 1
-        for d in self.shape[:-1]:
-            n *= d
-        return n
+        return math.prod(self.shape[:-1])
 
     @property
     def row_bytes(self) -> int:

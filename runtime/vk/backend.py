@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -64,6 +64,15 @@ class KvCache:
         self.slice, self.n_ctx, self.width = sl, n_ctx, width
 
 
+class _FastPass(NamedTuple):
+    """A pass shape whose packs have not moved since its steps were recorded."""
+
+    version: int                  # the tier's version then
+    recs: dict[int, Recorder]     # step index -> its recording (gather steps excepted)
+    whole: Recorder | None        # all of them in one command buffer, made on the next such pass
+    gathers_inside: bool          # `whole` holds the embedding gathers too
+
+
 class VulkanBackend(GraphOpsMixin):
     name = "vulkan"
     # packs loaded (decompressed, copied) at once; each big copy also fans out over the device's copy threads
@@ -101,11 +110,10 @@ class VulkanBackend(GraphOpsMixin):
         self._cache: OrderedDict[tuple, Recorder] = OrderedDict()
         self._pending: list[tuple[Recorder, list[Any], bool]] = []   # recorded, not yet submitted
         self._inflight: list[tuple[Recorder, list[Any], bool]] = []  # submitted, packs pinned until done
-        # pass shape -> (tier version, per-step recordings, whole-pass recording or None, whether the
-        # whole-pass recording holds the embedding gathers too), for the few latest stable pass shapes
-        # (a request's prefill does not drop the decode pass of the session before it)
-        self._fast: OrderedDict[Any, tuple[int, dict[int, Recorder], Recorder | None, bool]] = OrderedDict()
-        self.last_fast: tuple | None = None     # the entry the last replayed pass used (tests, tools)
+        # pass shape -> its replayable pass, for the few latest stable shapes (a request's prefill
+        # does not drop the decode pass of the session before it)
+        self._fast: OrderedDict[Any, _FastPass] = OrderedDict()
+        self.last_fast: _FastPass | None = None     # the entry the last replayed pass used (tests, tools)
         self.resident = False
         self._retired: list[Recorder] = []
         self._pass_recs: dict[int, Recorder] = {}
@@ -282,7 +290,7 @@ class VulkanBackend(GraphOpsMixin):
             if len(self._cache) > MAX_CACHED_RECORDINGS:
                 _key, old = self._cache.popitem(last=False)
                 for sh, entry in list(self._fast.items()):
-                    if old in entry[1].values():
+                    if old in entry.recs.values():
                         self._drop_fast(sh)
                 self._retire(old)
         else:
@@ -343,24 +351,24 @@ class VulkanBackend(GraphOpsMixin):
         tier = self.tier
         shape = (env["_T"], env["_layout"])
         fast = self._fast.get(shape)
-        if fast is not None and fast[0] != tier.version:
+        if fast is not None and fast.version != tier.version:
             self._drop_fast(shape)  # packs moved since: record again
             fast = None
         if fast is not None:
             self._fast.move_to_end(shape)
             tier.frozen = True  # the replay pins nothing: prefetch may neither place nor evict now
             try:
-                if fast[2] is None:
+                if fast.whole is None:
                     gathers = self._resident_gathers(steps) if self.resident else None
-                    whole = self._record_whole_pass(steps, env, fast[1], gathers)
-                    self._fast[shape] = fast = (fast[0], fast[1], whole, gathers is not None)
+                    whole = self._record_whole_pass(steps, env, fast.recs, gathers)
+                    self._fast[shape] = fast = fast._replace(whole=whole, gathers_inside=gathers is not None)
                     if gathers is None and self.resident and env["_T"] == 1:
                         self._prerecord_gathers(steps, env)
-                self._replay_pass(steps, env, weights, fast[2], gathers_inside=fast[3])
+                self._replay_pass(steps, env, weights, fast.whole, gathers_inside=fast.gathers_inside)
                 self.last_fast = fast
             finally:
                 tier.frozen = False
-            if tier.version != fast[0]:
+            if tier.version != fast.version:
                 self._drop_fast(shape)  # a gather step moved packs: the next pass records again
             return
         # step by step: every step pins its packs until its fence signals, so prefetching (and
@@ -375,7 +383,7 @@ class VulkanBackend(GraphOpsMixin):
         stable = tier.version == v0 and len(recs) == sum(1 for s in steps if not s.get("gather"))
         gathers_first = all(not s.get("gather") for s in steps[min(recs, default=0):])
         if stable and gathers_first and all(r in cached for r in recs.values()):
-            self._fast[shape] = (tier.version, recs, None, False)
+            self._fast[shape] = _FastPass(tier.version, recs, None, False)
             while len(self._fast) > MAX_FAST_SHAPES:
                 self._drop_fast(next(iter(self._fast)))
 
@@ -419,8 +427,8 @@ class VulkanBackend(GraphOpsMixin):
         """Forget the replayable pass of `shape` (all of them when None)."""
         for sh in list(self._fast) if shape is None else [shape]:
             entry = self._fast.pop(sh, None)
-            if entry is not None and entry[2] is not None:
-                self._retire(entry[2])
+            if entry is not None and entry.whole is not None:
+                self._retire(entry.whole)
 
     def _replay_pass(self, steps: list[dict[str, Any]], env: dict[str, Any], weights: Any,
                      whole: Recorder, gathers_inside: bool = False) -> None:
@@ -428,9 +436,10 @@ class VulkanBackend(GraphOpsMixin):
         usual (unless the whole-pass recording holds them), then the whole-pass recording. The
         packs are resident and the tier frozen."""
         self._pass_recs = {}
-        for si, step in enumerate(steps):
-            if step.get("gather") and not gathers_inside:  # all before the first other step
-                self.run_step(si, step, env, weights)
+        if not gathers_inside:
+            for si, step in enumerate(steps):
+                if step.get("gather"):  # all before the first other step (checked when it became fast)
+                    self.run_step(si, step, env, weights)
         self._pending.append((whole, (), False))
         self._pass_recs[len(steps)] = whole
         self.flush(weights, wait=False)
@@ -442,8 +451,9 @@ class VulkanBackend(GraphOpsMixin):
         tensors = self.archive.tensors
         gather = env["tokens"] if step.get("gather") else None
         for oi, op in enumerate(step["ops"]):
-            parts = [(name, pi, p) for name in op["w"] for pi, p in enumerate(tensors[name].parts)
-                     if gather is None or np.any((gather >= p.row_start) & (gather < p.row_end))]
+            parts = [(name, pi, tensors[name].parts[pi]) for name in op["w"]
+                     for pi in (range(len(tensors[name].parts)) if gather is None
+                                else weights.parts_of_rows(name, tensors[name].parts, gather))]
             fixed = [x for x in parts if x[0] != op["w"][0]]  # a linear's bias: held with every chunk
             chunks: list[list] = [[]]
             size = 0

@@ -226,11 +226,12 @@ class Ops:
         if bias is not None and _nbytes(bias) < (bias_off + w.rows) * 4:
             raise VulkanError(f"linear: bias of {_nbytes(bias)} B too small for {bias_off + w.rows} floats")
         fuse = (1 if norm is not None else 0) | (2 if glu_up is not None else 0)
-        if fuse and not self.fuses(T, w.dtype):
+        kind = self._linear_kernel(T, w.dtype)
+        if fuse and kind != "matmul":
             raise VulkanError(f"linear: norm/glu fusion is not available for T={T} ({w.dtype})")
-        if self.coop and T >= self.mm_coop_min_tokens and w.dtype in COOP_TYPES:
+        if kind == "coop":
             k, nr, nt = self._coop_kernel(w.dtype, T, w.rows)
-        elif T >= self.mm_tiled_min_tokens:
+        elif kind == "tiled":
             bm, bn, tm, tn = self.mm_tile or ((128, 64, 8, 4) if T >= 256 else (64, 64, 4, 4))
             bk = max(32, WEIGHT_FORMATS[w.dtype][3])
             while bk * (bm + bn) * 4 > self.dev.info.max_shared_memory and bn > tn:
@@ -241,7 +242,7 @@ class Ops:
             spec = {0: (bm // tm) * (bn // tn), 1: bm, 2: bn, 3: bk, 4: tm, 5: tn}
             k = self._k(f"matmul_tiled_{w.dtype.lower()}", 4, 36, (3,), spec)
             nr, nt = bm, bn
-        elif T == 1 and self.mv_subgroup and not self.suffix:
+        elif kind == "matvec":
             nr, nt = self.mv_rows * max(1, self.mv_wg // max(1, self.dev.info.subgroup_size)), 1
             k = self._k(f"matvec_{w.dtype.lower()}", 4, 36, (3,),
                         {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units})
@@ -264,11 +265,19 @@ class Ops:
                 binds += [glu_up if glu_up is not None else x, norm[0] if norm is not None else x]
             rec.dispatch(k, binds, (gx, -(-T // nt), gz), push, touched)
 
+    def _linear_kernel(self, T: int, dtype: str) -> str:
+        """Which kernel linear() runs for T tokens: "coop", "tiled", "matvec" or "matmul"."""
+        if self.coop and T >= self.mm_coop_min_tokens and dtype in COOP_TYPES:
+            return "coop"
+        if T >= self.mm_tiled_min_tokens:
+            return "tiled"
+        if T == 1 and self.mv_subgroup and not self.suffix:
+            return "matvec"
+        return "matmul"
+
     def fuses(self, T: int, dtype: str) -> bool:
         """Whether linear() runs matmul.comp for T tokens (the kernel with the norm/GLU fusions)."""
-        if self.coop and T >= self.mm_coop_min_tokens and dtype in COOP_TYPES:
-            return False
-        return T < self.mm_tiled_min_tokens and not (T == 1 and self.mv_subgroup and not self.suffix)
+        return self._linear_kernel(T, dtype) == "matmul"
 
     def embed(self, rec: Recorder, w: Weight, ids: Any, out: Any, T: int, *, out_stride: int | None = None,
               id_off: int = 0, keep_outside: bool = False) -> None:

@@ -134,16 +134,6 @@ def compile_variant(name: str, out: Path | None = None, glslc: str | None = None
     return out
 
 
-def build_all(force: bool = False) -> list[str]:
-    """Compile every stale (or, with force, every) variant; returns the names built."""
-    built = []
-    for name in variants():
-        if force or is_stale(name):
-            compile_variant(name)
-            built.append(name)
-    return built
-
-
 def _load_override(name: str, src_dir: Path) -> Path:
     """`src_dir/.spv/<name>.spv`, compiled when missing or built from other inputs."""
     out_dir = src_dir / ".spv"
