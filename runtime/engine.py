@@ -84,7 +84,13 @@ class Engine:
         if streaming and hasattr(self.backend, "run_step"):  # a device backend: loads from many threads
             largest = max(self.backend.pack_bytes(p.id) for p in self.archive.packs)
             self.tier.evict_batch = min(4 * largest, budget // 16)
-        self.ram = RamTier(self.metrics.ram_budget if streaming else 0, self.policy)
+        ram_budget = self.metrics.ram_budget if streaming else 0
+        # a device backend keeps streamed packs in pinned memory under the RAM budget (one DMA per
+        # reload, vk/host_cache.py); decoded bytes then need no second cache
+        if streaming and hasattr(self.backend, "enable_host_cache") and self.backend.enable_host_cache(
+                ram_budget, self.model_bytes):
+            ram_budget = 0
+        self.ram = RamTier(ram_budget, self.policy)
         if hasattr(self.backend, "attach"):
             self.backend.attach(self.tier, resident=not streaming,
                                 pass_tokens=min(self.context, 2048 if not streaming else 512))
@@ -229,8 +235,14 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         m = self.metrics
         m.peak_device_bytes = self.tier.peak
-        m.peak_ram_bytes = self.ram.peak
+        m.peak_ram_bytes = self.ram.peak + self.pinned_bytes
         return m.as_dict()
+
+    @property
+    def pinned_bytes(self) -> int:
+        """System memory the device backend pinned for streamed packs (counted in the RAM budget)."""
+        hc = getattr(self.backend, "host_cache", None)
+        return 0 if hc is None else hc.used
 
     def close(self) -> None:
         self.loader.close()

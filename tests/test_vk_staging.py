@@ -246,7 +246,7 @@ def test_archive_pack_span_reads_the_stored_bytes(raw_archive):
 @pytest.mark.parametrize("reload_from", ["file", "mmap"])
 def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch, direct, reload_from):
     """Under a small budget, packs come back after eviction through convert_file (preadv, or the
-    mapping), and the tokens match the numpy backend."""
+    mapping), and the tokens match the numpy backend (--ram-gb 0: no pack is kept in pinned memory)."""
     from vkpack.runtime.engine import Engine
     from vkpack.runtime.vk.backend import VulkanBackend
 
@@ -269,7 +269,8 @@ def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch
         ref_logits = c.logits(ids)
     with Engine(raw_archive, device="vulkan") as probe:
         need = probe.model_bytes // 2 + probe.min_bytes
-    with Engine(raw_archive, device="vulkan", vram_gb=need / 2**30) as g:
+    with Engine(raw_archive, device="vulkan", vram_gb=need / 2**30, ram_gb=0) as g:
+        assert g.backend.host_cache is None
         dev = g.backend.dev
         local = dev.info.memory_types[dev.memory_type["upload"]].device_local   # lavapipe: one heap
         assert (dev.staging_vram_bytes() > 0) == (not direct and local)

@@ -104,8 +104,9 @@ COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload
             "read_seconds", "alloc_seconds", "prefetch_no_room")
 
 
-def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 32) -> dict:
-    eng = Engine(arch, device="vulkan", vram_gb=vram_gb, context=prompt_len + WARM_DECODE + n_decode + 8,
+def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 32,
+              ram_gb: float | None = None) -> dict:
+    eng = Engine(arch, device="vulkan", vram_gb=vram_gb, ram_gb=ram_gb, context=prompt_len + WARM_DECODE + n_decode + 8,
                  prefetch_lookahead=lookahead)
     if EVICT_BATCH_MB >= 0:
         eng.tier.evict_batch = int(EVICT_BATCH_MB * 2**20)
@@ -157,7 +158,7 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
             "step_python_ms_per_token": (be.host_seconds - h0) / n * 1e3,
             "submits": be.submits, "stall_s": m.stall_seconds, "peak": eng.tier.peak,
             "first_prefill_s": first, "warm_decode_s": warm_decode, "warm_decode_tokens": WARM_DECODE,
-            "decode_loads": loads,
+            "decode_loads": loads, "ram_gb": ram_gb, "pinned_bytes": eng.pinned_bytes,
         }
     finally:
         eng.close()
@@ -182,7 +183,9 @@ def table(res: dict) -> str:
                 budget, what = "resident", "of read bw"
             else:
                 frac = r["uploaded_per_token"] / (r["ms_per_token"] / 1e3) / (lim["h2d_gbps"] * 1e9)
-                budget, what = f"{r['vram_gb']} GiB", "of h2d"
+                pinned = "" if r.get("ram_gb") is None else f", --ram-gb {r['ram_gb']:g}"
+                budget = f"{r['vram_gb']} GiB ({r.get('pinned_bytes', 0) / 2**30:.1f} GiB pinned{pinned})"
+                what = "of h2d"
             lines.append(f"| {name} | {wb / 1e9:.2f} | {budget} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
                          f"{r['ms_per_token']:.2f} | {frac:.0%} {what} | {r['host_ms_per_token']:.2f} | "
                          f"{r['uploaded_per_token'] / 1e9:.2f} |")
@@ -208,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evict-batch-mb", type=float, default=-1.0, help="eviction batch in MiB (-1: the engine's)")
     ap.add_argument("--skip-limits", action="store_true", help="do not measure the limits (for sweeps)")
     ap.add_argument("--resident", default="yes", choices=("yes", "no"), help="also run resident")
+    ap.add_argument("--ram-gb", default="auto",
+                    help="RAM budgets of the streamed runs, comma-separated: auto (the engine's default), or GiB; "
+                         "0 keeps no pack in pinned memory (every reload reads the file)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
@@ -234,16 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(res["limits"]), flush=True)
     for name in args.models.split(","):
         runs = []
-        for vram in ((None,) if args.resident == "yes" else ()) + (args.vram_gb,):
+        rams = [None if v == "auto" else float(v) for v in args.ram_gb.split(",")]
+        settings = ([(None, None)] if args.resident == "yes" else []) + [(args.vram_gb, r) for r in rams]
+        for vram, ram in settings:
             try:
                 arch = model_archive(name, work)
                 if vram is not None and Archive(arch).size < vram * 2**30:
                     continue  # fits anyway: nothing streamed
                 r = run_model(arch, vram, args.prompt if not args.quick else 16,
-                              args.decode if vram is None else args.decode_streamed, args.lookahead)
+                              args.decode if vram is None else args.decode_streamed, args.lookahead, ram)
             except Exception as e:  # keep going: partial results still come back
                 traceback.print_exc()
-                r = {"vram_gb": vram, "error": f"{type(e).__name__}: {e}"}
+                r = {"vram_gb": vram, "ram_gb": ram, "error": f"{type(e).__name__}: {e}"}
             print(f"[{name}] {json.dumps(r)}", flush=True)
             runs.append(r)
             res["models"][name] = runs

@@ -23,6 +23,8 @@ from ..alloc import Allocation
 from .device import Device
 from .errors import VulkanError
 from .graph_ops import GraphOpsMixin, _merged_parts
+from .host_cache import HostPackCache, default_budget
+from . import staging
 from .kernels import BufferSlice
 from .ops import SPLIT_COUNTER_BYTES, Ops, Weight
 from .recorder import Recorder, submit_all
@@ -98,6 +100,7 @@ class VulkanBackend(GraphOpsMixin):
                 self.slices.setdefault(p.pack, []).append((t, p))
         self._extra = {pid: sum(_align(4 * _n(t, p)) for t, p in sl if _needs_f32(t)) for pid, sl in self.slices.items()}
         self.tier: Any = None
+        self.host_cache: HostPackCache | None = None   # streamed packs in pinned memory (enable_host_cache)
         self._scratch: tuple[Allocation, BufferSlice] | None = None
         # per-pass inputs the host rewrites before each pass: token ids and positions (uint32)
         self._io = self.dev.alloc(8 * MAX_TOKENS_PER_PASS, "upload")
@@ -157,11 +160,24 @@ class VulkanBackend(GraphOpsMixin):
         """Stored bytes as they are, plus f32 copies of 1-D tensors the kernels need as f32."""
         return _align(self.archive.packs[pack].raw_size) + self._extra.get(pack, 0)
 
+    def enable_host_cache(self, budget: int | None, model_bytes: int) -> bool:
+        """Keep up to `budget` bytes (None: `host_cache.default_budget`) of streamed packs in pinned
+        system memory (host_cache.py). Only where device memory is not written in place: on unified
+        memory (lavapipe, integrated GPUs) a copy in system memory is the device tier's own kind of
+        memory, twice."""
+        if budget is None:
+            budget = default_budget(model_bytes)
+        if budget <= 0 or self.dev._in_place(self.dev.memory_type["device"]):
+            return False
+        self.host_cache = HostPackCache(self.dev, budget)
+        return True
+
     def convert(self, pack: int, raw: bytes | memoryview, dest: BufferSlice,
                 upload: bool = True, threads: int | None = None) -> dict[tuple[str, int], Any]:
         """Upload a pack's decoded bytes to `dest` (unless already there) and describe its tensors."""
         buf, base = dest.buffer, dest.offset
-        if upload:
+        if upload and not self._upload_cached(pack, len(raw), dest, lambda out: np.copyto(
+                out, np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8))):
             self.dev.upload(buf, raw, base, threads)
         out: dict[tuple[str, int], Any] = {}
         extra = _align(len(raw))
@@ -180,17 +196,35 @@ class VulkanBackend(GraphOpsMixin):
                 out[(t.name, p.row_start)] = Weight(buf, base + p.offset, t.dtype, p.row_end - p.row_start, t.shape[-1])
         return out
 
+    def _upload_cached(self, pack: int, n: int, dest: BufferSlice, fill: Any) -> bool:
+        """Copy `pack` (n bytes) into `dest` through the pinned cache: from it when it holds the
+        pack, else by `fill(view)` into newly reserved room; False when the cache cannot take it."""
+        hc = self.host_cache
+        if hc is None or n == 0:
+            return False
+        if hc.lookup(pack) is None:
+            room = hc.reserve(n)
+            if room is None:
+                return False
+            fill(hc.host_view(room[0], room[1], n))
+            hc.commit(pack, room[0], room[1], n)
+        hc.copy_to(pack, dest.buffer, dest.offset)
+        return True
+
     # where a verified raw pack is read from on reloads: "file" (preadv into staging) or "mmap"
     # (the archive's mapping, already faulted in by the first load)
     reload_from = "file"
 
     def convert_file(self, pack: int, dest: BufferSlice, threads: int | None = None) -> dict[tuple[str, int], Any]:
         """`convert` for a pack stored raw (codec "none") whose checksum was verified: its bytes
-        go from the archive file into staging with preadv, never through the mmap."""
+        come from the pinned cache, or go from the archive file into staging with preadv, never
+        through the mmap."""
+        offset, size = self.archive.pack_span(pack)
+        fd = self.archive.fileno()
         if self.reload_from == "mmap":
             return self.convert(pack, self.archive.stored_bytes(pack), dest, threads=threads)
-        offset, size = self.archive.pack_span(pack)
-        self.dev.upload_file(dest.buffer, self.archive.fileno(), offset, size, dest.offset, threads)
+        if not self._upload_cached(pack, size, dest, lambda out: staging.pread_into(fd, out, offset)):
+            self.dev.upload_file(dest.buffer, fd, offset, size, dest.offset, threads)
         return self.convert(pack, self.archive.stored_bytes(pack), dest, upload=False)
 
     def kv_view(self, mem: BufferSlice, n_ctx: int, width: int) -> KvCache:
@@ -549,6 +583,8 @@ class VulkanBackend(GraphOpsMixin):
         for rec in self._readback_recs.values():
             rec.destroy()
         self._readback.destroy()
+        if self.host_cache is not None:
+            self.host_cache.close()
 
 
 def _kv_layout(kv: list[tuple[KvCache, KvCache]]) -> tuple:

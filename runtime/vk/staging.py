@@ -49,30 +49,30 @@ def pread_into(fd: int, out: Any, offset: int) -> None:
         got += k
 
 
-class Slot:
-    """A mapped staging buffer with its own command pool, command buffer and fence
-    (one command pool per slot: threads record without a shared lock)."""
+class Transfer:
+    """A command pool, command buffer and fence for copies on the transfer queue (one command pool
+    each: threads record without a shared lock)."""
 
-    def __init__(self, dev: Any, kind: str, size: int):
-        vk, ffi = _lib.vk, _lib.ffi
-        self.size, self.busy = size, False
-        self.buf = dev.alloc(size, kind)
+    def __init__(self, dev: Any):
+        self.busy = False
         self.pool = self.fence = None
         try:
-            if self.buf.block.ptr is None:
-                raise VulkanError(f"{kind} staging memory is not host-visible")
-            self.pool = call(vk.vkCreateCommandPool, dev._dev, vk.VkCommandPoolCreateInfo(
-                flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT | vk.VK_COMMAND_POOL_CREATE_TRANSIENT_BIT,
-                queueFamilyIndex=dev.transfer_family), None, context="creating a staging command pool")
-            track("command_pool")
-            self.cmd = call(vk.vkAllocateCommandBuffers, dev._dev, vk.VkCommandBufferAllocateInfo(
-                commandPool=self.pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1),
-                context="allocating a transfer command buffer")[0]
-            self.fence = call(vk.vkCreateFence, dev._dev, vk.VkFenceCreateInfo(), None, context="creating a fence")
-            track("fence")
+            self._make(dev, _lib.vk)
         except BaseException:
-            self.destroy(dev)
+            Transfer.destroy(self, dev)
             raise
+
+    def _make(self, dev: Any, vk: Any) -> None:
+        ffi = _lib.ffi
+        self.pool = call(vk.vkCreateCommandPool, dev._dev, vk.VkCommandPoolCreateInfo(
+            flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT | vk.VK_COMMAND_POOL_CREATE_TRANSIENT_BIT,
+            queueFamilyIndex=dev.transfer_family), None, context="creating a staging command pool")
+        track("command_pool")
+        self.cmd = call(vk.vkAllocateCommandBuffers, dev._dev, vk.VkCommandBufferAllocateInfo(
+            commandPool=self.pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1),
+            context="allocating a transfer command buffer")[0]
+        self.fence = call(vk.vkCreateFence, dev._dev, vk.VkFenceCreateInfo(), None, context="creating a fence")
+        track("fence")
         # raw-call structs built once (VULKAN_NOTES 8)
         self._fences = ffi.new("VkFence[1]", [self.fence])
         self._cmds = ffi.new("VkCommandBuffer[1]", [self.cmd])
@@ -85,8 +85,6 @@ class Slot:
         self._to_host = ffi.new("VkMemoryBarrier*", {   # device writes made visible to host reads
             "sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER, "srcAccessMask": vk.VK_ACCESS_TRANSFER_WRITE_BIT,
             "dstAccessMask": vk.VK_ACCESS_HOST_READ_BIT})
-        # numpy view of the mapping: numpy copies and preadv into it release the GIL
-        self.host = np.frombuffer(ffi.buffer(self.buf.block.ptr + self.buf.offset, size), dtype=np.uint8)
 
     def copy(self, dev: Any, src: Any, src_off: int, dst: Any, dst_off: int, n: int, to_host: bool = False) -> None:
         """Queue a copy of `n` bytes between two VkBuffers on the transfer queue (not waited);
@@ -121,6 +119,26 @@ class Slot:
             vk.vkDestroyCommandPool(dev._dev, self.pool, None)   # frees the command buffer
             track("command_pool", -1)
             self.pool = None
+
+
+class Slot(Transfer):
+    """A mapped staging buffer with its own `Transfer`."""
+
+    def __init__(self, dev: Any, kind: str, size: int):
+        self.size = size
+        self.buf = dev.alloc(size, kind)
+        try:
+            if self.buf.block.ptr is None:
+                raise VulkanError(f"{kind} staging memory is not host-visible")
+            super().__init__(dev)
+        except BaseException:
+            self.buf.destroy()
+            raise
+        # numpy view of the mapping: numpy copies and preadv into it release the GIL
+        self.host = np.frombuffer(_lib.ffi.buffer(self.buf.block.ptr + self.buf.offset, size), dtype=np.uint8)
+
+    def destroy(self, dev: Any) -> None:
+        super().destroy(dev)
         self.buf.destroy()
 
 

@@ -1,0 +1,112 @@
+"""Streamed packs kept in pinned system memory (vk/host_cache.py), on lavapipe made to act like a
+discrete GPU (its device memory staged, not written in place)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import make_synthetic as ms
+from vkpack.compiler.build import build
+from vkpack.runtime import vk
+from vkpack.runtime.engine import Engine
+from vkpack.runtime.vk.host_cache import HostPackCache
+from vkpack.runtime.vk.memory import MemoryMixin
+
+ok, why = vk.available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"no Vulkan: {why}")
+
+
+@pytest.fixture
+def discrete(monkeypatch):
+    """Device memory is never written in place: uploads go through staging, as on a discrete GPU."""
+    monkeypatch.setattr(MemoryMixin, "_in_place", lambda self, type_index: False)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hc")
+    spec = ms.Spec(layers=8, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1024, std=0.1)
+    src = ms.write_gguf(d / "m.gguf", spec, dtype="F16", seed=11)
+    build(src, d / "m.vkpack", max_pack_mb=1, progress=False)
+    with Engine(d / "m.vkpack", device="cpu") as c:
+        ids = c.encode("pinned packs stream again")
+        c.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
+        yield d / "m.vkpack", ids, c.logits(ids), list(c.last_ids), c.model_bytes
+
+
+def _run(path, ids, model_bytes, ram_gb=None):
+    """Greedy tokens and logits under a VRAM budget that holds a fifth of the packs besides the
+    minimum (staging slots count as VRAM on lavapipe's one device-local heap)."""
+    with Engine(path, device="vulkan") as probe:
+        floor = probe.min_bytes
+    with Engine(path, device="vulkan", vram_gb=(floor + model_bytes / 5) / 2**30, ram_gb=ram_gb) as g:
+        assert g.tier.budget < g.model_bytes
+        logits = g.logits(ids)
+        g.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
+        hc = g.backend.host_cache
+        seen = None if hc is None else {"hits": hc.hits, "packs": len(hc.entries), "used": hc.used, "full": hc.full}
+        return logits, list(g.last_ids), seen, g.stats()
+
+
+def test_streamed_packs_reload_from_pinned_memory(model, discrete):
+    path, ids, ref_logits, ref_tokens, model_bytes = model
+    logits, tokens, hc, st = _run(path, ids, model_bytes)
+    assert hc is not None and hc["hits"] > 0         # later passes copied packs from the cache
+    assert hc["packs"] > 0 and hc["used"] <= model_bytes
+    assert np.max(np.abs(logits - ref_logits)) / np.max(np.abs(ref_logits)) < 1e-3
+    assert tokens == ref_tokens
+    assert st["peak_device_bytes"] <= st["device_budget"]
+    assert st["peak_ram_bytes"] >= hc["used"] > 0    # pinned memory is reported as RAM in use
+
+
+def test_ram_budget_bounds_the_pinned_memory(model, discrete):
+    path, ids, ref_logits, ref_tokens, model_bytes = model
+    ram = model_bytes // 3
+    logits, tokens, hc, st = _run(path, ids, model_bytes, ram_gb=ram / 2**30)
+    assert hc["full"] and 0 < hc["used"] <= ram       # admitted until full, the rest streams from the file
+    assert hc["hits"] > 0
+    assert st["peak_ram_bytes"] <= st["ram_budget"]
+    assert tokens == ref_tokens
+    assert np.max(np.abs(logits - ref_logits)) / np.max(np.abs(ref_logits)) < 1e-3
+
+
+def test_no_pinned_copy_where_device_memory_is_host_memory(model):
+    path, ids, *_, model_bytes = model
+    dev = vk.Device()
+    try:
+        in_place = dev._in_place(dev.memory_type["device"])
+    finally:
+        dev.close()
+    if not in_place:
+        pytest.skip("this device's memory is staged")
+    _, _, hc, _ = _run(path, ids, model_bytes)
+    assert hc is None
+
+
+def test_cache_round_trips_bytes_and_stops_at_its_budget():
+    dev = vk.Device()
+    try:
+        hc = HostPackCache(dev, budget=3 << 20, block_bytes=2 << 20)
+        rng = np.random.default_rng(0)
+        data = {p: rng.integers(0, 256, (700 << 10) + 13 * p, dtype=np.uint8) for p in range(5)}
+        placed = []
+        for p, d in data.items():
+            room = hc.reserve(len(d))
+            if room is None:
+                break
+            np.copyto(hc.host_view(room[0], room[1], len(d)), d)
+            hc.commit(p, room[0], room[1], len(d))
+            placed.append(p)
+        assert hc.full and 2 <= len(placed) < len(data) and hc.used <= 3 << 20
+        assert hc.reserve(1) is None                   # once full, nothing more is admitted
+        dst = dev.alloc(1 << 20)
+        for p in placed:
+            hc.copy_to(p, dst, 64)
+            got = np.frombuffer(dev.download(dst, len(data[p]), 64), dtype=np.uint8)
+            assert np.array_equal(got, data[p])
+        dst.destroy()
+        hc.close()
+        assert hc.used == 0 and not hc.entries
+    finally:
+        dev.close()
