@@ -199,7 +199,8 @@ KEYS: tuple[Key, ...] = (
         "VRAM budget in GiB, or a size like 512MiB, 4GiB, 4GB (default: unlimited)",
         metavar="SIZE"),
     Key("ram_gb", "memory", "ram_budget_gb", "VKPACK_RAM_GB", parse_size_gib, "--ram-gb",
-        "host RAM budget for cached packs, same units as --vram-gb (default: unlimited)",
+        "host RAM budget for cached packs (on a discrete GPU: streamed packs in pinned memory), same units "
+        "as --vram-gb (default: unlimited; pinned: the model or half the available memory); 0: no cache",
         metavar="SIZE"),
     Key("prefetch_lookahead", "memory", "prefetch_lookahead", "VKPACK_PREFETCH_LOOKAHEAD",
         _int_at_least(0), "--prefetch-lookahead", "graph steps to prefetch ahead (default: 3)"),

@@ -12,6 +12,7 @@ of its limit; plus the Python host time per token. Results go to OUT/bench_gpu.j
 from __future__ import annotations
 
 import argparse
+import ast
 import cProfile
 import io
 import itertools
@@ -105,9 +106,13 @@ COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload
 
 
 def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 32,
-              ram_gb: float | None = None) -> dict:
+              ram_gb: float | None = None, ops_attrs: dict | None = None) -> dict:
     eng = Engine(arch, device="vulkan", vram_gb=vram_gb, ram_gb=ram_gb, context=prompt_len + WARM_DECODE + n_decode + 8,
                  prefetch_lookahead=lookahead)
+    for k, v in (ops_attrs or {}).items():  # kernel choices (nothing is recorded before the first pass)
+        if not hasattr(eng.backend.ops, k):
+            raise SystemExit(f"--ops: Ops has no attribute {k!r}")
+        setattr(eng.backend.ops, k, v)
     if EVICT_BATCH_MB >= 0:
         eng.tier.evict_batch = int(EVICT_BATCH_MB * 2**20)
     try:
@@ -158,10 +163,19 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
             "step_python_ms_per_token": (be.host_seconds - h0) / n * 1e3,
             "submits": be.submits, "stall_s": m.stall_seconds, "peak": eng.tier.peak,
             "first_prefill_s": first, "warm_decode_s": warm_decode, "warm_decode_tokens": WARM_DECODE,
-            "decode_loads": loads, "ram_gb": ram_gb, "pinned_bytes": eng.pinned_bytes,
+            "decode_loads": loads, "ram_gb": ram_gb, "pinned_bytes": eng.pinned_bytes, "ops": ops_attrs or {},
         }
     finally:
         eng.close()
+
+
+def _ops_attrs(spec: str) -> dict:
+    """'a=1,b=True' -> {'a': 1, 'b': True} (values as Python literals)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        k, _, v = item.partition("=")
+        out[k.strip()] = ast.literal_eval(v.strip())
+    return out
 
 
 def table(res: dict) -> str:
@@ -180,7 +194,8 @@ def table(res: dict) -> str:
             wb = r["model_bytes"]
             if r["vram_gb"] is None:
                 frac = wb / (r["ms_per_token"] / 1e3) / (lim["read_gbps"] * 1e9)
-                budget, what = "resident", "of read bw"
+                ops = ", ".join(f"{k}={v}" for k, v in r.get("ops", {}).items())
+                budget, what = "resident" + (f" ({ops})" if ops else ""), "of read bw"
             else:
                 frac = r["uploaded_per_token"] / (r["ms_per_token"] / 1e3) / (lim["h2d_gbps"] * 1e9)
                 pinned = "" if r.get("ram_gb") is None else f", --ram-gb {r['ram_gb']:g}"
@@ -214,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ram-gb", default="auto",
                     help="RAM budgets of the streamed runs, comma-separated: auto (the engine's default), or GiB; "
                          "0 keeps no pack in pinned memory (every reload reads the file)")
+    ap.add_argument("--ops", action="append", default=[],
+                    help="kernel settings of one resident run, e.g. 'mv_xs=True,mm_rows=4' (Ops attributes); "
+                         "repeat for A/B runs in one call (default: one run with the defaults)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
@@ -241,14 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         runs = []
         rams = [None if v == "auto" else float(v) for v in args.ram_gb.split(",")]
-        settings = ([(None, None)] if args.resident == "yes" else []) + [(args.vram_gb, r) for r in rams]
-        for vram, ram in settings:
+        variants = [_ops_attrs(o) for o in args.ops] or [{}]
+        settings = ([(None, None, v) for v in variants] if args.resident == "yes" else []) + \
+            [(args.vram_gb, r, variants[-1]) for r in rams]
+        for vram, ram, attrs in settings:
             try:
                 arch = model_archive(name, work)
                 if vram is not None and Archive(arch).size < vram * 2**30:
                     continue  # fits anyway: nothing streamed
                 r = run_model(arch, vram, args.prompt if not args.quick else 16,
-                              args.decode if vram is None else args.decode_streamed, args.lookahead, ram)
+                              args.decode if vram is None else args.decode_streamed, args.lookahead, ram, attrs)
             except Exception as e:  # keep going: partial results still come back
                 traceback.print_exc()
                 r = {"vram_gb": vram, "ram_gb": ram, "error": f"{type(e).__name__}: {e}"}
