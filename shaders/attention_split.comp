@@ -9,6 +9,10 @@
 // invocations over head_dim (coalesced). Output per (token, head, split): acc[HD] = sum_r p_r V_r and
 // (m, l) with p_r = exp(s_r - m), l = sum_r p_r. Grid: x = n_splits, y = n_kv_heads * ceil(G / GB), z = T
 // (splits fastest: a CPU driver that cuts the grid into contiguous ranges gives each thread live splits).
+// FUSE = 1 (decode: rope(q), rope(k) and kv_store folded in, one barrier fewer per layer): q is rotated
+// as it is loaded; the pass's new rows, positions P0 = pos[t0] onward (consecutive), come from k, v
+// (keys rotated, rounded as the cache stores them) instead of the cache, and one workgroup per (token,
+// kv head) writes its token's row into the caches for later passes (no workgroup reads it from there).
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
@@ -20,6 +24,8 @@ layout(constant_id = 4) const uint RC = 64;    // rows per chunk (their scores l
 // MERGE = 1: the workgroup that finishes last among the splits of its (heads, token) merges them into
 // `o` (counted with an atomic per group, reset by that workgroup): no second dispatch, no barrier.
 layout(constant_id = 5) const uint MERGE = 0;
+layout(constant_id = 6) const uint FUSE = 0;
+layout(constant_id = 7) const uint NR = 1;     // FUSE: new rows staged in shared memory (>= T)
 const uint WG = gl_WorkGroupSize.x;            // a multiple of LPR
 const uint VU = HD / 4;                        // 4-float units per head row
 const uint UPL = (VU + LPR - 1) / LPR;         // units per lane in the scores
@@ -29,19 +35,26 @@ const uint RG = WG >= VU ? WG / VU : 1;        // row groups in the V pass
 const uint UPI = WG >= VU ? 1 : (VU + WG - 1) / WG;   // units per invocation in the V pass
 const uint VB = (8 + UPI - 1) / UPI;           // V rows loaded at once
 
-layout(binding = 0) readonly buffer QB { float q[]; };     // (T, q_stride) f32
+// Eight bindings (the recorder's sets): q and the new k, v share one (the pass's activations), the
+// partials and their (m, l) another.
+layout(binding = 0) readonly buffer AB { float act[]; };   // q (T, q_stride) at q_off; FUSE: k, v (T, kv_dim)
 #ifdef KV_F16
 layout(binding = 1) readonly buffer KC { uvec2 kc[]; };    // (n_ctx, kv_dim) f16, 4 per uvec2
 layout(binding = 2) readonly buffer VC { uvec2 vc[]; };
+layout(binding = 1) writeonly buffer KW { uvec2 kw[]; };   // FUSE: the same caches, new rows only
+layout(binding = 2) writeonly buffer VW { uvec2 vw[]; };
 #else
 layout(binding = 1) readonly buffer KC { vec4 kc[]; };     // (n_ctx, kv_dim) f32
 layout(binding = 2) readonly buffer VC { vec4 vc[]; };
+layout(binding = 1) writeonly buffer KW { vec4 kw[]; };
+layout(binding = 2) writeonly buffer VW { vec4 vw[]; };
 #endif
 layout(binding = 3) readonly buffer PB { uint pos[]; };    // (T) positions
 layout(binding = 4) coherent buffer PA { vec4 pacc[]; };   // (T, n_heads, n_splits, HD) partial sums
-layout(binding = 5) coherent buffer PM { vec2 pml[]; };    // (T, n_heads, n_splits) (m, l)
-layout(binding = 6) writeonly buffer OB { float o[]; };    // MERGE: (T, o_stride) f32 output
-layout(binding = 7) coherent buffer CB { uint count[]; };  // MERGE: splits done per (token row, y); zeros
+layout(binding = 4) coherent buffer PM { vec2 pml[]; };    // at ml_off: (T, n_heads, n_splits) (m, l)
+layout(binding = 5) writeonly buffer OB { float o[]; };    // MERGE: (T, o_stride) f32 output
+layout(binding = 6) coherent buffer CB { uint count[]; };  // MERGE: splits done per (token row, y); zeros
+layout(binding = 7) readonly buffer FB { float ff[]; };    // FUSE: (n_rot / 2) frequency divisors
 
 layout(push_constant) uniform PC {
     uint T;
@@ -54,6 +67,14 @@ layout(push_constant) uniform PC {
     uint n_splits;
     float scale;
     uint o_stride;  // MERGE
+    uint q_off;     // floats before q, the keys, the values in act
+    uint k_off;     // FUSE
+    uint v_off;     // FUSE
+    uint ml_off;    // vec2s before (m, l) in the partials' binding
+    uint n_rot;     // rotated dims per head (even, <= HD; 0: no rope)
+    uint rope;      // 1: neox pairs (i, i + n_rot/2), else norm (2i, 2i+1); 2: divide frequencies by ff
+    float base;
+    float freq_scale;
 } pc;
 
 shared bool last_one;
@@ -77,11 +98,11 @@ void merge_if_last(uint h0, uint ng, uint tl, uint t, uint L, uint R) {
         uint g = i / VU, u = i % VU;
         uint base = (tl * pc.n_heads + h0 + g) * pc.n_splits;
         float M = -1.0 / 0.0;
-        for (uint s = 0; s < live; s++) M = max(M, pml[base + s].x);
+        for (uint s = 0; s < live; s++) M = max(M, pml[pc.ml_off + base + s].x);
         float l = 0.0;
         vec4 a = vec4(0.0);
         for (uint s = 0; s < live; s++) {
-            vec2 e = pml[base + s];
+            vec2 e = pml[pc.ml_off + base + s];
             float w = exp(e.x - M);
             l += e.y * w;
             a += w * pacc[(base + s) * VU + u];
@@ -96,6 +117,7 @@ void merge_if_last(uint h0, uint ng, uint tl, uint t, uint L, uint R) {
 }
 
 shared vec4 qs[GB * VU];                        // scaled queries of the GB heads
+shared vec4 kns[FUSE != 0u ? NR * VU : 1];      // FUSE: rotated new keys of this kv head, row P0 + i at i
 shared float ps[GB * RC];                       // the chunk's scores, then probabilities
 shared float red[GB * WG];                      // per-subgroup maxima
 shared vec4 racc[RG > 1 ? RG * GB * VU : 1];    // row-group sums
@@ -104,10 +126,45 @@ shared float rl[RG * GB];
 #ifdef KV_F16
 vec4 k4(uint i) { uvec2 a = kc[i]; return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
 vec4 v4(uint i) { uvec2 a = vc[i]; return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
+uvec2 kv_pack(vec4 x) { return uvec2(packHalf2x16(x.xy), packHalf2x16(x.zw)); }
+vec4 kv_round(vec4 x) { return vec4(unpackHalf2x16(packHalf2x16(x.xy)), unpackHalf2x16(packHalf2x16(x.zw))); }
 #else
 vec4 k4(uint i) { return kc[i]; }
 vec4 v4(uint i) { return vc[i]; }
+vec4 kv_pack(vec4 x) { return x; }
+vec4 kv_round(vec4 x) { return x; }
 #endif
+
+// FUSE: element d of a head rotated to position p as rope.comp does it (x: element d, y: its partner).
+float rope_elem(float x, float y, uint d, uint p) {
+    uint hr = pc.n_rot / 2u;
+    if (d >= pc.n_rot) return x;
+    bool neox = (pc.rope & 1u) != 0u;
+    uint i = neox ? d % hr : d / 2u;
+    float inv = exp2(-2.0 * float(i) / float(pc.n_rot) * log2(pc.base)) * pc.freq_scale;
+    if ((pc.rope & 2u) != 0u) inv /= ff[i];
+    float theta = float(p) * inv;
+    float c = cos(theta), s = sin(theta);
+    bool first = neox ? d < hr : (d & 1u) == 0u;
+    return first ? x * c - y * s : y * s + x * c;
+}
+
+uint rope_partner(uint d) {
+    uint hr = pc.n_rot / 2u;
+    if (d >= pc.n_rot) return d;
+    if ((pc.rope & 1u) != 0u) return d < hr ? d + hr : d - hr;
+    return d ^ 1u;
+}
+
+// FUSE: unit u (dims 4u..4u+3) of the head at act[b..b+HD), rotated to position p.
+vec4 rope4(uint b, uint u, uint p) {
+    vec4 r;
+    for (uint e = 0u; e < 4u; e++) {
+        uint d = 4u * u + e;
+        r[e] = rope_elem(act[b + d], act[b + rope_partner(d)], d, p);
+    }
+    return r;
+}
 
 void main() {
     const float NEG_INF = -1.0 / 0.0;
@@ -120,18 +177,35 @@ void main() {
     uint R = max(pc.rows, (L + pc.n_splits - 1u) / pc.n_splits);
     uint j0 = split * R, j1 = min(j0 + R, L);
     uint pidx = (tl * pc.n_heads + h0) * pc.n_splits + split;   // head g: pidx + g * n_splits
+    uint P0 = FUSE != 0u ? pos[pc.t0] : 0u;                      // FUSE: row P0 + i is new row t0 + i
     if (j0 >= L) {                                               // uniform: past the end
-        if (lid < ng) pml[pidx + lid * pc.n_splits] = vec2(NEG_INF, 0.0);
+        if (lid < ng) pml[pc.ml_off + pidx + lid * pc.n_splits] = vec2(NEG_INF, 0.0);
         if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
         return;
     }
     for (uint i = lid; i < GB * VU; i += WG) {
-        uint g = i / VU, b = t * pc.q_stride + (h0 + g) * HD + 4u * (i % VU);
-        qs[i] = g < ng ? vec4(q[b], q[b + 1], q[b + 2], q[b + 3]) * pc.scale : vec4(0.0);
+        uint g = i / VU, hb = pc.q_off + t * pc.q_stride + (h0 + g) * HD, b = hb + 4u * (i % VU);
+        qs[i] = g >= ng ? vec4(0.0)
+              : (FUSE != 0u ? rope4(hb, i % VU, pos[t]) : vec4(act[b], act[b + 1], act[b + 2], act[b + 3])) * pc.scale;
+    }
+    uint rowu = pc.n_kv_heads * VU, kb = kvh * VU;   // units per cache row, head offset
+    uint kvd = pc.n_kv_heads * HD;
+    if (FUSE != 0u && j1 > max(j0, P0)) {             // this split's new rows: rotate their keys once
+        uint a = max(j0, P0) - P0;
+        for (uint i = lid; i < (j1 - P0 - a) * VU; i += WG) {
+            uint r = a + i / VU;
+            kns[r * VU + i % VU] = kv_round(rope4(pc.k_off + (pc.t0 + r) * kvd + kvh * HD, i % VU, P0 + r));
+        }
     }
     barrier();
-
-    uint rowu = pc.n_kv_heads * VU, kb = kvh * VU;   // units per cache row, head offset
+    // the token's own row (the last of the last live split) goes into the caches: one workgroup writes it
+    if (FUSE != 0u && pos[t] < pc.n_ctx && split == (L - 1u) / R && g0 == 0u) {
+        for (uint u = lid; u < VU; u += WG) {
+            uint vb = pc.v_off + t * kvd + kvh * HD + 4u * u, o = pos[t] * rowu + kb + u;
+            kw[o] = kv_pack(kns[tl * VU + u]);
+            vw[o] = kv_pack(vec4(act[vb], act[vb + 1], act[vb + 2], act[vb + 3]));
+        }
+    }
     uint cl = lid / LPR, ln = lid % LPR;              // scores: cluster (row) and lane
     uint rg = WG >= VU ? lid / VU : 0u, vu0 = WG >= VU ? lid % VU : lid;   // V pass: row group, unit
     float m[GB], l[GB];
@@ -152,7 +226,9 @@ void main() {
                 uint r = r0 + k * NC + cl;
                 for (uint i = 0; i < UPL; i++) {
                     uint u = ln + i * LPR;
-                    kr[k * UPL + i] = r < n && u < VU ? k4((c0 + r) * rowu + kb + u) : vec4(0.0);
+                    uint j = c0 + r;
+                    kr[k * UPL + i] = r >= n || u >= VU ? vec4(0.0)
+                                    : FUSE != 0u && j >= P0 ? kns[(j - P0) * VU + u] : k4(j * rowu + kb + u);
                 }
             }
             for (uint k = 0; k < RPI; k++) {
@@ -193,7 +269,10 @@ void main() {
                     uint r = r0 + k * RG;
                     for (uint i = 0; i < UPI; i++) {
                         uint u = vu0 + i * WG;
-                        vr[k * UPI + i] = r < n && u < VU ? v4((c0 + r) * rowu + kb + u) : vec4(0.0);
+                        uint j = c0 + r, b = pc.v_off + (pc.t0 + j - P0) * kvd + kvh * HD + 4u * u;
+                        vr[k * UPI + i] = r >= n || u >= VU ? vec4(0.0)
+                                        : FUSE != 0u && j >= P0 ? kv_round(vec4(act[b], act[b + 1], act[b + 2], act[b + 3]))
+                                        : v4(j * rowu + kb + u);
                     }
                 }
                 for (uint k = 0; k < VB; k++) {
@@ -219,7 +298,7 @@ void main() {
                 }
         }
         for (uint g = 0; g < GB; g++)
-            if (lid == 0 && g < ng) pml[pidx + g * pc.n_splits] = vec2(m[g], l[g]);
+            if (lid == 0 && g < ng) pml[pc.ml_off + pidx + g * pc.n_splits] = vec2(m[g], l[g]);
         if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
         return;
     }
@@ -240,7 +319,7 @@ void main() {
         if (lid != g || g >= ng) continue;
         float s = 0.0;
         for (uint j = 0; j < RG; j++) s += rl[j * GB + g];
-        pml[pidx + g * pc.n_splits] = vec2(m[g], s);
+        pml[pc.ml_off + pidx + g * pc.n_splits] = vec2(m[g], s);
     }
     if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
 }

@@ -149,3 +149,180 @@ def test_scratch_too_small(dev, ops):
     finally:
         rec.destroy()
         b.destroy()
+
+
+# ---- the decode fusion: rope(q), rope(k) and the KV store inside the split kernel ----
+
+def ref_rope(x, pos, n_heads, hd, n_rot, mode, base, ff=None):
+    """rope.comp in float64: x (T, n_heads * hd), positions (T)."""
+    x = x.astype(np.float64).reshape(len(pos), n_heads, hd).copy()
+    inv = base ** (-2.0 * np.arange(n_rot // 2) / n_rot) / (1.0 if ff is None else ff)
+    th = np.asarray(pos, np.float64)[:, None, None] * inv
+    c, s = np.cos(th), np.sin(th)
+    i0 = np.arange(0, n_rot, 2) if mode == "norm" else np.arange(n_rot // 2)
+    i1 = i0 + 1 if mode == "norm" else i0 + n_rot // 2
+    a, b = x[..., i0].copy(), x[..., i1].copy()
+    x[..., i0], x[..., i1] = a * c - b * s, a * s + b * c
+    return x.reshape(len(pos), -1)
+
+
+def run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=0):
+    """One batch: sequences (P0, T), rows stacked, each attending through its own caches (rows >= P0
+    hold NaN: the new rows must come from k, v). Recorded fused (new_kv, rope; q, k, v slices of one
+    buffer) and unfused (rope(q), kv_store(rope), attention). Returns [(fused out, unfused out,
+    float64 reference, fused caches, unfused caches, caches before)] per sequence."""
+    rng = np.random.default_rng(seed)
+    kvd, qd = n_kv * hd, n_heads * hd
+    cdt = np.float16 if f16 else np.float32
+    rows = sum(T for _, T in seqs)
+    q = (rng.standard_normal((rows, qd)) * 1.5).astype(np.float32)
+    k, v = (rng.standard_normal((rows, kvd)).astype(np.float32) for _ in range(2))
+    pos = np.concatenate([np.arange(p0, p0 + T) for p0, T in seqs]).astype(np.uint32)
+    ff = rng.uniform(1.0, 8.0, n_rot // 2).astype(np.float32)
+    rope = {"head_dim": hd, "n_rot": n_rot, "mode": mode, "base": 10000.0}
+    caches = []
+    for p0, _ in seqs:
+        c = rng.standard_normal((2, n_ctx, kvd)).astype(cdt)
+        c[:, p0:] = np.nan
+        caches.append(c)
+    keep = []
+
+    def up(a):
+        b = dev.alloc(max(a.nbytes, 16))
+        dev.upload(b, np.ascontiguousarray(a))
+        keep.append(b)
+        return b
+
+    pb, fb = up(pos), up(ff)
+    rope["freq_factors"] = fb if use_ff else None
+    res = []
+    for fused in (True, False):
+        # q, k, v at 256-byte aligned offsets of one buffer, as the pass's activations are
+        offs = np.cumsum([0] + [-(-a.nbytes // 256) * 256 for a in (q, k)])
+        act = np.zeros(offs[-1] // 4 + v.size, np.float32)
+        for o, a in zip(offs, (q, k, v)):
+            act[o // 4:o // 4 + a.size] = a.reshape(-1)
+        ab = up(act)
+        qx, kx, vb = (gpu.BufferSlice(ab, int(o), a.nbytes) for o, a in zip(offs, (q, k, v)))
+        bufs = [(up(c[0]), up(c[1])) for c in caches]
+        ob = up(np.zeros((rows, qd), np.float32))
+        rec = gpu.Recorder(dev)
+        try:
+            if not fused:
+                ops.rope(rec, qx, pb, rows, n_heads, hd, n_rot=n_rot, mode=mode, base=10000.0,
+                         freq_factors=rope["freq_factors"])
+            r0 = 0
+            for (p0, T), (kc, vc) in zip(seqs, bufs):
+                sb = up(np.zeros(ops.attention_scratch_bytes(T, n_heads, hd, n_ctx) // 4 + 4, np.float32))
+                if fused:
+                    ops.attention(rec, qx, kc, vc, pb, ob, T, n_heads, n_kv, hd, n_ctx, f16=f16, t0=r0,
+                                  scratch=sb, new_kv=(kx, vb), rope=rope)
+                else:
+                    ops.kv_store(rec, kx, vb, kc, vc, pb, T, kvd, n_ctx, f16=f16, t0=r0, rope=rope)
+                    ops.attention(rec, qx, kc, vc, pb, ob, T, n_heads, n_kv, hd, n_ctx, f16=f16, t0=r0,
+                                  scratch=sb)
+                r0 += T
+            rec.run()
+        finally:
+            rec.destroy()
+        out = np.frombuffer(dev.download(ob, ob.size), np.float32).reshape(rows, qd)
+        cs = [tuple(np.frombuffer(dev.download(b, b.size), cdt).reshape(n_ctx, kvd) for b in kv) for kv in bufs]
+        res.append((out, cs))
+    for b in keep:
+        b.destroy()
+    qr = ref_rope(q, pos, n_heads, hd, n_rot, mode, 10000.0, ff if use_ff else None)
+    kr = ref_rope(k, pos, n_kv, hd, n_rot, mode, 10000.0, ff if use_ff else None)
+    out, r0 = [], 0
+    for i, ((p0, T), c) in enumerate(zip(seqs, caches)):
+        kc, vc = c.astype(np.float64)
+        kc[p0:p0 + T] = kr[r0:r0 + T].astype(cdt)
+        vc[p0:p0 + T] = v[r0:r0 + T].astype(cdt)
+        ref = ref_attention(qr[r0:r0 + T], kc, vc, pos[r0:r0 + T], n_heads, n_kv, hd, 1 / math.sqrt(hd))
+        out.append((res[0][0][r0:r0 + T].astype(np.float64), res[1][0][r0:r0 + T].astype(np.float64), ref,
+                    res[0][1][i], res[1][1][i], c))
+        r0 += T
+    return out
+
+
+FUSED_CASES = [  # (sequences (first position, tokens), n_heads, n_kv, head_dim, n_ctx, mode, n_rot, freq factors)
+    ([(0, 1)], 4, 4, 64, 40, "norm", 64, False),                   # the first token: no cache row read
+    ([(37, 1), (5, 2), (30, 3)], 8, 2, 64, 80, "neox", 64, True),   # a batch; rows 30-32 straddle splits
+    ([(70, 2), (12, 1)], 12, 1, 128, 100, "norm", 96, True),       # GQA 12: two head blocks per kv head
+    ([(3, 4), (63, 1)], 6, 3, 80, 64, "neox", 32, False),          # n_rot < head_dim; the last cache row
+]
+
+
+@pytest.mark.parametrize("f16", [False, True])
+@pytest.mark.parametrize("wg", [8, 64])
+@pytest.mark.parametrize("seqs,n_heads,n_kv,hd,n_ctx,mode,n_rot,use_ff", FUSED_CASES)
+def test_fused_rope_and_store(dev, f16, wg, seqs, n_heads, n_kv, hd, n_ctx, mode, n_rot, use_ff):
+    """The fused kernel (new rows from k, v; q and keys rotated inside) against the float64 reference and
+    the unfused recording: the same outputs, and the caches hold what kv_store writes (NaN rows at and
+    past each P0 in the caches prove that the new rows are not read from there). Splits of 16 rows."""
+    ops = gpu.Ops(dev)
+    ops.attn_split_wg, ops.attn_split_rows = wg, 16
+    got = run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=wg + hd + n_ctx)
+    for (p0, T), (fo, uo, ref, (fk, fv), (uk, uv), (ck, cv)) in zip(seqs, got):
+        assert nmse(fo, ref) < 1e-8   # ~1e-12 on lavapipe; angles up to 100 rad are formed in f32
+        assert nmse(fo, uo) < 1e-10   # bit-identical on lavapipe
+        new = np.zeros(n_ctx, bool)
+        new[p0:p0 + T] = True
+        assert np.array_equal(fk[~new], ck[~new], equal_nan=True) and np.array_equal(fv[~new], cv[~new], equal_nan=True)
+        assert np.array_equal(fv, uv, equal_nan=True) and not np.isnan(fk[new]).any()
+        # the same float expressions as kv_store_rope.comp; a compiler may still contract them differently
+        assert np.allclose(fk[new].astype(np.float32), uk[new].astype(np.float32), rtol=1e-6,
+                           atol=1e-3 if f16 else 1e-6)
+
+
+def test_fused_needs_the_split_kernel(dev, ops):
+    b = dev.alloc(64)
+    rec = gpu.Recorder(dev)
+    try:
+        with pytest.raises(gpu.VulkanError, match="new_kv"):
+            ops.attention(rec, b, b, b, b, b, 1, 4, 1, 64, 1000, new_kv=(b, b))
+        T = ops.attn_split_max_tokens + 1
+        assert not ops.attention_fuses(T, 1000) and ops.attention_fuses(1, 1000)
+    finally:
+        rec.destroy()
+        b.destroy()
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_fused_decode_replay(dev, f16):
+    """One fused recording replayed per token with the position in a device buffer (as the engine
+    replays its decode pass): each step's row lands in the cache and later steps attend to it."""
+    rng = np.random.default_rng(11)
+    ops = gpu.Ops(dev)
+    ops.attn_split_rows = 8
+    n_heads, n_kv, hd, n_ctx, steps = 4, 2, 64, 40, 20
+    kvd, cdt = n_kv * hd, np.float16 if f16 else np.float32
+    qs = rng.standard_normal((steps, n_heads * hd)).astype(np.float32)
+    ks, vs = (rng.standard_normal((steps, kvd)).astype(np.float32) for _ in range(2))
+    ab, ob = dev.alloc(3 * 256 * 4), dev.alloc(qs[0].nbytes)
+    qb, kb, vb = (gpu.BufferSlice(ab, 1024 * i, a[0].nbytes) for i, a in enumerate((qs, ks, vs)))
+    kc, vc = (dev.alloc(n_ctx * kvd * np.dtype(cdt).itemsize) for _ in range(2))
+    pb, sb = dev.alloc(16, "upload"), dev.alloc(ops.attention_scratch_bytes(1, n_heads, hd, n_ctx))
+    rope = {"head_dim": hd, "mode": "neox", "base": 10000.0}
+    rec = gpu.Recorder(dev)
+    ops.attention(rec, qb, kc, vc, pb, ob, 1, n_heads, n_kv, hd, n_ctx, f16=f16, scratch=sb, new_kv=(kb, vb),
+                  rope=rope)
+    rec.finish()
+    try:
+        K = ref_rope(ks, np.arange(steps), n_kv, hd, hd, "neox", 10000.0).astype(cdt)
+        for p in range(steps):
+            dev.upload(pb, np.array([p], np.uint32))
+            for b, a in ((qb, qs[p]), (kb, ks[p]), (vb, vs[p])):
+                dev.upload(ab, a, b.offset)
+            rec.run()
+            out = np.frombuffer(dev.download(ob, ob.size), np.float32).reshape(1, -1)
+            q = ref_rope(qs[p:p + 1], [p], n_heads, hd, hd, "neox", 10000.0)
+            ref = ref_attention(q, K[:p + 1], vs[:p + 1].astype(cdt), [p], n_heads, n_kv, hd, 1 / math.sqrt(hd))
+            assert nmse(out, ref) < 1e-6, p
+        got_k = np.frombuffer(dev.download(kc, kc.size), cdt).reshape(n_ctx, kvd)[:steps]
+        got_v = np.frombuffer(dev.download(vc, vc.size), cdt).reshape(n_ctx, kvd)[:steps]
+        assert np.allclose(got_k.astype(np.float32), K.astype(np.float32), atol=2e-3 if f16 else 1e-5)
+        assert np.array_equal(got_v, vs.astype(cdt))
+    finally:
+        rec.destroy()
+        for b in (ab, ob, kc, vc, pb, sb):
+            b.destroy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from vkpack.runtime.vk.fusion import plan
 
 
@@ -30,6 +32,38 @@ def test_decode_fuses_norms_glu_and_residuals():
     assert kinds(m) == ["linear", "linear", "linear"]
     assert m[2]["in"] == ["g"] and m[2]["_glu"] == "u" and m[2]["out"] == "x" and m[2]["_accumulate"]
     assert ATTN[1]["in"] == ["h"], "the graph's ops are not mutated"
+
+
+ROPE = {"head_dim": 64, "rope_dim": 64, "theta": 1e4, "mode": "norm", "freq_factors": None}
+ATTN_ROPE = [op("linear", ["x"], "q", ["wq"]), op("linear", ["x"], "k", ["wk"]), op("linear", ["x"], "v", ["wv"]),
+             op("rope", ["q"], "q", n_heads=8, **ROPE), op("rope", ["k"], "k", n_heads=2, **ROPE),
+             op("attention", ["q", "k", "v"], "o", layer=0)]
+
+
+def test_split_attention_takes_rope_q_and_the_store():
+    """Decode (the split kernel runs): rope(q) and rope(k) go; the attention is annotated with both and
+    records no kv_store. Prefill (the one-pass kernel): rope(q) stays, the store rotates the keys."""
+    seen = []
+    a = plan(ATTN_ROPE, 3, 1, lambda rows, o: True, lambda rows, o: seen.append(rows) or rows <= 16)
+    assert kinds(a) == ["linear", "linear", "linear", "attention"] and seen == [3]
+    assert a[3]["_rope_q"] == ATTN_ROPE[3]["attrs"] and a[3]["_rope_k"] == ATTN_ROPE[4]["attrs"]
+    p = plan(ATTN_ROPE, 64, 1, lambda rows, o: True, lambda rows, o: rows <= 16)
+    assert kinds(p) == ["linear", "linear", "linear", "rope", "attention"]
+    assert p[3]["in"] == ["q"] and "_rope_q" not in p[4] and "_rope_k" in p[4]
+    assert "_rope_q" not in plan(ATTN_ROPE, 1, 1, lambda rows, o: True)[-1], "no predicate: no fusion"
+
+
+def test_rope_q_stays_when_the_kernel_cannot_take_it():
+    """q read by another op, ropes that differ beyond their head counts, or keys not rotated by the
+    store: the split kernel applies one rotation to the new keys and q, so nothing more is fused."""
+    other = ATTN_ROPE + [op("add", ["q", "o"], "z")]
+    assert kinds(plan(other, 1, 1, lambda r, o: True, lambda r, o: True))[3] == "rope"
+    theta = [*ATTN_ROPE[:3], op("rope", ["q"], "q", n_heads=8, **{**ROPE, "theta": 5e5}), *ATTN_ROPE[4:]]
+    t = plan(theta, 1, 1, lambda r, o: True, lambda r, o: True)
+    assert kinds(t) == ["linear", "linear", "linear", "rope", "attention"] and "_rope_q" not in t[-1]
+    k_read = ATTN_ROPE + [op("add", ["k", "v"], "z")]
+    kr = plan(k_read, 1, 1, lambda r, o: True, lambda r, o: True)
+    assert kinds(kr).count("rope") == 2 and "_rope_q" not in kr[5] and "_rope_k" not in kr[5]
 
 
 def test_prefill_keeps_norm_and_glu_but_accumulates():
@@ -66,3 +100,36 @@ def test_row_parts_back_to_back_run_as_one_weight():
              (25, 30, w(other, 4096 + 640, 5)), (30, 40, None), (40, 50, w(buf, 5376, 10))]
     merged = _merged_parts(parts)
     assert [(r0, m.offset, m.rows) for r0, m in merged] == [(0, 0, 20), (20, 4096, 5), (25, 4736, 5), (40, 5376, 10)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # rope modes norm and neox
+def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
+    """The whole model on Vulkan: the replayed decode pass records no rope and no kv_store (the split
+    attention kernel does both); greedy tokens, and a batch of two sequences at other positions, match
+    the numpy backend."""
+    from vkpack.runtime import vk
+
+    ok, why = vk.available()
+    if not ok:
+        pytest.skip(f"no Vulkan: {why}")
+    import make_synthetic as ms
+    from vkpack.compiler.build import build
+    from vkpack.runtime.engine import Engine
+
+    spec = ms.Spec(arch=arch, layers=2, hidden=256, heads=8, kv_heads=2, ffn=512, vocab=1024, std=0.1)
+    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=7), tmp_path / "m.vkpack", progress=False)
+    with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+        ids = c.encode("rope and the store inside the attention")
+        for eng in (c, g):
+            eng.generate(ids, max_tokens=12, temperature=0, ignore_eos=True)
+        assert list(g.last_ids) == list(c.last_ids)
+        kernels = g.backend.last_fast[2]._keep
+        assert not any(k.name.startswith(("rope", "kv_store")) for k in kernels)
+        assert sum(k.name.startswith("attention_split") and k.spec[6] == 1 for k in kernels) == spec.layers
+        a, b = ids, c.encode("another")
+        with g.kv_session(64) as ka, g.kv_session(64) as kb, c.kv_session(64) as kc, c.kv_session(64) as kd:
+            for e, (k1, k2) in ((g, (ka, kb)), (c, (kc, kd))):
+                e.forward_batch([(a, 0, k1), (b, 0, k2)])
+            nxt = [(a[-1:], len(a), ka), (b[-2:], len(b), kb)], [(a[-1:], len(a), kc), (b[-2:], len(b), kd)]
+            got, ref = g.forward_batch(nxt[0]), c.forward_batch(nxt[1])
+        assert float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))) < 1e-3

@@ -1,26 +1,37 @@
 """Decode matvec configurations on a GPU, measured the way a model runs them (to pick Ops defaults).
 
-Weights of several layers shaped as the 8B (or 1B) (q, k, v, o, gate, up, down, F16) live in distinct device
-memory, so nothing is served from L2, and the linears are recorded back to back with a barrier
-after each, as in a decode pass. Reports the weight read rate for each (workgroup, rows per
-workgroup, units in flight) against the same pass's best.
+Weights of several layers shaped as the 8B (or 1B) (q, k, v, o, gate, up, down) live in distinct device
+memory, so nothing is served from L2, and the linears are recorded back to back with a barrier after
+each, as in a decode pass, timed with GPU timestamps. Measured side by side, without fusions and with
+the ones the real pass uses (norm into q/k/v/gate/up, SwiGLU into down, o and down accumulating into
+the residual), since they change what x costs: the current matmul.comp default, then every matvec_xs
+(workgroup, rows per subgroup, units in flight) at the default grid policy, then the best few of
+those at every grid policy. Prints the weight read rate of each and the best per shape and fusion.
 
-    python tools/sweep_matvec.py [--layers 8] [--dtype F16]
+    python tools/sweep_matvec.py --shape both            # H100: ~30 s
+    python tools/sweep_matvec.py --shape 1b --layers 1 --quick   # smoke test (lavapipe)
+
+Grid policies: "rN" = at least N rows per workgroup, "gM" = at most M workgroups, "rNgM" both
+(Ops.mv_xs_min_rows, Ops.mv_xs_max_groups); r0 = one row-loop iteration per workgroup.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 
 from vkpack.runtime.vk import Device, Ops, Recorder, Weight
+from vkpack.runtime.vk.errors import VulkanError
 from vkpack.runtime.vk.ops import WEIGHT_FORMATS
 
 SHAPES = {  # one layer's linears: q, k, v, o, gate, up, down
     "8b": [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)],
     "1b": [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)],
 }
+NORM_FUSED, GLU_FUSED, ACCUMULATE = (0, 1, 2, 4, 5), (6,), (3, 6)   # indices into a layer's linears
+NO_CAP = 1 << 30
 
 
 def weights(dev: Device, layers: int, dtype: str, shapes: list[tuple[int, int]]) -> tuple[list, list]:
@@ -39,17 +50,25 @@ def weights(dev: Device, layers: int, dtype: str, shapes: list[tuple[int, int]])
     return bufs, ws
 
 
-def measure(dev: Device, ops: Ops, ws: list[Weight], x, y, reps: int) -> float:
+def measure(dev: Device, ops: Ops, ws: list[Weight], acts: dict, fused: bool, reps: int, warmup: int) -> float:
+    """Best GPU seconds of one pass over ws (the real pass's fusions when `fused`)."""
     rec = Recorder(dev, timestamps=True)
-    for w in ws:
-        ops.linear(rec, w, x, y, 1)
+    for i, w in enumerate(ws):
+        role = i % 7
+        kw: dict = {}
+        if fused:
+            kw = {"norm": (acts["nw"], 1e-5)} if role in NORM_FUSED else {"glu_up": acts["u"]} if role in GLU_FUSED \
+                else {}
+            kw["accumulate"] = role in ACCUMULATE
+        ops.linear(rec, w, acts["x"], acts["y"], 1, **kw)
         rec.barrier()
     rec.finish()
-    for _ in range(3):
-        rec.run()
-    best = min(_run(rec) for _ in range(reps))
-    rec.destroy()
-    return best
+    try:
+        for _ in range(warmup):
+            rec.run()
+        return min(_run(rec) for _ in range(reps))
+    finally:
+        rec.destroy()
 
 
 def _run(rec: Recorder) -> float:
@@ -57,47 +76,107 @@ def _run(rec: Recorder) -> float:
     return rec.gpu_time_s()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--dtype", default="F16")
-    ap.add_argument("--shape", default="8b", choices=sorted(SHAPES))
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--wg", default="64,128,256")
-    ap.add_argument("--rows", default="1,2,4,8")
-    ap.add_argument("--units", default="1,2,4,8")
-    args = ap.parse_args(argv)
-    dev = Device()
-    bufs, ws = weights(dev, args.layers, args.dtype, SHAPES[args.shape])
+def parse_policy(p: str) -> tuple[int, int]:
+    """"r16g528" -> (min rows 16, max groups 528)."""
+    m = re.fullmatch(r"(?:r(\d+))?(?:g(\d+))?", p)
+    if not m or not p:
+        raise argparse.ArgumentTypeError(f"grid policy {p!r}: expected rN, gM or rNgM")
+    return int(m[1] or 0), int(m[2] or NO_CAP)
+
+
+def policy_name(min_rows: int, max_groups: int) -> str:
+    return f"r{min_rows}" + (f"g{max_groups}" if max_groups < NO_CAP else "")
+
+
+def ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",")]
+
+
+def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple]:
+    """Measure one shape set; returns its rows (shape, fusion, label, seconds, bytes)."""
+    bufs, ws = weights(dev, args.layers, args.dtype, SHAPES[shape])
     total = sum(w.nbytes for w in ws)
-    x, y = dev.alloc(14336 * 4), dev.alloc(14336 * 4)
+    n = max(c for _, c in SHAPES[shape]) + max(r for r, _ in SHAPES[shape])
+    acts = {k: dev.alloc(n * 4) for k in ("x", "y", "u", "nw")}
     rec = Recorder(dev)
-    rec.fill(x, 0x3DCCCCCD)  # 0.1f
+    for b in acts.values():
+        rec.fill(b, 0x3DCCCCCD)  # 0.1f
     rec.run()
     rec.destroy()
-    print(f"{dev}: {len(ws)} linears, {total / 1e9:.2f} GB of {args.dtype} weights per pass", flush=True)
-    results = []
-    grid = list(itertools.product(*(map(int, a.split(",")) for a in (args.wg, args.rows, args.units))))
-    configs = [("matmul", *c) for c in grid] + [("matvec", *c) for c in grid]
-    for kern, wg, nr, nu in configs:
-        ops = Ops(dev)
-        if kern == "matvec":
-            ops.mv_subgroup, ops.mv_wg, ops.mv_rows, ops.mv_units = True, wg, nr, nu
-        else:
-            ops.mm_wg, ops.mm_rows, ops.mm_units = wg, nr, nu
+    print(f"\n{shape}: {len(ws)} linears, {total / 1e9:.2f} GB of {args.dtype} weights per pass", flush=True)
+    base = Ops(dev)
+    grid = list(itertools.product(ints(args.wg), ints(args.rows), ints(args.units)))
+    default_policy = (base.mv_xs_min_rows, base.mv_xs_max_groups)
+    rows: list[tuple] = []
+
+    def run_one(fusion: str, label: str, ops: Ops) -> float | None:
         try:
-            t = measure(dev, ops, ws, x, y, args.reps)
-        except Exception as e:  # a configuration the device rejects (registers, shared memory)
-            print(f"{kern} wg={wg} rows={nr} units={nu}: {type(e).__name__}: {e}", flush=True)
-            continue
-        results.append((t, kern, wg, nr, nu))
-        print(f"{kern} wg={wg:3d} rows={nr} units={nu}: {t * 1e3:7.3f} ms  {total / t / 1e9:7.0f} GB/s  "
-              f"{t / len(ws) * 1e6:6.1f} us/linear", flush=True)
-    results.sort()
-    for t, kern, wg, nr, nu in results[:5]:
-        print(f"best: {kern} wg={wg} rows={nr} units={nu}: {total / t / 1e9:.0f} GB/s")
-    for b in bufs + [x, y]:
+            t = measure(dev, ops, ws, acts, fusion == "fused", args.reps, args.warmup)
+        except VulkanError as e:  # a configuration the device rejects (registers, shared memory)
+            print(f"{shape:3s} {fusion:6s} {label:44s} {type(e).__name__}: {e}", flush=True)
+            return None
+        rows.append((shape, fusion, label, t, total))
+        ref = next((r[3] for r in rows if r[:3] == (shape, fusion, "matmul (default)")), t)
+        print(f"{shape:3s} {fusion:6s} {label:44s} {t * 1e3:8.3f} ms {total / t / 1e9:7.0f} GB/s  "
+              f"{ref / t:5.2f}x matmul", flush=True)
+        return t
+
+    def xs_ops(wg: int, nr: int, nu: int, policy: tuple[int, int]) -> Ops:
+        o = Ops(dev)
+        o.mv_xs = True
+        o.mv_xs_wg, o.mv_xs_rows, o.mv_xs_units = wg, nr, nu
+        o.mv_xs_min_rows, o.mv_xs_max_groups = policy
+        return o
+
+    for fusion in ("plain", "fused"):
+        run_one(fusion, "matmul (default)", Ops(dev))
+        stage1 = []
+        for wg, nr, nu in grid:
+            t = run_one(fusion, f"xs wg={wg} rows={nr} units={nu} {policy_name(*default_policy)}",
+                        xs_ops(wg, nr, nu, default_policy))
+            if t is not None:
+                stage1.append((t, wg, nr, nu))
+        for _, wg, nr, nu in sorted(stage1)[:args.top]:
+            for policy in args.grids:
+                if policy != default_policy:
+                    run_one(fusion, f"xs wg={wg} rows={nr} units={nu} {policy_name(*policy)}",
+                            xs_ops(wg, nr, nu, policy))
+    for b in bufs + list(acts.values()):
         b.destroy()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="both", choices=[*sorted(SHAPES), "both"])
+    ap.add_argument("--layers", type=int, default=8, help="distinct layers of weights (8: 3.5 GB for the 8B)")
+    ap.add_argument("--dtype", default="F16")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs of each pass (the best counts)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--wg", default="64,128,256", help="matvec_xs workgroup sizes")
+    ap.add_argument("--rows", default="1,2,4", help="matvec_xs rows per subgroup and iteration")
+    ap.add_argument("--units", default="1,2,4", help="matvec_xs units in flight per lane and row")
+    ap.add_argument("--grids", default="r0,r8,r32,r64,g132,g264,g528,r16g528",
+                    help="grid policies tried on the best --top configurations (see the module doc)")
+    ap.add_argument("--top", type=int, default=3, help="configurations that get every grid policy")
+    ap.add_argument("--quick", action="store_true", help="smoke test: one configuration per axis, one run each")
+    args = ap.parse_args(argv)
+    dev = Device()
+    if args.quick:
+        args.wg, args.rows, args.units = str(dev.info.subgroup_size * 2), "2", "1,2"
+        args.grids, args.top, args.reps, args.warmup = "r0,g2", 1, 1, 0
+    args.grids = [parse_policy(p) for p in args.grids.split(",")]
+    print(f"{dev}", flush=True)
+    rows = []
+    for shape in sorted(SHAPES) if args.shape == "both" else [args.shape]:
+        rows += sweep_shape(dev, args, shape)
+    print("\nbest per shape and fusion:")
+    for key in sorted({r[:2] for r in rows}):
+        group = sorted((r for r in rows if r[:2] == key), key=lambda r: r[3])
+        mm = next((r[3] for r in group if r[2] == "matmul (default)"), None)
+        for shape, fusion, label, t, total in group[:3]:
+            vs = f"  {mm / t:5.2f}x matmul" if mm else ""
+            print(f"{shape:3s} {fusion:6s} {label:44s} {total / t / 1e9:7.0f} GB/s{vs}")
     dev.close()
     return 0
 

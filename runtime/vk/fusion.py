@@ -8,9 +8,12 @@ A decode token is latency bound: every op is a dispatch and most are followed by
 - `swiglu(g, u -> m)` read only by the next linear: that linear loads silu(g) * u (FUSE & 2).
 - `linear(in -> a); add(x, a -> x)`: the linear accumulates into x (the residual adds).
 - `rope(k)` read only by the attention: the KV store rotates the keys as it writes the cache.
+- and then `rope(q)` read only by the attention, when it runs the split-K kernel (few tokens):
+  that kernel rotates q and the keys and stores k and v itself (no rope or kv_store dispatch).
 
 The norm and GLU fusions exist only in matmul.comp (few tokens): `fuses(rows, op)` says whether
-the linear for `rows` rows runs there. Ops are plain dicts (the archive's graph), never mutated.
+the linear for `rows` rows runs there; `attn_fuses(rows, op)` whether the attention runs the split
+kernel. Ops are plain dicts (the archive's graph), never mutated.
 """
 
 from __future__ import annotations
@@ -41,9 +44,25 @@ def _written_between(ops: list[Op], lo: int, hi: int, names: set[str]) -> bool:
     return any(ops[j].get("out") in names for j in range(lo, hi))
 
 
-def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], bool]) -> list[Op]:
+def _sole_rope(ops: list[Op], j: int, name: str) -> int | None:
+    """Index of the in-place rope(name) that writes attention j's input `name`, if only j reads it."""
+    for i in range(j - 1, -1, -1):
+        if ops[i].get("out") == name:
+            op = ops[i]
+            return i if op["op"] == "rope" and op["in"][0] == name and _readers(ops, i + 1, name) == [j] else None
+    return None
+
+
+def _same_rope(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Rotations of q and k that differ only in their head counts."""
+    return {**a, "n_heads": 0} == {**b, "n_heads": 0}
+
+
+def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], bool],
+         attn_fuses: Callable[[int, Op], bool] = lambda rows, op: False) -> list[Op]:
     """The ops to record, with fused ones dropped and their consumers annotated:
-    `_norm` (norm weight name, eps), `_glu` (name of u), `_accumulate` (True), `_rope_k` (rope attrs)."""
+    `_norm` (norm weight name, eps), `_glu` (name of u), `_accumulate` (True), `_rope_k` (rope attrs),
+    `_rope_q` (rope attrs of q; the attention also stores k and v: no kv_store)."""
     rows = _rows_per_op(ops, tokens, n_seqs)
     out: list[Op | None] = [dict(op) for op in ops]
     for i, op in enumerate(ops):
@@ -62,11 +81,16 @@ def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], boo
                     and fuses(rows[users[0]], ops[users[0]]) and not _written_between(ops, i + 1, users[0], {g, u})):
                 out[i] = None
                 out[users[0]] = {**out[users[0]], "in": [g], "_glu": u}
-        elif op["op"] == "rope" and op["out"] == op["in"][0]:
-            users = _readers(ops, i + 1, op["out"])
-            if len(users) == 1 and ops[users[0]]["op"] == "attention" and ops[users[0]]["in"][1] == op["out"]:
-                out[i] = None  # the keys are rotated by the KV store on their way into the cache
-                out[users[0]] = {**out[users[0]], "_rope_k": op["attrs"]}
+        elif op["op"] == "attention":
+            rk = _sole_rope(ops, i, op["in"][1])
+            if rk is None:
+                continue
+            out[rk] = None  # the keys are rotated by the KV store on their way into the cache
+            out[i] = {**out[i], "_rope_k": ops[rk]["attrs"]}
+            rq = _sole_rope(ops, i, op["in"][0])
+            if rq is not None and attn_fuses(rows[i], op) and _same_rope(ops[rq]["attrs"], ops[rk]["attrs"]):
+                out[rq] = None  # the split kernel rotates q as it loads it and does the store
+                out[i] = {**out[i], "_rope_q": ops[rq]["attrs"]}
     kept = [op for op in out if op is not None]
     return _accumulate_residuals(kept)
 

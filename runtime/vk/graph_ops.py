@@ -41,10 +41,22 @@ class GraphOpsMixin:
         self.ops.rms_norm(rec, x, w, self._buf(env, op["out"]), rows * (n // g), g, a["eps"])
 
     def _plan(self, ops: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str, Any]]:
-        """The step's ops with norms, SwiGLU and residual adds fused where the kernels allow."""
+        """The step's ops with norms, SwiGLU, residual adds, rope and the KV store fused where the kernels allow."""
         tensors = self.archive.tensors
         return fusion.plan(ops, env["_T"], env["_nseq"],
-                           lambda rows, op: self.ops.fuses(rows, tensors[op["w"][0]].dtype))
+                           lambda rows, op: self.ops.fuses(rows, tensors[op["w"][0]].dtype),
+                           lambda rows, op: all(sc is not None for sc in self._attn_scratch(env, op["attrs"])))
+
+    def _attn_scratch(self, env: dict[str, Any], a: dict[str, Any]) -> list[Any]:
+        """Each sequence's split-K attention scratch for this layer; None: the one-pass kernel runs."""
+        out = []
+        for (r0, r1, _pos0, kv), sc in zip(env["seqs"], env["_attn"]):
+            n_ctx = kv[a["layer"]][0].n_ctx
+            need = self.ops.attention_scratch_bytes(r1 - r0, a["n_heads"], a["head_dim"], n_ctx)
+            # a layer unlike the hparams (scratch too small): the one-pass kernel
+            fits = sc is not None and self.ops.attention_fuses(r1 - r0, n_ctx) and sc.size >= need
+            out.append(sc if fits else None)
+        return out
 
     def op_linear(self, rec, op, env, payload) -> None:
         name = op["w"][0]
@@ -78,14 +90,14 @@ class GraphOpsMixin:
             ra = op["_rope_k"]
             rope = {"head_dim": ra["head_dim"], "n_rot": ra["rope_dim"], "mode": ra["mode"], "base": ra["theta"],
                     "freq_factors": self._freq_factors(ra.get("freq_factors"))}
-        for (r0, r1, _pos0, kv), sc in zip(env["seqs"], env["_attn"]):
+        in_kernel = "_rope_q" in op  # fused: the split kernel rotates q and k and stores k, v itself
+        for (r0, r1, _pos0, kv), sc in zip(env["seqs"], self._attn_scratch(env, a)):
             kc, vc = kv[a["layer"]]
-            self.ops.kv_store(rec, k, v, kc.slice, vc.slice, env["_pos"], r1 - r0, kvd, kc.n_ctx, t0=r0, rope=rope)
-            if sc is not None and sc.size < self.ops.attention_scratch_bytes(r1 - r0, a["n_heads"], a["head_dim"],
-                                                                             kc.n_ctx):
-                sc = None  # a layer unlike the hparams: the one-pass kernel
+            if not in_kernel:
+                self.ops.kv_store(rec, k, v, kc.slice, vc.slice, env["_pos"], r1 - r0, kvd, kc.n_ctx, t0=r0, rope=rope)
             self.ops.attention(rec, q, kc.slice, vc.slice, env["_pos"], out, r1 - r0, a["n_heads"], a["n_kv_heads"],
-                               a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0, scratch=sc)
+                               a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0, scratch=sc,
+                               new_kv=(k, v) if in_kernel else None, rope=rope if in_kernel else None)
 
     def op_add(self, rec, op, env, payload) -> None:
         a, b = (self._buf(env, n) for n in op["in"])

@@ -82,6 +82,15 @@ def _sub(b: Any, offset: int, size: int) -> BufferSlice:
     return BufferSlice(s.buffer, s.offset + offset, size)
 
 
+def _cover(parts: list[Any]) -> tuple[BufferSlice, list[int]]:
+    """One binding over slices of one buffer (descriptor sets hold 8): (the slice, float offset of each)."""
+    ss = [as_slice(b) for b in parts]
+    lo, hi = min(s.offset for s in ss), max(s.offset + s.size for s in ss)
+    if any(s.buffer is not ss[0].buffer or (s.offset - lo) % 4 for s in ss):
+        raise VulkanError("attention: q and new_kv must be float-aligned slices of one buffer")
+    return BufferSlice(ss[0].buffer, lo, hi - lo), [(s.offset - lo) // 4 for s in ss]
+
+
 class Ops:
     """Kernel recording for one device. Tunables are attributes (set before recording)."""
 
@@ -100,6 +109,15 @@ class Ops:
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
+        # T = 1: shaders/matvec_xs.comp (x staged once per workgroup, persistent row loop, norm/GLU fusions)
+        # instead of matmul.comp; off until measured on a GPU (tools/sweep_matvec.py)
+        self.mv_xs = False
+        self.mv_xs_wg, self.mv_xs_rows, self.mv_xs_units = (sg, 2, 2) if self.cpu else (128, 2, 2)
+        # grid: at least mv_xs_min_rows rows per workgroup (amortizes its x staging), at most
+        # mv_xs_max_groups workgroups (lavapipe on 2 cores: 2 groups 1.6x faster than 4..16; GPUs: guessed)
+        self.mv_xs_min_rows, self.mv_xs_max_groups = (0, 2) if self.cpu else (16, 1024)
+        self.mv_xs_shared = info.max_shared_memory   # bytes x may take (tests lower it to force f16 x)
+        self.mv_xs_half = True   # x too wide for f32 in shared memory may be staged as f16 (not with --fp32)
         # from this T on: the shared-memory tiled matmul (on lavapipe, barriers make it slower: never)
         self.mm_tiled_min_tokens = 1 << 30 if self.cpu else 64
         self.mm_tile: tuple[int, int, int, int] | None = None   # (BM, BN, TM, TN); None: chosen by T
@@ -133,7 +151,7 @@ class Ops:
         cooperative-matrix matmuls size theirs from their tiles). subgroups=False: shared-memory
         reductions everywhere (the `_nosg` variants; split-K attention needs subgroups, so the
         one-pass kernel runs). fp32: no kernel rounds activations to fp16 (the tensor-core prefill
-        does; it is left out)."""
+        does, and matvec_xs stages wide x as f16: both are left out)."""
         if not subgroups:
             self.suffix = "_nosg"
         if workgroup_size is not None:
@@ -143,11 +161,12 @@ class Ops:
             if self.suffix and workgroup_size & (workgroup_size - 1):
                 raise VulkanError(f"--workgroup-size {workgroup_size}: must be a power of 2 without subgroups "
                                   "(shared-memory tree reductions)")
-            for attr in ("mm_wg", "mv_wg", "red_wg", "red_wg_single", "attn_wg", "ew_wg", "attn_split_wg",
+            for attr in ("mm_wg", "mv_wg", "mv_xs_wg", "red_wg", "red_wg_single", "attn_wg", "ew_wg", "attn_split_wg",
                          "attn_merge_wg"):
                 setattr(self, attr, workgroup_size)
         if fp32:
             self.coop = False
+            self.mv_xs_half = False
 
     def _k(self, name: str, n_bind: int, push: int, writes: tuple[int, ...], spec: dict[int, Any],
            reduce: bool = False) -> Kernel:
@@ -226,8 +245,8 @@ class Ops:
         if bias is not None and _nbytes(bias) < (bias_off + w.rows) * 4:
             raise VulkanError(f"linear: bias of {_nbytes(bias)} B too small for {bias_off + w.rows} floats")
         fuse = (1 if norm is not None else 0) | (2 if glu_up is not None else 0)
-        kind = self._linear_kernel(T, w.dtype)
-        if fuse and kind != "matmul":
+        kind = self._linear_kernel(T, w.dtype, w.cols)
+        if fuse and kind not in ("matmul", "matvec_xs"):
             raise VulkanError(f"linear: norm/glu fusion is not available for T={T} ({w.dtype})")
         if kind == "coop":
             k, nr, nt = self._coop_kernel(w.dtype, T, w.rows)
@@ -246,6 +265,14 @@ class Ops:
             nr, nt = self.mv_rows * max(1, self.mv_wg // max(1, self.dev.info.subgroup_size)), 1
             k = self._k(f"matvec_{w.dtype.lower()}", 4, 36, (3,),
                         {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units})
+        elif kind == "matvec_xs":
+            layout = self._xs_layout(w.cols)
+            assert layout is not None  # _linear_kernel checked that x fits
+            xf16, xn = layout
+            # rows per workgroup and row-loop iteration: its subgroups x mv_xs_rows
+            nr, nt = self.mv_xs_rows * max(1, self.mv_xs_wg // max(1, self.dev.info.subgroup_size)), 1
+            k = self._k(f"matvec_xs_{w.dtype.lower()}", 6, 40, (3,),
+                        {0: self.mv_xs_wg, 1: self.mv_xs_rows, 2: self.mv_xs_units, 3: fuse, 4: xf16, 5: xn})
         else:
             nt = 1 if T == 1 else min(self.mm_max_tokens, _pow2_at_least(T))
             nr = self.mm_rows
@@ -254,30 +281,47 @@ class Ops:
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
         for r0, rows in self._row_parts(w):
             wslice, woff = self._weight_slice(w, r0, rows)
-            gx, gz = self._grid(-(-rows // nr))
+            groups = -(-rows // nr)
+            if kind == "matvec_xs":  # a persistent grid: each workgroup loops over its share of the rows
+                groups = min(self.mv_xs_max_groups, -(-rows // max(nr, self.mv_xs_min_rows)))
+            gx, gz = self._grid(groups)
             push = struct.pack("<9I", rows, w.cols, T, woff, xs, ys, y_col + r0, bias_off + r0, flags)
             # the rows this dispatch writes (one token: a contiguous range), so that the row-parts
             # of a split weight are not separated by barriers; an unused bias slot binds x (read anyway)
             touched = {3: (4 * (y_col + r0), 4 * (y_col + r0 + rows))} if T == 1 else None
             binds = [wslice, x, bias if bias is not None else x, y]
-            if k.n_bindings == 6:  # matmul.comp: the fusion inputs (x again where unused)
+            if k.n_bindings == 6:  # matmul.comp, matvec_xs.comp: the fusion inputs (x again where unused)
                 push += struct.pack("<f", norm[1] if norm is not None else 0.0)
                 binds += [glu_up if glu_up is not None else x, norm[0] if norm is not None else x]
             rec.dispatch(k, binds, (gx, -(-T // nt), gz), push, touched)
 
-    def _linear_kernel(self, T: int, dtype: str) -> str:
-        """Which kernel linear() runs for T tokens: "coop", "tiled", "matvec" or "matmul"."""
+    def _linear_kernel(self, T: int, dtype: str, cols: int | None = None) -> str:
+        """Which kernel linear() runs for T tokens of `cols` columns (None: any that fits):
+        "coop", "tiled", "matvec", "matvec_xs" or "matmul"."""
         if self.coop and T >= self.mm_coop_min_tokens and dtype in COOP_TYPES:
             return "coop"
         if T >= self.mm_tiled_min_tokens:
             return "tiled"
+        if T == 1 and self.mv_xs and not self.suffix and (cols is None or self._xs_layout(cols)):
+            return "matvec_xs"
         if T == 1 and self.mv_subgroup and not self.suffix:
             return "matvec"
         return "matmul"
 
+    def _xs_layout(self, cols: int) -> tuple[int, int] | None:
+        """matvec_xs's staged x: (1 if f16 else 0, uvec4 slots), or None when even f16 x does not fit."""
+        room = self.mv_xs_shared - 4 * self.mv_xs_wg       # the per-subgroup sum(x^2) slots
+        if cols * 4 <= room:
+            return 0, cols // 4
+        if not self.mv_xs_half:
+            return None
+        slots = -(-cols // 8)
+        return (1, slots) if slots * 16 <= room else None
+
     def fuses(self, T: int, dtype: str) -> bool:
-        """Whether linear() runs matmul.comp for T tokens (the kernel with the norm/GLU fusions)."""
-        return self._linear_kernel(T, dtype) == "matmul"
+        """Whether linear() takes the norm/GLU fusions for T tokens (matmul.comp and matvec_xs.comp do;
+        a matvec_xs whose x does not fit shared memory falls back to matmul.comp, which does too)."""
+        return self._linear_kernel(T, dtype) in ("matmul", "matvec_xs")
 
     def embed(self, rec: Recorder, w: Weight, ids: Any, out: Any, T: int, *, out_stride: int | None = None,
               id_off: int = 0, keep_outside: bool = False) -> None:
@@ -383,6 +427,11 @@ class Ops:
             return None  # the split kernel needs subgroup ops
         return self.attn_split_rows, max(1, min(self.attn_max_splits, -(-n_ctx // self.attn_split_rows)))
 
+    def attention_fuses(self, T: int, n_ctx: int) -> bool:
+        """Whether attention() for T tokens (given its scratch) runs the split kernel, which can take
+        rope(q), rope(k) and the KV store of the new rows (`new_kv`, `rope`)."""
+        return self.attention_splits(T, n_ctx) is not None
+
     def attention_scratch_bytes(self, T: int, n_heads: int, head_dim: int, n_ctx: int) -> int:
         """Bytes of the `scratch` that attention() needs for these sizes (0: it needs none)."""
         plan = self.attention_splits(T, n_ctx)
@@ -410,13 +459,21 @@ class Ops:
     def attention(self, rec: Recorder, q: Any, k_cache: Any, v_cache: Any, pos: Any, out: Any, T: int,
                   n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, *, f16: bool = False,
                   scale: float | None = None, q_stride: int | None = None, o_stride: int | None = None,
-                  t0: int = 0, scratch: Any = None) -> None:
+                  t0: int = 0, scratch: Any = None, new_kv: tuple[Any, Any] | None = None,
+                  rope: dict[str, Any] | None = None) -> None:
         """out[t, h] = softmax(q[t, h] . K[0..pos[t]] * scale) @ V[0..pos[t]] for rows t0..t0+T-1 of q, pos,
         out (one sequence of a batch; its cache holds rows 0..max pos); grouped-query heads.
 
         With `scratch` (attention_scratch_bytes(T, ...) bytes, if not 0) few tokens take the split-K
         kernels: many workgroups per token, each K/V row read once per kv head. Without, one workgroup
-        per (head, token) walks all rows (fine for prefill, where T gives the parallelism)."""
+        per (head, token) walks all rows (fine for prefill, where T gives the parallelism).
+
+        new_kv = (k, v), (·, n_kv_heads * head_dim) f32 rows t0.., slices of q's buffer (one binding
+        covers all three): the pass's keys and values at the consecutive positions pos[t0].., not yet
+        in the caches. The split kernel reads those rows from k, v and writes them into the caches as
+        kv_store() would; rope (kv_store's dict) rotates q and the new keys as rope() would. The decode
+        fusion: no rope or kv_store dispatch, no barrier before attention. Needs the split kernel
+        (attention_fuses, scratch)."""
         if n_heads % n_kv_heads or head_dim % 4:
             raise VulkanError(f"attention: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} "
                               f"and head_dim {head_dim} a multiple of 4")
@@ -424,12 +481,15 @@ class Ops:
         os_ = n_heads * head_dim if o_stride is None else o_stride
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         plan = self.attention_splits(T, n_ctx) if scratch is not None else None
+        if (new_kv is not None or rope is not None) and (plan is None or new_kv is None):
+            raise VulkanError("attention: new_kv and rope need the split kernel (scratch, attention_fuses) "
+                              "and rope needs new_kv")
         if plan is not None:
             need = self.attention_scratch_bytes(T, n_heads, head_dim, n_ctx)
             if _nbytes(scratch) < need:
                 raise VulkanError(f"attention: scratch of {_nbytes(scratch)} B < {need} B")
             self._attention_split(rec, q, k_cache, v_cache, pos, out, T, n_heads, n_kv_heads, head_dim, n_ctx,
-                                  f16, scale, qs, os_, t0, scratch, plan)
+                                  f16, scale, qs, os_, t0, scratch, plan, new_kv, rope)
             return
         kern = self._k("attention_f16" if f16 else "attention_f32", 5, 32, (4,),
                        {0: self.attn_wg, 1: head_dim}, reduce=True)
@@ -438,7 +498,8 @@ class Ops:
 
     def _attention_split(self, rec: Recorder, q: Any, kc: Any, vc: Any, pos: Any, out: Any, T: int, n_heads: int,
                          n_kv: int, hd: int, n_ctx: int, f16: bool, scale: float, qs: int, os_: int, t0: int,
-                         scratch: Any, plan: tuple[int, int]) -> None:
+                         scratch: Any, plan: tuple[int, int], new_kv: tuple[Any, Any] | None = None,
+                         rope: dict[str, Any] | None = None) -> None:
         """attention_split (partials into scratch) + attention_merge. Cost, Llama-3-8B layer (32 heads,
         8 kv heads, head_dim 128), one token, n_ctx 8192: K/V are read once per kv head, 2 * L * 1024 * (2 B
         f16, 4 B f32). Measured on an H200 (both dispatches, barriers included; an empty dispatch + barrier
@@ -454,9 +515,10 @@ class Ops:
         g = n_heads // n_kv
         vu = hd // 4
         rg = wg // vu if wg >= vu else 1
+        nr = _pow2_at_least(T) if new_kv is not None else 1   # new rows staged (a pipeline per power of 2)
 
-        def smem(gb: int) -> int:  # qs, ps, red, racc, rl of attention_split.comp
-            return gb * (hd * 4 + rc * 4 + wg * 4 + rg * 4) + (rg * gb * hd * 4 if rg > 1 else 16)
+        def smem(gb: int) -> int:  # qs, ps, red, racc, rl, kns of attention_split.comp
+            return gb * (hd * 4 + rc * 4 + wg * 4 + rg * 4) + (rg * gb * hd * 4 if rg > 1 else 16) + nr * hd * 4
 
         gb = min(g, 8)
         while gb > 1 and smem(gb) > self.dev.info.max_shared_memory:
@@ -466,12 +528,27 @@ class Ops:
         pacc, pml = _sub(scratch, 0, n * hd * 4), _sub(scratch, acc_bytes, n * 8)
         merge = 1 if self.attn_fused_merge else 0
         ny = n_kv * -(-g // gb)
-        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 40, (4, 5, 6, 7),
-                     {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc, 5: merge})
+        fuse = 1 if new_kv is not None else 0
+        # fused: the kernel also writes the caches (bindings 1, 2)
+        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 72,
+                     (1, 2, 4, 5, 6) if fuse else (4, 5, 6),
+                     {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc, 5: merge, 6: fuse, 7: nr})
         counters = self._split_counters((t0 + T) * ny)
-        rec.dispatch(k1, [q, kc, vc, pos, pacc, pml, out, counters], (ns, ny, T),
-                     struct.pack("<8IfI", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_),
-                     {7: (4 * t0 * ny, 4 * (t0 + T) * ny)})
+        act, (q_off, k_off, v_off) = _cover([q, *new_kv] if new_kv is not None else [q, q, q])
+        n_rot, flags, base, fscale, ff = 0, 0, 10000.0, 1.0, None
+        if rope is not None:
+            n_rot, mode, ff = rope.get("n_rot") or hd, rope.get("mode", "norm"), rope.get("freq_factors")
+            if n_rot % 2 or n_rot > hd or mode not in ("norm", "neox") or rope.get("head_dim", hd) != hd:
+                raise VulkanError(f"attention: rope n_rot {n_rot}, mode {mode!r}, head_dim {rope.get('head_dim')} "
+                                  f"do not fit head_dim {hd}")
+            flags = (1 if mode == "neox" else 0) | (2 if ff is not None else 0)
+            base, fscale = rope["base"], rope.get("freq_scale", 1.0)
+        rec.dispatch(k1, [act, kc, vc, pos, _sub(scratch, 0, acc_bytes + n * 8), out, counters,
+                          ff if ff is not None else pos], (ns, ny, T),
+                     struct.pack("<8If7I2f", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
+                                 v_off, acc_bytes // 8, n_rot, flags, base, fscale),
+                     # rows t0.. only: the sequences of a batch run without barriers between them
+                     {5: (4 * t0 * os_, 4 * (t0 + T) * os_), 6: (4 * t0 * ny, 4 * (t0 + T) * ny)})
         if merge:
             return
         k2 = self._k("attention_merge", 4, 28, (3,), {0: self.attn_merge_wg, 1: hd})
