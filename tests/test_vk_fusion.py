@@ -133,3 +133,29 @@ def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
             nxt = [(a[-1:], len(a), ka), (b[-2:], len(b), kb)], [(a[-1:], len(a), kc), (b[-2:], len(b), kd)]
             got, ref = g.forward_batch(nxt[0]), c.forward_batch(nxt[1])
         assert float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))) < 1e-3
+
+
+def test_engine_decode_without_the_attention_fusion_keeps_split_k(tmp_path):
+    """Ops.attn_fused_store = False (the A/B switch): rope and kv_store dispatches come back, and the
+    decode attention is still the split-K kernel (not the one-pass one); tokens match numpy."""
+    from vkpack.runtime import vk
+
+    ok, why = vk.available()
+    if not ok:
+        pytest.skip(f"no Vulkan: {why}")
+    import make_synthetic as ms
+    from vkpack.compiler.build import build
+    from vkpack.runtime.engine import Engine
+
+    spec = ms.Spec(layers=2, hidden=256, heads=8, kv_heads=2, ffn=512, vocab=1024, std=0.1)
+    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=7), tmp_path / "m.vkpack", progress=False)
+    with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+        g.backend.ops.attn_fused_store = False
+        ids = c.encode("the store outside the attention")
+        for eng in (c, g):
+            eng.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
+        assert list(g.last_ids) == list(c.last_ids)
+        names = [k.name for k in g.backend.last_fast[2]._keep]
+        assert any(n.startswith("kv_store") for n in names) and any(n.startswith("rope") for n in names)
+        assert sum(n.startswith("attention_split") for n in names) == spec.layers
+        assert not any(n in ("attention_f32", "attention_f16") for n in names)

@@ -45,7 +45,8 @@ class GraphOpsMixin:
         tensors = self.archive.tensors
         return fusion.plan(ops, env["_T"], env["_nseq"],
                            lambda rows, op: self.ops.fuses(rows, tensors[op["w"][0]].dtype),
-                           lambda rows, op: all(sc is not None for sc in self._attn_scratch(env, op["attrs"])))
+                           lambda rows, op: self.ops.attn_fused_store
+                           and all(sc is not None for sc in self._attn_scratch(env, op["attrs"])))
 
     def _attn_scratch(self, env: dict[str, Any], a: dict[str, Any]) -> list[Any]:
         """Each sequence's split-K attention scratch for this layer; None: the one-pass kernel runs."""
@@ -54,7 +55,7 @@ class GraphOpsMixin:
             n_ctx = kv[a["layer"]][0].n_ctx
             need = self.ops.attention_scratch_bytes(r1 - r0, a["n_heads"], a["head_dim"], n_ctx)
             # a layer unlike the hparams (scratch too small): the one-pass kernel
-            fits = sc is not None and self.ops.attention_fuses(r1 - r0, n_ctx) and sc.size >= need
+            fits = sc is not None and self.ops.attention_splits(r1 - r0, n_ctx) is not None and sc.size >= need
             out.append(sc if fits else None)
         return out
 

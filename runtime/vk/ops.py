@@ -430,8 +430,8 @@ class Ops:
 
     def attention_fuses(self, T: int, n_ctx: int) -> bool:
         """Whether attention() for T tokens (given its scratch) runs the split kernel, which can take
-        rope(q), rope(k) and the KV store of the new rows (`new_kv`, `rope`), and the fusion is on."""
-        return self.attn_fused_store and self.attention_splits(T, n_ctx) is not None
+        rope(q), rope(k) and the KV store of the new rows (`new_kv`, `rope`)."""
+        return self.attention_splits(T, n_ctx) is not None
 
     def attention_scratch_bytes(self, T: int, n_heads: int, head_dim: int, n_ctx: int) -> int:
         """Bytes of the `scratch` that attention() needs for these sizes (0: it needs none)."""
