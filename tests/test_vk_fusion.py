@@ -159,3 +159,29 @@ def test_engine_decode_without_the_attention_fusion_keeps_split_k(tmp_path):
         assert any(n.startswith("kv_store") for n in names) and any(n.startswith("rope") for n in names)
         assert sum(n.startswith("attention_split") for n in names) == spec.layers
         assert not any(n in ("attention_f32", "attention_f16") for n in names)
+
+
+def test_engine_decode_with_per_fusion_matvec_configs(tmp_path):
+    """Ops.mv_config: the decode linears take their (workgroup, rows, units) by fusion; odd choices
+    (one row, eight rows, two units in flight) still give numpy's greedy tokens."""
+    from vkpack.runtime import vk
+
+    ok, why = vk.available()
+    if not ok:
+        pytest.skip(f"no Vulkan: {why}")
+    import make_synthetic as ms
+    from vkpack.compiler.build import build
+    from vkpack.runtime.engine import Engine
+
+    spec = ms.Spec(layers=2, hidden=256, heads=8, kv_heads=2, ffn=512, vocab=1024, std=0.1)
+    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=9), tmp_path / "m.vkpack", progress=False)
+    with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+        sg = g.backend.dev.info.subgroup_size
+        g.backend.ops.mv_config = {0: (sg, 1, 2), 1: (2 * sg, 8, 1), 2: (2 * sg, 4, 2)}
+        ids = c.encode("per fusion matvec configurations")
+        for eng in (c, g):
+            eng.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
+        assert list(g.last_ids) == list(c.last_ids)
+        specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in g.backend.last_fast[2]._keep
+                 if k.name.startswith("matmul_")}
+        assert {(0, sg, 1, 2), (1, 2 * sg, 8, 1), (2, 2 * sg, 4, 2)} <= specs, specs

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import struct
 import sys
 import time
@@ -170,9 +171,9 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
 
 
 def _ops_attrs(spec: str) -> dict:
-    """'a=1,b=True' -> {'a': 1, 'b': True} (values as Python literals)."""
+    """'a=1,b=True,c={0:(1,2)}' -> {'a': 1, 'b': True, 'c': {0: (1, 2)}} (values as Python literals)."""
     out = {}
-    for item in filter(None, spec.split(",")):
+    for item in filter(None, re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", spec)):
         k, _, v = item.partition("=")
         out[k.strip()] = ast.literal_eval(v.strip())
     return out

@@ -50,11 +50,15 @@ def weights(dev: Device, layers: int, dtype: str, shapes: list[tuple[int, int]])
     return bufs, ws
 
 
-def measure(dev: Device, ops: Ops, ws: list[Weight], acts: dict, fused: bool, reps: int, warmup: int) -> float:
-    """Best GPU seconds of one pass over ws (the real pass's fusions when `fused`)."""
+def measure(dev: Device, ops: Ops, ws: list[Weight], acts: dict, fused: bool, reps: int, warmup: int,
+            roles: tuple[int, ...] = tuple(range(7))) -> float:
+    """Best GPU seconds of one pass over the linears of ws whose role is in `roles` (the real pass's
+    fusions when `fused`)."""
     rec = Recorder(dev, timestamps=True)
     for i, w in enumerate(ws):
         role = i % 7
+        if role not in roles:
+            continue
         kw: dict = {}
         if fused:
             kw = {"norm": (acts["nw"], 1e-5)} if role in NORM_FUSED else {"glu_up": acts["u"]} if role in GLU_FUSED \
@@ -69,6 +73,54 @@ def measure(dev: Device, ops: Ops, ws: list[Weight], acts: dict, fused: bool, re
         return min(_run(rec) for _ in range(reps))
     finally:
         rec.destroy()
+
+
+ROLE_SETS = {"qkv": (0, 1, 2), "o": (3,), "gate_up": (4, 5), "down": (6,)}
+
+
+def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
+    """matmul.comp's (workgroup, rows, units) for each kind of linear on its own, plain and fused: the
+    fusions load x, the norm weight or u again in every workgroup, so fewer, wider workgroups may pay
+    off where they run."""
+    bufs, ws = weights(dev, args.layers, args.dtype, SHAPES[shape])
+    n = max(c for _, c in SHAPES[shape]) + max(r for r, _ in SHAPES[shape])
+    acts = {k: dev.alloc(n * 4) for k in ("x", "y", "u", "nw")}
+    rec = Recorder(dev)
+    for b in acts.values():
+        rec.fill(b, 0x3DCCCCCD)  # 0.1f
+    rec.run()
+    rec.destroy()
+    base = Ops(dev)
+    default = (base.mm_wg, base.mm_rows, base.mm_units)
+    grid = list(itertools.product(ints(args.wg), ints(args.mm_rows), ints(args.mm_units)))
+    print(f"\n{shape}: matmul.comp per kind of linear ({args.layers} layers; default wg/rows/units {default})")
+    times: dict[tuple[str, str], dict[tuple, float]] = {}
+    for fusion in ("plain", "fused"):
+        for name, roles in ROLE_SETS.items():
+            nbytes = sum(w.nbytes for i, w in enumerate(ws) if i % 7 in roles)
+            res = []
+            for wg, nr, nu in grid:
+                o = Ops(dev)
+                o.mm_wg, o.mm_rows, o.mm_units = wg, nr, nu
+                try:
+                    res.append((measure(dev, o, ws, acts, fusion == "fused", args.reps, args.warmup, roles), wg, nr, nu))
+                except VulkanError as e:
+                    print(f"{shape} {fusion} {name} wg={wg} rows={nr} units={nu}: {e}")
+            res.sort()
+            times[(fusion, name)] = {tuple(c): t for t, *c in res}
+            ref = next((t for t, *c in res if tuple(c) == default), None)
+            line = " ".join(f"[wg={wg} rows={nr} units={nu}: {nbytes / t / 1e9:.0f} GB/s]" for t, wg, nr, nu in res[:3])
+            dflt = f"default {nbytes / ref / 1e9:.0f} GB/s, " if ref else ""
+            print(f"{shape:3s} {fusion:6s} {name:8s} {dflt}best {line}", flush=True)
+    # Ops.mv_config as the fused pass would take it: unfused (o), norm-fused (q/k/v and gate/up), SwiGLU (down)
+    def best(names: tuple[str, ...]) -> tuple:
+        common = set.intersection(*(set(times[("fused", n)]) for n in names))
+        return min(common, key=lambda c: sum(times[("fused", n)][c] for n in names))
+
+    cfg = f"mv_config={{0: {best(('o',))}, 1: {best(('qkv', 'gate_up'))}, 2: {best(('down',))}}}".replace(" ", "")
+    print(f"{shape} {cfg}")
+    for b in bufs + list(acts.values()):
+        b.destroy()
 
 
 def _run(rec: Recorder) -> float:
@@ -159,14 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grids", default="r0,r8,r32,r64,g132,g264,g528,r16g528",
                     help="grid policies tried on the best --top configurations (see the module doc)")
     ap.add_argument("--top", type=int, default=3, help="configurations that get every grid policy")
+    ap.add_argument("--by-role", action="store_true",
+                    help="instead: matmul.comp configurations for each kind of linear (q/k/v, o, gate/up, down)")
+    ap.add_argument("--mm-rows", default="1,2,4,8", help="--by-role: matmul.comp rows per workgroup")
+    ap.add_argument("--mm-units", default="1,2", help="--by-role: matmul.comp units in flight")
     ap.add_argument("--quick", action="store_true", help="smoke test: one configuration per axis, one run each")
     args = ap.parse_args(argv)
     dev = Device()
     if args.quick:
         args.wg, args.rows, args.units = str(dev.info.subgroup_size * 2), "2", "1,2"
         args.grids, args.top, args.reps, args.warmup = "r0,g2", 1, 1, 0
+        args.mm_rows, args.mm_units = "2,4", "1"
     args.grids = [parse_policy(p) for p in args.grids.split(",")]
     print(f"{dev}", flush=True)
+    if args.by_role:
+        for shape in sorted(SHAPES) if args.shape == "both" else [args.shape]:
+            sweep_roles(dev, args, shape)
+        dev.close()
+        return 0
     rows = []
     for shape in sorted(SHAPES) if args.shape == "both" else [args.shape]:
         rows += sweep_shape(dev, args, shape)

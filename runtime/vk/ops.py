@@ -106,6 +106,10 @@ class Ops:
         self.mm_rows = 4 if self.cpu else 2     # rows per workgroup (each x load serves all of them)
         self.mm_max_tokens = 8                  # tokens per workgroup for T > 1 (weight reuse factor)
         self.mm_units = 1                       # weight units loaded per invocation before use (sweep_matvec)
+        # T = 1 in matmul.comp: (workgroup, rows, units) by fusion (0 none, 1 norm, 2 SwiGLU) where they
+        # differ from mm_*: a fused product loads x (and the norm weight or u) again in every workgroup
+        # (tools/sweep_matvec.py --by-role)
+        self.mv_config: dict[int, tuple[int, int, int]] = {}
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
@@ -165,6 +169,7 @@ class Ops:
             for attr in ("mm_wg", "mv_wg", "mv_xs_wg", "red_wg", "red_wg_single", "attn_wg", "ew_wg", "attn_split_wg",
                          "attn_merge_wg"):
                 setattr(self, attr, workgroup_size)
+            self.mv_config = {f: (workgroup_size, nr, nu) for f, (_, nr, nu) in self.mv_config.items()}
         if fp32:
             self.coop = False
             self.mv_xs_half = False
@@ -276,9 +281,10 @@ class Ops:
                         {0: self.mv_xs_wg, 1: self.mv_xs_rows, 2: self.mv_xs_units, 3: fuse, 4: xf16, 5: xn})
         else:
             nt = 1 if T == 1 else min(self.mm_max_tokens, _pow2_at_least(T))
-            nr = self.mm_rows
-            k = self._k(f"matmul_{w.dtype.lower()}", 6, 40, (3,),
-                        {0: self.mm_wg, 1: nr, 2: nt, 3: self.mm_units, 4: fuse}, reduce=True)
+            wg, nr, nu = self.mm_wg, self.mm_rows, self.mm_units
+            if T == 1:
+                wg, nr, nu = self.mv_config.get(fuse, (wg, nr, nu))
+            k = self._k(f"matmul_{w.dtype.lower()}", 6, 40, (3,), {0: wg, 1: nr, 2: nt, 3: nu, 4: fuse}, reduce=True)
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
         for r0, rows in self._row_parts(w):
             wslice, woff = self._weight_slice(w, r0, rows)
