@@ -107,9 +107,10 @@ class Ops:
         self.mm_max_tokens = 8                  # tokens per workgroup for T > 1 (weight reuse factor)
         self.mm_units = 1                       # weight units loaded per invocation before use (sweep_matvec)
         # T = 1 in matmul.comp: (workgroup, rows, units) by fusion (0 none, 1 norm, 2 SwiGLU) where they
-        # differ from mm_*: a fused product loads x (and the norm weight or u) again in every workgroup
-        # (tools/sweep_matvec.py --by-role)
-        self.mv_config: dict[int, tuple[int, int, int]] = {}
+        # differ from mm_*: a fused product loads x (and the norm weight or u) again in every workgroup.
+        # H100, `tools/sweep_matvec.py --by-role`: two units in flight won 1-4 % on the 1B and 8B shapes
+        # except under SwiGLU (8B down projection); decode 675.6 -> 701.9 tok/s (1B), 151.0 -> 153.2 (8B).
+        self.mv_config: dict[int, tuple[int, int, int]] = {} if self.cpu else {0: (128, 2, 2), 1: (128, 2, 2)}
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
