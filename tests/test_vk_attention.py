@@ -264,8 +264,9 @@ def test_fused_rope_and_store(dev, f16, wg, seqs, n_heads, n_kv, hd, n_ctx, mode
     got = run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=wg + hd + n_ctx)
     # f16 caches: a rotated key that rounds to the other f16 neighbour (sin/cos differ in the last f32 bits
     # between drivers and between the two kernels on the H100) moves the output by ~2^-11 relative:
-    # measured nmse vs float64 2-5e-8 and fused vs unfused 2-9e-10 there (f32 caches: below 1e-10)
-    tol_ref, tol_unfused = (1e-6, 1e-8) if f16 else (1e-8, 1e-10)
+    # measured on the H100, nmse 2-5e-8 against float64 and up to 2.2e-8 fused against unfused (f32
+    # caches: below 1e-8 and 1e-10 there)
+    tol_ref, tol_unfused = (1e-6, 1e-6) if f16 else (1e-8, 1e-10)
     for (p0, T), (fo, uo, ref, (fk, fv), (uk, uv), (ck, cv)) in zip(seqs, got):
         assert nmse(fo, ref) < tol_ref   # ~1e-12 on lavapipe; angles up to 100 rad are formed in f32
         assert nmse(fo, uo) < tol_unfused   # bit-identical on lavapipe
