@@ -359,6 +359,8 @@ class Device(MemoryMixin):
                 obj.destroy()
             for k in list(getattr(self, "_kernels", {}).values()):
                 k.destroy()
+            if getattr(self, "_recycler", None) is not None:
+                self._recycler.destroy()
             self._close_memory()
             if getattr(self, "_pipeline_cache", None) is not None:
                 self.save_pipeline_cache()
