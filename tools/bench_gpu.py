@@ -126,11 +126,18 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
             first = time.perf_counter()
             eng.forward_batch([(prompt, 0, kv)])   # the first prompt pass records its steps
             first = time.perf_counter() - first
-            up0 = m.bytes_uploaded
+            up0, w0p = m.bytes_uploaded, be.wait_seconds
+            before = {k: getattr(m, k) for k in COUNTERS}
+            if be.host_cache is not None:
+                be.host_cache.trace = []
             t = time.perf_counter()
             logits = eng.forward_batch([(prompt, 0, kv)])  # the same positions again: steady state
             prefill = time.perf_counter() - t
+            dma_busy = _busy(be.host_cache.trace, t, t + prefill) if be.host_cache is not None else 0.0
             up_prefill = m.bytes_uploaded - up0
+            prefill_loads = {k: getattr(m, k) - before[k] for k in COUNTERS}
+            prefill_loads["fence_wait_seconds"] = be.wait_seconds - w0p
+            prefill_loads["dma_busy_fraction"] = dma_busy / prefill
             tok = int(np.argmax(logits[0]))
             # the first decode passes of a session record its steps (and, resident, one whole-pass
             # buffer and the embedding gathers): timed apart, then the steady state is measured
@@ -158,6 +165,7 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
         return {
             "vram_gb": vram_gb, "model_bytes": eng.model_bytes, "budget": eng.tier.budget,
             "prefill_tokens": prompt_len, "prefill_tps": prompt_len / prefill, "uploaded_prefill": up_prefill,
+            "prefill_loads": prefill_loads,
             "decode_tokens": n, "decode_tps": n / dt, "ms_per_token": dt / n * 1e3,
             "uploaded_per_token": (m.bytes_uploaded - up0) / n,
             "host_ms_per_token": (dt - (be.wait_seconds - w0)) / n * 1e3,
@@ -168,6 +176,17 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
         }
     finally:
         eng.close()
+
+
+def _busy(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Seconds of [lo, hi] covered by at least one of the (start, end) spans (copies in flight)."""
+    busy, end = 0.0, lo
+    for a, b in sorted(spans):
+        a, b = max(a, end), min(b, hi)
+        if b > a:
+            busy += b - a
+            end = b
+    return busy
 
 
 def _ops_attrs(spec: str) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,7 @@ class HostPackCache:
         self._lock = threading.Lock()
         self._transfers: list[Transfer] = []
         self._all_transfers: list[Transfer] = []
+        self.trace: list[tuple[float, float]] | None = None   # set to a list: (start, end) of each copy (tools)
 
     def lookup(self, pack: int) -> tuple[Buffer, int, int] | None:
         return self.entries.get(pack)
@@ -116,10 +118,13 @@ class HostPackCache:
             t = Transfer(self.dev)
             with self._lock:
                 self._all_transfers.append(t)
+        t0 = time.perf_counter()
         try:
             t.copy(self.dev, block._buf, off, dst._buf, dst_offset, n)
             t.wait(self.dev)
         finally:
+            if self.trace is not None:
+                self.trace.append((t0, time.perf_counter()))
             with self._lock:
                 self._transfers.append(t)
         self.hits += 1
