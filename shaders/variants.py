@@ -17,9 +17,6 @@ for _name, _code in WEIGHT_TYPES.items():
     VARIANTS[f"embed_{_name.lower()}"] = {"source": "embed.comp", "defines": {"WTYPE": _code}, "reduce": False}
     # decode matvec, one subgroup per row group (subgroup arithmetic required: no _nosg twin)
     VARIANTS[f"matvec_{_name.lower()}"] = {"source": "matvec.comp", "defines": {"WTYPE": _code}, "reduce": False}
-    # decode matvec with x staged in shared memory, persistent row loop (subgroup arithmetic required)
-    VARIANTS[f"matvec_xs_{_name.lower()}"] = {"source": "matvec_xs.comp", "defines": {"WTYPE": _code},
-                                              "reduce": False}
 # tensor-core prefill matmul (VK_NV_cooperative_matrix; F32 and BF16 stay on matmul_tiled)
 COOP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 for _name in COOP_TYPES:

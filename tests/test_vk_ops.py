@@ -480,3 +480,15 @@ def test_kv_store_with_rope_equals_rope_then_store(dev, ops, f16, mode, hd, n_ro
     assert np.allclose(got, expect[t0:t0 + T], atol=2e-3 if f16 else 1e-5)
     for b in [kb, vb, pb, fb] + caches:
         b.destroy()
+
+
+@pytest.mark.slow
+def test_sweep_tool_smoke(capsys):
+    """tools/sweep_matvec.py end to end on a tiny setting, both modes (a few seconds on lavapipe)."""
+    import sweep_matvec
+
+    assert sweep_matvec.main(["--shape", "1b", "--layers", "1", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "matmul (default)" in out and "matmul wg=" in out and "best per shape and fusion" in out
+    assert sweep_matvec.main(["--by-role", "--shape", "1b", "--layers", "1", "--quick"]) == 0
+    assert "mv_config={0:" in capsys.readouterr().out

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="RAM budgets of the streamed runs, comma-separated: auto (the engine's default), or GiB; "
                          "0 keeps no pack in pinned memory (every reload reads the file)")
     ap.add_argument("--ops", action="append", default=[],
-                    help="kernel settings of one resident run, e.g. 'mv_xs=True,mm_rows=4' (Ops attributes); "
+                    help="kernel settings of one resident run, e.g. 'attn_fused_store=False,mv_config={}' (Ops attributes); "
                          "repeat for A/B runs in one call (default: one run with the defaults)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
     args = ap.parse_args(argv)

@@ -4,22 +4,22 @@ Weights of several layers shaped as the 8B (or 1B) (q, k, v, o, gate, up, down) 
 memory, so nothing is served from L2, and the linears are recorded back to back with a barrier after
 each, as in a decode pass, timed with GPU timestamps. Measured side by side, without fusions and with
 the ones the real pass uses (norm into q/k/v/gate/up, SwiGLU into down, o and down accumulating into
-the residual), since they change what x costs: the current matmul.comp default, then every matvec_xs
-(workgroup, rows per subgroup, units in flight) at the default grid policy, then the best few of
-those at every grid policy. Prints the weight read rate of each and the best per shape and fusion.
+the residual), since they change what x costs: matmul.comp as Ops runs it by default (mm_* and
+mv_config), then every (workgroup, rows per workgroup, units in flight) of --wg x --mm-rows x
+--mm-units for the whole pass. Prints the weight read rate of each, its ratio to the default, and the
+best per shape and fusion. --by-role instead measures each kind of linear on its own and prints the
+Ops.mv_config to take. (A decode kernel with x staged in shared memory and a persistent row loop was
+tried and measured 0.72-0.86x of matmul.comp on the H100 in every configuration; it was removed.)
 
-    python tools/sweep_matvec.py --shape both            # H100: ~30 s
+    python tools/sweep_matvec.py --shape both                   # the whole pass, both shapes
+    python tools/sweep_matvec.py --by-role --shape 8b           # per kind of linear: mv_config
     python tools/sweep_matvec.py --shape 1b --layers 1 --quick   # smoke test (lavapipe)
-
-Grid policies: "rN" = at least N rows per workgroup, "gM" = at most M workgroups, "rNgM" both
-(Ops.mv_xs_min_rows, Ops.mv_xs_max_groups); r0 = one row-loop iteration per workgroup.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import sys
 
 from vkpack.runtime.vk import Device, Ops, Recorder, Weight
@@ -31,7 +31,6 @@ SHAPES = {  # one layer's linears: q, k, v, o, gate, up, down
     "1b": [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)],
 }
 NORM_FUSED, GLU_FUSED, ACCUMULATE = (0, 1, 2, 4, 5), (6,), (3, 6)   # indices into a layer's linears
-NO_CAP = 1 << 30
 
 
 def weights(dev: Device, layers: int, dtype: str, shapes: list[tuple[int, int]]) -> tuple[list, list]:
@@ -102,6 +101,7 @@ def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
             for wg, nr, nu in grid:
                 o = Ops(dev)
                 o.mm_wg, o.mm_rows, o.mm_units = wg, nr, nu
+                o.mv_config = {}   # the configuration under test for every fusion
                 try:
                     res.append((measure(dev, o, ws, acts, fusion == "fused", args.reps, args.warmup, roles), wg, nr, nu))
                 except VulkanError as e:
@@ -128,18 +128,6 @@ def _run(rec: Recorder) -> float:
     return rec.gpu_time_s()
 
 
-def parse_policy(p: str) -> tuple[int, int]:
-    """"r16g528" -> (min rows 16, max groups 528)."""
-    m = re.fullmatch(r"(?:r(\d+))?(?:g(\d+))?", p)
-    if not m or not p:
-        raise argparse.ArgumentTypeError(f"grid policy {p!r}: expected rN, gM or rNgM")
-    return int(m[1] or 0), int(m[2] or NO_CAP)
-
-
-def policy_name(min_rows: int, max_groups: int) -> str:
-    return f"r{min_rows}" + (f"g{max_groups}" if max_groups < NO_CAP else "")
-
-
 def ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",")]
 
@@ -156,9 +144,7 @@ def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple
     rec.run()
     rec.destroy()
     print(f"\n{shape}: {len(ws)} linears, {total / 1e9:.2f} GB of {args.dtype} weights per pass", flush=True)
-    base = Ops(dev)
-    grid = list(itertools.product(ints(args.wg), ints(args.rows), ints(args.units)))
-    default_policy = (base.mv_xs_min_rows, base.mv_xs_max_groups)
+    grid = list(itertools.product(ints(args.wg), ints(args.mm_rows), ints(args.mm_units)))
     rows: list[tuple] = []
 
     def run_one(fusion: str, label: str, ops: Ops) -> float | None:
@@ -170,29 +156,20 @@ def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple
         rows.append((shape, fusion, label, t, total))
         ref = next((r[3] for r in rows if r[:3] == (shape, fusion, "matmul (default)")), t)
         print(f"{shape:3s} {fusion:6s} {label:44s} {t * 1e3:8.3f} ms {total / t / 1e9:7.0f} GB/s  "
-              f"{ref / t:5.2f}x matmul", flush=True)
+              f"{ref / t:5.2f}x default", flush=True)
         return t
 
-    def xs_ops(wg: int, nr: int, nu: int, policy: tuple[int, int]) -> Ops:
+    def mm_ops(wg: int, nr: int, nu: int) -> Ops:
+        """Ops running matmul.comp at (wg, nr, nu) for every linear of the pass, fused or not."""
         o = Ops(dev)
-        o.mv_xs = True
-        o.mv_xs_wg, o.mv_xs_rows, o.mv_xs_units = wg, nr, nu
-        o.mv_xs_min_rows, o.mv_xs_max_groups = policy
+        o.mm_wg, o.mm_rows, o.mm_units = wg, nr, nu
+        o.mv_config = {}   # no per-fusion override: mm_* for T = 1 too
         return o
 
     for fusion in ("plain", "fused"):
         run_one(fusion, "matmul (default)", Ops(dev))
-        stage1 = []
         for wg, nr, nu in grid:
-            t = run_one(fusion, f"xs wg={wg} rows={nr} units={nu} {policy_name(*default_policy)}",
-                        xs_ops(wg, nr, nu, default_policy))
-            if t is not None:
-                stage1.append((t, wg, nr, nu))
-        for _, wg, nr, nu in sorted(stage1)[:args.top]:
-            for policy in args.grids:
-                if policy != default_policy:
-                    run_one(fusion, f"xs wg={wg} rows={nr} units={nu} {policy_name(*policy)}",
-                            xs_ops(wg, nr, nu, policy))
+            run_one(fusion, f"matmul wg={wg} rows={nr} units={nu}", mm_ops(wg, nr, nu))
     for b in bufs + list(acts.values()):
         b.destroy()
     return rows
@@ -205,24 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="F16")
     ap.add_argument("--reps", type=int, default=5, help="timed runs of each pass (the best counts)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--wg", default="64,128,256", help="matvec_xs workgroup sizes")
-    ap.add_argument("--rows", default="1,2,4", help="matvec_xs rows per subgroup and iteration")
-    ap.add_argument("--units", default="1,2,4", help="matvec_xs units in flight per lane and row")
-    ap.add_argument("--grids", default="r0,r8,r32,r64,g132,g264,g528,r16g528",
-                    help="grid policies tried on the best --top configurations (see the module doc)")
-    ap.add_argument("--top", type=int, default=3, help="configurations that get every grid policy")
+    ap.add_argument("--wg", default="64,128,256", help="matmul.comp workgroup sizes")
+    ap.add_argument("--mm-rows", default="1,2,4,8", help="matmul.comp rows per workgroup")
+    ap.add_argument("--mm-units", default="1,2", help="matmul.comp units in flight")
     ap.add_argument("--by-role", action="store_true",
                     help="instead: matmul.comp configurations for each kind of linear (q/k/v, o, gate/up, down)")
-    ap.add_argument("--mm-rows", default="1,2,4,8", help="--by-role: matmul.comp rows per workgroup")
-    ap.add_argument("--mm-units", default="1,2", help="--by-role: matmul.comp units in flight")
     ap.add_argument("--quick", action="store_true", help="smoke test: one configuration per axis, one run each")
     args = ap.parse_args(argv)
     dev = Device()
     if args.quick:
-        args.wg, args.rows, args.units = str(dev.info.subgroup_size * 2), "2", "1,2"
-        args.grids, args.top, args.reps, args.warmup = "r0,g2", 1, 1, 0
-        args.mm_rows, args.mm_units = "2,4", "1"
-    args.grids = [parse_policy(p) for p in args.grids.split(",")]
+        args.wg, args.mm_rows, args.mm_units = str(dev.info.subgroup_size * 2), "2,4", "1"
+        args.reps, args.warmup = 1, 0
     print(f"{dev}", flush=True)
     if args.by_role:
         for shape in sorted(SHAPES) if args.shape == "both" else [args.shape]:
@@ -237,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         group = sorted((r for r in rows if r[:2] == key), key=lambda r: r[3])
         mm = next((r[3] for r in group if r[2] == "matmul (default)"), None)
         for shape, fusion, label, t, total in group[:3]:
-            vs = f"  {mm / t:5.2f}x matmul" if mm else ""
+            vs = f"  {mm / t:5.2f}x default" if mm else ""
             print(f"{shape:3s} {fusion:6s} {label:44s} {total / t / 1e9:7.0f} GB/s{vs}")
     dev.close()
     return 0

@@ -114,15 +114,6 @@ class Ops:
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
-        # T = 1: shaders/matvec_xs.comp (x staged once per workgroup, persistent row loop, norm/GLU fusions)
-        # instead of matmul.comp; off until measured on a GPU (tools/sweep_matvec.py)
-        self.mv_xs = False
-        self.mv_xs_wg, self.mv_xs_rows, self.mv_xs_units = (sg, 2, 2) if self.cpu else (128, 2, 2)
-        # grid: at least mv_xs_min_rows rows per workgroup (amortizes its x staging), at most
-        # mv_xs_max_groups workgroups (lavapipe on 2 cores: 2 groups 1.6x faster than 4..16; GPUs: guessed)
-        self.mv_xs_min_rows, self.mv_xs_max_groups = (0, 2) if self.cpu else (16, 1024)
-        self.mv_xs_shared = info.max_shared_memory   # bytes x may take (tests lower it to force f16 x)
-        self.mv_xs_half = True   # x too wide for f32 in shared memory may be staged as f16 (not with --fp32)
         # from this T on: the shared-memory tiled matmul (on lavapipe, barriers make it slower: never)
         self.mm_tiled_min_tokens = 1 << 30 if self.cpu else 64
         self.mm_tile: tuple[int, int, int, int] | None = None   # (BM, BN, TM, TN); None: chosen by T
@@ -157,7 +148,7 @@ class Ops:
         cooperative-matrix matmuls size theirs from their tiles). subgroups=False: shared-memory
         reductions everywhere (the `_nosg` variants; split-K attention needs subgroups, so the
         one-pass kernel runs). fp32: no kernel rounds activations to fp16 (the tensor-core prefill
-        does, and matvec_xs stages wide x as f16: both are left out)."""
+        does; it is left out)."""
         if not subgroups:
             self.suffix = "_nosg"
         if workgroup_size is not None:
@@ -167,13 +158,12 @@ class Ops:
             if self.suffix and workgroup_size & (workgroup_size - 1):
                 raise VulkanError(f"--workgroup-size {workgroup_size}: must be a power of 2 without subgroups "
                                   "(shared-memory tree reductions)")
-            for attr in ("mm_wg", "mv_wg", "mv_xs_wg", "red_wg", "red_wg_single", "attn_wg", "ew_wg", "attn_split_wg",
+            for attr in ("mm_wg", "mv_wg", "red_wg", "red_wg_single", "attn_wg", "ew_wg", "attn_split_wg",
                          "attn_merge_wg"):
                 setattr(self, attr, workgroup_size)
             self.mv_config = {f: (workgroup_size, nr, nu) for f, (_, nr, nu) in self.mv_config.items()}
         if fp32:
             self.coop = False
-            self.mv_xs_half = False
 
     def _k(self, name: str, n_bind: int, push: int, writes: tuple[int, ...], spec: dict[int, Any],
            reduce: bool = False) -> Kernel:
@@ -252,8 +242,8 @@ class Ops:
         if bias is not None and _nbytes(bias) < (bias_off + w.rows) * 4:
             raise VulkanError(f"linear: bias of {_nbytes(bias)} B too small for {bias_off + w.rows} floats")
         fuse = (1 if norm is not None else 0) | (2 if glu_up is not None else 0)
-        kind = self._linear_kernel(T, w.dtype, w.cols)
-        if fuse and kind not in ("matmul", "matvec_xs"):
+        kind = self._linear_kernel(T, w.dtype)
+        if fuse and kind != "matmul":
             raise VulkanError(f"linear: norm/glu fusion is not available for T={T} ({w.dtype})")
         if kind == "coop":
             k, nr, nt = self._coop_kernel(w.dtype, T, w.rows)
@@ -272,14 +262,6 @@ class Ops:
             nr, nt = self.mv_rows * max(1, self.mv_wg // max(1, self.dev.info.subgroup_size)), 1
             k = self._k(f"matvec_{w.dtype.lower()}", 4, 36, (3,),
                         {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units})
-        elif kind == "matvec_xs":
-            layout = self._xs_layout(w.cols)
-            assert layout is not None  # _linear_kernel checked that x fits
-            xf16, xn = layout
-            # rows per workgroup and row-loop iteration: its subgroups x mv_xs_rows
-            nr, nt = self.mv_xs_rows * max(1, self.mv_xs_wg // max(1, self.dev.info.subgroup_size)), 1
-            k = self._k(f"matvec_xs_{w.dtype.lower()}", 6, 40, (3,),
-                        {0: self.mv_xs_wg, 1: self.mv_xs_rows, 2: self.mv_xs_units, 3: fuse, 4: xf16, 5: xn})
         else:
             nt = 1 if T == 1 else min(self.mm_max_tokens, _pow2_at_least(T))
             wg, nr, nu = self.mm_wg, self.mm_rows, self.mm_units
@@ -289,47 +271,30 @@ class Ops:
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
         for r0, rows in self._row_parts(w):
             wslice, woff = self._weight_slice(w, r0, rows)
-            groups = -(-rows // nr)
-            if kind == "matvec_xs":  # a persistent grid: each workgroup loops over its share of the rows
-                groups = min(self.mv_xs_max_groups, -(-rows // max(nr, self.mv_xs_min_rows)))
-            gx, gz = self._grid(groups)
+            gx, gz = self._grid(-(-rows // nr))
             push = struct.pack("<9I", rows, w.cols, T, woff, xs, ys, y_col + r0, bias_off + r0, flags)
             # the rows this dispatch writes (one token: a contiguous range), so that the row-parts
             # of a split weight are not separated by barriers; an unused bias slot binds x (read anyway)
             touched = {3: (4 * (y_col + r0), 4 * (y_col + r0 + rows))} if T == 1 else None
             binds = [wslice, x, bias if bias is not None else x, y]
-            if k.n_bindings == 6:  # matmul.comp, matvec_xs.comp: the fusion inputs (x again where unused)
+            if k.n_bindings == 6:  # matmul.comp: the fusion inputs (x again where unused)
                 push += struct.pack("<f", norm[1] if norm is not None else 0.0)
                 binds += [glu_up if glu_up is not None else x, norm[0] if norm is not None else x]
             rec.dispatch(k, binds, (gx, -(-T // nt), gz), push, touched)
 
-    def _linear_kernel(self, T: int, dtype: str, cols: int | None = None) -> str:
-        """Which kernel linear() runs for T tokens of `cols` columns (None: any that fits):
-        "coop", "tiled", "matvec", "matvec_xs" or "matmul"."""
+    def _linear_kernel(self, T: int, dtype: str) -> str:
+        """Which kernel linear() runs for T tokens: "coop", "tiled", "matvec" or "matmul"."""
         if self.coop and T >= self.mm_coop_min_tokens and dtype in COOP_TYPES:
             return "coop"
         if T >= self.mm_tiled_min_tokens:
             return "tiled"
-        if T == 1 and self.mv_xs and not self.suffix and (cols is None or self._xs_layout(cols)):
-            return "matvec_xs"
         if T == 1 and self.mv_subgroup and not self.suffix:
             return "matvec"
         return "matmul"
 
-    def _xs_layout(self, cols: int) -> tuple[int, int] | None:
-        """matvec_xs's staged x: (1 if f16 else 0, uvec4 slots), or None when even f16 x does not fit."""
-        room = self.mv_xs_shared - 4 * self.mv_xs_wg       # the per-subgroup sum(x^2) slots
-        if cols * 4 <= room:
-            return 0, cols // 4
-        if not self.mv_xs_half:
-            return None
-        slots = -(-cols // 8)
-        return (1, slots) if slots * 16 <= room else None
-
     def fuses(self, T: int, dtype: str) -> bool:
-        """Whether linear() takes the norm/GLU fusions for T tokens (matmul.comp and matvec_xs.comp do;
-        a matvec_xs whose x does not fit shared memory falls back to matmul.comp, which does too)."""
-        return self._linear_kernel(T, dtype) in ("matmul", "matvec_xs")
+        """Whether linear() runs matmul.comp for T tokens (the kernel with the norm/GLU fusions)."""
+        return self._linear_kernel(T, dtype) == "matmul"
 
     def embed(self, rec: Recorder, w: Weight, ids: Any, out: Any, T: int, *, out_stride: int | None = None,
               id_off: int = 0, keep_outside: bool = False) -> None:
