@@ -46,20 +46,26 @@ class WeightAccess:
         """Acquire (pin) every pack of a step, in access order, for a backend that runs the step
         asynchronously; with `gather_tokens`, only the parts holding those embedding rows."""
         tensors = self.loader.archive.tensors
-        held: list[Any] = []
+        todo: list[tuple[int, int]] = []   # (pack, position), in access order
         seen: set[int] = set()
         for oi, op in enumerate(step["ops"]):
             for name in op["w"]:
                 parts = tensors[name].parts
                 idx = range(len(parts)) if gather_tokens is None else self.parts_of_rows(name, parts, gather_tokens)
                 for pi in idx:
-                    part = parts[pi]
-                    if part.pack in seen:
-                        continue
-                    pos = self.where[(si, oi, name, pi)]
-                    held.append(self.loader.acquire(part.pack, pos))
-                    self.last_position = pos
-                    seen.add(part.pack)
+                    pack = parts[pi].pack
+                    if pack not in seen:
+                        seen.add(pack)
+                        todo.append((pack, self.where[(si, oi, name, pi)]))
+        if gather_tokens is not None and len(todo) > 1:
+            # the prefetch window skips gather steps (their rows are known only now): load the parts
+            # these tokens need side by side, not one after the other (a 512-token prompt touches ~all
+            # 76 parts of an 8B embedding: ~70 ms of serial loads per streamed prefill on the H100)
+            self.loader.prefetch_now(todo)
+        held: list[Any] = []
+        for pack, pos in todo:
+            held.append(self.loader.acquire(pack, pos))
+            self.last_position = pos
         return held
 
     def parts_of_rows(self, name: str, parts: list[Any], rows: np.ndarray) -> list[int]:

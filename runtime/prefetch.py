@@ -123,6 +123,20 @@ class PackLoader:
                 inflight[pack] = fut
             self._pool.submit(self._prefetch_job, pack, cursor, fut)
 
+    def prefetch_now(self, items: list[tuple[int, int]]) -> None:
+        """Start loading these (pack, position) pairs now, on the loading threads, side by side."""
+        if self._pool is None:
+            return
+        for pack, pos in items:
+            if pack in self.tier.entries or pack in self.inflight:
+                continue
+            with self._lock:
+                if pack in self.inflight:
+                    continue
+                fut: Future = Future()
+                self.inflight[pack] = fut
+            self._pool.submit(self._prefetch_job, pack, pos, fut)
+
     def _prefetch_job(self, pack: int, cursor: int, fut: Future) -> None:
         try:
             protect = self.schedule.next_use(pack, cursor)

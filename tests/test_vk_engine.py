@@ -160,3 +160,35 @@ def test_shader_dir_swaps_a_shader(tmp_path):
     finally:
         spirv.set_shader_dir(None)
         shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("budget_mb", [24, 16], ids=["step-held", "step-in-chunks"])
+def test_streamed_prefill_loads_the_embedding_parts_side_by_side(tmp_path, monkeypatch, budget_mb):
+    """A gather step's packs are unknown to the prefetch window; once its tokens are known they are
+    loaded by the loading threads together (PackLoader.prefetch_now), not one by one on demand; both
+    when the step is pinned whole (graph.hold_step) and when it runs in chunks (a smaller budget)."""
+    from vkpack.runtime.prefetch import PackLoader
+
+    spec = ms.Spec(layers=32, hidden=256, heads=4, kv_heads=2, ffn=1024, vocab=8192, std=0.1)
+    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=5), tmp_path / "m.vkpack", max_pack_mb=1,
+          progress=False)
+    prompt = list(range(7, 8192, 97))   # rows in every part of the table
+
+    def misses_of_second_prefill() -> tuple[int, int, bool]:
+        with Engine(tmp_path / "m.vkpack", device="vulkan", vram_gb=budget_mb / 1024, context=128) as g:
+            t = g.archive.tensors["token_embd.weight"]
+            held_whole = sum(g.backend.pack_bytes(p.pack) for p in t.parts) <= g.backend.pin_limit
+            with g.kv_session(len(prompt) + 1) as kv:
+                g.forward_batch([(prompt, 0, kv)])
+                m0 = g.metrics.misses
+                g.forward_batch([(prompt, 0, kv)])
+                return g.metrics.misses - m0, len(t.parts), held_whole
+
+    with_now, parts, held_whole = misses_of_second_prefill()
+    assert held_whole == (budget_mb == 24)
+    monkeypatch.setattr(PackLoader, "prefetch_now", lambda self, items: None)   # as before: one by one
+    without, _, _ = misses_of_second_prefill()
+    assert parts >= 4
+    # before: loaded on demand one by one; now a part is loaded on demand only when the loading
+    # threads found no room for it (a chunk of a tight budget, at most half of them here)
+    assert without >= 2 and with_now <= without // 2, (without, with_now, parts)

@@ -501,6 +501,8 @@ class VulkanBackend(GraphOpsMixin):
                 chunks[-1].append(x)
                 size += nb
             for ci, chunk in enumerate(chunks):
+                if gather is not None:   # its parts are known only now: loaded side by side (graph.hold_step)
+                    weights.loader.prefetch_now([(p.pack, weights.where[(si, oi, name, pi)]) for name, pi, p in chunk])
                 held = []
                 for name, pi, p in chunk + fixed:
                     if all(e.pack != p.pack for e in held):
