@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from vkpack.runtime.vk.fusion import plan
@@ -95,18 +97,16 @@ def test_row_parts_back_to_back_run_as_one_weight():
     from vkpack.runtime.vk.ops import Weight
 
     buf, other = SimpleNamespace(size=1 << 20), SimpleNamespace(size=1 << 20)
-    w = lambda b, off, rows: Weight(b, off, "F16", rows, 64)  # noqa: E731 - 128 bytes a row
+    w = lambda b, off, rows: Weight(b, off, "F16", rows, 64)
     parts = [(0, 10, w(buf, 0, 10)), (10, 20, w(buf, 1280, 10)), (20, 25, w(buf, 4096, 5)),
              (25, 30, w(other, 4096 + 640, 5)), (30, 40, None), (40, 50, w(buf, 5376, 10))]
     merged = _merged_parts(parts)
     assert [(r0, m.offset, m.rows) for r0, m in merged] == [(0, 0, 20), (20, 4096, 5), (25, 4736, 5), (40, 5376, 10)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # rope modes norm and neox
-def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
-    """The whole model on Vulkan: the replayed decode pass records no rope and no kv_store (the split
-    attention kernel does both); greedy tokens, and a batch of two sequences at other positions, match
-    the numpy backend."""
+@contextmanager
+def cpu_and_vulkan(tmp_path, seed: int, arch: str = "llama"):
+    """A small synthetic model (8 heads over 2 kv heads) on the numpy and the Vulkan backends."""
     from vkpack.runtime import vk
 
     ok, why = vk.available()
@@ -117,8 +117,17 @@ def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
     from vkpack.runtime.engine import Engine
 
     spec = ms.Spec(arch=arch, layers=2, hidden=256, heads=8, kv_heads=2, ffn=512, vocab=1024, std=0.1)
-    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=7), tmp_path / "m.vkpack", progress=False)
+    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=seed), tmp_path / "m.vkpack", progress=False)
     with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+        yield c, g, spec
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # rope modes norm and neox
+def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
+    """The whole model on Vulkan: the replayed decode pass records no rope and no kv_store (the split
+    attention kernel does both); greedy tokens, and a batch of two sequences at other positions, match
+    the numpy backend."""
+    with cpu_and_vulkan(tmp_path, 7, arch) as (c, g, spec):
         ids = c.encode("rope and the store inside the attention")
         for eng in (c, g):
             eng.generate(ids, max_tokens=12, temperature=0, ignore_eos=True)
@@ -138,18 +147,7 @@ def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
 def test_engine_decode_without_the_attention_fusion_keeps_split_k(tmp_path):
     """Ops.attn_fused_store = False (the A/B switch): rope and kv_store dispatches come back, and the
     decode attention is still the split-K kernel (not the one-pass one); tokens match numpy."""
-    from vkpack.runtime import vk
-
-    ok, why = vk.available()
-    if not ok:
-        pytest.skip(f"no Vulkan: {why}")
-    import make_synthetic as ms
-    from vkpack.compiler.build import build
-    from vkpack.runtime.engine import Engine
-
-    spec = ms.Spec(layers=2, hidden=256, heads=8, kv_heads=2, ffn=512, vocab=1024, std=0.1)
-    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=7), tmp_path / "m.vkpack", progress=False)
-    with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+    with cpu_and_vulkan(tmp_path, 7) as (c, g, spec):
         g.backend.ops.attn_fused_store = False
         ids = c.encode("the store outside the attention")
         for eng in (c, g):
@@ -164,18 +162,7 @@ def test_engine_decode_without_the_attention_fusion_keeps_split_k(tmp_path):
 def test_engine_decode_with_per_fusion_matvec_configs(tmp_path):
     """Ops.mv_config: the decode linears take their (workgroup, rows, units) by fusion; odd choices
     (one row, eight rows, two units in flight) still give numpy's greedy tokens."""
-    from vkpack.runtime import vk
-
-    ok, why = vk.available()
-    if not ok:
-        pytest.skip(f"no Vulkan: {why}")
-    import make_synthetic as ms
-    from vkpack.compiler.build import build
-    from vkpack.runtime.engine import Engine
-
-    spec = ms.Spec(layers=2, hidden=256, heads=8, kv_heads=2, ffn=512, vocab=1024, std=0.1)
-    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=9), tmp_path / "m.vkpack", progress=False)
-    with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+    with cpu_and_vulkan(tmp_path, 9) as (c, g, _spec):
         sg = g.backend.dev.info.subgroup_size
         g.backend.ops.mv_config = {0: (sg, 1, 2), 1: (2 * sg, 8, 1), 2: (2 * sg, 4, 2)}
         ids = c.encode("per fusion matvec configurations")

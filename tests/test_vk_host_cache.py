@@ -3,10 +3,9 @@ discrete GPU (its device memory staged, not written in place)."""
 
 from __future__ import annotations
 
+import make_synthetic as ms
 import numpy as np
 import pytest
-
-import make_synthetic as ms
 from vkpack.compiler.build import build
 from vkpack.runtime import vk
 from vkpack.runtime.engine import Engine

@@ -74,13 +74,8 @@ def measure(dev: Device, ops: Ops, ws: list[Weight], acts: dict, fused: bool, re
         rec.destroy()
 
 
-ROLE_SETS = {"qkv": (0, 1, 2), "o": (3,), "gate_up": (4, 5), "down": (6,)}
-
-
-def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
-    """matmul.comp's (workgroup, rows, units) for each kind of linear on its own, plain and fused: the
-    fusions load x, the norm weight or u again in every workgroup, so fewer, wider workgroups may pay
-    off where they run."""
+def setup(dev: Device, args: argparse.Namespace, shape: str) -> tuple[list, list, dict]:
+    """The shape set's weights (args.layers layers) and activations x, y, u, nw filled with 0.1."""
     bufs, ws = weights(dev, args.layers, args.dtype, SHAPES[shape])
     n = max(c for _, c in SHAPES[shape]) + max(r for r, _ in SHAPES[shape])
     acts = {k: dev.alloc(n * 4) for k in ("x", "y", "u", "nw")}
@@ -89,6 +84,17 @@ def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
         rec.fill(b, 0x3DCCCCCD)  # 0.1f
     rec.run()
     rec.destroy()
+    return bufs, ws, acts
+
+
+ROLE_SETS = {"qkv": (0, 1, 2), "o": (3,), "gate_up": (4, 5), "down": (6,)}
+
+
+def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
+    """matmul.comp's (workgroup, rows, units) for each kind of linear on its own, plain and fused: the
+    fusions load x, the norm weight or u again in every workgroup, so fewer, wider workgroups may pay
+    off where they run."""
+    bufs, ws, acts = setup(dev, args, shape)
     base = Ops(dev)
     default = (base.mm_wg, base.mm_rows, base.mm_units)
     grid = list(itertools.product(ints(args.wg), ints(args.mm_rows), ints(args.mm_units)))
@@ -134,15 +140,8 @@ def ints(s: str) -> list[int]:
 
 def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple]:
     """Measure one shape set; returns its rows (shape, fusion, label, seconds, bytes)."""
-    bufs, ws = weights(dev, args.layers, args.dtype, SHAPES[shape])
+    bufs, ws, acts = setup(dev, args, shape)
     total = sum(w.nbytes for w in ws)
-    n = max(c for _, c in SHAPES[shape]) + max(r for r, _ in SHAPES[shape])
-    acts = {k: dev.alloc(n * 4) for k in ("x", "y", "u", "nw")}
-    rec = Recorder(dev)
-    for b in acts.values():
-        rec.fill(b, 0x3DCCCCCD)  # 0.1f
-    rec.run()
-    rec.destroy()
     print(f"\n{shape}: {len(ws)} linears, {total / 1e9:.2f} GB of {args.dtype} weights per pass", flush=True)
     grid = list(itertools.product(ints(args.wg), ints(args.mm_rows), ints(args.mm_units)))
     rows: list[tuple] = []

@@ -20,11 +20,11 @@ import numpy as np
 from ...pack_format.errors import VkpackError
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
+from . import staging
 from .device import Device
 from .errors import VulkanError
 from .graph_ops import GraphOpsMixin, _merged_parts
 from .host_cache import HostPackCache, default_budget
-from . import staging
 from .kernels import BufferSlice
 from .ops import SPLIT_COUNTER_BYTES, Ops, Weight
 from .recorder import Recorder, submit_all
