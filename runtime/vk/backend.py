@@ -334,8 +334,14 @@ class VulkanBackend(GraphOpsMixin):
         self._pass_recs[si] = rec
         if not self.resident:  # resident: every pack was loaded at start, nothing to fetch or unpin
             weights.loader.prefetch(weights.last_position)
+            # Streamed: submit in quarter-limit batches and, over the limit, wait only for the oldest
+            # steps, so that the GPU keeps queued work while this thread pins the next packs and moves
+            # the prefetch window (waiting for every step in flight left the copy engine idle).
+            if self._pinned(self._pending) > self.pin_limit // 4:
+                self.flush(weights, wait=False)
             if self._pinned() > self.pin_limit:
-                self.flush(weights)
+                self.flush(weights, wait=False)
+                self._release_oldest(weights, self.pin_limit // 2)
 
     @staticmethod
     def _step_key(si: int, step: dict[str, Any], env: dict[str, Any], held: list[Any]) -> tuple:
@@ -365,8 +371,25 @@ class VulkanBackend(GraphOpsMixin):
                 self._cache[key] = rec.finish()
                 self._cache.move_to_end(key, last=False)  # evicted before the steps' recordings
 
-    def _pinned(self) -> int:
-        return sum(self.pack_bytes(e.pack) for batch in (self._pending, self._inflight) for _, h, _ in batch for e in h)
+    def _pinned(self, *batches: list) -> int:
+        """Pack bytes the steps of `batches` (default: pending and in flight) keep pinned."""
+        return sum(self.pack_bytes(e.pack) for batch in (batches or (self._pending, self._inflight))
+                   for _, h, _ in batch for e in h)
+
+    def _release_oldest(self, weights: Any, target: int) -> None:
+        """Wait for the oldest steps in flight, releasing their packs, until at most `target` bytes
+        stay pinned."""
+        t0 = time.perf_counter()
+        while self._inflight and self._pinned() > target:
+            rec, held, _transient = self._inflight.pop(0)
+            rec.wait()
+            weights.release_entries(held)
+        self.wait_seconds += time.perf_counter() - t0
+        busy = {id(r) for batch in (self._pending, self._inflight) for r, _, _ in batch}
+        done = [r for r in self._retired if id(r) not in busy]
+        self._retired = [r for r in self._retired if id(r) in busy]
+        for rec in done:
+            rec.destroy()
 
     def flush(self, weights: Any, wait: bool = True) -> None:
         """Submit every recorded step in ONE queue submission; with `wait`, release their packs."""
