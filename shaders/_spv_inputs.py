@@ -64,6 +64,6 @@ HASHES = {
     'rms_norm': 'cc5bfed6d1c86704',
     'rms_norm_nosg': 'a54e622008facc25',
     'rope': '064ae6af8448f187',
-    'stream_read': '15dea2167e630957',
+    'stream_read': '546cd9284488cb8d',
     'swiglu': '182a10dbc48630db',
 }

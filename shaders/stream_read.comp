@@ -1,8 +1,7 @@
 #version 450
 // The device's read bandwidth: every invocation streams 16-byte words of `data` in a grid-stride
 // loop with NU loads in flight, folds them into one word (xor, so nothing can be skipped) and
-// each workgroup writes one word. Measures the read limit (tools/bench_gpu.py) and, in a decode pass,
-// warms the L2 cache with the weights the next stage reads (Ops.prefetch_l2).
+// each workgroup writes one word. Only for measuring (tools/bench_gpu.py), never in a model.
 // Grid: x = workgroups (a few per SM); n16 = words to read.
 layout(local_size_x_id = 0) in;
 layout(constant_id = 1) const uint NU = 4;

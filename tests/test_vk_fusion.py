@@ -172,27 +172,3 @@ def test_engine_decode_with_per_fusion_matvec_configs(tmp_path):
         specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in g.backend.last_fast[2]._keep
                  if k.name.startswith("matmul_")}
         assert {(0, sg, 1, 2), (1, 2 * sg, 8, 1), (2, 2 * sg, 4, 2)} <= specs, specs
-
-
-def test_engine_decode_prefetches_the_o_projection_into_l2(tmp_path):
-    """Ops.l2_prefetch_bytes: each decode layer's attention is followed by a stream_read of the o
-    projection's weights with no barrier between them; the tokens do not change."""
-    with cpu_and_vulkan(tmp_path, 11) as (c, g, spec):
-        ids = c.encode("warm the cache")
-        c.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
-        g.backend.ops.l2_prefetch_bytes = 1 << 20
-        g.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
-        assert list(g.last_ids) == list(c.last_ids)
-        whole = g.backend.last_fast[2]
-        names = [k.name for k in whole._keep]
-        assert names.count("stream_read") == spec.layers
-        for i, n in enumerate(names):
-            if n == "stream_read":
-                assert names[i - 1].startswith("attention_split") and names[i + 1].startswith("matmul_")
-        from vkpack.runtime.engine import Engine
-
-        with Engine(tmp_path / "m.vkpack", device="vulkan") as plain:   # the same pass without the prefetch
-            plain.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
-            ref = plain.backend.last_fast[2]
-            assert ref.n_dispatches + spec.layers == whole.n_dispatches
-            assert ref.n_barriers == whole.n_barriers   # it runs beside the attention, not after it

@@ -26,7 +26,7 @@ from .errors import VulkanError
 from .graph_ops import GraphOpsMixin, _merged_parts
 from .host_cache import HostPackCache, default_budget
 from .kernels import BufferSlice
-from .ops import L2_SINK_BYTES, SPLIT_COUNTER_BYTES, Ops, Weight
+from .ops import SPLIT_COUNTER_BYTES, Ops, Weight
 from .recorder import Recorder, submit_all
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,9 @@ class VulkanBackend(GraphOpsMixin):
     def reserved_bytes(self) -> int:
         """Device memory outside the tier, counted against the budget: the io buffer and staging
         slots, each only where it lives in device-local memory (system-memory staging is not VRAM),
-        the split-K attention's counters and the L2 prefetch's sink."""
+        and the split-K attention's counters."""
         counters = 0 if self.ops.suffix else SPLIT_COUNTER_BYTES
-        return (self.dev.staging_vram_bytes() + counters + L2_SINK_BYTES
+        return (self.dev.staging_vram_bytes() + counters
                 + sum(b.size for b in (self._io, self._readback) if b.block.device_local))
 
     @property

@@ -41,21 +41,12 @@ class GraphOpsMixin:
         self.ops.rms_norm(rec, x, w, self._buf(env, op["out"]), rows * (n // g), g, a["eps"])
 
     def _plan(self, ops: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str, Any]]:
-        """The step's ops with norms, SwiGLU, residual adds, rope and the KV store fused where the kernels
-        allow; a decode attention also names the linear that reads its output (`_l2_next`, for
-        Ops.l2_prefetch_bytes)."""
+        """The step's ops with norms, SwiGLU, residual adds, rope and the KV store fused where the kernels allow."""
         tensors = self.archive.tensors
-        out = fusion.plan(ops, env["_T"], env["_nseq"],
-                          lambda rows, op: self.ops.fuses(rows, tensors[op["w"][0]].dtype),
-                          lambda rows, op: self.ops.attn_fused_store
-                          and all(sc is not None for sc in self._attn_scratch(env, op["attrs"])))
-        if self.ops.l2_prefetch_bytes and env["_T"] <= self.ops.attn_split_max_tokens:
-            for i, op in enumerate(out):
-                if op["op"] == "attention":
-                    nxt = next((o for o in out[i + 1:] if o["op"] == "linear" and o["in"][0] == op["out"]), None)
-                    if nxt is not None:
-                        out[i] = {**op, "_l2_next": nxt["w"][0]}
-        return out
+        return fusion.plan(ops, env["_T"], env["_nseq"],
+                           lambda rows, op: self.ops.fuses(rows, tensors[op["w"][0]].dtype),
+                           lambda rows, op: self.ops.attn_fused_store
+                           and all(sc is not None for sc in self._attn_scratch(env, op["attrs"])))
 
     def _attn_scratch(self, env: dict[str, Any], a: dict[str, Any]) -> list[Any]:
         """Each sequence's split-K attention scratch for this layer; None: the one-pass kernel runs."""
@@ -108,13 +99,6 @@ class GraphOpsMixin:
             self.ops.attention(rec, q, kc.slice, vc.slice, env["_pos"], out, r1 - r0, a["n_heads"], a["n_kv_heads"],
                                a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0, scratch=sc,
                                new_kv=(k, v) if in_kernel else None, rope=rope if in_kernel else None)
-        if "_l2_next" in op:  # the next linear's weights into L2 while the attention runs
-            name = op["_l2_next"]
-            left = self.ops.l2_prefetch_bytes
-            for _row0, w in _merged_parts([(p.row_start, p.row_end, payload.get((name, p.row_start)))
-                                           for p in self.archive.tensors[name].parts]):
-                self.ops.prefetch_l2(rec, w, left)
-                left -= min(left, w.nbytes)
 
     def op_add(self, rec, op, env, payload) -> None:
         a, b = (self._buf(env, n) for n in op["in"])

@@ -31,7 +31,6 @@ WEIGHT_FORMATS = {
 
 
 SPLIT_COUNTER_BYTES = 4 << 20  # split-K attention counters: 4096 token rows x 256 head groups
-L2_SINK_BYTES = 4096           # where Ops.prefetch_l2's reads land (one word per workgroup)
 
 
 @dataclass(frozen=True)
@@ -138,11 +137,6 @@ class Ops:
         self._walign = max(16, info.min_storage_buffer_offset_alignment)
         self.attn_fused_merge = True   # the split kernel's last workgroup merges (no attention_merge pass)
         self.attn_fused_store = True   # decode: the split kernel takes rope(q) and the KV store (fusion.py)
-        # decode: while the (latency-bound) attention runs, stream the o projection's weights into the L2
-        # cache next to it (stream_read.comp, no barrier between them), so the projection reads them from
-        # there; at most this many bytes (None: off)
-        self.l2_prefetch_bytes: int | None = None
-        self._l2_sink: Buffer | None = None
         self._counters: Buffer | None = None
 
     # ---- helpers ----
@@ -316,19 +310,6 @@ class Ops:
             keep = keep_outside or i > 0
             push = struct.pack("<7I", rows, w.cols, T, woff, os_, id_off + r0, 1 if keep else 0)
             rec.dispatch(k, [wslice, ids, out], (-(-(w.cols // unit) // self.ew_wg), T, 1), push)
-
-    def prefetch_l2(self, rec: Recorder, w: Weight, nbytes: int) -> None:
-        """Read the first `nbytes` of w's bytes and drop them: the following stage finds them in L2.
-        Writes only a private sink, so no barrier separates it from the dispatch recorded before it."""
-        n16 = min(nbytes, w.nbytes) // 16
-        if n16 == 0:
-            return
-        if self._l2_sink is None:
-            self._l2_sink = self.dev.alloc(L2_SINK_BYTES)
-        wslice, off = self._weight_slice(w, 0, w.rows)
-        data = _sub(wslice, off // 16 * 16, n16 * 16)
-        k = self._k("stream_read", 2, 4, (1,), {0: 256, 1: 4})
-        rec.dispatch(k, [data, self._l2_sink], (min(1024, -(-n16 // 1024)), 1, 1), struct.pack("<I", n16))
 
     # ---- normalization, rope, elementwise ----
 
