@@ -109,3 +109,26 @@ def test_cache_round_trips_bytes_and_stops_at_its_budget():
         assert hc.used == 0 and not hc.entries
     finally:
         dev.close()
+
+
+def test_compressed_packs_are_not_decompressed_again(tmp_path, discrete):
+    """A compressed pack's decoded bytes stay in the pinned cache: reloads read and decompress nothing
+    (the RAM tier of decoded bytes is off while the cache holds them)."""
+    spec = ms.Spec(layers=8, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1024, std=0.1)
+    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=3), tmp_path / "z.vkpack",
+          codec="blosc2-zstd", max_pack_mb=1, progress=False)
+    with Engine(tmp_path / "z.vkpack", device="cpu") as c:
+        ids = c.encode("compressed packs, pinned once")
+        c.generate(ids, max_tokens=6, temperature=0, ignore_eos=True)
+        ref = list(c.last_ids)
+    with Engine(tmp_path / "z.vkpack", device="vulkan") as probe:
+        floor, mb = probe.min_bytes, probe.model_bytes
+    with Engine(tmp_path / "z.vkpack", device="vulkan", vram_gb=(floor + mb / 5) / 2**30) as g:
+        assert any(p.codec != "none" for p in g.archive.packs)
+        g.generate(ids, max_tokens=2, temperature=0, ignore_eos=True)   # every pack loaded (and cached) once
+        m = g.metrics
+        read0, dec0, up0 = m.bytes_read, m.bytes_decompressed, m.bytes_uploaded
+        g.generate(ids, max_tokens=6, temperature=0, ignore_eos=True)
+        assert list(g.last_ids) == ref
+        assert m.bytes_uploaded > up0 and g.tier.evictions > 0        # packs did stream again
+        assert (m.bytes_read, m.bytes_decompressed) == (read0, dec0)  # from pinned memory, not the archive

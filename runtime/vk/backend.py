@@ -20,7 +20,6 @@ import numpy as np
 from ...pack_format.errors import VkpackError
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
-from . import staging
 from .device import Device
 from .errors import VulkanError
 from .graph_ops import GraphOpsMixin, _merged_parts
@@ -176,8 +175,7 @@ class VulkanBackend(GraphOpsMixin):
                 upload: bool = True, threads: int | None = None) -> dict[tuple[str, int], Any]:
         """Upload a pack's decoded bytes to `dest` (unless already there) and describe its tensors."""
         buf, base = dest.buffer, dest.offset
-        if upload and not self._upload_cached(pack, len(raw), dest, lambda out: np.copyto(
-                out, np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8))):
+        if upload and not self._cache_and_copy(pack, raw, dest):
             self.dev.upload(buf, raw, base, threads)
         out: dict[tuple[str, int], Any] = {}
         extra = _align(len(raw))
@@ -196,18 +194,27 @@ class VulkanBackend(GraphOpsMixin):
                 out[(t.name, p.row_start)] = Weight(buf, base + p.offset, t.dtype, p.row_end - p.row_start, t.shape[-1])
         return out
 
-    def _upload_cached(self, pack: int, n: int, dest: BufferSlice, fill: Any) -> bool:
-        """Copy `pack` (n bytes) into `dest` through the pinned cache: from it when it holds the
-        pack, else by `fill(view)` into newly reserved room; False when the cache cannot take it."""
+    def convert_cached(self, pack: int, dest: BufferSlice) -> dict[tuple[str, int], Any] | None:
+        """`convert` for a pack the pinned cache holds (its decoded bytes: a compressed pack is not
+        read or decompressed again); None when it does not hold it."""
         hc = self.host_cache
-        if hc is None or n == 0:
+        e = hc.lookup(pack) if hc is not None else None
+        if e is None:
+            return None
+        hc.copy_to(pack, dest.buffer, dest.offset)
+        return self.convert(pack, hc.host_view(*e), dest, upload=False)
+
+    def _cache_and_copy(self, pack: int, raw: bytes | memoryview, dest: BufferSlice) -> bool:
+        """Keep `pack`'s decoded bytes in the pinned cache and copy them to `dest` from there; False
+        when the cache cannot take them (none, or full: the caller uploads through staging)."""
+        hc, n = self.host_cache, len(raw)
+        if hc is None or n == 0 or hc.lookup(pack) is not None:
             return False
-        if hc.lookup(pack) is None:
-            room = hc.reserve(n)
-            if room is None:
-                return False
-            fill(hc.host_view(room[0], room[1], n))
-            hc.commit(pack, room[0], room[1], n)
+        room = hc.reserve(n)
+        if room is None:
+            return False
+        np.copyto(hc.host_view(room[0], room[1], n), np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8))
+        hc.commit(pack, room[0], room[1], n)
         hc.copy_to(pack, dest.buffer, dest.offset)
         return True
 
@@ -216,15 +223,13 @@ class VulkanBackend(GraphOpsMixin):
     reload_from = "file"
 
     def convert_file(self, pack: int, dest: BufferSlice, threads: int | None = None) -> dict[tuple[str, int], Any]:
-        """`convert` for a pack stored raw (codec "none") whose checksum was verified: its bytes
-        come from the pinned cache, or go from the archive file into staging with preadv, never
-        through the mmap."""
-        offset, size = self.archive.pack_span(pack)
-        fd = self.archive.fileno()
+        """`convert` for a pack stored raw (codec "none") whose checksum was verified and that the
+        pinned cache does not hold: its bytes go from the archive file into staging with preadv,
+        never through the mmap."""
         if self.reload_from == "mmap":
             return self.convert(pack, self.archive.stored_bytes(pack), dest, threads=threads)
-        if not self._upload_cached(pack, size, dest, lambda out: staging.pread_into(fd, out, offset)):
-            self.dev.upload_file(dest.buffer, fd, offset, size, dest.offset, threads)
+        offset, size = self.archive.pack_span(pack)
+        self.dev.upload_file(dest.buffer, self.archive.fileno(), offset, size, dest.offset, threads)
         return self.convert(pack, self.archive.stored_bytes(pack), dest, upload=False)
 
     def kv_view(self, mem: BufferSlice, n_ctx: int, width: int) -> KvCache:
