@@ -112,30 +112,26 @@ class PackLoader:
     def prefetch(self, cursor: int) -> None:
         if self._pool is None:
             return
-        entries, inflight = self.tier.entries, self.inflight
         for pack in self.schedule.upcoming(cursor + 1, self.lookahead):
-            if pack in entries or pack in inflight:  # unlocked peeks (a dict lookup is atomic): cheap skips
-                continue
-            with self._lock:
-                if pack in inflight:
-                    continue
-                fut: Future = Future()
-                inflight[pack] = fut
-            self._pool.submit(self._prefetch_job, pack, cursor, fut)
+            self._start(pack, cursor)
 
     def prefetch_now(self, items: list[tuple[int, int]]) -> None:
         """Start loading these (pack, position) pairs now, on the loading threads, side by side."""
         if self._pool is None:
             return
         for pack, pos in items:
-            if pack in self.tier.entries or pack in self.inflight:
-                continue
-            with self._lock:
-                if pack in self.inflight:
-                    continue
-                fut: Future = Future()
-                self.inflight[pack] = fut
-            self._pool.submit(self._prefetch_job, pack, pos, fut)
+            self._start(pack, pos)
+
+    def _start(self, pack: int, cursor: int) -> None:
+        """Queue a load of `pack` unless it is resident or on its way."""
+        if pack in self.tier.entries or pack in self.inflight:  # unlocked peeks (a dict lookup is atomic)
+            return
+        with self._lock:
+            if pack in self.inflight:
+                return
+            fut: Future = Future()
+            self.inflight[pack] = fut
+        self._pool.submit(self._prefetch_job, pack, cursor, fut)
 
     def _prefetch_job(self, pack: int, cursor: int, fut: Future) -> None:
         try:
@@ -186,7 +182,6 @@ class PackLoader:
             if (payload is None and rec.codec == "none" and pack in self.verified
                     and hasattr(self.backend, "convert_file")):
                 # checked before: from the file straight into staging (no mmap faults, no copy in RAM)
-                t0 = time.perf_counter()
                 # a prefetch worker is one of several loading at once: it copies alone, no hand-offs
                 payload = self.backend.convert_file(pack, self.tier.view(alloc), 1 if protect is not None else None)
                 self.metrics.add_read(rec.stored_size, 0, 0.0)

@@ -286,7 +286,7 @@ def test_fused_needs_the_split_kernel(dev, ops):
         with pytest.raises(gpu.VulkanError, match="new_kv"):
             ops.attention(rec, b, b, b, b, b, 1, 4, 1, 64, 1000, new_kv=(b, b))
         T = ops.attn_split_max_tokens + 1
-        assert not ops.attention_fuses(T, 1000) and ops.attention_fuses(1, 1000)
+        assert ops.attention_splits(T, 1000) is None and ops.attention_splits(1, 1000) is not None
     finally:
         rec.destroy()
         b.destroy()

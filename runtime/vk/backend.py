@@ -321,8 +321,7 @@ class VulkanBackend(GraphOpsMixin):
         if rec is None:
             rec = Recorder(self.dev, label=step["name"])
             payload = {k: v for e in held for k, v in e.payload.items()}
-            for op in self._plan(step["ops"], env):
-                getattr(self, "op_" + op["op"])(rec, op, env, payload)
+            self._record_ops(rec, step, env, payload)
             rec.finish()
             rec.payload = payload  # for re-recording the step into a whole-pass command buffer
             self._cache[key] = rec
@@ -370,8 +369,7 @@ class VulkanBackend(GraphOpsMixin):
                 if key in self._cache:
                     continue
                 rec = Recorder(self.dev, label=step["name"])
-                for op in self._plan(step["ops"], env):
-                    getattr(self, "op_" + op["op"])(rec, op, env, e.payload)
+                self._record_ops(rec, step, env, e.payload)
                 rec.payload = e.payload
                 self._cache[key] = rec.finish()
                 self._cache.move_to_end(key, last=False)  # evicted before the steps' recordings
@@ -385,11 +383,17 @@ class VulkanBackend(GraphOpsMixin):
         """Wait for the oldest steps in flight, releasing their packs, until at most `target` bytes
         stay pinned."""
         t0 = time.perf_counter()
-        while self._inflight and self._pinned() > target:
+        pinned = self._pinned()
+        while self._inflight and pinned > target:
             rec, held, _transient = self._inflight.pop(0)
             rec.wait()
             weights.release_entries(held)
+            pinned -= sum(self.pack_bytes(e.pack) for e in held)
         self.wait_seconds += time.perf_counter() - t0
+        self._destroy_retired()
+
+    def _destroy_retired(self) -> None:
+        """Destroy the retired recordings no pending or in-flight batch uses any more."""
         busy = {id(r) for batch in (self._pending, self._inflight) for r, _, _ in batch}
         done = [r for r in self._retired if id(r) not in busy]
         self._retired = [r for r in self._retired if id(r) in busy]
@@ -458,9 +462,13 @@ class VulkanBackend(GraphOpsMixin):
         for si, step in enumerate(steps):
             payload = recs[si].payload if si in recs else (gathers or {}).get(si)
             if payload is not None:
-                for op in self._plan(step["ops"], env):
-                    getattr(self, "op_" + op["op"])(whole, op, env, payload)
+                self._record_ops(whole, step, env, payload)
         return whole.finish()
+
+    def _record_ops(self, rec: Recorder, step: dict[str, Any], env: dict[str, Any], payload: dict) -> None:
+        """Record a step's ops, fused as the kernels allow (`_plan`), from the weights in `payload`."""
+        for op in self._plan(step["ops"], env):
+            getattr(self, "op_" + op["op"])(rec, op, env, payload)
 
     def _resident_gathers(self, steps: list[dict[str, Any]]) -> dict[int, dict] | None:
         """Payloads for the gather steps that read each table as ONE weight: possible when all its
@@ -563,9 +571,7 @@ class VulkanBackend(GraphOpsMixin):
                 weights.release_entries(held)
         self._inflight.clear()
         self.wait_seconds += time.perf_counter() - t0
-        for rec in self._retired:
-            rec.destroy()
-        self._retired.clear()
+        self._destroy_retired()
 
     def finish(self, env: dict[str, Any], weights: Any, out_name: str) -> np.ndarray:
         """The pass's output: copied into mapped host memory by the pass's own submission (no

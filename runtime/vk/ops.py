@@ -82,6 +82,16 @@ def _sub(b: Any, offset: int, size: int) -> BufferSlice:
     return BufferSlice(s.buffer, s.offset + offset, size)
 
 
+def _rope_args(rope: dict[str, Any], hd: int, who: str) -> tuple[int, int, Any, float, float]:
+    """(n_rot, 1 if neox else 0, freq_factors, base, freq_scale) of a kernel's fused RoPE (kv_store's
+    `rope` dict), checked against head_dim `hd`."""
+    n_rot, mode = rope.get("n_rot") or hd, rope.get("mode", "norm")
+    if rope.get("head_dim", hd) != hd or hd % 2 or n_rot % 2 or n_rot > hd or mode not in ("norm", "neox"):
+        raise VulkanError(f"{who}: rope n_rot {n_rot}, mode {mode!r}, head_dim {rope.get('head_dim')} "
+                          f"do not fit head_dim {hd}")
+    return n_rot, 0 if mode == "norm" else 1, rope.get("freq_factors"), rope["base"], rope.get("freq_scale", 1.0)
+
+
 def _cover(parts: list[Any]) -> tuple[BufferSlice, list[int]]:
     """One binding over slices of one buffer (descriptor sets hold 8): (the slice, float offset of each)."""
     ss = [as_slice(b) for b in parts]
@@ -379,13 +389,13 @@ class Ops:
         if kv_dim % 2 or ks % 2 or vs % 2:
             raise VulkanError(f"kv_store: kv_dim {kv_dim} and strides must be even")
         if rope is not None:
-            hd, n_rot, mode = rope["head_dim"], rope.get("n_rot") or rope["head_dim"], rope.get("mode", "norm")
-            if kv_dim % hd or hd % 2 or n_rot % 2 or n_rot > hd or mode not in ("norm", "neox"):
-                raise VulkanError(f"kv_store: rope head_dim {hd}, n_rot {n_rot}, mode {mode!r} do not fit kv_dim {kv_dim}")
-            ff = rope.get("freq_factors")
+            hd = rope["head_dim"]
+            if kv_dim % hd:
+                raise VulkanError(f"kv_store: rope head_dim {hd} does not divide kv_dim {kv_dim}")
+            n_rot, neox, ff, base, fscale = _rope_args(rope, hd, "kv_store")
             kern = self._k("kv_store_rope_f16" if f16 else "kv_store_rope_f32", 6, 48, (2, 3), {0: self.ew_wg})
-            push = struct.pack("<10I2f", T, kv_dim, n_ctx, ks, vs, t0, hd, n_rot, 0 if mode == "norm" else 1,
-                               1 if ff is not None else 0, rope["base"], rope.get("freq_scale", 1.0))
+            push = struct.pack("<10I2f", T, kv_dim, n_ctx, ks, vs, t0, hd, n_rot, neox,
+                               1 if ff is not None else 0, base, fscale)
             rec.dispatch(kern, [k, v, k_cache, v_cache, pos, ff if ff is not None else pos],
                          (-(-(kv_dim // 2) // self.ew_wg), T, 1), push)
             return
@@ -399,11 +409,6 @@ class Ops:
         if self.suffix or T > self.attn_split_max_tokens:
             return None  # the split kernel needs subgroup ops
         return self.attn_split_rows, max(1, min(self.attn_max_splits, -(-n_ctx // self.attn_split_rows)))
-
-    def attention_fuses(self, T: int, n_ctx: int) -> bool:
-        """Whether attention() for T tokens (given its scratch) runs the split kernel, which can take
-        rope(q), rope(k) and the KV store of the new rows (`new_kv`, `rope`)."""
-        return self.attention_splits(T, n_ctx) is not None
 
     def attention_scratch_bytes(self, T: int, n_heads: int, head_dim: int, n_ctx: int) -> int:
         """Bytes of the `scratch` that attention() needs for these sizes (0: it needs none)."""
@@ -446,7 +451,7 @@ class Ops:
         in the caches. The split kernel reads those rows from k, v and writes them into the caches as
         kv_store() would; rope (kv_store's dict) rotates q and the new keys as rope() would. The decode
         fusion: no rope or kv_store dispatch, no barrier before attention. Needs the split kernel
-        (attention_fuses, scratch)."""
+        (attention_splits, scratch)."""
         if n_heads % n_kv_heads or head_dim % 4:
             raise VulkanError(f"attention: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} "
                               f"and head_dim {head_dim} a multiple of 4")
@@ -455,7 +460,7 @@ class Ops:
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         plan = self.attention_splits(T, n_ctx) if scratch is not None else None
         if (new_kv is not None or rope is not None) and (plan is None or new_kv is None):
-            raise VulkanError("attention: new_kv and rope need the split kernel (scratch, attention_fuses) "
+            raise VulkanError("attention: new_kv and rope need the split kernel (scratch, attention_splits) "
                               "and rope needs new_kv")
         if plan is not None:
             need = self.attention_scratch_bytes(T, n_heads, head_dim, n_ctx)
@@ -477,8 +482,8 @@ class Ops:
         8 kv heads, head_dim 128), one token, n_ctx 8192: K/V are read once per kv head, 2 * L * 1024 * (2 B
         f16, 4 B f32). Measured on an H200 (both dispatches, barriers included; an empty dispatch + barrier
         is 2.2 us): L = 512 13 us (latency bound); L = 4096 16 us f16 / 22 us f32; L = 8192 23 / 38 us
-        (1.5-1.9 TB/s); the one-pass kernel took 87 / 673-993 us at L = 512 / 4096. The merge is ~2.5 us
-        over the floor. Left to gain: issue the V loads with the K loads, merge in the last split's workgroup."""
+        (1.5-1.9 TB/s); the one-pass kernel took 87 / 673-993 us at L = 512 / 4096. The merge pass was ~2.5 us
+        over the floor; with attn_fused_merge the last workgroup of each group merges instead."""
         rows, ns = plan
         wg, sg = self.attn_split_wg, max(1, self.dev.info.subgroup_size)
         lpr = min(8, sg, wg)
@@ -510,12 +515,8 @@ class Ops:
         act, (q_off, k_off, v_off) = _cover([q, *new_kv] if new_kv is not None else [q, q, q])
         n_rot, flags, base, fscale, ff = 0, 0, 10000.0, 1.0, None
         if rope is not None:
-            n_rot, mode, ff = rope.get("n_rot") or hd, rope.get("mode", "norm"), rope.get("freq_factors")
-            if n_rot % 2 or n_rot > hd or mode not in ("norm", "neox") or rope.get("head_dim", hd) != hd:
-                raise VulkanError(f"attention: rope n_rot {n_rot}, mode {mode!r}, head_dim {rope.get('head_dim')} "
-                                  f"do not fit head_dim {hd}")
-            flags = (1 if mode == "neox" else 0) | (2 if ff is not None else 0)
-            base, fscale = rope["base"], rope.get("freq_scale", 1.0)
+            n_rot, neox, ff, base, fscale = _rope_args(rope, hd, "attention")
+            flags = neox | (2 if ff is not None else 0)
         rec.dispatch(k1, [act, kc, vc, pos, _sub(scratch, 0, acc_bytes + n * 8), out, counters,
                           ff if ff is not None else pos], (ns, ny, T),
                      struct.pack("<8If7I2f", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
