@@ -178,6 +178,16 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
         eng.close()
 
 
+def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The --work and --out folders (made), and with --quick tiny shapes in place of SHAPES."""
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        SHAPES.update({k: ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
+    return work, out
+
+
 def _busy(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
     """Seconds of [lo, hi] covered by at least one of the (start, end) spans (copies in flight)."""
     busy, end = 0.0, lo
@@ -254,11 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                          "repeat for A/B runs in one call (default: one run with the defaults)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
     args = ap.parse_args(argv)
-    work, out = Path(args.work), Path(args.out)
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.quick:
-        SHAPES.update({k: ms.Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
+    work, out = prepare(args)
     res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
     global PROFILE_HOST, EVICT_BATCH_MB
     PROFILE_HOST, EVICT_BATCH_MB = args.profile_host, args.evict_batch_mb

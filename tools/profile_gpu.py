@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import SHAPES, model_archive
+from bench_gpu import model_archive, prepare
 from vkpack.runtime.engine import Engine
 from vkpack.runtime.vk.recorder import Recorder
 
@@ -109,13 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, to check the script on lavapipe")
     args = ap.parse_args(argv)
-    work, out = Path(args.work), Path(args.out)
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.quick:
-        from make_synthetic import Spec
-
-        SHAPES.update({k: Spec(layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=1024) for k in SHAPES})
+    work, out = prepare(args)
     res, text = {}, []
     for name in args.models.split(","):
         res[name] = profile_model(model_archive(name, work), args.prompt, args.decode)
