@@ -83,6 +83,8 @@ def synthetic_spec() -> ms.Spec:
 
 def _generated(gguf: Path, arch: Path, spec: ms.Spec, dtype: str) -> None:
     """Write the synthetic GGUF and build its archive unless they exist and are up to date."""
+    from vkpack.compiler.build import build
+
     if not gguf.exists():
         print(f"writing {gguf}", file=sys.stderr)
         ms.write_gguf(gguf, spec, dtype=dtype, seed=0)
@@ -93,8 +95,6 @@ def _generated(gguf: Path, arch: Path, spec: ms.Spec, dtype: str) -> None:
 
 def models(work: Path) -> list[Model]:
     """The two models, building the synthetic one (GGUF and archive) into `work` on first use."""
-    from vkpack.compiler.build import build
-
     out = [Model("smollm2", "SmolLM2-135M Q4_1", smollm2.default_archive(), smollm2.smollm2_gguf(),
                  "real trained weights: Q4_1 matrices, one Q8_0, F32 norms; tied 49152-token head", (128, 512))]
     spec = synthetic_spec()
