@@ -16,7 +16,9 @@
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
+#extension GL_GOOGLE_include_directive : require
 layout(local_size_x_id = 0) in;
+#include "common/rope.glsl"
 layout(constant_id = 1) const uint HD = 128;   // head_dim (multiple of 4)
 layout(constant_id = 2) const uint GB = 4;     // query heads per workgroup
 layout(constant_id = 3) const uint LPR = 8;    // lanes per K row in the scores: power of 2 <= subgroup size
@@ -141,12 +143,9 @@ float rope_elem(float x, float y, uint d, uint p) {
     if (d >= pc.n_rot) return x;
     bool neox = (pc.rope & 1u) != 0u;
     uint i = neox ? d % hr : d / 2u;
-    float inv = exp2(-2.0 * float(i) / float(pc.n_rot) * log2(pc.base)) * pc.freq_scale;
-    if ((pc.rope & 2u) != 0u) inv /= ff[i];
-    float theta = float(p) * inv;
-    float c = cos(theta), s = sin(theta);
+    float theta = rope_theta(i, p, pc.n_rot, pc.base, pc.freq_scale, (pc.rope & 2u) != 0u ? ff[i] : 1.0);
     bool first = neox ? d < hr : (d & 1u) == 0u;
-    return first ? x * c - y * s : y * s + x * c;
+    return first ? rope_rotate(x, y, theta).x : rope_rotate(y, x, theta).y;
 }
 
 uint rope_partner(uint d) {

@@ -4,6 +4,7 @@
 // rope.comp's, element for element. Invocation i of a token owns one pair of one kv head: slots
 // s < n_rot/2 are the rotated pairs ("norm": 2s, 2s+1; "neox": s, s + n_rot/2), the rest copy the
 // unrotated tail two elements at a time. Grid: x = ceil(kv_dim / 2 / WG), y = T.
+#extension GL_GOOGLE_include_directive : require
 layout(local_size_x_id = 0) in;
 
 layout(binding = 0) readonly buffer KB { float k[]; };    // (T, k_stride) f32 new keys, not rotated
@@ -19,6 +20,7 @@ layout(binding = 3) buffer VC { float vc[]; };
 #endif
 layout(binding = 4) readonly buffer PB { uint pos[]; };   // (T) positions
 layout(binding = 5) readonly buffer FB { float ff[]; };   // (n_rot / 2) frequency divisors
+#include "common/rope.glsl"
 
 layout(push_constant) uniform PC {
     uint T;
@@ -60,13 +62,10 @@ void main() {
     uint kb = t * pc.k_stride + hb, vb = t * pc.v_stride + hb, o = p * pc.kv_dim + hb;
     float a = k[kb + i0], b = k[kb + i1];
     if (s < half_rot) {
-        float inv = exp2(-2.0 * float(s) / float(pc.n_rot) * log2(pc.base)) * pc.freq_scale;
-        if ((pc.flags & 1u) != 0u) inv /= ff[s];
-        float theta = float(p) * inv;
-        float c = cos(theta), sn = sin(theta);
-        float ra = a * c - b * sn, rb = a * sn + b * c;
-        a = ra;
-        b = rb;
+        vec2 r = rope_rotate(a, b, rope_theta(s, p, pc.n_rot, pc.base, pc.freq_scale,
+                                              (pc.flags & 1u) != 0u ? ff[s] : 1.0));
+        a = r.x;
+        b = r.y;
     }
     STORE(kc, o + i0, a);
     STORE(kc, o + i1, b);
