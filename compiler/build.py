@@ -101,7 +101,7 @@ def build(src: str | Path, out: str | Path | None = None, codec: str = "auto", m
 
         def drain_one() -> None:
             p, enc = pending.popleft()
-            p, enc = p, enc.result()
+            enc = enc.result()
             tw = time.perf_counter()
             offset = writer.add_pack(enc.stored)
             stats.time_write += time.perf_counter() - tw

@@ -38,7 +38,7 @@ class Archive:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._file = open(self.path, "rb")
+            self._file = open(self.path, "rb")  # noqa: SIM115  (held until close())
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open: {e.strerror}") from None
         try:

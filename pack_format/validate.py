@@ -7,6 +7,7 @@ here once, so that no reader code ever indexes the file with an unchecked number
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Any
 
 from .constants import (ALIGN, CODECS, DTYPES, FORMAT_MAJOR, HEADER_SIZE, MAX_PACK_SIZE, OPS, PACK_KINDS, ROPE_MODES,
@@ -233,7 +234,7 @@ def _validate_tensors(raw: list, packs: list[PackRecord]) -> dict[str, TensorRec
         tensors[name] = TensorRecord(name, dtype, tuple(shape), tuple(parts))
     for pack, sp in spans.items():  # rule 18
         sp.sort()
-        for (a0, a1, an), (b0, b1, bn) in zip(sp, sp[1:]):
+        for (a0, a1, an), (b0, b1, bn) in pairwise(sp):
             if b0 < a1:
                 raise FormatError(f"pack {pack}: tensor {bn!r} at [{b0}, {b1}) overlaps tensor {an!r} at [{a0}, {a1})")
     return tensors

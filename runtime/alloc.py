@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["Allocation", "AllocStats", "SubAllocator", "plan_blocks"]
+__all__ = ["AllocStats", "Allocation", "SubAllocator", "plan_blocks"]
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,7 @@ class SubAllocator:
         a = Allocation(b, off, need, nbytes, tag)
         self._live[(b, off)] = a
         self._in_use += need
-        if self._in_use > self._peak:
-            self._peak = self._in_use
+        self._peak = max(self._peak, self._in_use)
         return a
 
     def free(self, a: Allocation) -> None:

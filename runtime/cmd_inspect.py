@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tensors:
             for r in a.tensors.values():
                 where = ", ".join(f"pack {q.pack} rows {q.row_start}:{q.row_end}" for q in r.parts)
-                print(f"  {r.name:32s} {r.dtype:5s} {str(list(r.shape)):16s} {where}")
+                print(f"  {r.name:32s} {r.dtype:5s} {list(r.shape)!s:16s} {where}")
         if args.graph:
             for i, st in enumerate(a.graph["steps"]):
                 ops = " ".join(o["op"] for o in st["ops"])

@@ -13,7 +13,7 @@ until it is known not to.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from vkpack.pack_format.errors import VkpackError
 

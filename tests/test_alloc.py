@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import bisect_left, insort
+from bisect import bisect_left
 
 import pytest
 from hypothesis import settings
@@ -311,7 +311,7 @@ def run_pack_churn(victim: str, evict: str, cycles: int, blocks: list[int] | Non
                 continue
             if evict == "window" and not sa.can_fit(sizes[p]):
                 tag_of = {id(a): q for q, a in resident.items()}
-                plan = sa.plan_eviction(sizes[p], lambda a: a.size / (1 + rank[tag_of[id(a)]]))
+                plan = sa.plan_eviction(sizes[p], lambda a, rank=rank, tag_of=tag_of: a.size / (1 + rank[tag_of[id(a)]]))
                 for a in plan:
                     sa.free(resident.pop(tag_of[id(a)]))
             while (a := sa.alloc(sizes[p], tag=f"pack {p}")) is None:
@@ -335,8 +335,8 @@ def test_pack_churn_does_not_degrade(victim):
     ideal, _, _ = run_pack_churn(victim, "retry", cycles, None)
     mb_per_cycle = lambda rows: sum(r[2] for r in rows) / len(rows) / MB
     base = mb_per_cycle(ideal[-q:])
-    report = [f"\n{victim}: compacting ideal streams {base:.0f} MB/cycle (M - B = "
-              f"{(sum(PACKS) - sum(blocks)) / MB:.0f})"]
+    report = [(f"\n{victim}: compacting ideal streams {base:.0f} MB/cycle (M - B = "
+               f"{(sum(PACKS) - sum(blocks)) / MB:.0f})")]
     for evict in ("retry", "window"):
         rows, frag, frag_load = run_pack_churn(victim, evict, cycles, blocks)
         # Cycles q..2q ("early", after warm-up) against the last q ("late").

@@ -149,13 +149,13 @@ def test_verify_names_the_pack_with_a_flipped_byte(capsys, archive):
 
 
 def test_verify_ok(capsys, archive):
-    code, out, err = run_cli(capsys, "verify", archive, "--json")
+    code, out, _ = run_cli(capsys, "verify", archive, "--json")
     assert code == 0 and json.loads(out)["ok"] is True
 
 
 def test_archive_index_offset_outside_file(capsys, archive):
     data = bytearray(archive.read_bytes())
-    off, size, crc, res, magic = FOOTER_STRUCT.unpack_from(data, len(data) - FOOTER_SIZE)
+    _off, size, crc, res, magic = FOOTER_STRUCT.unpack_from(data, len(data) - FOOTER_SIZE)
     FOOTER_STRUCT.pack_into(data, len(data) - FOOTER_SIZE, len(data) * 4, size, crc, res, magic)
     archive.write_bytes(bytes(data))
     for cmd in ("inspect", "verify"):

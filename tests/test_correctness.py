@@ -15,7 +15,7 @@ from vkpack.runtime.engine import Engine
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-import hf_reference  # noqa: E402  (needs torch)
+import hf_reference  # needs torch
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away,",
            "<|im_start|>user\nWhat is 12 * 7?<|im_end|>\n<|im_start|>assistant\n"]

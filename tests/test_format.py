@@ -19,7 +19,7 @@ from vkpack.pack_format.reader import Archive, parse_index
 from vkpack.pack_format.writer import ArchiveWriter, pack_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-from tiny_archive import E, V, tensor_data, write_archive  # noqa: E402
+from tiny_archive import E, V, tensor_data, write_archive
 
 # The tiny archive with codec none for both packs: every byte is fixed by the format and msgpack.
 # If this changes on purpose (a format change), bump the version in FORMAT.md and update the digest.
@@ -121,19 +121,17 @@ def _leftovers(d: Path) -> list[str]:
 
 def test_exception_inside_with_removes_temp_file(tmp_path):
     target = tmp_path / "out.vkpack"
-    with pytest.raises(RuntimeError, match="boom"):
-        with ArchiveWriter(target) as w:
-            w.add_pack(b"x" * 5000)
-            assert any(n.endswith(".partial") for n in _leftovers(tmp_path))  # written under a temp name
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ArchiveWriter(target) as w:
+        w.add_pack(b"x" * 5000)
+        assert any(n.endswith(".partial") for n in _leftovers(tmp_path))  # written under a temp name
+        raise RuntimeError("boom")
     assert _leftovers(tmp_path) == []
 
 
 def test_keyboard_interrupt_removes_temp_file(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with ArchiveWriter(tmp_path / "out.vkpack") as w:
-            w.add_pack(b"y" * 10)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), ArchiveWriter(tmp_path / "out.vkpack") as w:
+        w.add_pack(b"y" * 10)
+        raise KeyboardInterrupt
     assert _leftovers(tmp_path) == []
 
 
@@ -141,10 +139,9 @@ def test_failed_write_keeps_previous_archive(tmp_path):
     target = tmp_path / "out.vkpack"
     write_archive(target)
     before = _read(target)
-    with pytest.raises(TypeError):
-        with ArchiveWriter(target) as w:
-            w.add_pack(b"z" * 10)
-            w.finish({"unserializable": object()})
+    with pytest.raises(TypeError), ArchiveWriter(target) as w:
+        w.add_pack(b"z" * 10)
+        w.finish({"unserializable": object()})
     assert _read(target) == before
     assert _leftovers(tmp_path) == ["out.vkpack"]
 

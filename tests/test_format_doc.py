@@ -20,7 +20,7 @@ from vkpack.pack_format.errors import FormatError
 from vkpack.pack_format.records import PackRecord, TensorPart, TensorRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-from tiny_archive import make_index  # noqa: E402
+from tiny_archive import make_index
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 
@@ -184,7 +184,7 @@ def test_tokenizer_table(t):
 
 
 def test_record_tables_match_dataclasses(t):
-    fields = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
+    fields = lambda cls: [f.name for f in dataclasses.fields(cls)]
     assert _col(t["pack_record"], "field") == fields(PackRecord)
     assert _col(t["tensor_part"], "field") == fields(TensorPart)
     assert _col(t["tensor_record"], "field") == fields(TensorRecord)

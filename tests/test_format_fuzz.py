@@ -23,7 +23,7 @@ from vkpack.pack_format.reader import Archive, parse_index
 from vkpack.pack_format.writer import pack_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-from tiny_archive import footer, index_blob, with_index_blob, write_archive  # noqa: E402
+from tiny_archive import footer, index_blob, with_index_blob, write_archive
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

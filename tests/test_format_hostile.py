@@ -23,7 +23,7 @@ from vkpack.pack_format.reader import Archive
 from vkpack.pack_format.validate import REQUIRED_KEYS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "hostile"))
-from tiny_archive import footer, index_blob, with_index, with_index_blob, write_archive  # noqa: E402
+from tiny_archive import footer, index_blob, with_index, with_index_blob, write_archive
 
 
 @pytest.fixture
@@ -310,8 +310,8 @@ INDEX_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     "op reads a later output": (_set(ROPE + ("in",), ["o"]), "'o' is neither a graph input"),
     # rule 22: step packs cover the weights
     "step packs miss a weight's pack": (_seq(_set(S2 + ("packs",), [1]), _set(("graph", "access"), [0, 1])),
-                                        r"tensor 'token_embd\.weight' has rows in pack 0, "
-                                        r"which is not in the step's packs \[1\]"),
+                                        (r"tensor 'token_embd\.weight' has rows in pack 0, "
+                                         r"which is not in the step's packs \[1\]")),
 }
 
 

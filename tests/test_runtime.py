@@ -75,9 +75,8 @@ def test_budget_below_minimum_is_refused_with_the_minimum(small_archive):
 
 
 def test_prompt_longer_than_context_is_refused(small_archive):
-    with Engine(small_archive, context=16) as eng:
-        with pytest.raises(VkpackError, match="context of 16"):
-            eng.generate(list(range(3, 40)), max_tokens=4)
+    with Engine(small_archive, context=16) as eng, pytest.raises(VkpackError, match="context of 16"):
+        eng.generate(list(range(3, 40)), max_tokens=4)
 
 
 def test_corrupt_pack_named_during_generation(small_archive, tmp_path):
@@ -87,9 +86,8 @@ def test_corrupt_pack_named_during_generation(small_archive, tmp_path):
     data[victim.offset + 10] ^= 0xFF
     bad = tmp_path / "bad.vkpack"
     bad.write_bytes(bytes(data))
-    with Engine(bad, prefetch_lookahead=0) as eng:
-        with pytest.raises(VkpackError, match=f"pack {victim.id}"):
-            eng.generate("hello", max_tokens=2)
+    with Engine(bad, prefetch_lookahead=0) as eng, pytest.raises(VkpackError, match=f"pack {victim.id}"):
+        eng.generate("hello", max_tokens=2)
 
 
 def test_seeded_sampling_repeats(small_archive):

@@ -95,7 +95,7 @@ def test_many_threads_at_once(copying, tmp_path, monkeypatch, max_slots):
                     dev.upload(buf, data, i * stride)
                 else:
                     dev.upload_file(buf, fd, 7 + i * part, part, i * stride)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     for i in range(n_threads):

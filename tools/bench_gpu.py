@@ -210,12 +210,13 @@ def _ops_attrs(spec: str) -> dict:
 
 def table(res: dict) -> str:
     lim = res["limits"]
-    lines = [f"Device: {lim['device']} ({lim['type']}); read {lim['read_gbps']:.0f} GB/s (shaders/stream_read.comp "
-             f"over 2 GiB), host->device link {lim['h2d_gbps']:.1f} GB/s (vkCmdCopyBuffer from system memory, "
-             f"4 x 64 MiB in flight); pack loads from the page cache {lim['pack_upload_gbps']:.1f} GB/s "
-             f"(Device.upload_file, 4 callers x 32 MiB).", "",
-             "| model | weights GB | budget | prefill tok/s | decode tok/s | ms/token | fraction of limit | "
-             "host ms/token | uploaded GB/token |", "|---|---|---|---|---|---|---|---|---|"]
+    device = (f"Device: {lim['device']} ({lim['type']}); read {lim['read_gbps']:.0f} GB/s (shaders/stream_read.comp "
+              f"over 2 GiB), host->device link {lim['h2d_gbps']:.1f} GB/s (vkCmdCopyBuffer from system memory, "
+              f"4 x 64 MiB in flight); pack loads from the page cache {lim['pack_upload_gbps']:.1f} GB/s "
+              f"(Device.upload_file, 4 callers x 32 MiB).")
+    header = ("| model | weights GB | budget | prefill tok/s | decode tok/s | ms/token | fraction of limit | "
+              "host ms/token | uploaded GB/token |")
+    lines = [device, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in res["models"].items():
         for r in runs:
             if "error" in r:

@@ -581,8 +581,7 @@ def _write_safetensors(path: Path, tensors: list[TensorDef], qt: gguf.GGMLQuanti
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for t in tensors:
-                for block in _blocks(t, seed, std):
-                    f.write(_encode(block, qt).tobytes())
+                f.writelines(_encode(block, qt).tobytes() for block in _blocks(t, seed, std))
             assert f.tell() == 8 + len(raw) + off, path
         os.replace(tmp, path)
     finally:

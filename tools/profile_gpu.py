@@ -87,8 +87,8 @@ def profile_model(arch: Path, prompt_len: int, n_decode: int) -> dict:
 
 
 def report(name: str, r: dict) -> str:
-    lines = [f"## {name}: {r['model_bytes'] / 1e9:.2f} GB; prefill {r['prefill_s'] * 1e3:.1f} ms; decode "
-             f"{r['decode_ms_per_token']:.2f} ms/token (blocked on fences {r['decode_wait_ms_per_token']:.2f})"]
+    lines = [(f"## {name}: {r['model_bytes'] / 1e9:.2f} GB; prefill {r['prefill_s'] * 1e3:.1f} ms; decode "
+              f"{r['decode_ms_per_token']:.2f} ms/token (blocked on fences {r['decode_wait_ms_per_token']:.2f})")]
     for what in ("decode", "prefill"):
         p = r[what]
         lines.append(f"### {what}: GPU busy {p['gpu_ms']:.2f} ms, gaps between command buffers {p['gaps_ms']:.2f} ms")

@@ -95,7 +95,7 @@ class Source:
         return out
 
 
-def _sha256(f) -> "hashlib._Hash":
+def _sha256(f) -> hashlib._Hash:
     """sha256 of a file through one reused buffer (Python < 3.11 has no hashlib.file_digest)."""
     h = hashlib.sha256()
     buf = bytearray(8 << 20)

@@ -24,7 +24,7 @@ try:  # the package dlopens libvulkan.so.1 at import and raises OSError when it 
     from vulkan._vulkan import ffi, lib
 
     _IMPORT_ERROR = ""
-except Exception as e:  # noqa: BLE001 - any failure means "no Vulkan here"
+except Exception as e:  # any failure means "no Vulkan here"
     vk = None  # type: ignore[assignment]
     ffi = None  # type: ignore[assignment]
     lib = None  # type: ignore[assignment]

@@ -92,7 +92,7 @@ def _coopmat_shapes(vk: Any, instance: Any, pd: Any) -> tuple[tuple[int, ...], .
         props = fn(pd)
         return tuple((int(p.MSize), int(p.NSize), int(p.KSize), int(p.AType), int(p.BType), int(p.CType),
                       int(p.DType), int(p.scope)) for p in props)
-    except Exception:  # noqa: BLE001 - a driver without the function simply has no shapes
+    except Exception:  # a driver without the function simply has no shapes
         return ()
 
 
@@ -353,7 +353,7 @@ class Device(MemoryMixin):
         if dev is not None:
             try:
                 vk.vkDeviceWaitIdle(dev)
-            except Exception:  # noqa: BLE001, S110 - a lost device must still be torn down
+            except Exception:  # noqa: S110 - a lost device must still be torn down
                 pass
             for obj in list(getattr(self, "_objects", {}).values()):
                 obj.destroy()
@@ -374,7 +374,7 @@ class Device(MemoryMixin):
         _lib.destroy_instance(self._instance)
         self._closed = True
 
-    def __enter__(self) -> Device:  # noqa: PYI034
+    def __enter__(self) -> Device:
         return self
 
     def __exit__(self, *exc: object) -> None:

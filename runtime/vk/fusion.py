@@ -104,7 +104,7 @@ def _accumulate_residuals(ops: list[Op]) -> list[Op]:
         nxt = ops[i + 1] if i + 1 < len(ops) else None
         if (op["op"] == "linear" and nxt is not None and nxt["op"] == "add" and len(nxt["in"]) == 2
                 and op["out"] in nxt["in"] and nxt["out"] in nxt["in"] and nxt["out"] != op["out"]
-                and nxt["out"] not in op["in"] and not op.get("_glu") == nxt["out"]
+                and nxt["out"] not in op["in"] and op.get("_glu") != nxt["out"]
                 and not _readers(ops, i + 2, op["out"])):
             out.append({**op, "out": nxt["out"], "_accumulate": True})
             i += 2

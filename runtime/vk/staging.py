@@ -227,13 +227,13 @@ class Job:
                 s = self._next_slot(dev, ring)
                 self.fill(s.host[:m], pos, m)
                 s.copy(dev, s.buf._buf, 0, self.dst, self.dst_off + pos, m)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
+        except BaseException as e:  # handed to the caller
             self.fail(e)
         finally:
             for s in ring:
                 try:
                     s.wait(dev)
-                except BaseException as e:  # noqa: BLE001 - a lost device
+                except BaseException as e:  # a lost device
                     self.fail(e)
                 self.pool.put(s)
 
