@@ -33,8 +33,10 @@ def nmse(a, ref):
     return float(((a - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30))
 
 
-def run_case(dev, ops, pos, n_heads, n_kv, hd, n_ctx, f16, *, t0=0, q_pad=0, o_pad=0, split=True, seed=0):
-    """Attention of tokens t0.. (positions `pos`) through Ops.attention; returns (device out, reference)."""
+def run_case(dev, ops, pos, n_heads, n_kv, hd, n_ctx, f16, *, t0=0, q_pad=0, o_pad=0, split=True, seed=0,
+             use_scratch=True):
+    """Attention of tokens t0.. (positions `pos`) through Ops.attention; returns (device out, reference).
+    use_scratch=False: no scratch even where the split kernels could run (the one-pass kernel)."""
     rng = np.random.default_rng(seed)
     T = len(pos)
     cdt = np.float16 if f16 else np.float32
@@ -51,7 +53,7 @@ def run_case(dev, ops, pos, n_heads, n_kv, hd, n_ctx, f16, *, t0=0, q_pad=0, o_p
     dev.upload(ob, np.full((t0 + T) * os_, 7.0, np.float32))
     need = ops.attention_scratch_bytes(T, n_heads, hd, n_ctx)
     assert (need > 0) == split
-    sb = dev.alloc(need + 16) if need else None
+    sb = dev.alloc(need + 16) if need and use_scratch else None
     scale = 0.7 / math.sqrt(hd)
     rec = gpu.Recorder(dev)
     try:
@@ -132,7 +134,7 @@ def test_same_recording_at_every_position(dev, ops):
 
 def test_one_pass_kernel_without_scratch_or_for_many_tokens(dev, ops):
     """No scratch, or more tokens than attn_split_max_tokens: the one-pass kernel, no scratch needed."""
-    out, ref = run_case(dev, ops, [40, 41, 42], 4, 2, 64, 64, False, split=True)
+    out, ref = run_case(dev, ops, [40, 41, 42], 4, 2, 64, 64, False, split=True, use_scratch=False)
     assert nmse(out, ref) < 1e-7
     T = ops.attn_split_max_tokens + 1
     assert ops.attention_scratch_bytes(T, 4, 64, 64) == 0
