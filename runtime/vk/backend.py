@@ -25,7 +25,7 @@ from .errors import VulkanError
 from .graph_ops import GraphOpsMixin, _merged_parts
 from .host_cache import HostPackCache, default_budget
 from .kernels import BufferSlice
-from .ops import SPLIT_COUNTER_BYTES, Ops, Weight
+from .ops import Ops, Weight
 from .recorder import Recorder, submit_all
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,7 @@ class VulkanBackend(GraphOpsMixin):
         """Device memory outside the tier, counted against the budget: the io buffer and staging
         slots, each only where it lives in device-local memory (system-memory staging is not VRAM),
         and the split-K attention's counters."""
-        counters = 0 if self.ops.suffix else SPLIT_COUNTER_BYTES
-        return (self.dev.staging_vram_bytes() + counters
+        return (self.dev.staging_vram_bytes() + self.ops.split_counter_bytes
                 + sum(b.size for b in (self._io, self._readback) if b.block.device_local))
 
     @property

@@ -64,7 +64,7 @@ def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], boo
     `_norm` (norm weight name, eps), `_glu` (name of u), `_accumulate` (True), `_rope_k` (rope attrs),
     `_rope_q` (rope attrs of q; the attention also stores k and v: no kv_store)."""
     rows = _rows_per_op(ops, tokens, n_seqs)
-    out: list[Op | None] = [dict(op) for op in ops]
+    out: list[Op | None] = list(ops)
     for i, op in enumerate(ops):
         if op["op"] == "rms_norm" and not op["attrs"].get("group") and op["out"] != op["in"][0]:
             x, h = op["in"][0], op["out"]

@@ -55,7 +55,7 @@ class GraphOpsMixin:
             n_ctx = kv[a["layer"]][0].n_ctx
             need = self.ops.attention_scratch_bytes(r1 - r0, a["n_heads"], a["head_dim"], n_ctx)
             # a layer unlike the hparams (scratch too small): the one-pass kernel
-            fits = sc is not None and self.ops.attention_splits(r1 - r0, n_ctx) is not None and sc.size >= need
+            fits = sc is not None and sc.size >= need
             out.append(sc if fits else None)
         return out
 
@@ -74,12 +74,15 @@ class GraphOpsMixin:
                             y_col=row0, bias=bias, bias_off=row0, accumulate=op.get("_accumulate", False),
                             norm=norm, glu_up=glu)
 
+    def _rope_kw(self, a: dict[str, Any]) -> dict[str, Any]:
+        """A rope op's attributes as the kernels' RoPE arguments (Ops.rope, kv_store's and attention's `rope`)."""
+        return {"n_rot": a["rope_dim"], "mode": a["mode"], "base": a["theta"],
+                "freq_factors": self._freq_factors(a.get("freq_factors"))}
+
     def op_rope(self, rec, op, env, payload) -> None:
         a = op["attrs"]
-        x = self._buf(env, op["in"][0])
-        ff = self._freq_factors(a.get("freq_factors"))
-        self.ops.rope(rec, x, env["_pos"], env["_T"], a["n_heads"], a["head_dim"], n_rot=a["rope_dim"], mode=a["mode"],
-                      base=a["theta"], freq_factors=ff)
+        self.ops.rope(rec, self._buf(env, op["in"][0]), env["_pos"], env["_T"], a["n_heads"], a["head_dim"],
+                      **self._rope_kw(a))
 
     def op_attention(self, rec, op, env, payload) -> None:
         a = op["attrs"]
@@ -88,9 +91,7 @@ class GraphOpsMixin:
         kvd = a["n_kv_heads"] * a["head_dim"]
         rope = None
         if "_rope_k" in op:  # fused: the keys are rotated by the store (fusion.py)
-            ra = op["_rope_k"]
-            rope = {"head_dim": ra["head_dim"], "n_rot": ra["rope_dim"], "mode": ra["mode"], "base": ra["theta"],
-                    "freq_factors": self._freq_factors(ra.get("freq_factors"))}
+            rope = {"head_dim": op["_rope_k"]["head_dim"], **self._rope_kw(op["_rope_k"])}
         in_kernel = "_rope_q" in op  # fused: the split kernel rotates q and k and stores k, v itself
         for (r0, r1, _pos0, kv), sc in zip(env["seqs"], self._attn_scratch(env, a)):
             kc, vc = kv[a["layer"]]

@@ -134,7 +134,8 @@ class Ops:
         self.mm_coop_min_groups = 128           # default tile: the widest that still gives this many workgroups
         self.red_wg = sg if self.cpu else 256    # rms_norm, argmax
         # rms_norm of one row (a decode token): one wide workgroup, few elements per invocation
-        self.red_wg_single = 1 << (min(1024, info.max_workgroup_invocations).bit_length() - 1)
+        self.red_wg_single = (self.red_wg if self.cpu
+                              else 1 << (min(1024, info.max_workgroup_invocations).bit_length() - 1))
         self.attn_wg = sg if self.cpu else 64
         # split-K decode attention (attention_split + attention_merge) for T <= attn_split_max_tokens
         self.attn_split_max_tokens = 16          # more tokens: the one-pass kernel has workgroups enough
@@ -287,7 +288,7 @@ class Ops:
             # of a split weight are not separated by barriers; an unused bias slot binds x (read anyway)
             touched = {3: (4 * (y_col + r0), 4 * (y_col + r0 + rows))} if T == 1 else None
             binds = [wslice, x, bias if bias is not None else x, y]
-            if k.n_bindings == 6:  # matmul.comp: the fusion inputs (x again where unused)
+            if kind == "matmul":  # matmul.comp: the fusion inputs (x again where unused)
                 push += struct.pack("<f", norm[1] if norm is not None else 0.0)
                 binds += [glu_up if glu_up is not None else x, norm[0] if norm is not None else x]
             rec.dispatch(k, binds, (gx, -(-T // nt), gz), push, touched)
@@ -326,7 +327,7 @@ class Ops:
     def rms_norm(self, rec: Recorder, x: Any, w: Any, y: Any, n_groups: int, n: int, eps: float) -> None:
         """y[g, :] = x[g, :] / sqrt(mean(x[g, :]^2) + eps) * w for n_groups groups of n floats (y may be x)."""
         # one group (a decode token): one wide workgroup, few elements per invocation (latency bound)
-        wg = self.red_wg if n_groups > 1 or self.cpu else self.red_wg_single
+        wg = self.red_wg if n_groups > 1 else self.red_wg_single
         k = self._k("rms_norm", 3, 12, (2,), {0: wg}, reduce=True)
         gx, gz = self._grid(n_groups)
         rec.dispatch(k, [x, w, y], (gx, 1, gz), struct.pack("<2If", n_groups, n, eps))
@@ -410,13 +411,23 @@ class Ops:
             return None  # the split kernel needs subgroup ops
         return self.attn_split_rows, max(1, min(self.attn_max_splits, -(-n_ctx // self.attn_split_rows)))
 
+    @property
+    def split_counter_bytes(self) -> int:
+        """Device bytes of the split kernel's finished-split counters (none where it never runs)."""
+        return 0 if self.attention_splits(1, 1) is None else SPLIT_COUNTER_BYTES
+
     def attention_scratch_bytes(self, T: int, n_heads: int, head_dim: int, n_ctx: int) -> int:
         """Bytes of the `scratch` that attention() needs for these sizes (0: it needs none)."""
         plan = self.attention_splits(T, n_ctx)
         if plan is None:
             return 0
-        n = T * n_heads * plan[1]
-        return -(-n * head_dim * 4 // self._walign) * self._walign + n * 8
+        n, acc_bytes = self._split_partials(T, n_heads, head_dim, plan[1])
+        return acc_bytes + n * 8
+
+    def _split_partials(self, T: int, n_heads: int, head_dim: int, n_splits: int) -> tuple[int, int]:
+        """(partials, bytes of their sums) in the split kernel's scratch; their (m, l) pairs follow."""
+        n = T * n_heads * n_splits
+        return n, -(-n * head_dim * 4 // self._walign) * self._walign
 
     def _split_counters(self, n: int) -> Buffer:
         """Zeroed uint32 counters the split kernel counts finished splits in (each group's last
@@ -501,9 +512,7 @@ class Ops:
         gb = min(g, 8)
         while gb > 1 and smem(gb) > self.dev.info.max_shared_memory:
             gb = (gb + 1) // 2
-        n = T * n_heads * ns
-        acc_bytes = -(-n * hd * 4 // self._walign) * self._walign
-        pacc, pml = _sub(scratch, 0, n * hd * 4), _sub(scratch, acc_bytes, n * 8)
+        n, acc_bytes = self._split_partials(T, n_heads, hd, ns)
         merge = 1 if self.attn_fused_merge else 0
         ny = n_kv * -(-g // gb)
         fuse = 1 if new_kv is not None else 0
@@ -525,5 +534,6 @@ class Ops:
                      {5: (4 * t0 * os_, 4 * (t0 + T) * os_), 6: (4 * t0 * ny, 4 * (t0 + T) * ny)})
         if merge:
             return
+        pacc, pml = _sub(scratch, 0, n * hd * 4), _sub(scratch, acc_bytes, n * 8)
         k2 = self._k("attention_merge", 4, 28, (3,), {0: self.attn_merge_wg, 1: hd})
         rec.dispatch(k2, [pacc, pml, pos, out], (n_heads, T, 1), struct.pack("<7I", T, n_heads, n_ctx, os_, t0, rows, ns))
