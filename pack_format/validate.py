@@ -206,9 +206,7 @@ def _validate_tensors(raw: list, packs: list[PackRecord]) -> dict[str, TensorRec
             rb = row_bytes(dtype, shape[-1])
         except ValueError as e:
             raise FormatError(f"{w}: {e}") from None
-        n_rows = 1
-        for d in shape[:-1]:
-            n_rows *= d
+        n_rows = math.prod(shape[:-1])
         parts = []
         next_row = 0
         for j, q in enumerate(req(t, "parts", list, w)):

@@ -39,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
         from .default_model import default_archive
 
         path = default_archive()
-    with Engine(path, vram_gb=s.vram_gb, ram_gb=s.ram_gb, device=s.device, device_index=s.device_index, prefetch_lookahead=s.prefetch_lookahead,
-                eviction_aggression=s.eviction_aggression, policy=args.policy, context=s.context, threads=s.threads,
-                workgroup_size=s.workgroup_size, subgroups=s.use_subgroups, fp32=s.fp32,
-                shader_dir=s.shader_dir) as eng:
+    with Engine(path, policy=args.policy, **s.engine_kwargs()) as eng:
         prompt = args.prompt
         if args.chat:
             prompt = eng.apply_chat_template([{"role": "user", "content": prompt}])

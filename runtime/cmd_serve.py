@@ -91,11 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
             path = default_archive()
         name = args.model_name or Path(path).name.removesuffix(".vkpack")
-        with Engine(path, vram_gb=s.vram_gb, ram_gb=s.ram_gb, device=s.device, device_index=s.device_index,
-                    prefetch_lookahead=s.prefetch_lookahead,
-                    eviction_aggression=s.eviction_aggression, policy=args.policy, context=s.context, threads=s.threads,
-                    workgroup_size=s.workgroup_size, subgroups=s.use_subgroups, fp32=s.fp32,
-                    shader_dir=s.shader_dir) as eng:
+        with Engine(path, policy=args.policy, **s.engine_kwargs()) as eng:
             app = create_app(eng, model_name=name, api_key=key, max_batch=s.max_batch, max_queue=args.max_queue,
                              default_max_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk)
             sock.listen(2048)  # connections queue from now on, so the banner below is true when printed

@@ -88,6 +88,14 @@ class Settings:
         """`--verbose` means DEBUG whatever log_level says."""
         return "DEBUG" if self.verbose else self.log_level
 
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The settings `Engine(path, ...)` takes, by its argument names (`run` and `serve` alike)."""
+        return {"vram_gb": self.vram_gb, "ram_gb": self.ram_gb, "device": self.device,
+                "device_index": self.device_index, "prefetch_lookahead": self.prefetch_lookahead,
+                "eviction_aggression": self.eviction_aggression, "context": self.context, "threads": self.threads,
+                "workgroup_size": self.workgroup_size, "subgroups": self.use_subgroups, "fp32": self.fp32,
+                "shader_dir": self.shader_dir}
+
 
 DEFAULTS = Settings()
 
@@ -204,7 +212,9 @@ KEYS: tuple[Key, ...] = (
         "as --vram-gb (default: unlimited; pinned: the model or half the available memory); 0: no cache",
         metavar="SIZE"),
     Key("prefetch_lookahead", "memory", "prefetch_lookahead", "VKPACK_PREFETCH_LOOKAHEAD",
-        _int_at_least(0), "--prefetch-lookahead", "graph steps to prefetch ahead (default: 3)"),
+        _int_at_least(0), "--prefetch-lookahead",
+        "graph steps to prefetch ahead (default: 3; the Vulkan backend raises a nonzero value to twice its "
+        "loading threads)"),
     Key("eviction_aggression", "memory", "eviction_aggression", "VKPACK_EVICTION_AGGRESSION",
         _fraction, "--eviction-aggression",
         "0.0 keeps packs resident, 1.0 evicts eagerly (default: 0.7)", metavar="F"),

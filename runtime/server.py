@@ -477,10 +477,10 @@ async def chat_completions(request: Request) -> Response:
     text, end = await _collect(job)
     if not isinstance(end, Finished):
         return _failed_response(end) if end else Response(status_code=499)
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": end.reason}],
-                         "usage": _usage(end)})
+    out = _chunk_maker(state, rid, created, "chat.completion", False)(
+        {"message": {"role": "assistant", "content": text}}, end.reason)
+    out["usage"] = _usage(end)
+    return JSONResponse(out)
 
 
 def _chunk_maker(state: _State, rid: str, created: int, obj: str, include_usage: bool) -> Any:

@@ -69,10 +69,8 @@ class Recycler:
         return pool
 
     def give(self, fence: Any = None, cmd: Any = None, dpools: Sequence[Any] = ()) -> None:
-        """Take back objects whose work has finished (fence unsignaled or reset here)."""
+        """Take back objects whose work has finished; `fence` unsignaled (Recorder.wait resets it)."""
         lib, d = _lib.lib, self.device._dev
-        if fence is not None:
-            check(lib.vkResetFences(d, 1, _lib.ffi.new("VkFence[1]", [fence])), "vkResetFences", "recycling")
         for p in dpools:
             check(lib.vkResetDescriptorPool(d, p, 0), "vkResetDescriptorPool", "recycling")
         with self.lock:
