@@ -89,10 +89,10 @@ class DeviceTier:
             e = owner.get(id(al))
             if e is None or e.pins:
                 return math.inf  # a reservation or a pack in use
-            d = sched.next_use(e.pack, cursor) if sched is not None else None
-            if protect is not None and d is not None and d <= protect:
+            d = sched.next_use(e.pack, cursor) if protect is not None and sched is not None else None
+            if d is not None and d <= protect:
                 return math.inf
-            return self.policy.cost(e.pack, al.size, cursor, d)
+            return self.policy.cost(e.pack, al.size, cursor, d)   # d None: a policy that wants it looks it up
 
         victims = None
         if self.evict_batch > nbytes:
