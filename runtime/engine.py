@@ -99,7 +99,7 @@ class Engine:
         self.loader = PackLoader(self.archive, self.tier, self.ram, self.backend, self.schedule, prefetch_lookahead,
                                  self.metrics, workers=getattr(self.backend, "prefetch_workers", 1))
         if not streaming and hasattr(self.backend, "run_step"):  # a device backend holding the whole model
-            self.loader.preload(getattr(self.backend, "prefetch_workers", 1))
+            self.loader.preload()
         self.executor = Executor(self.archive, self.backend, self.loader, where)
         self.tokenizer = _load_tokenizer(self.archive.tokenizer)
         tok = self.archive.tokenizer

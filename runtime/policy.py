@@ -36,6 +36,10 @@ class AccessSchedule:
         i = bisect.bisect_left(pos, c)
         return pos[i] - c if i < len(pos) else pos[0] + self.length - c
 
+    def first_uses(self) -> dict[int, int]:
+        """Each pack's first position in the pass, in the order packs are first used."""
+        return {p: pos[0] for p, pos in self._positions.items()}
+
     def upcoming(self, cursor: int, n: int) -> list[int]:
         """The next `n` distinct packs from `cursor` on (the prefetch window)."""
         out: list[int] = []

@@ -30,6 +30,7 @@ class PackLoader:
         self.schedule = schedule
         self.lookahead = lookahead
         self.metrics = metrics
+        self.workers = workers
         self.inflight: dict[int, Future] = {}
         self.verified: set[int] = set()
         self.prefetched: set[int] = set()
@@ -79,13 +80,10 @@ class PackLoader:
         self.prefetch(cursor)
         return e
 
-    def preload(self, workers: int) -> None:
-        """Load every pack once, from `workers` threads: a model that fits its budget is made
+    def preload(self) -> None:
+        """Load every pack once, from the loading threads: a model that fits its budget is made
         resident at start (as llama.cpp loads its weights), so no pass pays for first loads."""
-        first: dict[int, int] = {}
-        for pos, pack in enumerate(self.schedule.sequence):
-            first.setdefault(pack, pos)
-        todo = [(p, pos) for p, pos in first.items() if p not in self.tier.entries]
+        todo = [(p, pos) for p, pos in self.schedule.first_uses().items() if p not in self.tier.entries]
         # placed one after the other in pack order first (then filled in parallel), so that the
         # row-parts of one tensor sit back to back and a backend may run them as one weight
         placed = []
@@ -95,7 +93,7 @@ class PackLoader:
                 if a is None:
                     raise BudgetError(f"device budget {self.tier.budget / 2**20:.1f} MiB cannot hold pack {p}")
                 placed.append((p, pos, a))
-            with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vkpack-preload") as pool:
+            with ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="vkpack-preload") as pool:
                 futs = [pool.submit(self._load, p, pos, None, False, a) for p, pos, a in placed]
                 placed = []  # _fill releases its allocation when it fails
                 for f in futs:
