@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
 from vkpack.compiler.build import build
-from vkpack.pack_format.reader import Archive
 from vkpack.runtime import vk
 from vkpack.runtime.engine import Engine
+from vkpack.runtime.vk.bench import gpu_best, measure_upload
 
 SHAPES = {  # name -> Spec (all with SmolLM2's 49,152-token vocabulary)
     "smol": ms.Spec(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, tied=True),
@@ -59,13 +59,7 @@ def read_bandwidth(dev, nbytes: int) -> float:
         rec = vk.Recorder(dev, timestamps=True)
         rec.dispatch(k, [data, out], (groups, 1, 1), struct.pack("<I", nbytes // 16))
         rec.finish()
-        for _ in range(5):  # warm the clocks
-            rec.run()
-        times = []
-        for _ in range(10):
-            rec.run()
-            times.append(rec.gpu_time_s())
-        best = max(best, nbytes / min(times) / 1e9)
+        best = max(best, nbytes / gpu_best(rec, 10, warmup=5) / 1e9)
         rec.destroy()
     data.destroy()
     out.destroy()
@@ -76,8 +70,6 @@ def limits(quick: bool) -> dict:
     dev = vk.Device()
     out = {"device": dev.info.name, "type": dev.info.type, "api": str(dev.info.api_version)}
     out["read_gbps"] = read_bandwidth(dev, (64 if quick else 2048) << 20)
-    from vkpack.runtime.vk.bench import measure_upload
-
     up = measure_upload(dev, (64 if quick else 1024) << 20)
     out["upload"] = up
     out["h2d_gbps"] = next(v for k, v in up.items() if k.startswith("link"))  # the DMA link: the limit
@@ -99,23 +91,33 @@ def model_archive(name: str, work: Path) -> Path:
     return arch
 
 
-EVICT_BATCH_MB = -1.0  # --evict-batch-mb: the tier's eviction batch (-1: the engine's choice)
 WARM_DECODE = 4      # decode passes run before the timed ones (they record the session's steps)
-PROFILE_HOST = False  # --profile-host: cProfile of the decode loop (the main thread) printed
 COUNTERS = ("prefetch_hits", "prefetch_late", "misses", "stall_seconds", "upload_seconds", "bytes_uploaded",
             "read_seconds", "alloc_seconds", "prefetch_no_room")
 
 
+def _counters(m) -> dict:
+    return {k: getattr(m, k) for k in COUNTERS}
+
+
+def _since(m, before: dict) -> dict:
+    """How much each of COUNTERS grew since `before` (a _counters snapshot)."""
+    return {k: getattr(m, k) - before[k] for k in COUNTERS}
+
+
 def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int, lookahead: int = 32,
-              ram_gb: float | None = None, ops_attrs: dict | None = None) -> dict:
+              ram_gb: float | None = None, ops_attrs: dict | None = None, evict_batch_mb: float = -1.0,
+              profile_host: bool = False) -> dict:
+    """One engine: a timed prefill and decode. evict_batch_mb >= 0 sets the tier's eviction batch;
+    profile_host prints a cProfile of the decode loop (the main thread)."""
     eng = Engine(arch, device="vulkan", vram_gb=vram_gb, ram_gb=ram_gb, context=prompt_len + WARM_DECODE + n_decode + 8,
                  prefetch_lookahead=lookahead)
     for k, v in (ops_attrs or {}).items():  # kernel choices (nothing is recorded before the first pass)
         if not hasattr(eng.backend.ops, k):
             raise SystemExit(f"--ops: Ops has no attribute {k!r}")
         setattr(eng.backend.ops, k, v)
-    if EVICT_BATCH_MB >= 0:
-        eng.tier.evict_batch = int(EVICT_BATCH_MB * 2**20)
+    if evict_batch_mb >= 0:
+        eng.tier.evict_batch = int(evict_batch_mb * 2**20)
     try:
         be = eng.backend
         rng = np.random.default_rng(1)
@@ -126,16 +128,14 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
             first = time.perf_counter()
             eng.forward_batch([(prompt, 0, kv)])   # the first prompt pass records its steps
             first = time.perf_counter() - first
-            up0, w0p = m.bytes_uploaded, be.wait_seconds
-            before = {k: getattr(m, k) for k in COUNTERS}
+            w0p, before = be.wait_seconds, _counters(m)
             if be.host_cache is not None:
                 be.host_cache.trace = []
             t = time.perf_counter()
             logits = eng.forward_batch([(prompt, 0, kv)])  # the same positions again: steady state
             prefill = time.perf_counter() - t
             dma_busy = _busy(be.host_cache.trace, t, t + prefill) if be.host_cache is not None else 0.0
-            up_prefill = m.bytes_uploaded - up0
-            prefill_loads = {k: getattr(m, k) - before[k] for k in COUNTERS}
+            prefill_loads = _since(m, before)
             prefill_loads["fence_wait_seconds"] = be.wait_seconds - w0p
             prefill_loads["dma_busy_fraction"] = dma_busy / prefill
             tok = int(np.argmax(logits[0]))
@@ -146,9 +146,8 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
                 tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
             warm_decode = time.perf_counter() - t
             pos0 = prompt_len + WARM_DECODE
-            up0, h0, w0 = m.bytes_uploaded, be.host_seconds, be.wait_seconds
-            before = {k: getattr(m, k) for k in COUNTERS}
-            prof = cProfile.Profile() if PROFILE_HOST else None
+            h0, w0, before = be.host_seconds, be.wait_seconds, _counters(m)
+            prof = cProfile.Profile() if profile_host else None
             t = time.perf_counter()
             if prof is not None:
                 prof.enable()
@@ -160,14 +159,15 @@ def run_model(arch: Path, vram_gb: float | None, prompt_len: int, n_decode: int,
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
                 print(out.getvalue()[:6000], flush=True)
-            loads = {k: getattr(m, k) - before[k] for k in COUNTERS}
+            loads = _since(m, before)
         n = n_decode
         return {
             "vram_gb": vram_gb, "model_bytes": eng.model_bytes, "budget": eng.tier.budget,
-            "prefill_tokens": prompt_len, "prefill_tps": prompt_len / prefill, "uploaded_prefill": up_prefill,
+            "prefill_tokens": prompt_len, "prefill_tps": prompt_len / prefill,
+            "uploaded_prefill": prefill_loads["bytes_uploaded"],
             "prefill_loads": prefill_loads,
             "decode_tokens": n, "decode_tps": n / dt, "ms_per_token": dt / n * 1e3,
-            "uploaded_per_token": (m.bytes_uploaded - up0) / n,
+            "uploaded_per_token": loads["bytes_uploaded"] / n,
             "host_ms_per_token": (dt - (be.wait_seconds - w0)) / n * 1e3,
             "step_python_ms_per_token": (be.host_seconds - h0) / n * 1e3,
             "submits": be.submits, "stall_s": m.stall_seconds, "peak": eng.tier.peak,
@@ -267,35 +267,32 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work, out = prepare(args)
     res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
-    global PROFILE_HOST, EVICT_BATCH_MB
-    PROFILE_HOST, EVICT_BATCH_MB = args.profile_host, args.evict_batch_mb
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    if args.reload_from:
-        from vkpack.runtime.vk.backend import VulkanBackend
+    from vkpack.runtime.vk.backend import VulkanBackend
 
+    if args.reload_from:
         VulkanBackend.reload_from = args.reload_from
     if args.workers:
-        from vkpack.runtime.vk.backend import VulkanBackend
-
         VulkanBackend.prefetch_workers = args.workers
     res["limits"] = limits(args.quick) if not args.skip_limits else {
         "device": "(limits not measured)", "type": "", "read_gbps": float("nan"), "h2d_gbps": float("nan"),
         "pack_upload_gbps": float("nan")}
     print(json.dumps(res["limits"]), flush=True)
+    rams = [None if v == "auto" else float(v) for v in args.ram_gb.split(",")]
+    variants = [_ops_attrs(o) for o in args.ops] or [{}]
+    settings = ([(None, None, v) for v in variants] if args.resident == "yes" else []) + \
+        [(args.vram_gb, r, variants[-1]) for r in rams]
     for name in args.models.split(","):
         runs = []
-        rams = [None if v == "auto" else float(v) for v in args.ram_gb.split(",")]
-        variants = [_ops_attrs(o) for o in args.ops] or [{}]
-        settings = ([(None, None, v) for v in variants] if args.resident == "yes" else []) + \
-            [(args.vram_gb, r, variants[-1]) for r in rams]
         for vram, ram, attrs in settings:
             try:
                 arch = model_archive(name, work)
-                if vram is not None and Archive(arch).size < vram * 2**30:
+                if vram is not None and arch.stat().st_size < vram * 2**30:
                     continue  # fits anyway: nothing streamed
                 r = run_model(arch, vram, args.prompt if not args.quick else 16,
-                              args.decode if vram is None else args.decode_streamed, args.lookahead, ram, attrs)
+                              args.decode if vram is None else args.decode_streamed, args.lookahead, ram, attrs,
+                              evict_batch_mb=args.evict_batch_mb, profile_host=args.profile_host)
             except Exception as e:  # keep going: partial results still come back
                 traceback.print_exc()
                 r = {"vram_gb": vram, "ram_gb": ram, "error": f"{type(e).__name__}: {e}"}

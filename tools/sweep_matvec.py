@@ -23,6 +23,7 @@ import itertools
 import sys
 
 from vkpack.runtime.vk import Device, Ops, Recorder, Weight
+from vkpack.runtime.vk.bench import gpu_best
 from vkpack.runtime.vk.errors import VulkanError
 from vkpack.runtime.vk.ops import WEIGHT_FORMATS
 
@@ -67,9 +68,7 @@ def measure(dev: Device, ops: Ops, ws: list[Weight], acts: dict, fused: bool, re
         rec.barrier()
     rec.finish()
     try:
-        for _ in range(warmup):
-            rec.run()
-        return min(_run(rec) for _ in range(reps))
+        return gpu_best(rec, reps, warmup)
     finally:
         rec.destroy()
 
@@ -87,6 +86,24 @@ def setup(dev: Device, args: argparse.Namespace, shape: str) -> tuple[list, list
     return bufs, ws, acts
 
 
+def teardown(bufs: list, acts: dict) -> None:
+    for b in bufs + list(acts.values()):
+        b.destroy()
+
+
+def grid(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """Every (workgroup, rows, units) of --wg x --mm-rows x --mm-units."""
+    return list(itertools.product(ints(args.wg), ints(args.mm_rows), ints(args.mm_units)))
+
+
+def mm_ops(dev: Device, wg: int, nr: int, nu: int) -> Ops:
+    """Ops running matmul.comp at (wg, nr, nu) for every linear of the pass, fused or not."""
+    o = Ops(dev)
+    o.mm_wg, o.mm_rows, o.mm_units = wg, nr, nu
+    o.mv_config = {}   # no per-fusion override: mm_* for T = 1 too
+    return o
+
+
 ROLE_SETS = {"qkv": (0, 1, 2), "o": (3,), "gate_up": (4, 5), "down": (6,)}
 
 
@@ -97,19 +114,15 @@ def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
     bufs, ws, acts = setup(dev, args, shape)
     base = Ops(dev)
     default = (base.mm_wg, base.mm_rows, base.mm_units)
-    grid = list(itertools.product(ints(args.wg), ints(args.mm_rows), ints(args.mm_units)))
     print(f"\n{shape}: matmul.comp per kind of linear ({args.layers} layers; default wg/rows/units {default})")
     times: dict[tuple[str, str], dict[tuple, float]] = {}
     for fusion in ("plain", "fused"):
         for name, roles in ROLE_SETS.items():
             nbytes = sum(w.nbytes for i, w in enumerate(ws) if i % 7 in roles)
             res = []
-            for wg, nr, nu in grid:
-                o = Ops(dev)
-                o.mm_wg, o.mm_rows, o.mm_units = wg, nr, nu
-                o.mv_config = {}   # the configuration under test for every fusion
+            for wg, nr, nu in grid(args):
                 try:
-                    res.append((measure(dev, o, ws, acts, fusion == "fused", args.reps, args.warmup, roles), wg, nr, nu))
+                    res.append((measure(dev, mm_ops(dev, wg, nr, nu), ws, acts, fusion == "fused", args.reps, args.warmup, roles), wg, nr, nu))
                 except VulkanError as e:
                     print(f"{shape} {fusion} {name} wg={wg} rows={nr} units={nu}: {e}")
             res.sort()
@@ -125,13 +138,7 @@ def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
 
     cfg = f"mv_config={{0: {best(('o',))}, 1: {best(('qkv', 'gate_up'))}, 2: {best(('down',))}}}".replace(" ", "")
     print(f"{shape} {cfg}")
-    for b in bufs + list(acts.values()):
-        b.destroy()
-
-
-def _run(rec: Recorder) -> float:
-    rec.run()
-    return rec.gpu_time_s()
+    teardown(bufs, acts)
 
 
 def ints(s: str) -> list[int]:
@@ -143,7 +150,6 @@ def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple
     bufs, ws, acts = setup(dev, args, shape)
     total = sum(w.nbytes for w in ws)
     print(f"\n{shape}: {len(ws)} linears, {total / 1e9:.2f} GB of {args.dtype} weights per pass", flush=True)
-    grid = list(itertools.product(ints(args.wg), ints(args.mm_rows), ints(args.mm_units)))
     rows: list[tuple] = []
 
     def run_one(fusion: str, label: str, ops: Ops) -> float | None:
@@ -158,19 +164,11 @@ def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple
               f"{ref / t:5.2f}x default", flush=True)
         return t
 
-    def mm_ops(wg: int, nr: int, nu: int) -> Ops:
-        """Ops running matmul.comp at (wg, nr, nu) for every linear of the pass, fused or not."""
-        o = Ops(dev)
-        o.mm_wg, o.mm_rows, o.mm_units = wg, nr, nu
-        o.mv_config = {}   # no per-fusion override: mm_* for T = 1 too
-        return o
-
     for fusion in ("plain", "fused"):
         run_one(fusion, "matmul (default)", Ops(dev))
-        for wg, nr, nu in grid:
-            run_one(fusion, f"matmul wg={wg} rows={nr} units={nu}", mm_ops(wg, nr, nu))
-    for b in bufs + list(acts.values()):
-        b.destroy()
+        for wg, nr, nu in grid(args):
+            run_one(fusion, f"matmul wg={wg} rows={nr} units={nu}", mm_ops(dev, wg, nr, nu))
+    teardown(bufs, acts)
     return rows
 
 
@@ -193,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         args.wg, args.mm_rows, args.mm_units = str(dev.info.subgroup_size * 2), "2,4", "1"
         args.reps, args.warmup = 1, 0
     print(f"{dev}", flush=True)
+    shapes = sorted(SHAPES) if args.shape == "both" else [args.shape]
     if args.by_role:
-        for shape in sorted(SHAPES) if args.shape == "both" else [args.shape]:
+        for shape in shapes:
             sweep_roles(dev, args, shape)
         dev.close()
         return 0
     rows = []
-    for shape in sorted(SHAPES) if args.shape == "both" else [args.shape]:
+    for shape in shapes:
         rows += sweep_shape(dev, args, shape)
     print("\nbest per shape and fusion:")
     for key in sorted({r[:2] for r in rows}):

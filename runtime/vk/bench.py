@@ -25,6 +25,18 @@ def _best(fn, reps: int) -> float:
     return min(ts)
 
 
+def gpu_best(rec: Recorder, reps: int, warmup: int = 0, inner: int = 1) -> float:
+    """Best GPU seconds of one of `inner` repeats recorded in `rec` (made with timestamps), over `reps`
+    timed runs after `warmup` untimed ones (they bring the clocks up)."""
+    for _ in range(warmup):
+        rec.run()
+    best = float("inf")
+    for _ in range(reps):
+        rec.run()
+        best = min(best, rec.gpu_time_s() / inner)
+    return best
+
+
 def bench_recording(dev: Device, ops: Ops, n: int = 1000) -> None:
     bufs = [dev.alloc(4096) for _ in range(4)]
     rec = Recorder(dev)
@@ -79,10 +91,7 @@ def bench_linear(dev: Device, ops: Ops, dtype: str, rows: int, cols: int, T: int
     while time.perf_counter() < t_end:
         rec.run()
     wall = _best(rec.run, reps) / inner
-    gpu = 1e9
-    for _ in range(reps):
-        rec.run()
-        gpu = min(gpu, rec.gpu_time_s() / inner)
+    gpu = gpu_best(rec, reps, inner=inner)
     print(f"linear {dtype} {rows}x{cols} T={T}: {gpu * 1e3:.3f} ms GPU ({raw.nbytes / gpu / 1e9:.2f} GB/s of "
           f"weights, {2 * rows * cols * T / gpu / 1e9:.1f} GFLOP/s), {wall * 1e3:.3f} ms wall per call "
           f"(x{inner} per submit)")
@@ -343,12 +352,7 @@ def bench_attention(dev: Device, reps: int = 5, contexts: tuple[int, ...] = (512
                 for _ in range(inner):
                     ops.attention(rec, q, kc, vc, pos, out, 1, n_heads, n_kv, hd, n_ctx, f16=f16, scratch=scratch)
                 rec.finish()
-                rec.run()
-                t = 1e9
-                for _ in range(reps):
-                    rec.run()
-                    t = min(t, rec.gpu_time_s() / inner)
-                res[name] = t
+                res[name] = gpu_best(rec, reps, warmup=1, inner=inner)
                 rec.destroy()
             nbytes = 2 * L * n_kv * hd * kv.itemsize
             print(f"attention {'f16' if f16 else 'f32'} cache, L={L} (n_ctx {n_ctx}, splits "
