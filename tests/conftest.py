@@ -1,4 +1,4 @@
-"""Shared fixtures: the repo's tools/ on sys.path, the real SmolLM2 model, small synthetic models."""
+"""Shared fixtures: the repo's tools/ and tests/vk_helpers.py on sys.path, the real SmolLM2 model, small synthetic models."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))   # vk_helpers
 
 import pytest
 

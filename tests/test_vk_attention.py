@@ -10,27 +10,11 @@ import math
 
 import numpy as np
 import pytest
+from vk_helpers import attention_ref, nmse, rope_ref, to_dev
 from vkpack.runtime import vk as gpu
 
 OK, WHY = gpu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"no Vulkan device: {WHY}")
-
-
-def ref_attention(q, kc, vc, pos, n_heads, n_kv, hd, scale):
-    out = np.zeros((len(pos), n_heads * hd))
-    g = n_heads // n_kv
-    for t, p in enumerate(pos):
-        L = min(int(p) + 1, len(kc))
-        for h in range(n_heads):
-            sl = slice(h // g * hd, (h // g + 1) * hd)
-            s = kc[:L, sl].astype(np.float64) @ q[t, h * hd:(h + 1) * hd].astype(np.float64) * scale
-            e = np.exp(s - s.max())
-            out[t, h * hd:(h + 1) * hd] = e / e.sum() @ vc[:L, sl].astype(np.float64)
-    return out
-
-
-def nmse(a, ref):
-    return float(((a - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30))
 
 
 def run_case(dev, ops, pos, n_heads, n_kv, hd, n_ctx, f16, *, t0=0, q_pad=0, o_pad=0, split=True, seed=0,
@@ -64,7 +48,7 @@ def run_case(dev, ops, pos, n_heads, n_kv, hd, n_ctx, f16, *, t0=0, q_pad=0, o_p
         rec.destroy()
     out = np.frombuffer(dev.download(ob, ob.size), np.float32).reshape(t0 + T, os_)
     assert np.all(out[:t0] == 7.0) and np.all(out[:, n_heads * hd:] == 7.0)   # nothing else written
-    ref = ref_attention(q[t0:, :n_heads * hd], kc, vc, pos, n_heads, n_kv, hd, scale)
+    ref = attention_ref(q[t0:, :n_heads * hd], kc, vc, pos, n_heads, n_kv, hd, scale)
     for b in bufs + [ob] + ([sb] if sb else []):
         b.destroy()
     return out[t0:, :n_heads * hd].astype(np.float64), ref
@@ -124,7 +108,7 @@ def test_same_recording_at_every_position(dev, ops):
             dev.upload(pb, np.array([p], np.uint32))
             rec.run()
             out = np.frombuffer(dev.download(ob, q.nbytes), np.float32).reshape(1, -1)
-            ref = ref_attention(q, kc, vc, [p], n_heads, n_kv, hd, 1 / math.sqrt(hd))
+            ref = attention_ref(q, kc, vc, [p], n_heads, n_kv, hd, 1 / math.sqrt(hd))
             assert nmse(out, ref) < 1e-7, p
     finally:
         rec.destroy()
@@ -155,19 +139,6 @@ def test_scratch_too_small(dev, ops):
 
 # ---- the decode fusion: rope(q), rope(k) and the KV store inside the split kernel ----
 
-def ref_rope(x, pos, n_heads, hd, n_rot, mode, base, ff=None):
-    """rope.comp in float64: x (T, n_heads * hd), positions (T)."""
-    x = x.astype(np.float64).reshape(len(pos), n_heads, hd).copy()
-    inv = base ** (-2.0 * np.arange(n_rot // 2) / n_rot) / (1.0 if ff is None else ff)
-    th = np.asarray(pos, np.float64)[:, None, None] * inv
-    c, s = np.cos(th), np.sin(th)
-    i0 = np.arange(0, n_rot, 2) if mode == "norm" else np.arange(n_rot // 2)
-    i1 = i0 + 1 if mode == "norm" else i0 + n_rot // 2
-    a, b = x[..., i0].copy(), x[..., i1].copy()
-    x[..., i0], x[..., i1] = a * c - b * s, a * s + b * c
-    return x.reshape(len(pos), -1)
-
-
 def run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=0):
     """One batch: sequences (P0, T), rows stacked, each attending through its own caches (rows >= P0
     hold NaN: the new rows must come from k, v). Recorded fused (new_kv, rope; q, k, v slices of one
@@ -190,10 +161,8 @@ def run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff
     keep = []
 
     def up(a):
-        b = dev.alloc(max(a.nbytes, 16))
-        dev.upload(b, np.ascontiguousarray(a))
-        keep.append(b)
-        return b
+        keep.append(to_dev(dev, a))
+        return keep[-1]
 
     pb, fb = up(pos), up(ff)
     rope["freq_factors"] = fb if use_ff else None
@@ -232,14 +201,14 @@ def run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff
         res.append((out, cs))
     for b in keep:
         b.destroy()
-    qr = ref_rope(q, pos, n_heads, hd, n_rot, mode, 10000.0, ff if use_ff else None)
-    kr = ref_rope(k, pos, n_kv, hd, n_rot, mode, 10000.0, ff if use_ff else None)
+    qr = rope_ref(q, pos, n_heads, hd, n_rot, mode, 10000.0, ff if use_ff else None)
+    kr = rope_ref(k, pos, n_kv, hd, n_rot, mode, 10000.0, ff if use_ff else None)
     out, r0 = [], 0
     for i, ((p0, T), c) in enumerate(zip(seqs, caches)):
         kc, vc = c.astype(np.float64)
         kc[p0:p0 + T] = kr[r0:r0 + T].astype(cdt)
         vc[p0:p0 + T] = v[r0:r0 + T].astype(cdt)
-        ref = ref_attention(qr[r0:r0 + T], kc, vc, pos[r0:r0 + T], n_heads, n_kv, hd, 1 / math.sqrt(hd))
+        ref = attention_ref(qr[r0:r0 + T], kc, vc, pos[r0:r0 + T], n_heads, n_kv, hd, 1 / math.sqrt(hd))
         out.append((res[0][0][r0:r0 + T].astype(np.float64), res[1][0][r0:r0 + T].astype(np.float64), ref,
                     res[0][1][i], res[1][1][i], c))
         r0 += T
@@ -315,15 +284,15 @@ def test_fused_decode_replay(dev, f16):
                   rope=rope)
     rec.finish()
     try:
-        K = ref_rope(ks, np.arange(steps), n_kv, hd, hd, "neox", 10000.0).astype(cdt)
+        K = rope_ref(ks, np.arange(steps), n_kv, hd, hd, "neox", 10000.0).astype(cdt)
         for p in range(steps):
             dev.upload(pb, np.array([p], np.uint32))
             for b, a in ((qb, qs[p]), (kb, ks[p]), (vb, vs[p])):
                 dev.upload(ab, a, b.offset)
             rec.run()
             out = np.frombuffer(dev.download(ob, ob.size), np.float32).reshape(1, -1)
-            q = ref_rope(qs[p:p + 1], [p], n_heads, hd, hd, "neox", 10000.0)
-            ref = ref_attention(q, K[:p + 1], vs[:p + 1].astype(cdt), [p], n_heads, n_kv, hd, 1 / math.sqrt(hd))
+            q = rope_ref(qs[p:p + 1], [p], n_heads, hd, hd, "neox", 10000.0)
+            ref = attention_ref(q, K[:p + 1], vs[:p + 1].astype(cdt), [p], n_heads, n_kv, hd, 1 / math.sqrt(hd))
             assert nmse(out, ref) < 1e-6, p
         got_k = np.frombuffer(dev.download(kc, kc.size), cdt).reshape(n_ctx, kvd)[:steps]
         got_v = np.frombuffer(dev.download(vc, vc.size), cdt).reshape(n_ctx, kvd)[:steps]

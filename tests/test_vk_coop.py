@@ -9,39 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from vk_helpers import random_weight, rel_err, run, to_dev, upload_weight
 from vkpack.runtime import vk as gpu
 from vkpack.shaders.variants import COOP_TYPES
 
 OK, WHY = gpu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"no Vulkan device: {WHY}")
-
-gguf = pytest.importorskip("gguf")
-Q = gguf.GGMLQuantizationType
-F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
-
-
-def random_weight(rng, dtype, rows, cols):
-    """(raw bytes (rows, row_bytes) uint8, dequantized f32 (rows, cols))."""
-    if dtype == "F16":
-        w = rng.standard_normal((rows, cols)).astype(np.float16)
-        return w.view(np.uint8), w.astype(np.float32)
-    qt = getattr(Q, dtype)
-    if dtype in ("Q8_0", "Q4_0", "Q4_1"):
-        raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
-    else:  # gguf-py has no K-quant quantizer: random bytes with finite scales
-        bs, ts = gguf.GGML_QUANT_SIZES[qt]
-        raw = rng.integers(0, 256, size=(rows * (cols // bs), ts), dtype=np.uint8)
-        for off in F16_FIELDS[dtype]:
-            raw[:, off:off + 2] = rng.uniform(0.001, 0.05, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        raw = raw.reshape(rows, -1)
-    return raw, gguf.quants.dequantize(raw, qt).reshape(rows, cols).astype(np.float32)
-
-
-def to_dev(dev, arr):
-    a = np.ascontiguousarray(arr)
-    b = dev.alloc(max(a.nbytes, 16))
-    dev.upload(b, a)
-    return b
 
 
 def run_linear(dev, ops, dtype, rows, cols, T, seed, bias=True, accumulate=True, offset=48):
@@ -51,17 +24,11 @@ def run_linear(dev, ops, dtype, rows, cols, T, seed, bias=True, accumulate=True,
     x = rng.standard_normal((T, cols)).astype(np.float32)
     b = rng.standard_normal(rows).astype(np.float32) if bias else None
     y0 = rng.standard_normal((T, rows)).astype(np.float32) if accumulate else np.zeros((T, rows), np.float32)
-    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    wb = dev.alloc(offset + data.nbytes + 32)
-    dev.upload(wb, data, offset)
+    wb = upload_weight(dev, raw, offset)
     xb, yb = to_dev(dev, x), to_dev(dev, y0)
     bb = to_dev(dev, b) if bias else None
-    rec = gpu.Recorder(dev)
-    try:
-        ops.linear(rec, gpu.Weight(wb, offset, dtype, rows, cols), xb, yb, T, bias=bb, accumulate=accumulate)
-        rec.run()
-    finally:
-        rec.destroy()
+    run(dev, lambda rec: ops.linear(rec, gpu.Weight(wb, offset, dtype, rows, cols), xb, yb, T, bias=bb,
+                                    accumulate=accumulate))
     out = np.frombuffer(dev.download(yb, T * rows * 4), np.float32).reshape(T, rows)
     for buf in (wb, xb, yb, bb):
         if buf is not None:
@@ -72,10 +39,6 @@ def run_linear(dev, ops, dtype, rows, cols, T, seed, bias=True, accumulate=True,
     if accumulate:
         ref += y0
     return out, ref
-
-
-def rel_err(out, ref):
-    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 # ---- without cooperative matrices (lavapipe): the old kernels, unchanged ----

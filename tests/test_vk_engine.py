@@ -7,6 +7,7 @@ import time
 import make_synthetic as ms
 import numpy as np
 import pytest
+from vk_helpers import greedy, rel_err
 from vkpack.compiler.build import build
 from vkpack.runtime import vk
 from vkpack.runtime.engine import Engine
@@ -14,15 +15,6 @@ from vkpack.runtime.engine import Engine
 ok, why = vk.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"no Vulkan: {why}")
 REL_TOL = 1e-3
-
-
-def rel_err(a, b) -> float:
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def greedy(eng: Engine, ids: list[int], n: int) -> list[int]:
-    eng.generate(ids, max_tokens=n, temperature=0, ignore_eos=True)
-    return list(eng.last_ids)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
+from vk_helpers import greedy, rel_err
 from vkpack.runtime.vk.fusion import plan
 
 
@@ -129,9 +129,7 @@ def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
     the numpy backend."""
     with cpu_and_vulkan(tmp_path, 7, arch) as (c, g, spec):
         ids = c.encode("rope and the store inside the attention")
-        for eng in (c, g):
-            eng.generate(ids, max_tokens=12, temperature=0, ignore_eos=True)
-        assert list(g.last_ids) == list(c.last_ids)
+        assert greedy(g, ids, 12) == greedy(c, ids, 12)
         kernels = g.backend.last_fast[2]._keep
         assert not any(k.name.startswith(("rope", "kv_store")) for k in kernels)
         assert sum(k.name.startswith("attention_split") and k.spec[6] == 1 for k in kernels) == spec.layers
@@ -141,7 +139,7 @@ def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
                 e.forward_batch([(a, 0, k1), (b, 0, k2)])
             nxt = [(a[-1:], len(a), ka), (b[-2:], len(b), kb)], [(a[-1:], len(a), kc), (b[-2:], len(b), kd)]
             got, ref = g.forward_batch(nxt[0]), c.forward_batch(nxt[1])
-        assert float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))) < 1e-3
+        assert rel_err(got, ref) < 1e-3
 
 
 def test_engine_decode_without_the_attention_fusion_keeps_split_k(tmp_path):
@@ -150,9 +148,7 @@ def test_engine_decode_without_the_attention_fusion_keeps_split_k(tmp_path):
     with cpu_and_vulkan(tmp_path, 7) as (c, g, spec):
         g.backend.ops.attn_fused_store = False
         ids = c.encode("the store outside the attention")
-        for eng in (c, g):
-            eng.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
-        assert list(g.last_ids) == list(c.last_ids)
+        assert greedy(g, ids, 8) == greedy(c, ids, 8)
         names = [k.name for k in g.backend.last_fast[2]._keep]
         assert any(n.startswith("kv_store") for n in names) and any(n.startswith("rope") for n in names)
         assert sum(n.startswith("attention_split") for n in names) == spec.layers
@@ -166,9 +162,7 @@ def test_engine_decode_with_per_fusion_matvec_configs(tmp_path):
         sg = g.backend.dev.info.subgroup_size
         g.backend.ops.mv_config = {0: (sg, 1, 2), 1: (2 * sg, 8, 1), 2: (2 * sg, 4, 2)}
         ids = c.encode("per fusion matvec configurations")
-        for eng in (c, g):
-            eng.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
-        assert list(g.last_ids) == list(c.last_ids)
+        assert greedy(g, ids, 8) == greedy(c, ids, 8)
         specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in g.backend.last_fast[2]._keep
                  if k.name.startswith("matmul_")}
         assert {(0, sg, 1, 2), (1, 2 * sg, 8, 1), (2, 2 * sg, 4, 2)} <= specs, specs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import make_synthetic as ms
 import numpy as np
 import pytest
+from vk_helpers import greedy, rel_err
 from vkpack.compiler.build import build
 from vkpack.runtime import vk
 from vkpack.runtime.engine import Engine
@@ -30,8 +31,8 @@ def model(tmp_path_factory):
     build(src, d / "m.vkpack", max_pack_mb=1, progress=False)
     with Engine(d / "m.vkpack", device="cpu") as c:
         ids = c.encode("pinned packs stream again")
-        c.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
-        yield d / "m.vkpack", ids, c.logits(ids), list(c.last_ids), c.model_bytes
+        tokens = greedy(c, ids, 8)
+        yield d / "m.vkpack", ids, c.logits(ids), tokens, c.model_bytes
 
 
 def _run(path, ids, model_bytes, ram_gb=None):
@@ -42,10 +43,10 @@ def _run(path, ids, model_bytes, ram_gb=None):
     with Engine(path, device="vulkan", vram_gb=(floor + model_bytes / 5) / 2**30, ram_gb=ram_gb) as g:
         assert g.tier.budget < g.model_bytes
         logits = g.logits(ids)
-        g.generate(ids, max_tokens=8, temperature=0, ignore_eos=True)
+        tokens = greedy(g, ids, 8)
         hc = g.backend.host_cache
         seen = None if hc is None else {"hits": hc.hits, "packs": len(hc.entries), "used": hc.used, "full": hc.full}
-        return logits, list(g.last_ids), seen, g.stats()
+        return logits, tokens, seen, g.stats()
 
 
 def test_streamed_packs_reload_from_pinned_memory(model, discrete):
@@ -53,7 +54,7 @@ def test_streamed_packs_reload_from_pinned_memory(model, discrete):
     logits, tokens, hc, st = _run(path, ids, model_bytes)
     assert hc is not None and hc["hits"] > 0         # later passes copied packs from the cache
     assert hc["packs"] > 0 and hc["used"] <= model_bytes
-    assert np.max(np.abs(logits - ref_logits)) / np.max(np.abs(ref_logits)) < 1e-3
+    assert rel_err(logits, ref_logits) < 1e-3
     assert tokens == ref_tokens
     assert st["peak_device_bytes"] <= st["device_budget"]
     assert st["peak_ram_bytes"] >= hc["used"] > 0    # pinned memory is reported as RAM in use
@@ -67,48 +68,39 @@ def test_ram_budget_bounds_the_pinned_memory(model, discrete):
     assert hc["hits"] > 0
     assert st["peak_ram_bytes"] <= st["ram_budget"]
     assert tokens == ref_tokens
-    assert np.max(np.abs(logits - ref_logits)) / np.max(np.abs(ref_logits)) < 1e-3
+    assert rel_err(logits, ref_logits) < 1e-3
 
 
-def test_no_pinned_copy_where_device_memory_is_host_memory(model):
+def test_no_pinned_copy_where_device_memory_is_host_memory(model, dev):
     path, ids, *_, model_bytes = model
-    dev = vk.Device()
-    try:
-        in_place = dev._in_place(dev.memory_type["device"])
-    finally:
-        dev.close()
-    if not in_place:
+    if not dev._in_place(dev.memory_type["device"]):
         pytest.skip("this device's memory is staged")
     _, _, hc, _ = _run(path, ids, model_bytes)
     assert hc is None
 
 
-def test_cache_round_trips_bytes_and_stops_at_its_budget():
-    dev = vk.Device()
-    try:
-        hc = HostPackCache(dev, budget=3 << 20, block_bytes=2 << 20)
-        rng = np.random.default_rng(0)
-        data = {p: rng.integers(0, 256, (700 << 10) + 13 * p, dtype=np.uint8) for p in range(5)}
-        placed = []
-        for p, d in data.items():
-            room = hc.reserve(len(d))
-            if room is None:
-                break
-            np.copyto(hc.host_view(room[0], room[1], len(d)), d)
-            hc.commit(p, room[0], room[1], len(d))
-            placed.append(p)
-        assert hc.full and 2 <= len(placed) < len(data) and hc.used <= 3 << 20
-        assert hc.reserve(1) is None                   # once full, nothing more is admitted
-        dst = dev.alloc(1 << 20)
-        for p in placed:
-            hc.copy_to(p, dst, 64)
-            got = np.frombuffer(dev.download(dst, len(data[p]), 64), dtype=np.uint8)
-            assert np.array_equal(got, data[p])
-        dst.destroy()
-        hc.close()
-        assert hc.used == 0 and not hc.entries
-    finally:
-        dev.close()
+def test_cache_round_trips_bytes_and_stops_at_its_budget(dev):
+    hc = HostPackCache(dev, budget=3 << 20, block_bytes=2 << 20)
+    rng = np.random.default_rng(0)
+    data = {p: rng.integers(0, 256, (700 << 10) + 13 * p, dtype=np.uint8) for p in range(5)}
+    placed = []
+    for p, d in data.items():
+        room = hc.reserve(len(d))
+        if room is None:
+            break
+        np.copyto(hc.host_view(room[0], room[1], len(d)), d)
+        hc.commit(p, room[0], room[1], len(d))
+        placed.append(p)
+    assert hc.full and 2 <= len(placed) < len(data) and hc.used <= 3 << 20
+    assert hc.reserve(1) is None                   # once full, nothing more is admitted
+    dst = dev.alloc(1 << 20)
+    for p in placed:
+        hc.copy_to(p, dst, 64)
+        got = np.frombuffer(dev.download(dst, len(data[p]), 64), dtype=np.uint8)
+        assert np.array_equal(got, data[p])
+    dst.destroy()
+    hc.close()
+    assert hc.used == 0 and not hc.entries
 
 
 def test_compressed_packs_are_not_decompressed_again(tmp_path, discrete):
@@ -119,8 +111,7 @@ def test_compressed_packs_are_not_decompressed_again(tmp_path, discrete):
           codec="blosc2-zstd", max_pack_mb=1, progress=False)
     with Engine(tmp_path / "z.vkpack", device="cpu") as c:
         ids = c.encode("compressed packs, pinned once")
-        c.generate(ids, max_tokens=6, temperature=0, ignore_eos=True)
-        ref = list(c.last_ids)
+        ref = greedy(c, ids, 6)
     with Engine(tmp_path / "z.vkpack", device="vulkan") as probe:
         floor, mb = probe.min_bytes, probe.model_bytes
     with Engine(tmp_path / "z.vkpack", device="vulkan", vram_gb=(floor + mb / 5) / 2**30) as g:
@@ -128,7 +119,6 @@ def test_compressed_packs_are_not_decompressed_again(tmp_path, discrete):
         g.generate(ids, max_tokens=2, temperature=0, ignore_eos=True)   # every pack loaded (and cached) once
         m = g.metrics
         read0, dec0, up0 = m.bytes_read, m.bytes_decompressed, m.bytes_uploaded
-        g.generate(ids, max_tokens=6, temperature=0, ignore_eos=True)
-        assert list(g.last_ids) == ref
+        assert greedy(g, ids, 6) == ref
         assert m.bytes_uploaded > up0 and g.tier.evictions > 0        # packs did stream again
         assert (m.bytes_read, m.bytes_decompressed) == (read0, dec0)  # from pinned memory, not the archive

@@ -6,75 +6,16 @@ comment says why. Quantized weights are compared with gguf.quants.dequantize of 
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
+from vk_helpers import attention_ref, from_dev, nmse, random_weight, rope_ref, run, to_dev, upload_weight
 from vkpack.runtime import vk as gpu
 
 OK, WHY = gpu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"no Vulkan device: {WHY}")
 
-gguf = pytest.importorskip("gguf")
-Q = gguf.GGMLQuantizationType
 BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256}
-# f16 fields (byte offsets in a block) that must hold sane scales when blocks are random bytes
-F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
-
-
-def nmse(a, ref):
-    ref = np.asarray(ref, np.float64)
-    return float(((np.asarray(a, np.float64) - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30))
-
-
-def to_dev(dev, arr, kind="device"):
-    a = np.ascontiguousarray(arr)
-    b = dev.alloc(max(a.nbytes, 16), kind)
-    dev.upload(b, a)
-    return b
-
-
-def from_dev(dev, buf, dtype, shape):
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(dev.download(buf, n), dtype).reshape(shape)
-
-
-def random_weight(rng, dtype, rows, cols):
-    """(raw bytes as uint8 (rows, row_bytes), dequantized float32 (rows, cols)) for any dtype."""
-    if dtype == "F32":
-        w = rng.standard_normal((rows, cols)).astype(np.float32)
-        return w.view(np.uint8), w
-    if dtype == "F16":
-        w = rng.standard_normal((rows, cols)).astype(np.float16)
-        return w.view(np.uint8), w.astype(np.float32)
-    qt = getattr(Q, dtype)
-    if dtype in ("BF16", "Q8_0", "Q4_0", "Q4_1"):
-        raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
-    else:  # gguf-py has no K-quant quantizer: random bytes with finite scales
-        bs, ts = gguf.GGML_QUANT_SIZES[qt]
-        raw = rng.integers(0, 256, size=(rows * (cols // bs), ts), dtype=np.uint8)
-        for off in F16_FIELDS[dtype]:
-            raw[:, off:off + 2] = (rng.uniform(0.001, 0.05, len(raw)).astype(np.float16)
-                                   .view(np.uint8).reshape(-1, 2))
-        raw = raw.reshape(rows, -1)
-    return raw, gguf.quants.dequantize(raw, qt).reshape(rows, cols).astype(np.float32)
-
-
-def upload_weight(dev, raw, offset=48):
-    """Weight bytes at a 16-aligned, non-zero offset inside a bigger buffer (as packs are laid out)."""
-    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    buf = dev.alloc(offset + data.nbytes + 32)
-    dev.upload(buf, data, offset)
-    return buf
-
-
-def run(dev, fn):
-    rec = gpu.Recorder(dev)
-    try:
-        fn(rec)
-        rec.run()
-    finally:
-        rec.destroy()
 
 
 # ---- linear ----
@@ -186,23 +127,6 @@ def test_rms_norm(dev, ops, groups, n):
         b.destroy()
 
 
-def rope_ref(x, pos, n_heads, hd, n_rot, mode, base, ff=None, freq_scale=1.0):
-    x = x.astype(np.float64).reshape(len(pos), n_heads, hd).copy()
-    i = np.arange(n_rot // 2)
-    inv = base ** (-2.0 * i / n_rot) * freq_scale
-    if ff is not None:
-        inv = inv / ff
-    th = np.asarray(pos, np.float64)[:, None] * inv[None, :]        # (T, n_rot/2)
-    c, s = np.cos(th)[:, None, :], np.sin(th)[:, None, :]
-    if mode == "norm":
-        a, b = x[..., 0:n_rot:2].copy(), x[..., 1:n_rot:2].copy()
-        x[..., 0:n_rot:2], x[..., 1:n_rot:2] = a * c - b * s, a * s + b * c
-    else:
-        a, b = x[..., :n_rot // 2].copy(), x[..., n_rot // 2:n_rot].copy()
-        x[..., :n_rot // 2], x[..., n_rot // 2:n_rot] = a * c - b * s, a * s + b * c
-    return x.reshape(len(pos), -1)
-
-
 @pytest.mark.parametrize("mode", ["norm", "neox"])
 @pytest.mark.parametrize("T,n_heads,hd,n_rot,use_ff", [(1, 3, 64, 64, False), (17, 5, 128, 128, True),
                                                        (3, 2, 96, 64, False)])
@@ -260,22 +184,6 @@ def test_last_token(dev, ops):
 
 
 # ---- kv cache + attention ----
-
-def attention_ref(q, kc, vc, pos, n_heads, n_kv, hd):
-    T = len(pos)
-    out = np.zeros((T, n_heads * hd))
-    g = n_heads // n_kv
-    for t in range(T):
-        L = int(pos[t]) + 1
-        for h in range(n_heads):
-            kh = h // g
-            k = kc[:L, kh * hd:(kh + 1) * hd].astype(np.float64)
-            v = vc[:L, kh * hd:(kh + 1) * hd].astype(np.float64)
-            s = k @ q[t, h * hd:(h + 1) * hd].astype(np.float64) / math.sqrt(hd)
-            p = np.exp(s - s.max())
-            out[t, h * hd:(h + 1) * hd] = (p / p.sum()) @ v
-    return out
-
 
 @pytest.mark.parametrize("f16", [False, True])
 @pytest.mark.parametrize("T,pos0,n_heads,n_kv,hd", [(1, 0, 2, 1, 64), (1, 40, 4, 2, 128), (17, 5, 6, 2, 64),

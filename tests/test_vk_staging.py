@@ -14,6 +14,7 @@ import types
 import make_synthetic as ms
 import numpy as np
 import pytest
+from vk_helpers import greedy, rel_err
 from vkpack.compiler.build import build
 from vkpack.pack_format.reader import Archive
 from vkpack.runtime import vk as gpu
@@ -235,6 +236,16 @@ def raw_archive(tmp_path_factory):
     return d / "m.vkpack"
 
 
+@pytest.fixture(scope="module")
+def raw_reference(raw_archive):
+    """The numpy backend on raw_archive: prompt ids, 10 greedy tokens, the prompt's logits."""
+    from vkpack.runtime.engine import Engine
+
+    with Engine(raw_archive, device="cpu") as c:
+        ids = c.encode("stream the packs from the file")
+        return ids, greedy(c, ids, 10), c.logits(ids)
+
+
 def test_archive_pack_span_reads_the_stored_bytes(raw_archive):
     with Archive(raw_archive) as a:
         for p in a.packs:
@@ -244,7 +255,7 @@ def test_archive_pack_span_reads_the_stored_bytes(raw_archive):
 
 @pytest.mark.parametrize("direct", [True, False], ids=["in-place", "staged"])
 @pytest.mark.parametrize("reload_from", ["file", "mmap"])
-def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch, direct, reload_from):
+def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, raw_reference, monkeypatch, direct, reload_from):
     """Under a small budget, packs come back after eviction through convert_file (preadv, or the
     mapping), and the tokens match the numpy backend (--ram-gb 0: no pack is kept in pinned memory)."""
     from vkpack.runtime.engine import Engine
@@ -262,11 +273,7 @@ def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch
     calls = []
     orig = VulkanBackend.convert_file
     monkeypatch.setattr(VulkanBackend, "convert_file", lambda self, p, d, threads=None: calls.append(p) or orig(self, p, d, threads))
-    with Engine(raw_archive, device="cpu") as c:
-        ids = c.encode("stream the packs from the file")
-        c.generate(ids, max_tokens=10, temperature=0, ignore_eos=True)
-        ref = list(c.last_ids)
-        ref_logits = c.logits(ids)
+    ids, ref, ref_logits = raw_reference
     with Engine(raw_archive, device="vulkan") as probe:
         need = probe.model_bytes // 2 + probe.min_bytes
     with Engine(raw_archive, device="vulkan", vram_gb=need / 2**30, ram_gb=0) as g:
@@ -275,10 +282,8 @@ def test_streaming_engine_reads_raw_packs_from_the_file(raw_archive, monkeypatch
         local = dev.info.memory_types[dev.memory_type["upload"]].device_local   # lavapipe: one heap
         assert (dev.staging_vram_bytes() > 0) == (not direct and local)
         assert g.backend.reserved_bytes >= dev.staging_vram_bytes()
-        g.generate(ids, max_tokens=10, temperature=0, ignore_eos=True)
-        assert list(g.last_ids) == ref
-        logits = g.logits(ids)
-        assert float(np.max(np.abs(logits - ref_logits)) / np.max(np.abs(ref_logits))) < 1e-3
+        assert greedy(g, ids, 10) == ref
+        assert rel_err(g.logits(ids), ref_logits) < 1e-3
         assert g.tier.evictions > 0 and calls, "no pack was reloaded from the file"
         assert g.stats()["peak_device_bytes"] <= g.stats()["device_budget"]
         staged = not dev._in_place(dev.memory_type["device"])
