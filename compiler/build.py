@@ -22,7 +22,8 @@ import numpy as np
 
 from .. import __version__
 from ..pack_format.constants import FORMAT_MAJOR, FORMAT_MINOR
-from ..pack_format.errors import SourceError
+from ..pack_format.errors import FormatError, SourceError
+from ..pack_format.shapes import activation_widths
 from ..pack_format.writer import ArchiveWriter
 from .archs import family_for
 from .archs.base import normalize_hf_name
@@ -87,6 +88,10 @@ def build(src: str | Path, out: str | Path | None = None, codec: str = "auto", m
     for s in graph["steps"]:
         if not s["packs"]:
             raise SourceError(f"the {s['name']} step has no weights")
+    try:  # the runtime sizes its activation buffers from this map (docs/FORMAT.md §8.4)
+        graph["activations"] = activation_widths(graph, tensors)
+    except FormatError as e:
+        raise SourceError(f"the model's tensor shapes do not fit its graph: {e}") from None
 
     stats = BuildStats(tensors=len(tensors), source_bytes=sum(t.nbytes for t in tensors.values()))
     provenance: dict[str, Any] = {}

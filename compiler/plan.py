@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..pack_format.constants import TENSOR_ALIGN, row_bytes
+from ..pack_format.constants import TENSOR_ALIGN, align_up, row_bytes
 from ..pack_format.errors import SourceError
 from .sources.base import SourceTensor
 
@@ -37,14 +37,10 @@ class PlannedPack:
     size: int = 0
 
     def add(self, name: str, t: SourceTensor, r0: int, r1: int, rb: int) -> None:
-        off = _align(self.size)
+        off = align_up(self.size, TENSOR_ALIGN)
         nb = (r1 - r0) * rb
         self.slices.append(Slice(name, t, r0, r1, off, nb))
         self.size = off + nb
-
-
-def _align(n: int) -> int:
-    return -(-n // TENSOR_ALIGN) * TENSOR_ALIGN
 
 
 def _rows(t: SourceTensor) -> tuple[int, int]:
@@ -75,7 +71,7 @@ def plan_packs(tensors: dict[str, SourceTensor], family: Any, max_pack_bytes: in
                 raise SourceError(f"tensor {name!r}: one row ({rb} bytes) exceeds the pack limit {limit}")
             r = 0
             while r < n_rows:
-                room = limit - _align(cur.size)
+                room = limit - align_up(cur.size, TENSOR_ALIGN)
                 take = min(n_rows - r, room // rb if room > 0 else 0)
                 # start a fresh pack rather than leave a sliver of a tensor in the current one
                 if take == 0 or (take < n_rows - r and cur.slices and take * rb < limit // 4):

@@ -11,7 +11,7 @@ import struct
 MAGIC = b"VKPACK\x00\x01"          # first 8 bytes of every archive
 FOOTER_MAGIC = b"VKPKEND\x00"      # last 8 bytes of every archive
 FORMAT_MAJOR = 1                   # bumped for structural changes; readers reject other majors
-FORMAT_MINOR = 0                   # bumped for additions that old readers may ignore
+FORMAT_MINOR = 1                   # bumped for additions that old readers may ignore
 HEADER_SIZE = 64
 FOOTER_SIZE = 32
 ALIGN = 4096                       # every pack payload starts at a multiple of this
@@ -52,6 +52,15 @@ DTYPES: dict[str, tuple[int, int]] = {
     "IQ4_XS": (256, 136),
 }
 
+# ---- data types: name -> GGML type id (ggml.h `enum ggml_type`, gguf-py's GGMLQuantizationType) ----
+# The one table of these ids: GGUF tensor infos store them, and the shaders select a weight format by them.
+GGML_TYPE_IDS: dict[str, int] = {
+    "F32": 0, "F16": 1, "BF16": 30, "F64": 28, "I8": 24, "I16": 25, "I32": 26, "I64": 27,
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9,
+    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15, "IQ4_NL": 20, "IQ4_XS": 23,
+}
+assert GGML_TYPE_IDS.keys() == DTYPES.keys() and len(set(GGML_TYPE_IDS.values())) == len(GGML_TYPE_IDS)
+
 # ---- codecs ----
 CODEC_NONE = "none"
 CODEC_BLOSC2_ZSTD = "blosc2-zstd"
@@ -81,3 +90,8 @@ def tensor_bytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     for d in shape[:-1]:
         n_rows *= int(d)
     return n_rows * row_bytes(dtype, int(shape[-1]) if shape else 1)
+
+
+def align_up(n: int, a: int) -> int:
+    """`n` rounded up to a multiple of `a` (a > 0). Example: `align_up(4097, ALIGN) == 8192`."""
+    return -(-n // a) * a

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import zlib
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from .constants import (ALIGN, FOOTER_MAGIC, FOOTER_SIZE, FOOTER_STRUCT, FORMAT_
                         MAGIC, MAX_INDEX_SIZE)
 from .errors import ChecksumError, FormatError
 from .records import PackRecord, TensorRecord
+from .shapes import activation_widths
 from .validate import validate_index
 
 
 def parse_index(blob: bytes, index_offset: int) -> tuple[dict[str, Any], list[PackRecord], dict[str, TensorRecord]]:
-    """Decode (rule 9) and validate (rules 10-22) an index blob; every failure is a FormatError."""
+    """Decode (rule 9) and validate (rules 10-23) an index blob; every failure is a FormatError."""
     try:
         index = msgpack.unpackb(blob, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as e:
@@ -88,6 +90,17 @@ class Archive:
     def graph(self) -> dict[str, Any]:
         return self.index["graph"]
 
+    @cached_property
+    def activation_widths(self) -> dict[str, int]:
+        """Activation name -> width (float32 columns) of every op output, for sizing buffers.
+
+        The graph's `activations` map (format 1.1, validated at open) or, for 1.0 archives, the
+        same widths inferred from the graph (pack_format/shapes.py; FormatError where its widths disagree).
+        """
+        if "activations" in self.graph:
+            return dict(self.graph["activations"])
+        return activation_widths(self.graph, self.tensors)
+
     @property
     def tokenizer(self) -> dict[str, Any]:
         return self.index["tokenizer"]
@@ -113,7 +126,7 @@ class Archive:
         return self._file.fileno()
 
     def read_pack(self, pack_id: int, verify: bool = True) -> bytes | memoryview:
-        """Decoded pack bytes (rules 23-25); with `verify`, a checksum mismatch raises ChecksumError naming the pack."""
+        """Decoded pack bytes (rules 24-26); with `verify`, a checksum mismatch raises ChecksumError naming the pack."""
         p = self.packs[pack_id]
         stored = self.stored_bytes(pack_id)
         if verify and zlib.crc32(stored) != p.crc32:

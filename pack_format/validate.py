@@ -11,9 +11,10 @@ from itertools import pairwise
 from typing import Any
 
 from .constants import (ALIGN, CODECS, DTYPES, FORMAT_MAJOR, HEADER_SIZE, MAX_PACK_SIZE, OPS, PACK_KINDS, ROPE_MODES,
-                        TENSOR_ALIGN, row_bytes)
+                        TENSOR_ALIGN, align_up, row_bytes)
 from .errors import FormatError
 from .records import PackRecord, TensorPart, TensorRecord
+from .shapes import activation_widths
 
 REQUIRED_KEYS = ("format", "generator", "source", "arch", "hparams", "tokenizer", "tensors", "packs", "graph")
 MAX_DIMS = 4
@@ -85,10 +86,6 @@ def _is_uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 62
 
 
-def _align(n: int, a: int) -> int:
-    return -(-n // a) * a
-
-
 def validate_index(index: Any, index_offset: int) -> tuple[list[PackRecord], dict[str, TensorRecord]]:
     """Check the whole index against the file layout; returns typed pack and tensor tables."""
     if not isinstance(index, dict):
@@ -99,7 +96,10 @@ def validate_index(index: Any, index_offset: int) -> tuple[list[PackRecord], dic
     _validate_meta(index)
     packs = _validate_packs(req(index, "packs", list, "index"), index_offset)
     tensors = _validate_tensors(req(index, "tensors", list, "index"), packs)
-    _validate_graph(req(index, "graph", dict, "index"), packs, tensors)
+    graph = req(index, "graph", dict, "index")
+    _validate_graph(graph, packs, tensors)
+    if "activations" in graph:  # optional since 1.1
+        _validate_activations(graph, tensors)
     return packs, tensors
 
 
@@ -176,11 +176,11 @@ def _validate_packs(raw: list, index_offset: int) -> list[PackRecord]:
     for p in sorted(packs, key=lambda p: (p.offset, p.stored_size)):
         if p.offset < end:
             raise FormatError(f"packs[{p.id}]: bytes from {p.offset} overlap the previous pack ending at {end}")
-        if p.offset != _align(end, ALIGN):
+        if p.offset != align_up(end, ALIGN):
             raise FormatError(f"packs[{p.id}]: starts at {p.offset}, but the bytes before it end at {end}: "
                               f"a hole of {p.offset - end} bytes (only padding to {ALIGN} is allowed)")
         end = p.offset + p.stored_size
-    if index_offset != _align(end, ALIGN):
+    if index_offset != align_up(end, ALIGN):
         raise FormatError(f"index starts at {index_offset}, but the last pack ends at {end}: "
                           f"{index_offset - end} bytes belong to no pack (only padding to {ALIGN} is allowed)")
     return packs
@@ -238,7 +238,7 @@ def _validate_tensors(raw: list, packs: list[PackRecord]) -> dict[str, TensorRec
     return tensors
 
 
-# ---- rules 19-22: access graph ----
+# ---- rules 19-23: access graph ----
 def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, TensorRecord]) -> None:
     steps = req(graph, "steps", list, "graph")
     if not steps:
@@ -299,6 +299,25 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
     loop = _uint(graph, "loop_to", "graph")
     if loop >= len(steps):
         raise FormatError(f"graph.loop_to: {loop} but there are {len(steps)} steps")
+
+
+def _validate_activations(graph: dict, tensors: dict[str, TensorRecord]) -> None:
+    """Rule 23: `activations` states exactly the widths that the graph and the tensor shapes imply."""
+    acts = req(graph, "activations", dict, "graph")
+    for name, width in acts.items():
+        if not isinstance(name, str):
+            raise FormatError(f"graph.activations: key {name!r} is not a str")
+        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= MAX_DIM:
+            raise FormatError(f"graph.activations[{name!r}]: {width!r} is not a width (an int in [1, {MAX_DIM}])")
+    inferred = activation_widths(graph, tensors)
+    for name, width in inferred.items():
+        if name not in acts:
+            raise FormatError(f"graph.activations: missing {name!r}, which an op writes ({width} wide)")
+        if acts[name] != width:
+            raise FormatError(f"graph.activations[{name!r}]: {acts[name]}, but the graph makes it {width} wide")
+    for name in acts:
+        if name not in inferred:
+            raise FormatError(f"graph.activations[{name!r}]: no op writes it")
 
 
 def _validate_attrs(op: str, a: dict, w: str, kv_layers: int, kv_shape: tuple[int, int]) -> None:

@@ -282,10 +282,6 @@ class SubAllocator:
         """Live allocations, in no particular order."""
         return iter(list(self._live.values()))
 
-    def free_ranges(self) -> list[tuple[int, int, int]]:
-        """Free ranges as ``(block, offset, size)``, in address order."""
-        return [(b, o, self._fsize[b][o]) for b in range(len(self._starts)) for o in self._starts[b]]
-
 
 def plan_blocks(budget_bytes: int, max_block: int, alignment: int = 256) -> list[int]:
     """Split a byte budget into as few near-equal blocks as fit under ``max_block``.

@@ -8,13 +8,19 @@ not a whole layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .backend import Backend, PassInputs
 from .policy import AccessSchedule
+
+if TYPE_CHECKING:
+    from ..pack_format.reader import Archive
+    from .prefetch import PackLoader
+    from .tiers import Entry
 
 
 def access_sequence(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[list[int], dict[tuple[int, int, str, int], int]]:
@@ -31,27 +37,70 @@ def access_sequence(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[lis
     return seq, where
 
 
-class WeightAccess:
-    """What a backend op sees: `with weights.part(op, name, i) as array:` pins that part's pack."""
+def seq_row_activations(steps: list[dict[str, Any]]) -> set[str]:
+    """Activations with one row per sequence rather than per token: those written only after a
+    `last_token` op (the head's normed rows and the logits). Widths come from the archive
+    (`Archive.activation_widths`); rows from where in the pass an activation is written."""
+    per_token: set[str] = set()
+    written_after: set[str] = set()
+    after_last = False
+    for step in steps:
+        for op in step["ops"]:
+            if op["op"] == "embed":
+                after_last = False
+            if op["op"] != "last_token":
+                (written_after if after_last else per_token).add(op["out"])
+            else:
+                written_after.add(op["out"])
+                after_last = True
+    return written_after - per_token
 
-    def __init__(self, loader: Any, where: dict[tuple[int, int, str, int], int]):
+
+class WeightAccess:
+    """How a backend's forward pass gets weights: it names a (step, op, tensor, part) of the graph,
+    and this pins the pack holding it (loading it if needed) and moves the prefetch window on."""
+
+    def __init__(self, loader: PackLoader, where: dict[tuple[int, int, str, int], int]):
         self.loader = loader
+        self.tensors = loader.archive.tensors
         self.where = where
-        self.step = 0
-        self.op_index: dict[int, int] = {}
         self.last_position = 0
         self._starts: dict[str, np.ndarray] = {}
 
-    def hold_step(self, si: int, step: dict[str, Any], gather_tokens: np.ndarray | None) -> list[Any]:
+    def position(self, si: int, oi: int, name: str, part_idx: int) -> int:
+        """Where that use sits in the pass's access sequence."""
+        return self.where[(si, oi, name, part_idx)]
+
+    def acquire(self, si: int, oi: int, name: str, part_idx: int) -> Entry:
+        """Pin the pack holding that part; `release` it when the work reading it is done."""
+        pos = self.where[(si, oi, name, part_idx)]
+        e = self.loader.acquire(self.loader.schedule.sequence[pos], pos)
+        self.last_position = pos
+        return e
+
+    def release(self, entries: list[Entry]) -> None:
+        for e in entries:
+            self.loader.release(e)
+
+    @contextmanager
+    def part(self, si: int, oi: int, name: str, part_idx: int) -> Iterator[Any]:
+        """`with weights.part(si, oi, name, i) as w:` the backend's form of that part, pinned meanwhile."""
+        e = self.acquire(si, oi, name, part_idx)
+        try:
+            yield e.payload[(name, self.tensors[name].parts[part_idx].row_start)]
+        finally:
+            self.loader.release(e)
+
+    def hold_step(self, si: int, step: dict[str, Any], gather_tokens: np.ndarray | None) -> list[Entry]:
         """Acquire (pin) every pack of a step, in access order, for a backend that runs the step
         asynchronously; with `gather_tokens`, only the parts holding those embedding rows."""
-        tensors = self.loader.archive.tensors
+        tensors = self.tensors
         todo: list[tuple[int, int]] = []   # (pack, position), in access order
         seen: set[int] = set()
         for oi, op in enumerate(step["ops"]):
             for name in op["w"]:
                 parts = tensors[name].parts
-                idx = range(len(parts)) if gather_tokens is None else self.parts_of_rows(name, parts, gather_tokens)
+                idx = range(len(parts)) if gather_tokens is None else self.parts_of_rows(name, gather_tokens)
                 for pi in idx:
                     pack = parts[pi].pack
                     if pack not in seen:
@@ -62,44 +111,59 @@ class WeightAccess:
             # these tokens need side by side, not one after the other (a 512-token prompt touches ~all
             # 76 parts of an 8B embedding: ~70 ms of serial loads per streamed prefill on the H100)
             self.loader.prefetch_now(todo)
-        held: list[Any] = []
+        held: list[Entry] = []
         for pack, pos in todo:
             held.append(self.loader.acquire(pack, pos))
             self.last_position = pos
         return held
 
-    def parts_of_rows(self, name: str, parts: list[Any], rows: np.ndarray) -> list[int]:
-        """Indices of the row-parts holding `rows` (a table of 100 parts is searched, not scanned)."""
+    def load_side_by_side(self, uses: list[tuple[int, int, str, int]]) -> None:
+        """Start loading the packs of these (step, op, tensor, part) uses now, in parallel."""
+        self.loader.prefetch_now([(self.tensors[n].parts[pi].pack, self.where[(si, oi, n, pi)])
+                                  for si, oi, n, pi in uses])
+
+    def prefetch_ahead(self) -> None:
+        """Move the prefetch window to just after the last acquired use."""
+        self.loader.prefetch(self.last_position)
+
+    def parts_of_rows(self, name: str, rows: np.ndarray) -> list[int]:
+        """Indices of the row-parts of `name` holding `rows` (a table of 100 parts is searched, not scanned)."""
+        parts = self.tensors[name].parts
         starts = self._starts.get(name)
         if starts is None:
             starts = self._starts[name] = np.array([p.row_start for p in parts], dtype=np.int64)
         which = np.searchsorted(starts, rows, side="right") - 1
         return [int(i) for i in np.unique(which) if i >= 0 and np.any(rows[which == i] < parts[i].row_end)]
 
-    def release_entries(self, entries: list[Any]) -> None:
-        for e in entries:
-            self.loader.release(e)
 
-    @contextmanager
-    def part(self, op: dict[str, Any], name: str, part_idx: int) -> Iterator[Any]:
-        oi = self.op_index[id(op)]
-        pos = self.where[(self.step, oi, name, part_idx)]
-        pack = self.loader.schedule.sequence[pos]
-        e = self.loader.acquire(pack, pos)
-        try:
-            tensor = self.loader.archive.tensors[name]
-            yield e.payload[(name, tensor.parts[part_idx].row_start)]
-        finally:
-            self.loader.release(e)
+class OpWeights:
+    """One op's view of `WeightAccess`: `with w.part(name, i) as arr:` (for op-by-op backends)."""
+
+    __slots__ = ("oi", "si", "weights")
+
+    def __init__(self, weights: WeightAccess, si: int, oi: int):
+        self.weights, self.si, self.oi = weights, si, oi
+
+    def part(self, name: str, part_idx: int) -> AbstractContextManager[Any]:
+        return self.weights.part(self.si, self.oi, name, part_idx)
+
+
+def run_ops(steps: list[dict[str, Any]], acts: dict[str, Any], weights: WeightAccess,
+            run_op: Callable[[dict[str, Any], dict[str, Any], OpWeights], None]) -> None:
+    """Every op of the pass in order, one call each: the loop of a backend that computes op by op."""
+    for si, step in enumerate(steps):
+        for oi, op in enumerate(step["ops"]):
+            run_op(op, acts, OpWeights(weights, si, oi))
 
 
 class Executor:
-    def __init__(self, archive: Any, backend: Any, loader: Any, where: dict[tuple[int, int, str, int], int]):
-        self.archive = archive
+    """Runs passes: stacks the sequences' rows into `PassInputs` and hands them to the backend."""
+
+    def __init__(self, archive: Archive, backend: Backend, loader: PackLoader,
+                 where: dict[tuple[int, int, str, int], int]):
         self.backend = backend
-        self.loader = loader
         self.weights = WeightAccess(loader, where)
-        self.steps = archive.graph["steps"]
+        self.output = archive.graph["outputs"][0]
 
     def forward(self, tokens: np.ndarray, pos0: int, kv: list[tuple[Any, Any]]) -> np.ndarray:
         """One pass of one sequence over `tokens` at positions pos0..; returns its output rows."""
@@ -116,26 +180,11 @@ class Executor:
         for toks, pos0, kv in seqs:
             rows.append((r, r + len(toks), pos0, kv))
             r += len(toks)
-        env: dict[str, Any] = {
-            "tokens": np.concatenate([np.asarray(t, dtype=np.int64) for t, _, _ in seqs]),
-            "positions": np.concatenate([np.arange(p, p + len(t), dtype=np.int64) for t, p, _ in seqs]),
-            "seqs": rows,
-        }
-        out = self.archive.graph["outputs"][0]
-        if hasattr(self.backend, "run_step"):  # a device backend records whole steps and runs them async
-            self.backend.begin(env)
-            try:
-                self.backend.run_pass(self.steps, env, self.weights)
-                return self.backend.finish(env, self.weights, out)
-            except BaseException:
-                self.backend.flush(self.weights)
-                raise
-        for si, step in enumerate(self.steps):
-            self.weights.step = si
-            self.weights.op_index = {id(op): oi for oi, op in enumerate(step["ops"])}
-            for op in step["ops"]:
-                self.backend.run(op, env, self.weights)
-        return env[out]
+        inputs = PassInputs(
+            tokens=np.concatenate([np.asarray(t, dtype=np.int64) for t, _, _ in seqs]),
+            positions=np.concatenate([np.arange(p, p + len(t), dtype=np.int64) for t, p, _ in seqs]),
+            seqs=rows, output=self.output)
+        return self.backend.forward(inputs, self.weights)
 
 
 def make_schedule(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[AccessSchedule, dict]:

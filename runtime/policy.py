@@ -59,17 +59,12 @@ class AccessSchedule:
 
 
 class BeladyPolicy:
-    """Evict the resident pack whose next use is farthest.
-
-    `aggression` in [0, 1] (the seed's eviction_aggression) is how much of the far future to
-    count as "soon": packs needed within (1 - aggression) of a token are evicted only last.
-    """
+    """Evict the resident pack whose next use is farthest."""
 
     name = "graph"
 
-    def __init__(self, schedule: AccessSchedule, aggression: float = 0.7):
+    def __init__(self, schedule: AccessSchedule):
         self.schedule = schedule
-        self.aggression = aggression
 
     def victim(self, candidates: Iterable[int], cursor: int) -> int | None:
         best, best_d = None, -1
@@ -94,7 +89,7 @@ class LRUPolicy:
 
     name = "lru"
 
-    def __init__(self, schedule: AccessSchedule | None = None, aggression: float = 0.7):
+    def __init__(self, schedule: AccessSchedule | None = None):
         self.schedule = schedule
         self._clock = 0
         self._last: dict[int, int] = {}

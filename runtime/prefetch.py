@@ -1,10 +1,9 @@
 """Getting packs into the device tier: on demand, or ahead of time along the access graph.
 
-A background worker walks the schedule `lookahead` packs ahead of the executor: it reads the
-pack from the mmap, checks its checksum (first load only), decompresses it (blosc2/zfpy drop
-the GIL) and converts it into the backend's compute form inside budgeted memory (a verified pack
-stored raw goes from the file to the device with `backend.convert_file` when there is one), while the
-current step computes. The executor then finds the pack resident (a hit) or waits for the
+Background workers walk the schedule `lookahead` packs ahead of the executor: each finds room in
+the device tier and has the backend load the pack there (`Backend.load` with a `PackSource`: read
+from the mmap or the file, checksum checked on first load, decompressed by blosc2/zfpy, which drop
+the GIL), while the current step computes. The executor then finds the pack resident (a hit) or waits for the
 in-flight load (a stall, timed).
 """
 
@@ -15,14 +14,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .backend import Backend
 from .metrics import Metrics
 from .policy import AccessSchedule
 from .tiers import BudgetError, DeviceTier, Entry, RamTier
 
 
 class PackLoader:
-    def __init__(self, archive: Any, tier: DeviceTier, ram: RamTier, backend: Any, schedule: AccessSchedule,
-                 lookahead: int, metrics: Metrics, workers: int = 1):
+    def __init__(self, archive: Any, tier: DeviceTier, ram: RamTier, backend: Backend, schedule: AccessSchedule,
+                 lookahead: int, metrics: Metrics):
         self.archive = archive
         self.tier = tier
         self.ram = ram
@@ -30,12 +30,12 @@ class PackLoader:
         self.schedule = schedule
         self.lookahead = lookahead
         self.metrics = metrics
-        self.workers = workers
+        self.workers = max(1, backend.load_workers)
         self.inflight: dict[int, Future] = {}
         self.verified: set[int] = set()
         self.prefetched: set[int] = set()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vkpack-prefetch") if lookahead > 0 else None
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vkpack-prefetch") if lookahead > 0 else None
 
     # ---- the executor's side ----
     def acquire(self, pack: int, cursor: int) -> Entry:
@@ -147,10 +147,9 @@ class PackLoader:
     # ---- one load ----
     def _load(self, pack: int, cursor: int, protect: int | None, pin: bool, alloc: Any = None) -> Entry | None:
         """Make `pack` resident (in `alloc` when the caller placed it already)."""
-        rec = self.archive.packs[pack]
         nbytes = self.backend.pack_bytes(pack)
         if alloc is not None:
-            return self._fill(pack, rec, nbytes, alloc, cursor, protect, pin)
+            return self._fill(pack, nbytes, alloc, cursor, protect, pin)
         t_alloc = time.perf_counter()
         alloc = self.tier.allocate_pack(pack, nbytes, cursor, protect)
         if alloc is None and protect is None:
@@ -167,34 +166,15 @@ class PackLoader:
                 return None  # no room without evicting something needed sooner: skip this prefetch
             raise BudgetError(f"device budget {self.tier.budget / 2**20:.1f} MiB cannot hold pack {pack} "
                               f"({nbytes / 2**20:.1f} MiB) next to the pinned packs and reservations")
-        return self._fill(pack, rec, nbytes, alloc, cursor, protect, pin)
+        return self._fill(pack, nbytes, alloc, cursor, protect, pin)
 
-    def _fill(self, pack: int, rec: Any, nbytes: int, alloc: Any, cursor: int, protect: int | None,
+    def _fill(self, pack: int, nbytes: int, alloc: Any, cursor: int, protect: int | None,
               pin: bool) -> Entry:
-        """Read, check, decode and upload `pack` into its allocation; then it is an entry."""
-        cached = getattr(self.backend, "convert_cached", None)
+        """Have the backend load `pack` into its allocation; then it is an entry."""
         try:
             t0 = time.perf_counter()
-            # decoded before and kept by the backend (pinned memory): no read, no decompression
-            payload = cached(pack, self.tier.view(alloc)) if cached is not None and pack in self.verified else None
-            if (payload is None and rec.codec == "none" and pack in self.verified
-                    and hasattr(self.backend, "convert_file")):
-                # checked before: from the file straight into staging (no mmap faults, no copy in RAM)
-                # a prefetch worker is one of several loading at once: it copies alone, no hand-offs
-                payload = self.backend.convert_file(pack, self.tier.view(alloc), 1 if protect is not None else None)
-                self.metrics.add_read(rec.stored_size, 0, 0.0)
-            elif payload is None:
-                raw = self.ram.get(pack)
-                if raw is None:
-                    t0 = time.perf_counter()
-                    raw = self.archive.read_pack(pack, verify=pack not in self.verified)
-                    self.verified.add(pack)
-                    self.metrics.add_read(rec.stored_size, rec.raw_size if rec.codec != "none" else 0,
-                                          time.perf_counter() - t0)
-                    if rec.codec != "none":
-                        self.ram.put(pack, raw, cursor)
-                t0 = time.perf_counter()
-                payload = self.backend.convert(pack, raw, self.tier.view(alloc))
+            payload = self.backend.load(pack, PackSource(self, pack, cursor, background=protect is not None),
+                                        self.tier.view(alloc))
             self.metrics.add_upload(nbytes, time.perf_counter() - t0)
         except BaseException:
             self.tier.release(alloc)
@@ -208,3 +188,45 @@ class PackLoader:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class PackSource:
+    """Where one load's bytes come from, for `Backend.load` to choose (see runtime/backend.py).
+
+    `decoded()` gives the pack's decoded bytes: from the RAM tier, or read from the archive (its
+    checksum checked on the first read), decompressed, and kept in the RAM tier when compressed.
+    `file_span()` gives, for a pack stored raw whose checksum was checked before, its place in the
+    archive file, so that a backend can read it straight into its own memory (no mmap faults, no
+    copy in RAM); None otherwise. `background` is true for a prefetch, one of several loads in
+    flight (a backend should then not spread one copy over many threads).
+    """
+
+    def __init__(self, loader: PackLoader, pack: int, cursor: int, background: bool):
+        self.loader = loader
+        self.pack = pack
+        self.cursor = cursor
+        self.background = background
+
+    def decoded(self) -> bytes | memoryview:
+        ld, pack = self.loader, self.pack
+        raw = ld.ram.get(pack)
+        if raw is not None:
+            return raw
+        rec = ld.archive.packs[pack]
+        t0 = time.perf_counter()
+        raw = ld.archive.read_pack(pack, verify=pack not in ld.verified)
+        ld.verified.add(pack)
+        ld.metrics.add_read(rec.stored_size, rec.raw_size if rec.codec != "none" else 0, time.perf_counter() - t0)
+        if rec.codec != "none":
+            ld.ram.put(pack, raw, self.cursor)
+        return raw
+
+    def file_span(self) -> tuple[int, int, int] | None:
+        """(file descriptor, offset, size) of a raw pack checked before; the read is counted."""
+        ld, pack = self.loader, self.pack
+        rec = ld.archive.packs[pack]
+        if rec.codec != "none" or pack not in ld.verified:
+            return None
+        offset, size = ld.archive.pack_span(pack)
+        ld.metrics.add_read(rec.stored_size, 0, 0.0)
+        return ld.archive.fileno(), offset, size

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..pack_format.constants import align_up
 from ..pack_format.errors import VkpackError
 from .alloc import Allocation, SubAllocator, plan_blocks
+
+if TYPE_CHECKING:
+    from .backend import Backing
 
 
 class BudgetError(VkpackError):
@@ -33,11 +38,12 @@ class Entry:
 class DeviceTier:
     """Packs and reservations under a hard byte budget (`budget` bytes in `blocks`)."""
 
-    def __init__(self, budget: int, max_block: int, backing_factory: Any, policy: Any, alignment: int = 256):
+    def __init__(self, budget: int, max_block: int, make_backing: Callable[[list[int]], Backing], policy: Any,
+                 alignment: int = 256):
         self.budget = budget
         self.blocks = plan_blocks(budget, max_block, alignment)
         self.allocator = SubAllocator(self.blocks, alignment)
-        self.backing = backing_factory(self.blocks)
+        self.backing = make_backing(self.blocks)
         self.policy = policy
         self.entries: dict[int, Entry] = {}
         self.lock = threading.RLock()
@@ -150,3 +156,60 @@ class RamTier:
             self.items[pack] = data
             self.in_use += n
             self.peak = max(self.peak, self.in_use)
+
+
+# ---- sizing the budgets ----
+GIB = 1 << 30
+UNLIMITED_SLACK = 64 << 20  # an unlimited budget's headroom beyond its sizes (recordings, fragments)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The device and RAM budgets of an engine, and whether its packs stream.
+
+    device: bytes of the device tier (a multiple of 256; the backend's reserved bytes taken off).
+    streaming: the device tier cannot hold every pack beside a full KV cache, so packs get evicted
+        and reloaded; False: every pack is loaded once and stays (resident).
+    ram: bytes of system memory for streamed packs (None: unlimited, 0 when resident).
+    minimum: the smallest device budget this model runs under (two packs: a weight part and its
+        bias may be pinned together, bigger steps are streamed part by part; the KV cache and
+        activations of a short sequence; the backend's reserved bytes).
+    evict_batch: bytes to evict at once when room must be made (`DeviceTier.evict_batch`).
+    """
+
+    device: int
+    streaming: bool
+    ram: int | None
+    minimum: int
+    evict_batch: int
+
+
+def kv_bytes(kv_cache: dict[str, int], n_ctx: int) -> int:
+    """One sequence's K and V caches over `n_ctx` positions (float32)."""
+    return 2 * kv_cache["n_layers"] * n_ctx * kv_cache["n_kv_heads"] * kv_cache["head_dim"] * 4
+
+
+def plan_budgets(pack_sizes: list[int], backend: Any, kv_cache: dict[str, int], context: int,
+                 vram_gb: float | None, ram_gb: float | None) -> BudgetPlan:
+    """Budgets from the user's limits (None: unlimited), the packs' sizes in the backend's compute
+    form, the KV cache shape and the longest sequence the engine accepts."""
+    model = sum(pack_sizes)
+    largest = max(pack_sizes)
+    minimum = 2 * largest + kv_bytes(kv_cache, 64) + backend.activation_bytes(16, 64) + backend.reserved_bytes
+    if vram_gb is None:  # everything resident: weights, a full-context KV cache, activations twice
+        # over, and 10 % slack so that reservations never fragment their way into evicting packs
+        device = align_up(model * 11 // 10 + kv_bytes(kv_cache, context)
+                          + 2 * backend.activation_bytes(min(context, 2048), context) + UNLIMITED_SLACK, 256)
+    else:
+        device = int(vram_gb * GIB)
+        if device < minimum:
+            raise BudgetError(f"--vram-gb {vram_gb:g} ({device / 2**20:.1f} MiB) is below what this model needs "
+                              f"at minimum: {minimum / 2**20:.1f} MiB ({minimum / GIB:.3f} GiB)")
+        device -= backend.reserved_bytes  # staging and io buffers live outside the tier
+        device = device // 256 * 256  # rounded down: the user's limit is a hard one
+    streaming = device < model + kv_bytes(kv_cache, context)
+    # a backend loading from several threads evicts for nearly every load when streaming: planning
+    # one window for several loads cuts the planning (Python, under the GIL) several times over
+    evict_batch = min(4 * largest, device // 16) if streaming and backend.load_workers > 1 else 0
+    ram = (None if ram_gb is None else int(ram_gb * GIB)) if streaming else 0
+    return BudgetPlan(device, streaming, ram, minimum, evict_batch)

@@ -1,13 +1,16 @@
 """The table of SPIR-V variants: one entry per `.spv` file, its `.comp` source and defines.
 
-Pure data (no imports) so the build tool and the runtime read the same table. Specialization
-constants (workgroup size, rows/tokens per workgroup, head_dim) are chosen at run time by
-`vkpack.runtime.vk.ops`. Entries with `"reduce": True` use common/reduce.glsl and also get a
-`<name>_nosg` variant built with -DNO_SUBGROUP for devices without subgroup arithmetic.
+Data only, so the build tool and the runtime read the same table; the one import is the
+format's GGML type-id table (pack_format/constants.py). Specialization constants (workgroup
+size, rows/tokens per workgroup, head_dim) are chosen at run time by `vkpack.runtime.vk.ops`.
+Entries with `"reduce": True` use common/reduce.glsl and also get a `<name>_nosg` variant
+built with -DNO_SUBGROUP for devices without subgroup arithmetic.
 """
 
-# GGML type ids (gguf.GGMLQuantizationType) of the weight formats the matmul/embed shaders read.
-WEIGHT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
+from ..pack_format.constants import GGML_TYPE_IDS
+
+# The weight formats the matmul/embed shaders read -> their GGML type id (the WTYPE define).
+WEIGHT_TYPES = {name: GGML_TYPE_IDS[name] for name in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "BF16")}
 
 VARIANTS: dict[str, dict] = {}
 for _name, _code in WEIGHT_TYPES.items():

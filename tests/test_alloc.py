@@ -16,27 +16,38 @@ from vkpack.runtime.alloc import Allocation, SubAllocator, plan_blocks
 KB, MB = 1 << 10, 1 << 20
 
 
+def free_ranges(sa: SubAllocator) -> list[tuple[int, int, int]]:
+    """The gaps between live allocations as ``(block, offset, size)``, in address order (from the
+    allocator's public state; `check_tiling` checks that its own free lists agree)."""
+    out = []
+    for b, size in enumerate(sa.block_sizes):
+        pos = 0
+        for a in sorted((a for a in sa.allocations() if a.block == b), key=lambda a: a.offset):
+            assert a.offset >= pos, f"block {b}: allocation at {a.offset} overlaps the one ending at {pos}"
+            if a.offset > pos:
+                out.append((b, pos, a.offset - pos))
+            pos = a.offset + a.size
+        assert pos <= size, f"block {b}: allocations end at {pos}, block is {size}"
+        if pos < size:
+            out.append((b, pos, size - pos))
+    return out
+
+
 def check_tiling(sa: SubAllocator) -> None:
-    """Live allocations and free ranges tile every block exactly, and no two free ranges touch."""
-    per_block: list[list[tuple[int, int, str]]] = [[] for _ in sa.block_sizes]
+    """Live allocations are aligned and disjoint inside their blocks, and the allocator's free lists
+    hold exactly the gaps between them, coalesced: its largest hole overall and in each block
+    (what `largest_free`, `fragmentation` and `can_fit` read) are the largest gaps."""
+    gaps = free_ranges(sa)
     for a in sa.allocations():
-        per_block[a.block].append((a.offset, a.size, "a"))
-    for b, off, size in sa.free_ranges():
-        per_block[b].append((off, size, "f"))
-    for b, items in enumerate(per_block):
-        items.sort()
-        pos, prev = 0, ""
-        for off, size, kind in items:
-            assert off == pos, f"block {b}: gap or overlap at {pos} (next range starts at {off})"
-            assert size > 0 and off % sa.alignment == 0 and size % sa.alignment == 0
-            assert not (kind == prev == "f"), f"block {b}: uncoalesced free ranges at {off}"
-            pos, prev = off + size, kind
-        assert pos == sa.block_sizes[b], f"block {b}: ranges end at {pos}, block is {sa.block_sizes[b]}"
+        assert a.size > 0 and a.offset % sa.alignment == 0 and a.size % sa.alignment == 0, a
+    assert all(size % sa.alignment == 0 for _, _, size in gaps)
     s = sa.stats
     assert s.bytes_in_use == sum(a.size for a in sa.allocations())
     assert s.bytes_in_use + s.bytes_free == s.capacity
-    assert s.largest_free == max((r[2] for r in sa.free_ranges()), default=0)
-    holes = [max((r[2] for r in sa.free_ranges() if r[0] == b), default=0) for b in range(len(sa.block_sizes))]
+    largest = max((size for _, _, size in gaps), default=0)
+    assert s.largest_free == largest, "a free range was split in two or lost"
+    assert (largest == 0 or sa.can_fit(largest)) and not sa.can_fit(largest + 1)
+    holes = [max((r[2] for r in gaps if r[0] == b), default=0) for b in range(len(sa.block_sizes))]
     assert s.fragmentation == pytest.approx(1 - sum(holes) / s.bytes_free if s.bytes_free else 0.0)
 
 
@@ -48,11 +59,13 @@ def test_alloc_free_coalesce():
     assert [(x.block, x.offset, x.size, x.tag) for x in (a, b, c)] == [
         (0, 0, 1024, "a"), (0, 1024, 1024, "b"), (0, 2048, 1024, "c")]
     sa.free(b)
-    assert sa.free_ranges() == [(0, 1024, 1024), (0, 3072, 1024)]
+    assert free_ranges(sa) == [(0, 1024, 1024), (0, 3072, 1024)]
+    check_tiling(sa)
     sa.free(a)                      # merges with the hole on its right
-    assert sa.free_ranges() == [(0, 0, 2048), (0, 3072, 1024)]
+    assert free_ranges(sa) == [(0, 0, 2048), (0, 3072, 1024)]
+    check_tiling(sa)
     sa.free(c)                      # merges on both sides: one range again
-    assert sa.free_ranges() == [(0, 0, 4096)]
+    assert free_ranges(sa) == [(0, 0, 4096)] and sa.stats.largest_free == 4096
     s = sa.stats
     assert (s.bytes_in_use, s.n_allocations, s.peak_in_use, s.n_alloc_calls) == (0, 0, 3072, 3)
     assert s.fragmentation == 0.0
@@ -127,7 +140,8 @@ def test_errors():
     sa.reset()
     with pytest.raises(ValueError):
         sa.free(twin)                           # reset() orphans old allocations
-    assert sa.stats.n_alloc_calls == 0 and sa.free_ranges() == [(0, 0, 4096)]
+    assert sa.stats.n_alloc_calls == 0 and sa.stats.largest_free == 4096
+    check_tiling(sa)
     with pytest.raises(ValueError):
         sa.alloc(-1)
     for bad in ([], [1000], [0], [-256]):
@@ -207,8 +221,9 @@ def test_randomized_long_run_no_overlap():
     assert fails > 100                                         # the budget really was exercised
     while live:
         drop(len(live) - 1)
-    assert sa.free_ranges() == [(b, 0, size) for b, size in enumerate(sa.block_sizes)]
-    assert sa.stats.bytes_in_use == 0 and sa.stats.fragmentation == 0.0
+    assert sa.stats.bytes_in_use == 0 and sa.stats.fragmentation == 0.0   # each block one hole again
+    assert sa.stats.largest_free == max(sa.block_sizes)
+    check_tiling(sa)
 
 
 class AllocMachine(RuleBasedStateMachine):

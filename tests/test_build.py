@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import gguf
 import pytest
 
@@ -164,6 +162,10 @@ def test_build_streams_a_2gb_model_in_bounded_memory(tmp_path):
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     # page cache of the mmapped source counts as shared RSS; anonymous memory is what we bound
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    peak_mb = int(out.stdout.strip()) / 1024
-    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
-    assert math.isfinite(peak_mb)
+    peak_mb = int(out.stdout.strip()) / 1024  # ru_maxrss is in KiB on Linux
+    # the bound says something only if that process really moved every source byte into the archive
+    with Archive(tmp_path / "big.vkpack") as a:
+        stored = sum(p.nbytes for t in a.tensors.values() for p in t.parts)
+    assert stored == sum(int(t.n_bytes) for t in gguf.GGUFReader(src).tensors) > 2e9
+    # the interpreter with numpy alone takes tens of MB, so a misread unit fails one bound or the other
+    assert 20 < peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"

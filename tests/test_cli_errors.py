@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -196,3 +197,25 @@ def test_console_script_exit_code_and_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "vkpack", "build", str(p), "--verbose"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_policy_flag_is_gone(capsys, command):
+    # LRU is a benchmark baseline: Engine(policy="lru") in Python, no flag on the command line.
+    with pytest.raises(SystemExit) as ei:
+        main([command, "m.vkpack", "-p", "x", "--policy", "lru"] if command == "run" else
+             [command, "m.vkpack", "--policy", "lru"])
+    assert ei.value.code == 2 and "--policy" in capsys.readouterr().err
+
+
+def test_old_config_with_removed_setting_still_runs(tmp_path, archive):
+    cfg = tmp_path / "old.ini"
+    cfg.write_text("[memory]\neviction_aggression = 0.7\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VKPACK_")}
+    r = subprocess.run([sys.executable, "-m", "vkpack", "run", str(archive), "-p", "hi", "-n", "2",
+                        "--temperature", "0", "--device", "cpu", "--config", str(cfg)],
+                       capture_output=True, text=True, env={**env, "VKPACK_EVICTION_AGGRESSION": "0.5"})
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if "ignored" in ln]
+    assert len(warned) == 2 and "memory.eviction_aggression: ignored" in warned[0], r.stderr
+    assert "VKPACK_EVICTION_AGGRESSION: ignored" in warned[1]

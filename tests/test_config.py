@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vkpack.pack_format.errors import VkpackError
-from vkpack.runtime.config import (
+from vkpack.runtime.cli.config import (
     KEYS, ConfigError, Settings, add_settings_flags, parse_size_gib, resolve_settings,
     settings_from_args,
 )
@@ -18,7 +18,6 @@ FULL_INI = """\
 vram_budget_gb = 6
 ram_budget_gb = 512MiB   ; inline comment
 prefetch_lookahead = 5
-eviction_aggression = 0.25
 
 [performance]
 device = vulkan
@@ -59,7 +58,7 @@ def _error(tmp_path: Path | None = None, ini: str | None = None, env=None, flags
 def test_defaults():
     s = resolve_settings(None, {}, {})
     assert s == Settings()
-    assert (s.vram_gb, s.ram_gb, s.prefetch_lookahead, s.eviction_aggression) == (None, None, 3, 0.7)
+    assert (s.vram_gb, s.ram_gb, s.prefetch_lookahead) == (None, None, 3)
     assert (s.device, s.use_subgroups, s.fp32, s.log_level, s.max_batch) == (
         "auto", True, False, "WARNING", 8)
 
@@ -67,7 +66,7 @@ def test_defaults():
 def test_every_ini_key_is_read(tmp_path):
     s = resolve_settings(_ini(tmp_path, FULL_INI), {}, {})
     assert s == Settings(
-        vram_gb=6.0, ram_gb=0.5, prefetch_lookahead=5, eviction_aggression=0.25,
+        vram_gb=6.0, ram_gb=0.5, prefetch_lookahead=5,
         device="vulkan", device_index=1, threads=4, workgroup_size=128, use_subgroups=False,
         fp32=True, shader_dir=str(tmp_path / "shaders"), log_level="INFO",
         log_file="/var/log/vkpack.log", verbose=False,
@@ -80,7 +79,7 @@ def test_precedence_of_all_four_layers(tmp_path):
     env = {"VKPACK_RAM_GB": "24", "VKPACK_PREFETCH_LOOKAHEAD": "7", "PATH": "/bin"}
     flags = {"prefetch_lookahead": "9", "vram_gb": None}  # None = flag not passed
     s = resolve_settings(cfg, env, flags)
-    assert s.eviction_aggression == 0.7        # default
+    assert s.device == "auto"                  # default
     assert s.vram_gb == 6.0                    # file
     assert s.ram_gb == 24.0                    # env beats file
     assert s.prefetch_lookahead == 9           # flag beats env and file
@@ -130,12 +129,12 @@ def test_help_states_defaults():
     parser = argparse.ArgumentParser()
     add_settings_flags(parser)
     text = " ".join(parser.format_help().split())  # undo argparse's line wrapping
-    for flag in ("--vram-gb", "--ram-gb", "--prefetch-lookahead", "--eviction-aggression",
-                 "--device", "--device-index", "--threads", "--workgroup-size",
-                 "--no-subgroups", "--fp32", "--shader-dir", "--config", "--verbose",
-                 "--log-level", "--log-file"):
+    for flag in ("--vram-gb", "--ram-gb", "--prefetch-lookahead", "--device", "--device-index",
+                 "--threads", "--workgroup-size", "--no-subgroups", "--fp32", "--shader-dir", "--config",
+                 "--verbose", "--log-level", "--log-file"):
         assert flag in text
-    assert "(default: 0.7)" in text and "(default: unlimited)" in text
+    assert "(default: 3;" in text and "(default: unlimited)" in text
+    assert "eviction" not in text  # removed: it had no effect
 
 
 # ---- errors: each names its source and the bad value ----
@@ -158,7 +157,6 @@ def test_bad_file(tmp_path):
     ("[memory]\nvram_budget_gb = lots\n", "memory.vram_budget_gb", "'lots'", "expected a size"),
     ("[memory]\nram_budget_gb = -2\n", "memory.ram_budget_gb", "'-2'", "must not be negative"),
     ("[memory]\nvram_budget_gb = 0\n", "memory.vram_budget_gb", "'0'", "must be > 0"),
-    ("[memory]\neviction_aggression = 1.5\n", "memory.eviction_aggression", "'1.5'", "between 0 and 1"),
     ("[memory]\nprefetch_lookahead = 2.5\n", "memory.prefetch_lookahead", "'2.5'", "integer"),
     ("[performance]\ndevice = cuda\n", "performance.device", "'cuda'", "auto, cpu, vulkan"),
     ("[performance]\nfp32 = maybe\n", "performance.fp32", "'maybe'", "true/false"),
@@ -174,8 +172,6 @@ def test_bad_env():
     msg = _error(env={"VKPACK_VRAM": "4"})
     assert msg.startswith("VKPACK_VRAM: unknown vkpack environment variable")
     assert "did you mean VKPACK_VRAM_GB?" in msg
-    assert _error(env={"VKPACK_EVICTION_AGGRESSION": "-0.1"}).startswith(
-        "VKPACK_EVICTION_AGGRESSION: bad value '-0.1'")
     assert _error(env={"VKPACK_DEVICE": "gpu"}).startswith("VKPACK_DEVICE: bad value 'gpu'")
     # Not ours: other prefixes are ignored.
     assert resolve_settings(None, {"VK_ICD_FILENAMES": "x", "VKPACKX": "y"}, {}) == Settings()
@@ -183,7 +179,7 @@ def test_bad_env():
 
 def test_bad_flags():
     assert _error(flags={"vram_gb": "4XB"}).startswith("--vram-gb: bad value '4XB'")
-    assert _error(flags={"eviction_aggression": 2}).startswith("--eviction-aggression: bad value '2'")
+    assert _error(flags={"eviction_aggression": "0.5"}).startswith("unknown setting 'eviction_aggression' in flags")
     assert _error(flags={"device": "tpu"}).startswith("--device: bad value 'tpu'")
     assert _error(flags={"vram": "4"}).startswith("unknown setting 'vram' in flags")
 
@@ -193,3 +189,31 @@ def test_flag_error_via_argparse():
     add_settings_flags(parser)
     with pytest.raises(ConfigError, match=r"^--threads: bad value '0': expected an integer >= 1$"):
         settings_from_args(parser.parse_args(["--threads", "0"]), env={})
+
+
+# ---- removed settings: old configs keep working, with one warning line each ----
+
+
+def test_removed_eviction_aggression_is_ignored_with_a_warning(tmp_path, caplog):
+    cfg = _ini(tmp_path, "[memory]\nvram_budget_gb = 2\neviction_aggression = 0.25\n")
+    with caplog.at_level("WARNING", logger="vkpack.runtime.cli.config"):
+        s = resolve_settings(cfg, {"VKPACK_EVICTION_AGGRESSION": "0.9"}, {})
+    assert s == Settings(vram_gb=2.0) and not hasattr(s, "eviction_aggression")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("\n" not in m and "ignored" in m for m in lines)
+    assert lines[0].startswith(f"{cfg}:memory.eviction_aggression: ignored")
+    assert lines[1].startswith("VKPACK_EVICTION_AGGRESSION: ignored")
+    # Any value is accepted (it is not parsed); an empty env variable is unset, so no warning.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vkpack.runtime.cli.config"):
+        assert resolve_settings(_ini(tmp_path, "[memory]\neviction_aggression = lots\n"),
+                                {"VKPACK_EVICTION_AGGRESSION": ""}, {}) == Settings()
+    assert len(caplog.records) == 1
+
+
+def test_removed_flags_are_gone():
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--eviction-aggression", "0.5"])
+    assert "eviction_aggression" not in Settings().engine_kwargs()

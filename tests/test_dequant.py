@@ -203,25 +203,48 @@ def test_smollm2_every_tensor_matches_gguf():
 # ---- throughput (run with -m slow) ----
 @pytest.mark.slow
 def test_throughput_report():
-    """Print stored MB/s and elements/s per dtype on a 4096x4096 tensor (the module docstring's table).
+    """Print stored MB/s and elements/s per dtype on a 4096x4096 tensor (the module docstring's table),
+    and check what the table is for: the timed conversions are exact, and each is quicker than
+    gguf-py's dequantize on the same bytes (for F32, where both only copy, no slower than
+    np.copyto). Timings are relative so that a slower or busier machine does not fail it.
 
     1 thread: min CPU time of this thread (steady on a shared machine); 2 threads: min wall time.
     """
     rng = np.random.default_rng(0)
     out = np.empty((4096, 4096), np.float32)
+    weights = (rng.standard_normal(out.shape, dtype=np.float32) * 0.02).reshape(-1)   # as in real models
+    slower = []
     for dtype in FLOATS + QUANTS:
         n = tensor_bytes(dtype, out.shape)
         if dtype in FLOATS:
-            raw = rng.integers(0, 256, n, dtype=np.uint8)
-            if dtype == "F16":
-                raw.view(np.uint16)[:] &= 0xBBFF            # finite halves, as in real weights
+            raw = {"F32": weights, "F16": weights.astype(np.float16),
+                   "BF16": (weights.view(np.uint32) >> 16).astype(np.uint16)}[dtype].view(np.uint8)
         else:
             raw = _random_blocks(dtype, n // DTYPES[dtype][1], rng).reshape(-1)
+        ref = _reference(dtype, raw, out.shape)
         line = []
         for threads, clock in ((1, time.thread_time), (2, time.perf_counter)):
             best = min(_timed(dtype, raw, out, threads, clock) for _ in range(9))
+            _assert_bits(out, ref, f"{dtype} timed, {threads} thread(s)")
             line.append(f"{best * 1e3:5.1f} ms {n / best / 1e6:5.0f} MB/s {out.size / best / 1e9:4.2f} G/s")
+            if threads == 1:
+                ours = best
+        if dtype == "F32":
+            theirs = min(_clocked(lambda o=out, r=raw: np.copyto(o.reshape(-1), r.view(np.float32))) for _ in range(9))
+        else:
+            rows = raw.reshape(out.shape[0], -1)
+            theirs = min(_clocked(lambda r=rows, q=Q[dtype]: quants.dequantize(r, q)) for _ in range(3))
+        line.append(f"{theirs / ours:4.1f}x {'np.copyto' if dtype == 'F32' else 'gguf-py'}")
         print(f"    {dtype:6s}  " + "  |  ".join(line))
+        if ours > (1.5 if dtype == "F32" else 1.0) * theirs:
+            slower.append(f"{dtype}: {ours * 1e3:.1f} ms vs {theirs * 1e3:.1f} ms")
+    assert not slower, f"slower than the reference: {slower}"
+
+
+def _clocked(fn) -> float:
+    t = time.thread_time()
+    fn()
+    return time.thread_time() - t
 
 
 def _timed(dtype, raw, out, threads, clock) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vkpack.pack_format import constants, validate
+from vkpack.pack_format import constants, shapes, validate
 from vkpack.pack_format.errors import FormatError
 from vkpack.pack_format.records import PackRecord, TensorPart, TensorRecord
 
@@ -124,12 +124,17 @@ def test_dtypes(t):
     assert doc_dtypes == constants.DTYPES
 
 
+def test_ggml_type_ids(t):
+    assert {r["dtype"]: int(r["GGML type"]) for r in t["dtypes"]} == constants.GGML_TYPE_IDS
+
+
 def test_dtypes_match_gguf_py():
-    # an independent source for GGML's block sizes (gguf-py is a dependency of the compiler)
+    # an independent source for GGML's block sizes and type ids (gguf-py is a dependency of the compiler)
     import gguf
 
     for name, size in constants.DTYPES.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == size, name
+        assert gguf.GGMLQuantizationType[name].value == constants.GGML_TYPE_IDS[name], name
 
 
 def test_codecs(t):
@@ -155,6 +160,12 @@ def test_ops_and_arity(t):
 
 def test_graph_inputs(t):
     assert tuple(_col(t["graph_inputs"], "input")) == validate.GRAPH_INPUTS
+
+
+def test_activation_width_rules(t):
+    # every op has a width rule, in the doc and in shapes.py
+    assert tuple(_col(t["activation_widths"], "op")) == constants.OPS
+    assert tuple(shapes.WIDTH_RULES) == constants.OPS
 
 
 # ---- records and keys ----
@@ -225,6 +236,11 @@ def test_valid_index_passes():
 def test_documented_fields_are_required(t, table, path):
     key_col = "field" if "field" in t[table][0] else "key"
     for r in t[table]:
+        if r.get("required", "yes") == "no":  # optional: the index stays valid without it
+            index = copy.deepcopy(_index())
+            del _dig(index, path)[r[key_col]]
+            validate.validate_index(index, INDEX_OFFSET)
+            continue
         msg = _rejects_without(path, r[key_col])
         assert f"missing key '{r[key_col]}'" in msg, (table, r[key_col], msg)
 
@@ -262,13 +278,13 @@ def test_rules_are_numbered_and_match_the_code(t):
     numbers = [int(r["#"]) for r in rows]
     assert numbers == list(range(1, len(rows) + 1))
     assert {r["error"] for r in rows} == {"FormatError", "ChecksumError"}
-    assert [int(r["#"]) for r in rows if r["error"] == "ChecksumError"] == [23, 24, 25]
-    # validate.py names the rules it implements in its section comments: together exactly 10-22
+    assert [int(r["#"]) for r in rows if r["error"] == "ChecksumError"] == [24, 25, 26]
+    # validate.py names the rules it implements in its section comments: together exactly 10-23
     src = (Path(validate.__file__)).read_text()
     covered: set[int] = set()
     for a, b in re.findall(r"# ---- rules (\d+)-(\d+)", src):
         covered |= set(range(int(a), int(b) + 1))
-    assert covered == set(range(10, 23))
+    assert covered == set(range(10, 24))
 
 
 def test_history_ends_at_the_current_version(t, doc):
@@ -281,7 +297,7 @@ def test_every_table_is_parsed(t, doc):
     assert set(t) == set(re.findall(r"<!-- table:(\w+) -->", doc))
     assert set(t) >= {"constants", "header", "footer", "dtypes", "codecs", "pack_kinds", "ops", "rope_modes",
                       "hparams", "tokenizer", "graph_inputs", "index_keys", "pack_record", "tensor_part",
-                      "tensor_record", "rules", "history", "op_attrs", "graph_keys", "step"}
+                      "tensor_record", "rules", "history", "op_attrs", "graph_keys", "step", "activation_widths"}
 
 
 def test_tensor_names_match_the_compiler(t):

@@ -67,7 +67,7 @@ FILE_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "95 bytes": (lambda d: d[:95], "95 bytes is smaller than a header and footer"),
     "wrong magic": (lambda d: b"GGUF\x03\x00\x00\x00" + d[8:], "not a vkpack archive"),
     "zeroed file": (lambda d: bytes(len(d)), "not a vkpack archive"),
-    "wrong major": (lambda d: _patch(d, 8, "<H", 2), r"format version 2\.0, this reader reads 1\.x"),
+    "wrong major": (lambda d: _patch(d, 8, "<H", 2), r"format version 2\.\d+, this reader reads 1\.x"),
     "major 65535": (lambda d: _patch(d, 8, "<H", 0xFFFF), "format version 65535"),
     "wrong header_size": (lambda d: _patch(d, 16, "<I", 128), "header_size 128, expected 64"),
     "wrong alignment": (lambda d: _patch(d, 20, "<I", 512), "header alignment 512, expected 4096"),
@@ -135,7 +135,7 @@ def test_index_not_msgpack_or_not_a_map(tmp_path, tiny, case):
     _reject(tmp_path, with_index_blob(tiny, blob), match)
 
 
-# ---- rules 10-22: the index ----
+# ---- rules 10-23: the index ----
 def _get_index(data: bytes) -> dict[str, Any]:
     return msgpack.unpackb(index_blob(data)[0], raw=False)
 
@@ -169,6 +169,7 @@ P0, P1 = ("packs", 0), ("packs", 1)
 T0, T1 = ("tensors", 0), ("tensors", 1)
 S0, S1, S2 = ("graph", "steps", 0), ("graph", "steps", 1), ("graph", "steps", 2)
 ROPE, ATTN, NORM, LINEAR = S1 + ("ops", 0), S1 + ("ops", 2), S2 + ("ops", 1), S2 + ("ops", 2)
+ACTS = ("graph", "activations")
 
 INDEX_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     # rule 10: top level
@@ -312,6 +313,28 @@ INDEX_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     "step packs miss a weight's pack": (_seq(_set(S2 + ("packs",), [1]), _set(("graph", "access"), [0, 1])),
                                         (r"tensor 'token_embd\.weight' has rows in pack 0, "
                                          r"which is not in the step's packs \[1\]")),
+    # rule 23: activation widths (optional map, 1.1)
+    "activations not a map": (_set(ACTS, [64]), r"graph\.activations: expected dict, got list"),
+    "activations wrong width": (_set(ACTS + ("q",), 32),
+                                r"graph\.activations\['q'\]: 32, but the graph makes it 64 wide"),
+    "activations missing name": (_del(ACTS + ("logits",)),
+                                 r"graph\.activations: missing 'logits', which an op writes \(16 wide\)"),
+    "activations extra name": (_set(ACTS + ("z",), 4), r"graph\.activations\['z'\]: no op writes it"),
+    "activations width float": (_set(ACTS + ("x",), 64.0), r"graph\.activations\['x'\]: 64\.0 is not a width"),
+    "activations width str": (_set(ACTS + ("x",), "64"), r"graph\.activations\['x'\]: '64' is not a width"),
+    "activations width bool": (_set(ACTS + ("x",), True), r"graph\.activations\['x'\]: True is not a width"),
+    "activations width zero": (_set(ACTS + ("x",), 0), r"graph\.activations\['x'\]: 0 is not a width"),
+    "activations width nil": (_set(ACTS + ("x",), None), r"graph\.activations\['x'\]: None is not a width"),
+    "activations width 2**63": (_set(ACTS + ("x",), 2**63), r"\['x'\]: 9223372036854775808 is not a width"),
+    "activations bytes key": (_set(ACTS + (b"x",), 64), r"graph\.activations: key b'x' is not a str"),
+    "activations over disagreeing widths": (
+        lambda index: index["graph"]["steps"][2]["ops"].append({"op": "add", "in": ["h", "logits"], "out": "y",
+                                                                 "w": [], "attrs": {}}),
+        r"graph\.steps\[2\] 'head' ops\[3\] \(add\): inputs 'h' and 'logits' widths: 64 != 16"),
+    "activations over a norm group mismatch": (_set(NORM + ("attrs", "group"), 32),
+                                               r"\(rms_norm\): weight 'output_norm\.weight' length vs group: 64 != 32"),
+    "activations over a graph input": (_set(ROPE + ("in",), ["positions"]),
+                                       "input 'positions' is a graph input .integers., not a float activation"),
 }
 
 
@@ -352,7 +375,7 @@ def test_bytes_after_the_last_pack(tmp_path):
         Archive(p)
 
 
-# ---- rules 23-25: pack bytes ----
+# ---- rules 24-26: pack bytes ----
 def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
 

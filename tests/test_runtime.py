@@ -45,16 +45,14 @@ def test_quarter_budget_same_tokens_and_peak_under_budget(small_archive):
             assert eng.tier.budget < model // 2
             assert _greedy(eng, ids, 24) == ref
             np.testing.assert_array_equal(eng.logits(ids), ref_logits)
-            st = eng.stats()
-            assert 0 < st["peak_device_bytes"] <= st["device_budget"]
-            assert eng.tier.evictions > 0
+            assert eng.tier.evictions > 0  # (real device memory under budget: tests/test_vk_memory.py)
 
 
 def test_graph_policy_streams_model_minus_budget_lru_streams_all(small_archive):
     per_token = {}
     for policy in ("graph", "lru"):
         probe = Engine(small_archive)
-        model, kv = probe.model_bytes, probe._kv_bytes(64) + probe._act_bytes(64, 64)
+        model, kv = probe.model_bytes, probe.session_bytes(64)
         probe.close()
         budget = model // 2 + kv
         with Engine(small_archive, vram_gb=budget / 2**30, policy=policy, prefetch_lookahead=0, context=64) as eng:
@@ -86,7 +84,14 @@ def test_corrupt_pack_named_during_generation(small_archive, tmp_path):
     data[victim.offset + 10] ^= 0xFF
     bad = tmp_path / "bad.vkpack"
     bad.write_bytes(bytes(data))
-    with Engine(bad, prefetch_lookahead=0) as eng, pytest.raises(VkpackError, match=f"pack {victim.id}"):
+    # resident (no budget): every pack is loaded, and checked, when the engine opens
+    with pytest.raises(VkpackError, match=f"pack {victim.id}"):
+        Engine(bad, prefetch_lookahead=0)
+    # streamed: the first pass that needs the pack names it
+    with Engine(small_archive) as probe:
+        budget = probe.min_bytes
+    with Engine(bad, vram_gb=budget / 2**30, prefetch_lookahead=0) as eng, \
+            pytest.raises(VkpackError, match=f"pack {victim.id}"):
         eng.generate("hello", max_tokens=2)
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from vkpack.runtime.batch import (
+from vkpack.runtime.server.batch import (
     Failed,
     Finished,
     GenRequest,
@@ -20,6 +20,7 @@ from vkpack.runtime.batch import (
     QueueFull,
     Scheduler,
 )
+from vkpack.runtime.generation import TokenStream
 from vkpack.runtime.sampler import SamplingParams
 from vkpack.runtime.tiers import BudgetError
 
@@ -46,6 +47,10 @@ class FakeSession:
         self.eng.live += 1
         return {}  # position -> token
 
+    @property
+    def reserved_bytes(self):
+        return sum(a.size for a in self.allocs)
+
     def __exit__(self, *exc):
         if self.allocs:
             self.eng.in_use -= self.allocs[0].size
@@ -58,8 +63,7 @@ class FakeEngine:
 
     def __init__(self, budget=10**9, fail_above=None, eos_at=None, context=4096):
         self.tier = SimpleNamespace(budget=budget)
-        self.backend = SimpleNamespace(pack_bytes=lambda i: 10)
-        self.archive = SimpleNamespace(packs=[SimpleNamespace(id=0), SimpleNamespace(id=1)])
+        self.weight_room_bytes = 20  # two packs of 10 bytes
         self.tokenizer = FakeTokenizer()
         self.eos_ids = {EOS}
         self.context = context
@@ -73,6 +77,9 @@ class FakeEngine:
 
     def kv_session(self, n):
         return FakeSession(self, n)
+
+    def token_stream(self, prompt_ids, params, max_tokens, stop=(), ignore_eos=False):
+        return TokenStream(self.tokenizer, prompt_ids, params, max_tokens, self.eos_ids, stop, ignore_eos)
 
     def forward_batch(self, seqs):
         if self.step_delay:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from vk_helpers import Arena
 from vkpack.pack_format.errors import VkpackError
 from vkpack.runtime import vk as gpu
 from vkpack.runtime.vk import _lib
@@ -95,7 +96,7 @@ def test_buffers_in_one_block(dev):
     for b in bufs:
         b.destroy()
     block.destroy()
-    arena = dev.arena(1 << 16)
+    arena = Arena(dev, 1 << 16)
     x, y = arena.alloc(10), arena.alloc(100)
     assert y.offset % a == 0 and y.offset >= x.offset + 10
     arena.destroy()
@@ -156,7 +157,7 @@ def test_no_leaks_create_destroy(dev):
         if i % 2 == 0:
             assert rec.gpu_time_s() >= 0.0
         rec.destroy()
-        arena = dev.arena(1 << 14)
+        arena = Arena(dev, 1 << 14)
         arena.alloc(100)
         arena.destroy()
         k.destroy()

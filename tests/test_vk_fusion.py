@@ -93,14 +93,14 @@ def test_no_fusion_when_the_norm_output_has_other_readers_or_groups():
 def test_row_parts_back_to_back_run_as_one_weight():
     from types import SimpleNamespace
 
-    from vkpack.runtime.vk.backend import _merged_parts
+    from vkpack.runtime.vk.graph_ops import merged_parts
     from vkpack.runtime.vk.ops import Weight
 
     buf, other = SimpleNamespace(size=1 << 20), SimpleNamespace(size=1 << 20)
     w = lambda b, off, rows: Weight(b, off, "F16", rows, 64)
     parts = [(0, 10, w(buf, 0, 10)), (10, 20, w(buf, 1280, 10)), (20, 25, w(buf, 4096, 5)),
              (25, 30, w(other, 4096 + 640, 5)), (30, 40, None), (40, 50, w(buf, 5376, 10))]
-    merged = _merged_parts(parts)
+    merged = merged_parts(parts)
     assert [(r0, m.offset, m.rows) for r0, m in merged] == [(0, 0, 20), (20, 4096, 5), (25, 4736, 5), (40, 5376, 10)]
 
 
@@ -130,7 +130,7 @@ def test_engine_decode_runs_rope_and_store_in_attention(tmp_path, arch):
     with cpu_and_vulkan(tmp_path, 7, arch) as (c, g, spec):
         ids = c.encode("rope and the store inside the attention")
         assert greedy(g, ids, 12) == greedy(c, ids, 12)
-        kernels = g.backend.last_fast[2]._keep
+        kernels = g.backend.last_replay()[1]
         assert not any(k.name.startswith(("rope", "kv_store")) for k in kernels)
         assert sum(k.name.startswith("attention_split") and k.spec[6] == 1 for k in kernels) == spec.layers
         a, b = ids, c.encode("another")
@@ -149,7 +149,7 @@ def test_engine_decode_without_the_attention_fusion_keeps_split_k(tmp_path):
         g.backend.ops.attn_fused_store = False
         ids = c.encode("the store outside the attention")
         assert greedy(g, ids, 8) == greedy(c, ids, 8)
-        names = [k.name for k in g.backend.last_fast[2]._keep]
+        names = [k.name for k in g.backend.last_replay()[1]]
         assert any(n.startswith("kv_store") for n in names) and any(n.startswith("rope") for n in names)
         assert sum(n.startswith("attention_split") for n in names) == spec.layers
         assert not any(n in ("attention_f32", "attention_f16") for n in names)
@@ -163,6 +163,6 @@ def test_engine_decode_with_per_fusion_matvec_configs(tmp_path):
         g.backend.ops.mv_config = {0: (sg, 1, 2), 1: (2 * sg, 8, 1), 2: (2 * sg, 4, 2)}
         ids = c.encode("per fusion matvec configurations")
         assert greedy(g, ids, 8) == greedy(c, ids, 8)
-        specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in g.backend.last_fast[2]._keep
+        specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in g.backend.last_replay()[1]
                  if k.name.startswith("matmul_")}
         assert {(0, sg, 1, 2), (1, 2 * sg, 8, 1), (2, 2 * sg, 4, 2)} <= specs, specs

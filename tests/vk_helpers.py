@@ -1,5 +1,6 @@
-"""Helpers the Vulkan tests share: random weights of every stored type, device buffers, float64
-references (RoPE, attention) and the error measures the tests state their tolerances in."""
+"""Helpers the Vulkan tests share: random weights of every stored type, device buffers (one block
+cut by a bump `Arena`), float64 references (RoPE, attention) and the error measures the tests state
+their tolerances in."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from vkpack.runtime import vk as gpu
 
 Q = gguf.GGMLQuantizationType
+GIB = 1 << 30
 # f16 fields (byte offsets in a block) that must hold sane scales when blocks are random bytes
 F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
 
@@ -29,6 +31,43 @@ def greedy(eng, ids: list[int], n: int) -> list[int]:
     """`n` greedy tokens after `ids` (end of sequence ignored)."""
     eng.generate(ids, max_tokens=n, temperature=0, ignore_eos=True)
     return list(eng.last_ids)
+
+
+class Arena:
+    """A bump allocator over one block: `alloc(n)` returns aligned Buffers; `destroy()` frees all."""
+
+    def __init__(self, dev, size: int, kind: str = "device"):
+        self.device, self.block = dev, dev.alloc_block(size, kind)
+        self.top, self.buffers = 0, []
+
+    def alloc(self, nbytes: int):
+        a = self.device.buffer_alignment
+        off = -(-self.top // a) * a
+        buf = self.device.buffer(self.block, off, nbytes)
+        self.top = off + nbytes
+        self.buffers.append(buf)
+        return buf
+
+    def destroy(self) -> None:
+        for b in self.buffers:
+            b.destroy()
+        self.buffers = []
+        self.block.destroy()
+
+
+def assert_device_peak_within(eng, vram_gb: float) -> int:
+    """Assert that the device-local bytes the engine's Vulkan device really allocated (every
+    vkAllocateMemory, not the tier's books) stayed within `vram_gb` at their peak; returns the peak.
+    Where the driver reports heap usage (VK_EXT_memory_budget), its growth is printed beside it."""
+    dev, budget = eng.backend.dev, int(vram_gb * GIB)
+    peak = dev.peak_allocated_bytes(device_local=True)
+    heap = dev.peak_heap_usage()
+    if heap is not None:
+        print(f"driver heap usage: peak {heap - dev.heap_usage_at_open} bytes over its value at open; "
+              f"allocated {peak}; budget {budget}")
+    assert peak <= budget, (f"device-local memory peaked at {peak} bytes, {peak - budget} over --vram-gb "
+                            f"{vram_gb:g} ({budget} bytes); the tier's blocks are {eng.tier.budget} bytes")
+    return peak
 
 
 def to_dev(dev, arr, kind="device"):

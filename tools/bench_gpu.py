@@ -34,7 +34,7 @@ import make_synthetic as ms
 from vkpack.compiler.build import build
 from vkpack.runtime import vk
 from vkpack.runtime.engine import Engine
-from vkpack.runtime.vk.bench import gpu_best, measure_upload
+from vk_bench import gpu_best, measure_upload
 
 SHAPES = {  # name -> Spec (all with SmolLM2's 49,152-token vocabulary)
     "smol": ms.Spec(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152, tied=True),
@@ -252,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="sys.setswitchinterval for the run (0: Python's default, 5 ms)")
     ap.add_argument("--profile-host", action="store_true", help="print a cProfile of the decode loop")
-    ap.add_argument("--reload-from", default="", choices=("", "file", "mmap"),
-                    help="where verified raw packs are reloaded from (default: the backend's)")
     ap.add_argument("--evict-batch-mb", type=float, default=-1.0, help="eviction batch in MiB (-1: the engine's)")
     ap.add_argument("--skip-limits", action="store_true", help="do not measure the limits (for sweeps)")
     ap.add_argument("--resident", default="yes", choices=("yes", "no"), help="also run resident")
@@ -271,10 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.setswitchinterval(args.switch_interval)
     from vkpack.runtime.vk.backend import VulkanBackend
 
-    if args.reload_from:
-        VulkanBackend.reload_from = args.reload_from
     if args.workers:
-        VulkanBackend.prefetch_workers = args.workers
+        VulkanBackend.load_workers = args.workers
     res["limits"] = limits(args.quick) if not args.skip_limits else {
         "device": "(limits not measured)", "type": "", "read_gbps": float("nan"), "h2d_gbps": float("nan"),
         "pack_upload_gbps": float("nan")}

@@ -154,7 +154,7 @@ def child_vk(cfg: dict[str, Any]) -> dict[str, Any]:
     n_ctx = max([*cfg["prompts"], cfg["decode_prompt"]]) + n_dec + 1
     probe = Engine(cfg["archive"], device="cpu", context=n_ctx)
     model_bytes = probe.model_bytes
-    reserve = _session_bytes(probe, n_ctx)
+    reserve = probe.session_bytes(n_ctx)
     layers = probe.archive.graph["kv_cache"]["n_layers"]
     probe.close()
     frac = cfg["frac"]
@@ -166,10 +166,9 @@ def child_vk(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     eng = Engine(cfg["archive"], vram_gb=vram, ram_gb=cfg.get("ram_gb"), device="cpu",
                  prefetch_lookahead=cfg["lookahead"], policy=cfg["policy"], context=n_ctx)
-    if cfg.get("threads") and hasattr(eng.backend, "set_threads"):
+    if cfg.get("threads"):
         eng.backend.set_threads(*cfg["threads"])
-    res: dict[str, Any] = {"threads": [getattr(eng.backend, "threads_few_rows", None),
-                                       getattr(eng.backend, "threads_many_rows", None)],
+    res: dict[str, Any] = {"threads": [eng.backend.threads_few_rows, eng.backend.threads_many_rows],
                            "model_bytes": model_bytes, "reserve": reserve, "weight_room": weight_room,
                            "budget": eng.tier.budget, "archive_bytes": Path(cfg["archive"]).stat().st_size}
     timers = _instrument(eng) if cfg.get("profile") else None
@@ -225,17 +224,10 @@ def child_vk(cfg: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _session_bytes(eng: Any, n_ctx: int) -> int:
-    """Device bytes one kv_session(n_ctx) reserves (KV cache and activation room)."""
-    if hasattr(eng, "session_bytes"):
-        return eng.session_bytes(n_ctx)
-    return eng._kv_bytes(n_ctx) + eng._act_bytes(n_ctx, n_ctx)  # engines before session_bytes
-
-
 def _instrument(eng: Any) -> dict[str, list[float]]:
-    """Wrap the backend's op dispatch and the loader's acquire with timers: {kind: [calls, seconds]}."""
+    """Wrap the numpy backend's op dispatch and the loader's acquire with timers: {kind: [calls, seconds]}."""
     timers: dict[str, list[float]] = {}
-    run, acquire = eng.backend.run, eng.loader.acquire
+    run, acquire = eng.backend.run_op, eng.loader.acquire
 
     def timed_run(op: dict[str, Any], env: dict[str, Any], weights: Any) -> None:
         t = time.perf_counter()
@@ -252,7 +244,7 @@ def _instrument(eng: Any) -> dict[str, list[float]]:
         c[1] += time.perf_counter() - t
         return e
 
-    eng.backend.run = timed_run
+    eng.backend.run_op = timed_run
     eng.loader.acquire = timed_acquire
     return timers
 
@@ -301,7 +293,7 @@ def child_threads(cfg: dict[str, Any]) -> dict[str, Any]:
     probe = Engine(cfg["archive"], device="cpu", context=n_ctx)
     vram = None
     if cfg["frac"] is not None:
-        vram = (cfg["frac"] * probe.model_bytes + _session_bytes(probe, n_ctx) + (1 << 20)) / GIB
+        vram = (cfg["frac"] * probe.model_bytes + probe.session_bytes(n_ctx) + (1 << 20)) / GIB
     probe.close()
     eng = Engine(cfg["archive"], vram_gb=vram, device="cpu", context=n_ctx)
     res: dict[str, Any] = {"load_start": loadavg(),
@@ -755,7 +747,7 @@ Notes (conclusions when this tool was written, 2026-11-26, on this VM; the table
   Everything else (attention, norms, rope, SwiGLU, the engine's ~280 pack acquires at ~2 µs) is 3-13 %. The gap to
   llama.cpp is bytes, not speed: per token numpy reads 4 bytes per weight (538 MB for SmolLM2) where llama.cpp
   reads Q4_1 (98 MB) or F16 (1 GB for the synthetic model, half of numpy's 2.1 GB, and there the ratio is ~0.5,
-  i.e. the same bandwidth). No numpy path reads 16-bit or quantized weights at comparable speed (VULKAN_NOTES).
+  i.e. the same bandwidth). No numpy path reads 16-bit or quantized weights at comparable speed (docs/VULKAN.md §13).
 - **BLAS threads.** The one change that matters on this VM. A BLAS (or ggml) call split over both cores waits for
   its slowest thread; with any other runnable thread (the prefetcher, another job) each call waits out a scheduler
   slice. Measured per pass on one engine: SmolLM2 decode 67 vs 187 ms/token and prefill 231 vs 30 tok/s (1 vs 2

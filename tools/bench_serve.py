@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
 from bench_docs import DOCS, cpu_and_memory, write_section
-from vkpack.runtime.default_model import cache_root, default_archive
+from vkpack.runtime.cli.default_model import cache_root, default_archive
 from vkpack.runtime.engine import Engine
 
 PROMPT = "Client {i} asks: why does streaming the weights of a model through a small memory budget work at all?"

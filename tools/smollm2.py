@@ -5,7 +5,7 @@ Usage: `python tools/smollm2.py` prints the cached path, downloading it on first
 
 from __future__ import annotations
 
-from vkpack.runtime.default_model import ModelUnavailable, cache_root, default_archive, smollm2_gguf
+from vkpack.runtime.cli.default_model import ModelUnavailable, cache_root, default_archive, smollm2_gguf
 
 __all__ = ["ModelUnavailable", "cache_root", "default_archive", "smollm2_gguf"]
 

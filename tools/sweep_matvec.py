@@ -22,8 +22,8 @@ import argparse
 import itertools
 import sys
 
+from vk_bench import gpu_best  # tools/ is on the path when this file runs as a script
 from vkpack.runtime.vk import Device, Ops, Recorder, Weight
-from vkpack.runtime.vk.bench import gpu_best
 from vkpack.runtime.vk.errors import VulkanError
 from vkpack.runtime.vk.ops import WEIGHT_FORMATS
 

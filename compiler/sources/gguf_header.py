@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ...pack_format.constants import GGML_TYPE_IDS
 from ...pack_format.errors import SourceError
 
 MAGIC = b"GGUF"
@@ -25,9 +26,7 @@ _SCALARS = {0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2
             12: ("<d", "<f8")}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 # ggml type ids (ggml.h) -> vkpack dtype names
-GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
-              11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 20: "IQ4_NL", 23: "IQ4_XS", 24: "I8",
-              25: "I16", 26: "I32", 27: "I64", 28: "F64", 30: "BF16"}
+GGML_TYPES = {tid: name for name, tid in GGML_TYPE_IDS.items()}
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-
+"""The numpy backend: the numeric reference for every other backend."""

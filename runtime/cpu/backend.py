@@ -1,7 +1,7 @@
 """The numpy backend: packs become float32 arrays inside the budgeted device tier.
 
 Weights are converted once when their pack enters the tier (numpy is fast only on f32:
-VULKAN_NOTES "The CPU side"), so the tier holds 4 bytes per weight whatever the stored type.
+docs/VULKAN.md §13), so the tier holds 4 bytes per weight whatever the stored type.
 
 BLAS threads: a BLAS call split over every core waits for its slowest thread, so whenever anything
 else holds a core (the prefetch worker converting packs, another process) every call waits out a
@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import math
 import os
-import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...pack_format.constants import align_up
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
+from ..backend import PassInputs, Placement
+from ..graph import OpWeights, WeightAccess, run_ops, seq_row_activations
 from . import ops
 from .dequant import dequantize
+
+if TYPE_CHECKING:
+    from ...pack_format.reader import Archive
+    from ..prefetch import PackSource
 
 ALIGN = 256
 
@@ -38,6 +44,9 @@ class HostBacking:
     def view(self, a: Allocation) -> np.ndarray:
         return self.blocks[a.block][a.offset:a.offset + a.requested]
 
+    def close(self) -> None:
+        self.blocks = []
+
 
 def _part_shape(t: TensorRecord, p: TensorPart) -> tuple[int, ...]:
     if len(t.shape) == 1:
@@ -45,11 +54,6 @@ def _part_shape(t: TensorRecord, p: TensorPart) -> tuple[int, ...]:
     return (p.row_end - p.row_start, t.shape[-1])
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-PREFETCH_THREAD = "vkpack-prefetch"  # runtime/prefetch.py's thread_name_prefix
 FEW_ROWS = 8  # below this many rows a product reads its weights once for little arithmetic
 
 
@@ -94,19 +98,33 @@ def _blas() -> _BlasThreads:
 
 
 class CpuBackend:
+    """The numpy backend (runtime/backend.py's contract): f32 weights in host memory, op by op."""
+
     name = "cpu"
     max_block = 1 << 30
-    backing_factory = HostBacking
+    load_workers = 1
+    reserved_bytes = 0
 
-    def __init__(self, archive: Any):
+    def __init__(self, archive: Archive, threads: int | None = None):
         self.blas = _blas()
-        self.set_threads(None, None)
+        self.set_threads(threads, threads)
         self.archive = archive
+        self.steps = archive.graph["steps"]
         self.slices: dict[int, list[tuple[TensorRecord, TensorPart]]] = {}
         for t in archive.tensors.values():
             for p in t.parts:
                 self.slices.setdefault(p.pack, []).append((t, p))
-        self._bytes = {pid: sum(_align(4 * math.prod(_part_shape(t, p))) for t, p in sl) for pid, sl in self.slices.items()}
+        self._bytes = {pid: sum(align_up(4 * math.prod(_part_shape(t, p)), ALIGN) for t, p in sl)
+                       for pid, sl in self.slices.items()}
+        widths = archive.activation_widths
+        per_seq = seq_row_activations(self.steps)
+        self._token_width = sum(w for n, w in widths.items() if n not in per_seq)
+        self._seq_width = sum(w for n, w in widths.items() if n in per_seq)
+        self._max_heads = max((op["attrs"]["n_heads"] for s in self.steps for op in s["ops"]
+                               if op["op"] == "attention"), default=0)
+        self.backing: HostBacking | None = None
+        self._seqs: list[tuple[int, int, int, Any]] = []
+        self._rope: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def set_threads(self, few_rows: int | None, many_rows: int | None) -> None:
         """BLAS threads for products of fewer than FEW_ROWS rows (decode) and of more (prefill);
@@ -114,35 +132,68 @@ class CpuBackend:
         self.threads_few_rows = few_rows or self.blas.default
         self.threads_many_rows = many_rows or self.blas.default
 
+    # ---- memory ----
+    def make_backing(self, block_sizes: list[int]) -> HostBacking:
+        self.backing = HostBacking(block_sizes)
+        return self.backing
+
     def pack_bytes(self, pack: int) -> int:
         """Bytes a pack takes in the tier (float32 form)."""
         return self._bytes.get(pack, ALIGN)
 
-    def convert(self, pack: int, raw: bytes | memoryview, dest: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
-        """Dequantize every tensor slice of a decoded pack into `dest`; returns (name, row_start) -> array."""
+    def activation_bytes(self, tokens: int, n_ctx: int) -> int:
+        """Every activation of a pass over `tokens` tokens (the graph's widths), one layer's attention
+        scores, and the last rows twice (numpy allocates each op's output anew)."""
+        return 4 * (tokens * self._token_width + self._max_heads * tokens * n_ctx + 2 * self._seq_width)
+
+    def session_activation_bytes(self, tokens: int, n_ctx: int) -> int:
+        return self.activation_bytes(tokens, n_ctx)  # each session's passes allocate their own arrays
+
+    def kv_rows(self, n_ctx: int) -> int:
+        return n_ctx
+
+    def attach(self, tier: Any, placement: Placement) -> int | None:
+        return placement.ram_budget  # decoded packs are worth keeping: converting them is the slow part
+
+    def host_bytes(self) -> int:
+        return 0
+
+    def load(self, pack: int, source: PackSource, dest: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+        """Dequantize every tensor slice of the pack into `dest`; returns (name, row_start) -> array."""
         out = {}
         off = 0
-        mv = memoryview(raw)
-        # ahead of time (the prefetcher's thread) the model computes beside us: one core, not all;
-        # on demand the executor waits for this pack, so every core helps
-        threads = 1 if threading.current_thread().name.startswith(PREFETCH_THREAD) else None
+        mv = memoryview(source.decoded())
+        # ahead of time (a prefetch) the model computes beside us: one core, not all; on demand the
+        # executor waits for this pack, so every core helps
+        threads = 1 if source.background else None
         for t, p in self.slices.get(pack, []):
             shape = _part_shape(t, p)
             n = math.prod(shape)
             arr = dest[off:off + 4 * n].view(np.float32).reshape(shape)
             dequantize(t.dtype, mv[p.offset:p.offset + p.nbytes], shape, out=arr, threads=threads)
             out[(t.name, p.row_start)] = arr
-            off += _align(4 * n)
+            off += align_up(4 * n, ALIGN)
         return out
 
-    # ---- KV cache ----
     def kv_view(self, mem: np.ndarray, n_ctx: int, width: int) -> np.ndarray:
         return mem[:n_ctx * width * 4].view(np.float32).reshape(n_ctx, width)
 
-    # ---- ops (each gets the op dict, the activation env and the weight accessor) ----
-    def run(self, op: dict[str, Any], env: dict[str, Any], weights: Any) -> None:
+    def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+
+    # ---- one pass ----
+    def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
+        acts: dict[str, Any] = {"tokens": inputs.tokens, "positions": inputs.positions}
+        self._seqs = inputs.seqs
+        self._rope = {}  # rope tables of this pass's positions, once for every layer
+        run_ops(self.steps, acts, weights, self.run_op)
+        return acts[inputs.output]
+
+    def run_op(self, op: dict[str, Any], env: dict[str, Any], weights: OpWeights) -> None:
         getattr(self, "op_" + op["op"])(op, env, weights)
 
+    # ---- ops (each gets the op dict, the pass's activations by name, and the op's weights) ----
     def op_embed(self, op, env, weights) -> None:
         tokens = env["tokens"]
         name = op["w"][0]
@@ -151,13 +202,13 @@ class CpuBackend:
         for part_idx, p in enumerate(t.parts):
             mask = (tokens >= p.row_start) & (tokens < p.row_end)
             if mask.any():
-                with weights.part(op, name, part_idx) as arr:
+                with weights.part(name, part_idx) as arr:
                     x[mask] = arr[tokens[mask] - p.row_start]
         env[op["out"]] = x
 
     def op_rms_norm(self, op, env, weights) -> None:
         a = op["attrs"]
-        with weights.part(op, op["w"][0], 0) as w:
+        with weights.part(op["w"][0], 0) as w:
             env[op["out"]] = ops.rms_norm(env[op["in"][0]], w, a["eps"], a.get("group"))
 
     def op_linear(self, op, env, weights) -> None:
@@ -167,17 +218,17 @@ class CpuBackend:
         self.blas.use(self.threads_few_rows if x.shape[0] < FEW_ROWS else self.threads_many_rows)
         y = np.empty((x.shape[0], t.shape[0]), dtype=np.float32)
         for part_idx, p in enumerate(t.parts):
-            with weights.part(op, name, part_idx) as w:
+            with weights.part(name, part_idx) as w:
                 np.matmul(x, w.T, out=y[:, p.row_start:p.row_end])
         if len(op["w"]) > 1:
-            with weights.part(op, op["w"][1], 0) as b:
+            with weights.part(op["w"][1], 0) as b:
                 y += b
         env[op["out"]] = y
 
     def op_rope(self, op, env, weights) -> None:
         a = op["attrs"]
         key = ("rope", a["rope_dim"], a["theta"], id(a.get("freq_factors")))
-        cache = env.setdefault("_rope", {})
+        cache = self._rope
         if key not in cache:  # once per forward pass: every layer rotates by the same angles
             cos, sin = ops.rope_tables(env["positions"], a["rope_dim"], a["theta"], a.get("freq_factors"))
             cache[key] = cos, sin, ops.rope_rotation(cos, sin)
@@ -187,7 +238,7 @@ class CpuBackend:
     def op_attention(self, op, env, weights) -> None:
         a = op["attrs"]
         q, k, v = (env[n] for n in op["in"])
-        seqs = env["seqs"]
+        seqs = self._seqs
         out = np.empty_like(q) if len(seqs) > 1 else None
         for r0, r1, pos0, kv in seqs:
             kc, vc = kv[a["layer"]]
@@ -213,4 +264,4 @@ class CpuBackend:
 
     def op_last_token(self, op, env, weights) -> None:
         x = env[op["in"][0]]
-        env[op["out"]] = x[[r1 - 1 for _, r1, _, _ in env["seqs"]]]
+        env[op["out"]] = x[[r1 - 1 for _, r1, _, _ in self._seqs]]

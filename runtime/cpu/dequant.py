@@ -1,9 +1,9 @@
 """Weights as stored (F32/F16/BF16 and GGML blocks) -> float32, vectorized numpy.
 
 Why: the numpy backend converts each tensor once when its pack enters the tier (numpy is fast
-only on f32, VULKAN_NOTES "The CPU side, measured"), so this is on the load path and must be
-exact and quick. Results are bit-equal to gguf-py's `gguf.quants.dequantize`: every float op
-is the same IEEE op on the same operands in the same order (tests/test_dequant.py checks bits).
+only on f32, docs/VULKAN.md §13), so this is on the load path and must be exact and quick.
+Results are bit-equal to gguf-py's `gguf.quants.dequantize`: every float op is the same IEEE op
+on the same operands in the same order (tests/test_dequant.py checks bits).
 
 Why it looks the way it does: a numpy ufunc costs ~5-10 ns per inner-loop call, which dwarfs the
 work on a 16- or 32-byte run, while a strided np.copyto (also a cast) costs ~1 ns per run. So bit

@@ -14,6 +14,7 @@ Importing it never fails; call `available()` first and fall back to the CPU back
     rec = gpu.Recorder(dev)                           # record a step once ...
     ops.linear(rec, w, x, y, T)                       # ... (ops.embed/rms_norm/rope/kv_store/attention/...)
     rec.finish(); rec.run(); rec.run()                # ... replay it per token
+    dev.peak_allocated_bytes()                        # device-local bytes really allocated, at most
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from ._lib import available, handle_counts
 from .device import Device, DeviceInfo
 from .errors import DeviceOutOfMemory, VulkanError, VulkanUnavailable
 from .kernels import BufferSlice, Kernel, dispatch_once, get_kernel
-from .memory import Arena, Buffer, MemoryBlock
+from .memory import Buffer, MemoryBlock
 from .ops import WEIGHT_FORMATS, Ops, Weight
 from .recorder import Recorder, submit_all
 
 __all__ = [
-    "WEIGHT_FORMATS", "Arena", "Buffer", "BufferSlice", "Device", "DeviceInfo", "DeviceOutOfMemory", "Kernel",
+    "WEIGHT_FORMATS", "Buffer", "BufferSlice", "Device", "DeviceInfo", "DeviceOutOfMemory", "Kernel",
     "MemoryBlock", "Ops", "Recorder", "VulkanError", "VulkanUnavailable", "Weight", "available",
     "dispatch_once", "get_kernel", "handle_counts", "submit_all",
 ]

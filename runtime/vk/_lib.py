@@ -4,7 +4,7 @@ Why a wrapper: the `vulkan` package raises a Python exception for every non-SUCC
 (even VK_TIMEOUT / VK_NOT_READY), and its exceptions carry no context. `call()` turns them into
 `VulkanError` naming the function and the context, and returns the `TIMEOUT` / `NOT_READY`
 sentinels for the two "not yet" results. Hot paths (recording, submitting) use the raw cffi
-`lib.*` functions through `check()`, which is 3-4x cheaper than the wrappers (VULKAN_NOTES 8).
+`lib.*` functions through `check()`, which is 3-4x cheaper than the wrappers (docs/VULKAN.md §5).
 
 Importing this module never fails: when the loader or the package is missing, `vk`, `ffi` and
 `lib` are None and `available()` says why.
@@ -42,8 +42,8 @@ class _Sentinel:
 TIMEOUT = _Sentinel("TIMEOUT")
 NOT_READY = _Sentinel("NOT_READY")
 
-UINT64_MAX = 0xFFFFFFFFFFFFFFFF  # VK_WHOLE_SIZE is -1 in the package (VULKAN_NOTES 3)
-API_1_2 = (1 << 22) | (2 << 12)  # VK_MAKE_VERSION(1, 2, 0); no VK_API_VERSION_1_2 (VULKAN_NOTES 7)
+UINT64_MAX = 0xFFFFFFFFFFFFFFFF  # VK_WHOLE_SIZE is -1 in the package (docs/VULKAN.md §4)
+API_1_2 = (1 << 22) | (2 << 12)  # VK_MAKE_VERSION(1, 2, 0); no VK_API_VERSION_1_2 (docs/VULKAN.md §4)
 API_1_3 = (1 << 22) | (3 << 12)
 
 # Result codes the package maps wrongly (positive keys) or not at all, for raw-call checking.

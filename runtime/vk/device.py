@@ -97,7 +97,7 @@ def _coopmat_shapes(vk: Any, instance: Any, pd: Any) -> tuple[tuple[int, ...], .
 
 
 def _read_info(vk: Any, index: int, pd: Any, instance: Any = None) -> DeviceInfo:
-    # Values are copied into Python ints right away: nested views die with their owner (NOTES 1).
+    # Values are copied into Python ints right away: nested views die with their owner (docs/VULKAN.md §2).
     p11 = vk.VkPhysicalDeviceVulkan11Properties()
     p2 = vk.VkPhysicalDeviceProperties2(pNext=p11)
     vk.vkGetPhysicalDeviceProperties2(pd, p2)
@@ -246,7 +246,7 @@ class Device(MemoryMixin):
         self.features["cooperativeMatrix"] = bool(
             fcm is not None and fcm.cooperativeMatrix and f12.vulkanMemoryModel and f12.shaderFloat16)
         self.features["vulkanMemoryModel"] = self.features["cooperativeMatrix"]
-        # Enable exactly what we use; keep every chained struct bound until vkCreateDevice returns (NOTES 2, 11).
+        # Enable exactly what we use; keep every chained struct bound until vkCreateDevice returns (docs/VULKAN.md §3).
         ecm = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV(cooperativeMatrix=True) \
             if self.features["cooperativeMatrix"] else None
         e11 = vk.VkPhysicalDeviceVulkan11Features(pNext=ecm, storageBuffer16BitAccess=True)
@@ -327,7 +327,8 @@ class Device(MemoryMixin):
         return bool(self.features.get("cooperativeMatrix")) and COOPMAT_F16_16 in self.info.coopmat_shapes
 
     def memory_budget(self) -> list[tuple[int, int, int]] | None:
-        """[(heap index, budget bytes, usage bytes)] from VK_EXT_memory_budget, or None without it."""
+        """[(heap index, budget bytes, usage bytes)] from VK_EXT_memory_budget, or None without it
+        (`heap_usage` samples it after each allocation)."""
         if not self.info.has_memory_budget:
             return None
         vk = _lib.vk

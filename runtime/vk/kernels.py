@@ -83,7 +83,7 @@ class Kernel:
             try:
                 entries, data = _pack_spec(self.spec)
                 data_buf = ffi.new("char[]", data) if data else None
-                # inner structs bound to names until the create call returns (VULKAN_NOTES 2)
+                # inner structs bound to names until the create call returns (docs/VULKAN.md §3)
                 spec_info = vk.VkSpecializationInfo(pMapEntries=entries, dataSize=len(data), pData=data_buf) \
                     if entries else None
                 stage = vk.VkPipelineShaderStageCreateInfo(stage=stage_bit, module=module, pName="main",

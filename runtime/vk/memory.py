@@ -2,7 +2,12 @@
 
 The engine's allocator (`vkpack.runtime.alloc.SubAllocator`) hands out (offset, size) ranges of
 large `MemoryBlock`s; `Device.buffer(block, offset, size)` makes a `Buffer` over such a range.
-`Arena` is a tiny bump allocator for tests and scratch activations.
+
+Every vkAllocateMemory and vkFreeMemory is counted, split by whether the memory type is
+DEVICE_LOCAL (what `--vram-gb` bounds) or not: `Device.allocated_bytes()` and
+`Device.peak_allocated_bytes()` measure what the engine really holds, whatever its allocator's
+books say. Where the driver has VK_EXT_memory_budget, the heap usage it reports is sampled after
+each allocation too (`Device.peak_heap_usage()`).
 
 Copies are synchronous: `upload`/`upload_file`/`download` return when the bytes have arrived.
 Host-visible coherent memory of an integrated or CPU device (lavapipe) is written in place; VRAM
@@ -40,6 +45,7 @@ class MemoryBlock:
         self._mem = call(vk.vkAllocateMemory, dev._dev, ai, None,
                          context=f"allocating {size} bytes of {kind} memory (type {type_index})")
         track("memory")
+        dev._count_memory(self.device_local, size)
         self.ptr = None
         if self.host_visible:
             pp = ffi.new("void**")
@@ -54,6 +60,7 @@ class MemoryBlock:
     def _free_mem(self) -> None:
         _lib.vk.vkFreeMemory(self.device._dev, self._mem, None)
         track("memory", -1)
+        self.device._count_memory(self.device_local, -self.size)
         self._mem = None
 
     def view(self, offset: int = 0, size: int | None = None) -> memoryview:
@@ -130,28 +137,6 @@ class Buffer:
         return f"Buffer({self.size} B at {self.offset} of {self.block!r})"
 
 
-class Arena:
-    """A bump allocator over one block: `alloc(n)` returns aligned Buffers; `destroy()` frees all."""
-
-    def __init__(self, dev: Any, size: int, kind: str = "device"):
-        self.device, self.block = dev, dev.alloc_block(size, kind)
-        self.top, self.buffers = 0, []
-
-    def alloc(self, nbytes: int) -> Buffer:
-        a = self.device.buffer_alignment
-        off = -(-self.top // a) * a
-        buf = self.device.buffer(self.block, off, nbytes)
-        self.top = off + nbytes
-        self.buffers.append(buf)
-        return buf
-
-    def destroy(self) -> None:
-        for b in self.buffers:
-            b.destroy()
-        self.buffers = []
-        self.block.destroy()
-
-
 class MemoryMixin:
     """Memory half of `Device` (kept apart to keep files small)."""
 
@@ -170,6 +155,11 @@ class MemoryMixin:
         self._staging_lock = threading.Lock()
         self._copy_pool: tuple[int, ThreadPoolExecutor] | None = None
         self.memory_type = {k: self._pick_type(k) for k in KINDS}
+        self._mem_lock = threading.Lock()
+        self._mem_live = {True: 0, False: 0}    # bytes of live VkDeviceMemory, by DEVICE_LOCAL
+        self._mem_peak = {True: 0, False: 0}
+        self.heap_usage_at_open = self.heap_usage()   # other devices and driver objects of this process
+        self._heap_peak = self.heap_usage_at_open
         self.direct_copies = True   # write host-visible memory in place; False forces staging (tests)
         self.copy_threads = staging.default_copy_threads()   # threads one big copy may use
 
@@ -184,8 +174,9 @@ class MemoryMixin:
 
     def _pick_type(self, kind: str) -> int:
         """device: on a discrete GPU, VRAM the host cannot map (a ReBAR mapping is write-combined
-        across PCIe: ~11 GB/s from one thread, vs ~50 GB/s for DMA); elsewhere host-visible memory
-        if there is some, written in place. upload/readback: system memory, cached where offered."""
+        across PCIe: ~11 GB/s from one thread, vs ~50 GB/s for DMA, docs/VULKAN.md §10); elsewhere
+        host-visible memory if there is some, written in place. upload/readback: system memory,
+        cached where offered."""
         info = self.info
         main = info.main_heap.index
         types = [t for t in info.memory_types if (self._buffer_type_bits >> t.index) & 1]
@@ -204,6 +195,48 @@ class MemoryMixin:
         if not cands:
             raise VulkanError(f"{info.name}: no memory type for {kind} buffers")
         return min(cands, key=key).index
+
+    # ---- accounting ----
+
+    def _count_memory(self, device_local: bool, nbytes: int) -> None:
+        """Called by `MemoryBlock` right after each vkAllocateMemory (+size) and vkFreeMemory (-size)."""
+        with self._mem_lock:
+            live = self._mem_live[device_local] = self._mem_live[device_local] + nbytes
+            self._mem_peak[device_local] = max(self._mem_peak[device_local], live)
+        if nbytes > 0 and self._heap_peak is not None:   # usage only falls on a free: sample after allocations
+            usage = self.heap_usage()
+            with self._mem_lock:
+                self._heap_peak = max(self._heap_peak, usage or 0)
+
+    def allocated_bytes(self, device_local: bool = True) -> int:
+        """Bytes of VkDeviceMemory this device holds now, of DEVICE_LOCAL memory types (the memory
+        `--vram-gb` bounds; on unified memory such as lavapipe's, all of it) or of the other types
+        (system memory: staging slots, pinned packs).
+
+        Example: `dev.alloc_block(1 << 20)` raises `dev.allocated_bytes()` by 1 MiB on any device."""
+        with self._mem_lock:
+            return self._mem_live[device_local]
+
+    def peak_allocated_bytes(self, device_local: bool = True) -> int:
+        """The most `allocated_bytes(device_local)` has been since the device was opened."""
+        with self._mem_lock:
+            return self._mem_peak[device_local]
+
+    def heap_usage(self) -> int | None:
+        """Bytes in use on the main (VRAM) heap as the driver reports them (VK_EXT_memory_budget), or
+        None without the extension. The driver counts this whole process: other open devices and its
+        own objects (pipelines, command buffers) too, so compare against `heap_usage_at_open`."""
+        budget = self.memory_budget()
+        if budget is None:
+            return None
+        main = self.info.main_heap.index
+        return next(usage for heap, _, usage in budget if heap == main)
+
+    def peak_heap_usage(self) -> int | None:
+        """The highest `heap_usage()` seen right after any allocation of this device (None without
+        VK_EXT_memory_budget)."""
+        with self._mem_lock:
+            return self._heap_peak
 
     # ---- allocation ----
 
@@ -228,9 +261,6 @@ class MemoryMixin:
         except BaseException:
             block.destroy()
             raise
-
-    def arena(self, size: int, kind: str = "device") -> Arena:
-        return Arena(self, size, kind)
 
     # ---- staging ----
 

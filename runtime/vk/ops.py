@@ -15,19 +15,23 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from vkpack.shaders.variants import COOP_TYPES
+from vkpack.pack_format.constants import DTYPES
+from vkpack.shaders.variants import COOP_TYPES, WEIGHT_TYPES
 
 from .errors import VulkanError
 from .kernels import BufferSlice, Kernel, as_slice, get_kernel
 from .memory import Buffer
 from .recorder import Recorder
 
-# dtype -> (elements per block, bytes per block, elements per shader unit, unit window "SPAN");
-# must match common/dequant.glsl
-WEIGHT_FORMATS = {
-    "F32": (1, 4, 4, 4), "F16": (1, 2, 8, 8), "BF16": (1, 2, 8, 8), "Q8_0": (32, 34, 8, 8),
-    "Q4_0": (32, 18, 8, 32), "Q4_1": (32, 20, 8, 32), "Q4_K": (256, 144, 16, 64), "Q6_K": (256, 210, 16, 16),
+# dtype -> (elements per shader unit, unit window "SPAN"); must match common/dequant.glsl
+_SHADER_UNITS = {
+    "F32": (4, 4), "F16": (8, 8), "BF16": (8, 8), "Q8_0": (8, 8),
+    "Q4_0": (8, 32), "Q4_1": (8, 32), "Q4_K": (16, 64), "Q6_K": (16, 16),
 }
+assert _SHADER_UNITS.keys() == WEIGHT_TYPES.keys(), "a weight format needs both a WTYPE and its shader units"
+# dtype -> (elements per block, bytes per block, elements per shader unit, unit window "SPAN");
+# the block sizes are the format's (pack_format.constants.DTYPES)
+WEIGHT_FORMATS = {name: (*DTYPES[name], *unit) for name, unit in _SHADER_UNITS.items()}
 
 
 SPLIT_COUNTER_BYTES = 4 << 20  # split-K attention counters: 4096 token rows x 256 head groups
@@ -110,7 +114,7 @@ class Ops:
         self.cpu = info.type == "cpu"
         self.suffix = "" if info.subgroup_arithmetic else "_nosg"
         sg = max(1, info.subgroup_size)
-        # lavapipe: one subgroup per workgroup, no barriers, is fastest (VULKAN_NOTES); GPUs: 128-256.
+        # lavapipe: one subgroup per workgroup, no barriers, is fastest (docs/VULKAN.md §9); GPUs: 128-256.
         self.mm_wg = sg if self.cpu else 128
         # Matmul defaults measured on an H200 (8192x8192 F16, T = 1..512) and on lavapipe.
         self.mm_rows = 4 if self.cpu else 2     # rows per workgroup (each x load serves all of them)

@@ -1,6 +1,6 @@
 """The `Recorder`: many dispatches in ONE command buffer, submitted again and again.
 
-The speed rule (VULKAN_NOTES 8-9): a token must cost a handful of queue submissions, not one Python
+The speed rule (docs/VULKAN.md §5-6): a token must cost a handful of queue submissions, not one Python
 call per kernel. A `Recorder` records dispatches (with a barrier inserted only where a dispatch
 touches bytes an earlier one wrote or read) into one command buffer; `submit()` can then be called
 again and again without re-recording. Values that change per token (positions, token ids) live in
@@ -343,6 +343,11 @@ class Recorder:
         _lib.lib.vkCmdFillBuffer(self._cmd, d.buffer._buf, d.offset, d.size, value & 0xFFFFFFFF)
         self.n_dispatches += 1
         self._mark(f"fill({d.size})")
+
+    @property
+    def kernels(self) -> list[Any]:
+        """The kernels this recording dispatches, in order (for tests and profiles)."""
+        return [k for k in self._keep if isinstance(k, Kernel)]
 
     def finish(self) -> Recorder:
         """End recording; the command buffer can now be submitted any number of times."""

@@ -73,7 +73,7 @@ class Transfer:
             context="allocating a transfer command buffer")[0]
         self.fence = call(vk.vkCreateFence, dev._dev, vk.VkFenceCreateInfo(), None, context="creating a fence")
         track("fence")
-        # raw-call structs built once (VULKAN_NOTES 8)
+        # raw-call structs built once (docs/VULKAN.md §5)
         self._fences = ffi.new("VkFence[1]", [self.fence])
         self._cmds = ffi.new("VkCommandBuffer[1]", [self.cmd])
         self._begin = ffi.new("VkCommandBufferBeginInfo*", {

@@ -3,7 +3,7 @@
 Two tensors in two packs: `token_embd.weight` F16 [16, 64] in an `embed` pack and
 `output_norm.weight` F32 [64] in a `head` pack. The graph embeds, runs one weightless
 attention step (rope, attention, add), then a tied head, so it exercises every kind of
-graph reference the validator checks.
+graph reference the validator checks, and states its activation widths (format 1.1).
 
 Used by tests/test_format*.py (imported through sys.path, since tests/ is not a package).
 """
@@ -77,6 +77,7 @@ def make_index(packs: list[dict[str, Any]]) -> dict[str, Any]:
             ],
             "loop_to": 0, "inputs": ["tokens", "positions"], "outputs": ["logits"],
             "kv_cache": {"n_layers": 1, "n_kv_heads": 1, "head_dim": E}, "access": [0, 1, 0],
+            "activations": {"x": E, "q": E, "k": E, "o": E, "h": E, "logits": V},
         },
     }
 
@@ -88,7 +89,7 @@ def write_archive(path: str | Path, *, codecs: tuple[str, str] = ("blosc2-zstd",
 
     mutate(index) edits the index (or returns a replacement) before it is written.
     tamper(pack_id, stored) -> bytes replaces a pack's stored bytes, and the index's crc32 then
-    describes the tampered bytes (a forged pack that passes rule 23).
+    describes the tampered bytes (a forged pack that passes rule 24).
     extra_pack_after=i writes an unlisted pack after pack i (a hole in the pack area).
     """
     data = tensor_data(seed)

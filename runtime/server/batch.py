@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..pack_format.errors import VkpackError
-from .detok import StopMatcher, StreamDecoder
-from .sampler import Sampler, SamplingParams
-from .tiers import BudgetError
+from ...pack_format.errors import VkpackError
+from ..sampler import SamplingParams
+from ..tiers import BudgetError
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +94,29 @@ class GenRequest:
 
 
 class _Seq:
-    """One request inside the scheduler: sampler, detokenizer, tokens, and (while admitted) its KV.
+    """One request inside the scheduler: its token stream (sampler, detokenizer, stop strings: the
+    engine's own per-token loop, runtime/generation.py) and, while admitted, its KV session.
 
-    `history` is every token the KV cache must eventually hold (prompt + generated); `pos` is how
-    many it holds. Prefill and decode are one thing: feed the unfed tail, and once the cache has
+    `stream.history` is every token the KV cache must eventually hold (prompt + generated); `pos` is
+    how many it holds. Prefill and decode are one thing: feed the unfed tail, and once the cache has
     caught up, sample the next token. A preempted sequence drops its KV and sets `pos` to 0, so
     on re-admission it re-feeds prompt and output (recompute) and carries on where it was.
     """
 
-    def __init__(self, req: GenRequest, tokenizer: Any):
+    def __init__(self, req: GenRequest, engine: Any):
         self.req = req
-        self.session: Any = None              # the engine's _KvSession while admitted
+        self.session: Any = None              # the engine's KvSession while admitted
         self.kv: Any = None
         self.reserved = 0                     # bytes the session holds in the device tier
-        self.sampler = Sampler(req.params)
-        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True, context_ids=req.prompt_ids[-4:])
-        self.stops = StopMatcher(req.stop) if req.stop else None
-        self.history = list(req.prompt_ids)
+        self.stream = engine.token_stream(req.prompt_ids, req.params, req.max_tokens, req.stop, req.ignore_eos)
+        self.history = self.stream.history
         self.pos = 0
-        self.generated = 0
         self.started = False                  # admitted at least once
         self.kv_waited = False                # had to wait for KV room at least once
+
+    @property
+    def generated(self) -> int:
+        return len(self.stream.generated)
 
     @property
     def unfed(self) -> int:
@@ -151,9 +152,8 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._cap = max_batch                  # lowered after a preemption, raised as sequences finish
-        # Room the weights need beside all KV reservations: the two largest packs (the engine's minimum).
-        sizes = sorted((engine.backend.pack_bytes(p.id) for p in engine.archive.packs), reverse=True)
-        self._pack_room = sum(sizes[:2])
+        # Room the weights need beside all KV reservations: two of the largest packs (the engine's minimum).
+        self._pack_room = engine.weight_room_bytes
         self.error: str | None = None          # why the thread died, if it did
         # counters (written by the scheduler thread only; reads from elsewhere are racy but atomic)
         self.prompt_tokens = 0
@@ -198,7 +198,7 @@ class Scheduler:
         if req.n_ctx > self.engine.context:
             raise ValueError(f"prompt {len(req.prompt_ids)} + max_tokens {req.max_tokens} tokens exceed "
                              f"the context of {self.engine.context}")
-        seq = _Seq(req, self.engine.tokenizer)
+        seq = _Seq(req, self.engine)
         with self._cv:
             if self._stopping or (self._thread is not None and not self._thread.is_alive()):  # queueing before start() is fine
                 raise SchedulerStopped(f"the batch scheduler is not running{': ' + self.error if self.error else ''}")
@@ -285,7 +285,7 @@ class Scheduler:
         starve the next forward pass of room to stream its weights."""
         session = self.engine.kv_session(s.req.n_ctx)
         kv = session.__enter__()
-        size = sum(a.size for a in getattr(session, "allocs", ()))
+        size = session.reserved_bytes
         reserved = size + sum(r.reserved for r in self._running)
         if reserved + self._pack_room > self.engine.tier.budget:
             session.__exit__(None, None, None)
@@ -368,40 +368,16 @@ class Scheduler:
 
     def _advance(self, s: _Seq, logits: np.ndarray) -> None:
         """Sample one token for `s`, emit its text, and finish it if it is done."""
-        tok = s.sampler.sample(logits, s.history)
-        if tok in self.engine.eos_ids and not s.req.ignore_eos:
-            self._finish_ok(s, "stop")
-            return
-        s.history.append(tok)
-        s.generated += 1
-        self.generated_tokens += 1
-        piece = s.decoder.push(tok)
-        if s.stops is not None:
-            piece, stopped = s.stops.feed(piece)
-            if piece:
-                _safe_emit(s.req, Piece(piece))
-            if stopped:
-                self._finish_ok(s, "stop", flush=False)
-                return
-        elif piece:
+        before = s.generated
+        piece = s.stream.push(logits)
+        self.generated_tokens += s.generated - before
+        if piece:
             _safe_emit(s.req, Piece(piece))
-        if s.generated >= s.req.max_tokens:
-            self._finish_ok(s, "length")
-
-    def _finish_ok(self, s: _Seq, reason: str, flush: bool = True) -> None:
-        if flush:
-            tail = s.decoder.flush()
-            if s.stops is not None:
-                tail, stopped = s.stops.feed(tail)
-                if stopped:
-                    reason = "stop"
-                else:
-                    tail += s.stops.flush()
-            if tail:
-                _safe_emit(s.req, Piece(tail))
-        self.finished[reason] += 1
-        self._cap = min(self.max_batch, self._cap + 1)
-        self._finish(s, Finished(reason, len(s.req.prompt_ids), s.generated))
+        reason = s.stream.finish_reason
+        if reason is not None:
+            self.finished[reason] += 1
+            self._cap = min(self.max_batch, self._cap + 1)
+            self._finish(s, Finished(reason, len(s.req.prompt_ids), s.generated))
 
     def _finish(self, s: _Seq, event: Event | None) -> None:
         """Release the sequence's KV now, then tell the requester (unless it cancelled)."""

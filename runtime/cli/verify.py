@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from ..pack_format.reader import Archive
+from ...pack_format.reader import Archive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..pack_format.errors import VkpackError
+from ...pack_format.errors import VkpackError
 from .config import add_settings_flags, settings_from_args
 
 
@@ -39,7 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="most prompt tokens prefilled per batch step, so long prompts do not stall "
                         "running streams (default 512)")
-    p.add_argument("--policy", choices=("graph", "lru"), default="graph", help="eviction policy (default graph)")
     add_settings_flags(p)
     return p
 
@@ -68,8 +67,9 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .engine import Engine
-    from .server import bind_socket, create_app
+    from ..engine import Engine
+    from ..server.app import create_app
+    from ..server.runner import bind_socket
 
     for name in ("max_queue", "max_tokens", "prefill_chunk"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
             path = default_archive()
         name = args.model_name or Path(path).name.removesuffix(".vkpack")
-        with Engine(path, policy=args.policy, **s.engine_kwargs()) as eng:
+        with Engine(path, **s.engine_kwargs()) as eng:
             app = create_app(eng, model_name=name, api_key=key, max_batch=s.max_batch, max_queue=args.max_queue,
                              default_max_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk)
             sock.listen(2048)  # connections queue from now on, so the banner below is true when printed

@@ -1,4 +1,4 @@
-"""Quick measurements of the Vulkan backend (not a test): python -m vkpack.runtime.vk.bench
+"""Quick measurements of the Vulkan backend (not a test): python tools/vk_bench.py
 
 Prints host cost per recorded dispatch, cost per replayed submit, and matvec/matmul times.
 `--coop` compares the tensor-core prefill matmul with the tiled one on the Llama-3-8B shapes.
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from . import Device, Ops, Recorder, Weight
+from vkpack.runtime.vk import Device, Ops, Recorder, Weight
 
 
 def _best(fn, reps: int) -> float:
@@ -233,7 +233,7 @@ def _gbps(nbytes: int, fn, callers: int, reps: int, piece: int | None = None) ->
 
 def _link_gbps(dev: Device, dst, nbytes: int, reps: int, chunk: int = 64 << 20, depth: int = 4) -> float:
     """vkCmdCopyBuffer from filled host staging buffers into `dst`, `depth` copies in flight."""
-    from .staging import Slot
+    from vkpack.runtime.vk.staging import Slot
 
     slots = [Slot(dev, "upload", min(chunk, nbytes)) for _ in range(depth)]
     try:

@@ -6,7 +6,6 @@ Every setting, its INI key, env var and flag (the table `KEYS` below is the sour
     vram_gb              [memory] vram_budget_gb  VKPACK_VRAM_GB               --vram-gb
     ram_gb               [memory] ram_budget_gb   VKPACK_RAM_GB                --ram-gb
     prefetch_lookahead   [memory] prefetch_lookahead  VKPACK_PREFETCH_LOOKAHEAD  --prefetch-lookahead
-    eviction_aggression  [memory] eviction_aggression VKPACK_EVICTION_AGGRESSION --eviction-aggression
     device               [performance] device     VKPACK_DEVICE                --device
     device_index         [performance] device_index   VKPACK_DEVICE_INDEX      --device-index
     threads              [performance] threads    VKPACK_THREADS               --threads
@@ -18,12 +17,14 @@ Every setting, its INI key, env var and flag (the table `KEYS` below is the sour
     log_file             [logging] file           VKPACK_LOG_FILE              --log-file
     verbose              [logging] verbose        VKPACK_VERBOSE               --verbose/-v
     model                [model] path             VKPACK_MODEL                 (positional, set by the CLI)
-    context              [model] context          VKPACK_CONTEXT               (none yet)
-    max_batch            [model] max_batch        VKPACK_MAX_BATCH             (none yet)
+    context              [model] context          VKPACK_CONTEXT               --context (serve only)
+    max_batch            [model] max_batch        VKPACK_MAX_BATCH             --max-batch (serve only)
 
 `VKPACK_CONFIG` names the config file when `--config` is not given. Other `VKPACK_*`
 variables are errors (a typo must not be silently ignored) unless listed in
-`OTHER_ENV_ALLOWED`. An empty env variable counts as unset.
+`OTHER_ENV_ALLOWED`. An empty env variable counts as unset. Removed settings (`REMOVED`:
+`[memory] eviction_aggression`, `VKPACK_EVICTION_AGGRESSION`) are ignored with a one-line
+warning, so that old configs keep working.
 
 Budgets (vram_gb, ram_gb) are in GiB (2**30 bytes): a plain number means GiB, and sizes
 with a unit are converted: `512MiB`, `4GiB`, `4G` (binary) or `4GB` (decimal, 10**9
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import difflib
+import logging
 import math
 import os
 import re
@@ -47,6 +49,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vkpack.pack_format.errors import VkpackError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(VkpackError):
@@ -60,7 +64,6 @@ class Settings:
     vram_gb: float | None = None        # GiB
     ram_gb: float | None = None         # GiB
     prefetch_lookahead: int = 3         # steps of the access graph fetched ahead
-    eviction_aggression: float = 0.7    # 0 = keep packs resident, 1 = evict eagerly
     device: str = "auto"                # auto | cpu | vulkan
     device_index: int | None = None
     threads: int | None = None
@@ -92,9 +95,8 @@ class Settings:
         """The settings `Engine(path, ...)` takes, by its argument names (`run` and `serve` alike)."""
         return {"vram_gb": self.vram_gb, "ram_gb": self.ram_gb, "device": self.device,
                 "device_index": self.device_index, "prefetch_lookahead": self.prefetch_lookahead,
-                "eviction_aggression": self.eviction_aggression, "context": self.context, "threads": self.threads,
-                "workgroup_size": self.workgroup_size, "subgroups": self.use_subgroups, "fp32": self.fp32,
-                "shader_dir": self.shader_dir}
+                "context": self.context, "threads": self.threads, "workgroup_size": self.workgroup_size,
+                "subgroups": self.use_subgroups, "fp32": self.fp32, "shader_dir": self.shader_dir}
 
 
 DEFAULTS = Settings()
@@ -142,16 +144,6 @@ def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
             raise _Bad(f"expected an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
         return v
     return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text.strip())
-    except ValueError:
-        raise _Bad("expected a number between 0 and 1") from None
-    if not 0.0 <= v <= 1.0:  # also rejects NaN
-        raise _Bad("expected a number between 0 and 1")
-    return v
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -215,9 +207,6 @@ KEYS: tuple[Key, ...] = (
         _int_at_least(0), "--prefetch-lookahead",
         "graph steps to prefetch ahead (default: 3; the Vulkan backend raises a nonzero value to twice its "
         "loading threads)"),
-    Key("eviction_aggression", "memory", "eviction_aggression", "VKPACK_EVICTION_AGGRESSION",
-        _fraction, "--eviction-aggression",
-        "0.0 keeps packs resident, 1.0 evicts eagerly (default: 0.7)", metavar="F"),
     Key("device", "performance", "device", "VKPACK_DEVICE", _choice("auto", "cpu", "vulkan"),
         "--device", "compute device (default: auto)", metavar="{auto,cpu,vulkan}"),
     Key("device_index", "performance", "device_index", "VKPACK_DEVICE_INDEX", _int_at_least(0),
@@ -255,6 +244,14 @@ SECTIONS: dict[str, dict[str, Key]] = {}
 for _k in KEYS:
     SECTIONS.setdefault(_k.section, {})[_k.ini_key] = _k
 del _k
+
+# Settings that no longer exist: (section, INI key, env var, why). Old configs and environments
+# that set one keep working; each gets a one-line warning instead of an unknown-key error.
+REMOVED: tuple[tuple[str, str, str, str], ...] = (
+    ("memory", "eviction_aggression", "VKPACK_EVICTION_AGGRESSION", "it had no effect"),
+)
+REMOVED_INI = {(sec, key): why for sec, key, _, why in REMOVED}
+REMOVED_ENV = {env: why for _, _, env, why in REMOVED}
 
 CONFIG_ENV = "VKPACK_CONFIG"
 # VKPACK_* variables that are not engine settings but belong to vkpack (model/test cache).
@@ -305,6 +302,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                               f"{', '.join(SECTIONS)}{_suggest(section, SECTIONS)}")
         for name, text in cp.items(section):
             source = f"{path}:{section}.{name}"
+            if (section, name) in REMOVED_INI:
+                log.warning("%s: ignored: this setting was removed (%s); delete it", source,
+                            REMOVED_INI[(section, name)])
+                continue
             key = known.get(name)
             if key is None:
                 raise ConfigError(f"{source}: unknown key; known in [{section}]: "
@@ -321,6 +322,10 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, text in env.items():
         if not name.startswith("VKPACK_") or name == CONFIG_ENV or name in OTHER_ENV_ALLOWED:
+            continue
+        if name in REMOVED_ENV:
+            if text.strip():
+                log.warning("%s: ignored: this setting was removed (%s); unset it", name, REMOVED_ENV[name])
             continue
         key = BY_ENV.get(name)
         if key is None:

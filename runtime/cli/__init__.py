@@ -1,4 +1,7 @@
-"""The `vkpack` command: dispatches to one small module per subcommand.
+"""The `vkpack` command: dispatches to one small module per subcommand (`add_parser(sub)`, `run(args)`).
+
+Subcommands: build (vkpack.compiler.cmd_build), inspect, verify, run, serve (this package);
+engine settings (flags, env, INI) live in config.py, the default model in default_model.py.
 
 Errors from outside (bad files, bad flags) print one line and exit non-zero; `--verbose`
 shows the traceback. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
@@ -11,15 +14,15 @@ import importlib
 import logging
 import sys
 
-from .. import __version__
-from ..pack_format.errors import VkpackError
+from ... import __version__
+from ...pack_format.errors import VkpackError
 
 COMMANDS = {
     "build": "vkpack.compiler.cmd_build",
-    "inspect": "vkpack.runtime.cmd_inspect",
-    "verify": "vkpack.runtime.cmd_verify",
-    "run": "vkpack.runtime.cmd_run",
-    "serve": "vkpack.runtime.cmd_serve",
+    "inspect": "vkpack.runtime.cli.inspect",
+    "verify": "vkpack.runtime.cli.verify",
+    "run": "vkpack.runtime.cli.run",
+    "serve": "vkpack.runtime.cli.serve",
 }
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from ..pack_format.reader import Archive
+from ...pack_format.reader import Archive
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..pack_format.errors import VkpackError
+from ...pack_format.errors import VkpackError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def default_archive(cache_dir: Path | None = None, progress: bool | None = None)
     if out.is_file():
         return out
     src = smollm2_gguf(cache_dir)
-    from ..compiler.build import build  # only on first use; the runtime never parses models otherwise
+    from ...compiler.build import build  # only here, on first use: the runtime core never imports the compiler
 
     log.warning("building the default model %s (first use only)", out)
     build(src, out, progress=progress)

@@ -22,13 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 (off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--policy", choices=("graph", "lru"), default="graph", help="eviction policy (default graph)")
     add_settings_flags(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from ..engine import Engine
 
     s = settings_from_args(args)
     if s.log_file:
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         from .default_model import default_archive
 
         path = default_archive()
-    with Engine(path, policy=args.policy, **s.engine_kwargs()) as eng:
+    with Engine(path, **s.engine_kwargs()) as eng:
         prompt = args.prompt
         if args.chat:
             prompt = eng.apply_chat_template([{"role": "user", "content": prompt}])

@@ -1,0 +1,219 @@
+"""Request parsing for the server: untrusted JSON bodies in, typed generation arguments or an ApiError out.
+
+Every field is type-checked on its own and every failure names the field, as an OpenAI-style
+error (`ApiError`, rendered by `error_body`). Nothing here touches the scheduler; the engine is
+used only to tokenize and to render the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from ..chat import TemplateError
+from ..sampler import SamplingError, SamplingParams
+
+MAX_STOPS = 16              # stop strings per request
+MAX_STOP_CHARS = 512        # characters per stop string (matching holds back up to this much text)
+
+
+class ApiError(Exception):
+    """A request that gets an OpenAI-style error body with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(status: int, message: str, type: str | None = None, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type or ("invalid_request_error" if status < 500 else "server_error"),
+                      "param": param, "code": code}}
+
+
+# ---- one check per field, each naming the field ----
+
+
+def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None,
+           what: str | None = None) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    ts = types if isinstance(types, tuple) else (types,)
+    # bool is an int in Python, but JSON true is not a number.
+    if (isinstance(v, bool) and bool not in ts) or not isinstance(v, ts):
+        raise ApiError(400, f"'{name}' must be {what or _type_name(types)}, got {json.dumps(v)[:80]}",
+                       param=name, code="invalid_type")
+    return v
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
+    ts = types if isinstance(types, tuple) else (types,)
+    if set(ts) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(t, t.__name__) for t in ts)
+
+
+def _parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or an array of strings", param="stop", code="invalid_type")
+    if len(stop) > MAX_STOPS:
+        raise ApiError(400, f"'stop' has {len(stop)} strings; at most {MAX_STOPS}", param="stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"'stop' strings must have 1 to {MAX_STOP_CHARS} characters", param="stop")
+    return tuple(stop)
+
+
+def sampling(body: dict[str, Any]) -> SamplingParams:
+    """OpenAI fields with OpenAI defaults (temperature 1, top_p 1); llama.cpp's extras off unless given."""
+    if _field(body, "n", int, 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    if _field(body, "best_of", int, 1) != 1:
+        raise ApiError(400, "only best_of=1 is supported", param="best_of")
+    if body.get("echo") not in (None, False):
+        raise ApiError(400, "echo is not supported", param="echo")
+    if body.get("logprobs") not in (None, False):
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    num = (int, float)
+    try:
+        return SamplingParams(
+            temperature=float(_field(body, "temperature", num, 1.0)),
+            top_p=float(_field(body, "top_p", num, 1.0)),
+            top_k=_field(body, "top_k", int, 0),
+            min_p=float(_field(body, "min_p", num, 0.0)),
+            repeat_penalty=float(_field(body, "repeat_penalty", num, 1.0)),
+            repeat_last_n=_field(body, "repeat_last_n", int, 64),
+            seed=_field(body, "seed", int, None))
+    except SamplingError as e:
+        param = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param=param if param in body else None) from None
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    n = _field(body, name, int, default)
+    if n < 1:
+        raise ApiError(400, f"'{name}' must be >= 1, got {n}", param=name)
+    return n
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise ApiError(400, "missing required field 'messages'", param="messages", code="missing_required_parameter")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"'{where}' must be an object", param=where)
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise ApiError(400, f"'{where}.role' must be a non-empty string", param=f"{where}.role")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": str}}",
+                                   param=f"{where}.content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise ApiError(400, f"'{where}.content' must be a string or an array of text parts", param=f"{where}.content")
+        out.append({"role": role, "content": content})  # only plain strings reach the template
+    return out
+
+
+# ---- whole requests ----
+
+
+async def read_json(request: Request, max_body: int) -> dict[str, Any]:
+    """The body as a JSON object, read in chunks so that an oversized one stops at `max_body` bytes."""
+    size = 0
+    chunks = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, f"request body larger than {max_body} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+    return body
+
+
+def check_model(model_name: str, body: dict[str, Any]) -> None:
+    """`model`, when given, must name the one model served."""
+    model = body.get("model")
+    if model is None:  # as llama-server does: one model served, so naming it is optional
+        return
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
+    if model != model_name:
+        raise ApiError(404, f"model {model!r} not found; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def prompt_ids(engine: Any, prompt: Any) -> list[int]:
+    """`prompt` as a string, a one-string array, or an array of token ids."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = engine.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = engine.hp["vocab"]
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} outside the vocabulary (0..{vocab - 1})", param="prompt")
+        ids = list(prompt)
+    else:
+        raise ApiError(400, "'prompt' must be a string or an array of token ids (one prompt per request)",
+                       param="prompt", code="invalid_type")
+    if not ids:
+        raise ApiError(400, "'prompt' is empty", param="prompt")
+    return ids
+
+
+def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation through the archive's chat template, tokenized."""
+    try:
+        return engine.encode(engine.apply_chat_template(messages, add_generation_prompt=True))
+    except TemplateError as e:
+        # raise_exception() in a template rejects the conversation; anything else is the template's fault
+        status = 400 if str(e).startswith("chat template: ") or "no chat template" in str(e) else 500
+        raise ApiError(status, str(e), param="messages" if status == 400 else None, code="chat_template_error") from None
+
+
+def gen_args(body: dict[str, Any], ids: list[int], params: SamplingParams, context: int,
+             default_max_tokens: int) -> dict[str, Any]:
+    """The `GenRequest` arguments: prompt, sampling, a max_tokens that fits `context`, stop strings."""
+    if len(ids) + 1 > context:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {context} tokens",
+                       param="messages" if "messages" in body else "prompt", code="context_length_exceeded")
+    n = min(_max_tokens(body, default_max_tokens), context - len(ids))
+    return {"prompt_ids": ids, "params": params, "max_tokens": n, "stop": _parse_stop(body),
+            "ignore_eos": bool(_field(body, "ignore_eos", bool, False))}
+
+
+def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`)."""
+    stream = _field(body, "stream", bool, False)
+    opts = _field(body, "stream_options", dict, {})
+    usage = _field(opts, "include_usage", bool, False, what="a boolean (stream_options.include_usage)")
+    return stream, usage
