@@ -92,7 +92,7 @@ def archives(work: Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True, help="PYTHONPATH entry holding the base checkout as `vkpack`")
+    ap.add_argument("--base", help="PYTHONPATH entry holding the base checkout as `vkpack` (required)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/vkpack_bench_ab"))
     ap.add_argument("--json", type=Path)
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if not args.base:
+        ap.error("--base is required")
     arcs = archives(args.work)
     ids = list(range(1, 129))  # 128 prompt tokens
     cases = [("numpy smollm2 resident", arcs["smollm2"], "cpu", None, 32),
