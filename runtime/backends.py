@@ -1,4 +1,9 @@
-"""Which backend runs an archive: Vulkan where a real device works, numpy otherwise."""
+"""Which backend runs an archive: Vulkan where a real GPU works; else the native CPU kernels; numpy as the fallback.
+
+device: "auto" (the above), "vulkan" (a Vulkan device, or an error), "cpu" (the native CPU backend,
+or numpy with one warning where the native kernels cannot be built or loaded), "numpy" (the numpy
+backend, the numeric reference).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,18 @@ from ..pack_format.reader import Archive
 from .backend import Backend
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "vulkan")
+DEVICES = ("auto", "cpu", "numpy", "vulkan")
 
 
 def make_backend(device: str, archive: Archive, threads: int | None = None, device_index: int | None = None,
                  kernel_options: dict[str, Any] | None = None, shader_dir: str | Path | None = None) -> Backend:
-    """The Vulkan backend where a device works (`auto` falls back to numpy with one warning, and keeps
-    to numpy on a CPU Vulkan driver such as lavapipe, which is slower than numpy).
+    """The backend for `device` (see the module docstring). `auto` keeps to the CPU on a CPU Vulkan
+    driver such as lavapipe, which is slower than the CPU backends.
 
-    `threads` concerns the numpy backend's products; `kernel_options` (workgroup_size, subgroups,
+    `threads` concerns the CPU backends' products; `kernel_options` (workgroup_size, subgroups,
     fp32) and `shader_dir` only concern Vulkan."""
     if device not in DEVICES:
-        raise ValueError(f"device {device!r}: choose auto, cpu or vulkan")
+        raise ValueError(f"device {device!r}: choose {', '.join(DEVICES)}")
     if device in ("auto", "vulkan"):
         from . import vk
 
@@ -38,14 +43,23 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
                     return backend
                 name = backend.dev.info.name
                 backend.close()
-                log.info("only a CPU Vulkan device (%s); using the numpy backend", name)
+                log.info("only a CPU Vulkan device (%s); using a CPU backend", name)
                 why = ""
             except vk.VulkanError as e:
                 why = str(e)
         if device == "vulkan":
             raise VkpackError(f"--device vulkan: no usable Vulkan device ({why})")
         if why:
-            log.warning("Vulkan unavailable (%s); running on the CPU (numpy) backend", why)
+            log.warning("Vulkan unavailable (%s); running on the CPU", why)
+    if device != "numpy":
+        from . import native
+
+        ok, why = native.available()
+        if ok:
+            from .native.backend import NativeCpuBackend
+
+            return NativeCpuBackend(archive, threads)
+        log.warning("native CPU kernels unavailable (%s); running on the numpy backend", why)
     from .cpu.backend import CpuBackend
 
     return CpuBackend(archive, threads)

@@ -40,7 +40,7 @@ class Engine:
         path: the archive.
         vram_gb: device tier budget in GiB (None: everything resident).
         ram_gb: budget for streamed packs kept in system memory, in GiB (None: unlimited).
-        device: "auto", "cpu" or "vulkan"; or a factory `archive -> Backend` (runtime/backend.py).
+        device: "auto", "cpu", "numpy" or "vulkan" (runtime/backends.py); or a factory `archive -> Backend` (runtime/backend.py).
         prefetch_lookahead: packs to load ahead along the access graph (0: on demand only); a backend
             loading from N threads raises it to at least 2N.
         policy: "graph" (Belady by next use in the graph) or "lru" (the baseline benchmarks compare against).

@@ -176,7 +176,7 @@ def _greedy(eng: Engine, ids: list[int], n: int) -> list[int]:
 
 
 def test_the_counting_backend_implements_the_whole_contract(small_archive):
-    with Engine(small_archive, device="cpu") as eng:
+    with Engine(small_archive, device="numpy") as eng:
         backend = CountingBackend(eng.archive)
         assert isinstance(backend, Backend) and isinstance(eng.backend, Backend)
         assert isinstance(_Blocks([256]), Backing) and isinstance(eng.tier.backing, Backing)
@@ -190,7 +190,7 @@ def test_a_backend_written_from_the_contract_runs_the_model(small_archive, strea
         made.append(CountingBackend(archive))
         return made[-1]
 
-    with Engine(small_archive, device="cpu") as ref:
+    with Engine(small_archive, device="numpy") as ref:
         ids = ref.encode("a backend from the contract alone")
         want_logits, want = ref.logits(ids), _greedy(ref, ids, 8)
         vram = ref.min_bytes / 2**30 * 1.5 if streamed else None

@@ -1,7 +1,8 @@
 """Numerics against an independent implementation: Hugging Face transformers on torch CPU.
 
 Tolerances: last-position logits within a relative error of 1e-3 (max |ours - ref| over
-max |ref|); greedy decoding identical for 32 steps.
+max |ref|); greedy decoding identical for 32 steps. SmolLM2 runs on both CPU backends: the numpy
+reference and the native kernels (which fall back to numpy where they cannot be built).
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_archive, smollm2_gguf):
-    model, tok = hf_reference.load_hf_gguf(smollm2_gguf)
-    eng = Engine(smollm2_archive)
+def hf_smol(smollm2_gguf):
+    return hf_reference.load_hf_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="module", params=["numpy", "cpu"])
+def smol(request, smollm2_archive, hf_smol):
+    model, tok = hf_smol
+    eng = Engine(smollm2_archive, device=request.param)
     yield eng, model, tok
     eng.close()
 
@@ -56,7 +62,7 @@ def test_smollm2_quarter_budget_same_tokens(smol, smollm2_archive):
     ids = eng.encode(PROMPTS[2])
     eng.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
     ref = list(eng.last_ids)
-    with Engine(smollm2_archive, vram_gb=eng.model_bytes / 4 / 2**30) as small:
+    with Engine(smollm2_archive, vram_gb=eng.model_bytes / 4 / 2**30, device=eng.backend.name) as small:
         small.generate(ids, max_tokens=32, temperature=0, ignore_eos=True)
         assert small.last_ids == ref
         assert small.stats()["device_budget"] < eng.model_bytes / 3

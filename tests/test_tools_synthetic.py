@@ -1,6 +1,7 @@
 """Tests for tools/make_synthetic.py: tiny models of every arch and format load back
 with the right shapes, both formats hold the same model, output is deterministic,
-and (where installed) HF transformers runs them and agrees GGUF == HF."""
+and (where installed) HF transformers runs them and agrees GGUF == HF. Every quantized
+GGUF type (and llama.cpp's Q4_K_M mix) reads back with gguf-py and runs in vkpack."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 import make_synthetic as ms
+from vkpack.compiler.build import build
+from vkpack.runtime.engine import Engine
 
 ARCHS = ("llama", "qwen2", "qwen3")
 TOOL = Path(ms.__file__)
@@ -67,7 +70,14 @@ def built(tmp_path_factory) -> dict[str, Path]:
 # ---- GGUF ----
 
 
-@pytest.mark.parametrize("dtype", ms.DTYPES)
+# Quantized from the f32 weights: max error per 32-block. Q4_1/Q5_1 round to nearest (half a step);
+# Q4_0/Q5_0 put the max-|x| value at code 0, so the far side clips at 7 (15) steps: up to a full
+# step. Plus a margin for the f16 rounding of the block's scale and min.
+ERR_BOUND = {"Q4_0": lambda b: 1.05 * np.abs(b).max(1) / 8, "Q5_0": lambda b: 1.05 * np.abs(b).max(1) / 16,
+             "Q4_1": lambda b: 0.6 * np.ptp(b, 1) / 15, "Q5_1": lambda b: 0.6 * np.ptp(b, 1) / 31}
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16", "Q8_0", *ERR_BOUND])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gguf_reads_back(tmp_path, arch, dtype):
     spec = ms.Spec.tiny(arch)
@@ -101,7 +111,8 @@ def test_gguf_reads_back(tmp_path, arch, dtype):
     got = {t.name: t for t in r.tensors}
     defs = spec.tensors()
     assert list(got) == [t.gguf for t in defs]
-    tol = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}[dtype]
+    assert _gguf_field(r, "general.file_type") == ms.FILE_TYPES[dtype]
+    tol = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}.get(dtype)
     for t in defs:
         rt = got[t.gguf]
         assert tuple(int(x) for x in rt.shape) == tuple(reversed(t.shape)), t.gguf
@@ -109,7 +120,111 @@ def test_gguf_reads_back(tmp_path, arch, dtype):
         assert rt.tensor_type.name == want_type, t.gguf
         vals = gguf.quants.dequantize(rt.data, rt.tensor_type).reshape(t.shape)
         ref = _expected(t, seed=3, gguf_layout=True)
-        np.testing.assert_allclose(vals, ref, rtol=tol, atol=tol * 0.05, err_msg=t.gguf)
+        if tol is not None or len(t.shape) == 1:
+            np.testing.assert_allclose(vals, ref, rtol=tol or 0, atol=(tol or 0) * 0.05, err_msg=t.gguf)
+        else:
+            blocks = ref.reshape(-1, 32)
+            err = np.abs(vals.reshape(-1, 32) - blocks).max(1)
+            assert (err <= ERR_BOUND[dtype](blocks)).all(), t.gguf
+
+
+# ---- quantized GGUF types: random K-quant blocks, llama.cpp's Q4_K_M mix, fallbacks ----
+
+NEW_QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
+# Every row a whole number of 256-blocks, so no tensor falls back.
+QSPEC = ms.Spec(layers=2, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=512)
+
+
+def _want_type(name: str, dtype: str, tied: bool) -> str:
+    """The intended type of a 2-D tensor of a 2-layer model, stated independently of make_synthetic:
+    for 2 layers llama.cpp's use_more_bits picks layer 1 only (1 >= 7*2//8)."""
+    if dtype != "Q4_K_M":
+        return dtype
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "Q6_K"
+    return "Q6_K" if name in ("blk.1.attn_v.weight", "blk.1.ffn_down.weight") else "Q4_K"
+
+
+def _check_quantized(path: Path, spec: ms.Spec, dtype: str, tmp_path: Path) -> None:
+    """Types as intended; gguf-py dequantizes each 2-D tensor to finite values of ~spec.std;
+    vkpack builds the file and its numpy engine gives finite logits."""
+    assert spec.layers == 2
+    r = gguf.GGUFReader(path)
+    assert _gguf_field(r, "general.file_type") == int(ms.FILE_TYPES[dtype])
+    assert [t.name for t in r.tensors] == [t.gguf for t in spec.tensors()]
+    for rt in r.tensors:
+        if len(rt.shape) == 1:
+            assert rt.tensor_type.name == "F32", rt.name
+            continue
+        assert rt.tensor_type.name == _want_type(rt.name, dtype, spec.tied), rt.name
+        vals = gguf.quants.dequantize(rt.data, rt.tensor_type)
+        assert vals.shape == tuple(int(x) for x in reversed(rt.shape)), rt.name
+        assert np.isfinite(vals).all(), rt.name
+        assert spec.std / 2 < vals.std() < spec.std * 2, (rt.name, vals.std())
+        assert abs(vals.mean()) < 0.15 * spec.std, (rt.name, vals.mean())
+    build(path, tmp_path / "m.vkpack", progress=False)
+    with Engine(tmp_path / "m.vkpack", device="numpy") as eng:
+        logits = eng.logits(eng.encode("hello"))
+    assert logits.shape == (spec.vocab,) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("dtype", NEW_QUANTS)
+def test_quantized_gguf_reads_back_and_runs(tmp_path, dtype):
+    path = ms.write_gguf(tmp_path / "m.gguf", QSPEC, dtype, seed=4)
+    _check_quantized(path, QSPEC, dtype, tmp_path)
+
+
+def test_q4_k_m_tied_qwen2(tmp_path):
+    """Tied: token_embd is also the output, so llama.cpp gives it the output's Q6_K."""
+    spec = dataclasses.replace(QSPEC, arch="qwen2", tied=True, std=0.05)
+    path = ms.write_gguf(tmp_path / "m.gguf", spec, "Q4_K_M", seed=2)
+    _check_quantized(path, spec, "Q4_K_M", tmp_path)
+
+
+def test_q4_k_m_use_more_bits():
+    """32 layers: llama.cpp's Q4_K_M gives attn_v/ffn_down Q6_K in layers 0-3, 28-31 and every
+    third layer from 6 (i.e. half of them)."""
+    spec = dataclasses.replace(QSPEC, layers=32)
+    types = ms.gguf_types(spec.tensors(), "Q4_K_M")
+    q6 = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    for name in ("attn_v", "ffn_down"):
+        assert [i for i in range(32) if types[f"blk.{i}.{name}.weight"] == gguf.GGMLQuantizationType.Q6_K] == q6
+    rest = {v.name for k, v in types.items() if not k.endswith(("attn_v.weight", "ffn_down.weight"))}
+    assert rest == {"F32", "Q4_K", "Q6_K"}
+    assert (types["output.weight"].name, types["token_embd.weight"].name) == ("Q6_K", "Q4_K")
+    big = ms.Spec.llama_1b().with_target_gb(1.0, "Q4_K_M")
+    assert abs(ms._nbytes(big.tensors(), "Q4_K_M") - 1e9) < 0.05e9
+
+
+@pytest.mark.parametrize("dtype, want", [
+    ("Q2_K", "Q4_0"), ("Q3_K", "Q4_0"), ("Q4_K", "Q5_0"), ("Q5_K", "Q5_1"), ("Q6_K", "Q8_0"),
+    ("Q4_0", "Q4_0"), ("Q8_0", "Q8_0")])
+def test_row_fallback(tmp_path, caplog, dtype, want):
+    """Rows of 64 are no whole 256-block: llama.cpp's fallback (Q4_0 for its IQ4_NL); rows of
+    48 are no whole 32-block either: F16."""
+    spec = ms.Spec(hidden=64, ffn=48, heads=4, kv_heads=2)  # ffn_down rows: 48
+    path = ms.write_gguf(tmp_path / "m.gguf", spec, dtype, seed=1)
+    got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+    assert got.pop("blk.0.ffn_down.weight") == got.pop("blk.1.ffn_down.weight") == "F16"
+    assert set(got.values()) == {want}
+    assert "blk.0.ffn_down.weight" in caplog.text  # the fallback is logged
+    mix = ms.gguf_types(dataclasses.replace(spec, tied=True).tensors(), "Q4_K_M")
+    assert mix["token_embd.weight"].name == "Q8_0"  # llama.cpp's output rule: Q8_0 if not whole 256-blocks
+    assert mix["blk.0.attn_q.weight"].name == "Q5_0"
+
+
+def test_k_quant_scales():
+    """d, dmin: finite positive halves; values mean ~0, std ~spec.std on a bigger tensor."""
+    t = ms.TensorDef("w", "w", (512, 1024))
+    for name, (d_off, m_off, *_) in ms._K_LAYOUT.items():
+        b = ms._random_k_blocks(t, name, seed=0, std=0.02, k=0, rows=512)
+        for off in (d_off, m_off):
+            if off is not None:
+                h = b[:, off:off + 2].copy().view("<f2").astype(np.float32)
+                assert np.isfinite(h).all() and (h > 0).all(), name
+        vals = gguf.quants.dequantize(b, name)
+        assert abs(vals.std() - 0.02) < 0.001 and abs(vals.mean()) < 0.0005, name
+        assert np.array_equal(b, ms._random_k_blocks(t, name, seed=0, std=0.02, k=0, rows=512))
 
 
 # ---- HF folder ----
@@ -200,10 +315,13 @@ def test_deterministic(tmp_path):
     spec = ms.Spec.tiny("qwen2")
     for name in ("a", "b"):
         ms.write_gguf(tmp_path / f"{name}.gguf", spec, "Q8_0", seed=5)
+        ms.write_gguf(tmp_path / f"{name}.k.gguf", QSPEC, "Q4_K_M", seed=5)
         ms.write_hf(tmp_path / name, spec, "BF16", seed=5, shard_mb=0.05)
     ms.write_gguf(tmp_path / "c.gguf", spec, "Q8_0", seed=6)
-    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
-    assert (tmp_path / "a.gguf").read_bytes() != (tmp_path / "c.gguf").read_bytes()
+    ms.write_gguf(tmp_path / "c.k.gguf", QSPEC, "Q4_K_M", seed=6)
+    for ext in (".gguf", ".k.gguf"):
+        assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
+        assert (tmp_path / f"a{ext}").read_bytes() != (tmp_path / f"c{ext}").read_bytes()
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
     for f in files:
@@ -244,6 +362,12 @@ def test_cli(tmp_path, capsys):
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     assert _gguf_field(r, "llama.attention.key_length") == 32
     assert ms.main(["--format", "hf", "--dtype", "Q8_0", "-o", str(tmp_path / "x")]) == 2
+    assert ms.main(["--format", "hf", "--dtype", "Q4_K_M", "-o", str(tmp_path / "x")]) == 2
+    assert ms.main(["--dtype", "Q4_K_M", "--hidden", "256", "--ffn", "512", "--vocab", "512",
+                    "-o", str(tmp_path / "k.gguf")]) == 0
+    r = gguf.GGUFReader(tmp_path / "k.gguf")
+    assert _gguf_field(r, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_K_M) == 15
+    assert {t.tensor_type.name for t in r.tensors} == {"F32", "Q4_K", "Q6_K"}
     assert str(tmp_path / "m.gguf") in capsys.readouterr().out
 
 

@@ -118,7 +118,7 @@ def cpu_and_vulkan(tmp_path, seed: int, arch: str = "llama"):
 
     spec = ms.Spec(arch=arch, layers=2, hidden=256, heads=8, kv_heads=2, ffn=512, vocab=1024, std=0.1)
     build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=seed), tmp_path / "m.vkpack", progress=False)
-    with Engine(tmp_path / "m.vkpack", device="cpu") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+    with Engine(tmp_path / "m.vkpack", device="numpy") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
         yield c, g, spec
 
 

@@ -29,7 +29,7 @@ def model(tmp_path_factory):
     spec = ms.Spec(layers=8, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1024, std=0.1)
     src = ms.write_gguf(d / "m.gguf", spec, dtype="F16", seed=11)
     build(src, d / "m.vkpack", max_pack_mb=1, progress=False)
-    with Engine(d / "m.vkpack", device="cpu") as c:
+    with Engine(d / "m.vkpack", device="numpy") as c:
         ids = c.encode("pinned packs stream again")
         tokens = greedy(c, ids, 8)
         yield d / "m.vkpack", ids, c.logits(ids), tokens, c.model_bytes
@@ -110,7 +110,7 @@ def test_compressed_packs_are_not_decompressed_again(tmp_path, discrete):
     spec = ms.Spec(layers=8, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1024, std=0.1)
     build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="F16", seed=3), tmp_path / "z.vkpack",
           codec="blosc2-zstd", max_pack_mb=1, progress=False)
-    with Engine(tmp_path / "z.vkpack", device="cpu") as c:
+    with Engine(tmp_path / "z.vkpack", device="numpy") as c:
         ids = c.encode("compressed packs, pinned once")
         ref = greedy(c, ids, 6)
     with Engine(tmp_path / "z.vkpack", device="vulkan") as probe:

@@ -241,7 +241,7 @@ def raw_reference(raw_archive):
     """The numpy backend on raw_archive: prompt ids, 10 greedy tokens, the prompt's logits."""
     from vkpack.runtime.engine import Engine
 
-    with Engine(raw_archive, device="cpu") as c:
+    with Engine(raw_archive, device="numpy") as c:
         ids = c.encode("stream the packs from the file")
         return ids, greedy(c, ids, 10), c.logits(ids)
 

@@ -35,7 +35,11 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
 
     ids = cfg["ids"]
     kw = {"device": cfg["device"], "context": len(ids) + cfg["n_decode"] + 8}
-    probe = Engine(cfg["archive"], **kw)
+    try:
+        probe = Engine(cfg["archive"], **kw)
+    except ValueError:  # a checkout from before device "numpy", whose "cpu" was the numpy backend
+        kw["device"] = "cpu"
+        probe = Engine(cfg["archive"], **kw)
     vram = None if cfg["frac"] is None else (cfg["frac"] * probe.model_bytes + probe.session_bytes(kw["context"])
                                              + (16 << 20)) / 2**30
     probe.close()
@@ -105,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--base is required")
     arcs = archives(args.work)
     ids = list(range(1, 129))  # 128 prompt tokens
-    cases = [("numpy smollm2 resident", arcs["smollm2"], "cpu", None, 32),
-             ("numpy smollm2 streamed 50%", arcs["smollm2"], "cpu", 0.5, 32),
+    cases = [("numpy smollm2 resident", arcs["smollm2"], "numpy", None, 32),
+             ("numpy smollm2 streamed 50%", arcs["smollm2"], "numpy", 0.5, 32),
              ("vulkan synth resident", arcs["synth"], "vulkan", None, 16),
              ("vulkan synth streamed 50%", arcs["synth"], "vulkan", 0.5, 16)]
     results: dict[str, dict[str, list[dict]]] = {c[0]: {"this": [], "base": []} for c in cases}

@@ -152,7 +152,8 @@ def child_vk(cfg: dict[str, Any]) -> dict[str, Any]:
     ids = cfg["ids"]
     n_dec = cfg["n_decode"]
     n_ctx = max([*cfg["prompts"], cfg["decode_prompt"]]) + n_dec + 1
-    probe = Engine(cfg["archive"], device="cpu", context=n_ctx)
+    device = cfg.get("device", "numpy")  # bench_cpu.py runs the native CPU backend ("cpu") through here
+    probe = Engine(cfg["archive"], device=device, context=n_ctx)
     model_bytes = probe.model_bytes
     reserve = probe.session_bytes(n_ctx)
     layers = probe.archive.graph["kv_cache"]["n_layers"]
@@ -164,7 +165,7 @@ def child_vk(cfg: dict[str, Any]) -> dict[str, Any]:
         weight_room = int(frac * model_bytes)
         vram = (weight_room + reserve + (2 * layers + 2) * 256) / GIB  # + the sub-allocator's alignment
     t0 = time.perf_counter()
-    eng = Engine(cfg["archive"], vram_gb=vram, ram_gb=cfg.get("ram_gb"), device="cpu",
+    eng = Engine(cfg["archive"], vram_gb=vram, ram_gb=cfg.get("ram_gb"), device=device,
                  prefetch_lookahead=cfg["lookahead"], policy=cfg["policy"], context=n_ctx)
     if cfg.get("threads"):
         eng.backend.set_threads(*cfg["threads"])
@@ -290,12 +291,12 @@ def child_threads(cfg: dict[str, Any]) -> dict[str, Any]:
     from vkpack.runtime.engine import Engine
 
     ids, n_ctx = cfg["ids"], 128 + 8 * cfg["rounds"] + 16
-    probe = Engine(cfg["archive"], device="cpu", context=n_ctx)
+    probe = Engine(cfg["archive"], device="numpy", context=n_ctx)
     vram = None
     if cfg["frac"] is not None:
         vram = (cfg["frac"] * probe.model_bytes + probe.session_bytes(n_ctx) + (1 << 20)) / GIB
     probe.close()
-    eng = Engine(cfg["archive"], vram_gb=vram, device="cpu", context=n_ctx)
+    eng = Engine(cfg["archive"], vram_gb=vram, device="numpy", context=n_ctx)
     res: dict[str, Any] = {"load_start": loadavg(),
                            "default": [eng.backend.threads_few_rows, eng.backend.threads_many_rows]}
     settings = [tuple(t) for t in cfg["settings"]]

@@ -12,11 +12,27 @@ rotate-half (neox) rope order to GGUF's interleaved order with
 (n_head = kv heads for attn_k). qwen2/qwen3 GGUFs use neox rope and are not permuted.
 GGUF 1-D tensors (norms, biases) are always F32, as llama.cpp writes them.
 
+GGUF storage types (`gguf_types` gives the type of every tensor):
+- F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1: the random f32 weights, cast or quantized with
+  gguf-py's `gguf.quants.quantize` (exactly the HF model's values, up to quantization error).
+- Q2_K/Q3_K/Q4_K/Q5_K/Q6_K: random GGML blocks, NOT the HF model's weights (gguf-py has no
+  K-quantizer, and random weights need none). Every quant and sub-scale bit is uniform random
+  (GGML packs them densely, so every code is equally likely); only the f16 super-block scales
+  `d` (and `dmin`) are set, to d0 * U(0.5, 1.5) per block with d0 from the codes' moments so
+  the values have mean ~0 and std ~`spec.std` (see `_k_params`). At the default std 0.02 every
+  Q5_K/Q6_K `d` and ~1/3 of Q4_K's are f16 subnormals (llama.cpp's Q6_K `d` of such weights is
+  ~1.5e-5, also subnormal), so kernels reading these files must handle subnormal halves.
+- Q4_K_M: llama.cpp's Q4_K_M mix (`_q4_k_m_type`); the single types are "pure"
+  (every 2-D tensor that type, like `llama-quantize --pure`), with no Q6_K output.
+- Rows that are not a whole number of the type's blocks fall back as llama.cpp does
+  (`_FALLBACK`), then to F16 if not whole 32-blocks either.
+
 Writers stream tensor by tensor, in row blocks of at most CHUNK_ELEMS values, so
 peak memory stays far below the model size.
 
-CLI example:
+CLI examples:
     python tools/make_synthetic.py --arch qwen3 --format gguf --dtype Q8_0 --preset tiny -o m.gguf
+    python tools/make_synthetic.py --preset llama_1b --dtype Q4_K_M -o m-q4km.gguf
 """
 
 from __future__ import annotations
@@ -52,10 +68,22 @@ ARCHS = {  # arch -> (HF class, default rope_theta, default rms_norm_eps)
     "qwen2": ("Qwen2ForCausalLM", 1000000.0, 1e-6),
     "qwen3": ("Qwen3ForCausalLM", 1000000.0, 1e-6),
 }
-DTYPES = ("F32", "F16", "BF16", "Q8_0")
+GT, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
+DTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
 HF_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-              "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+MIXES = {"Q4_K_M": "Q4_K"}  # mix -> its default type
+# general.file_type as llama.cpp writes it; a pure K type gets the preset whose default type it is
+# (the _S one where there are S/M/L: the one with the fewest upgrades).
+FILE_TYPES = {"F32": FT.ALL_F32, "F16": FT.MOSTLY_F16, "BF16": FT.MOSTLY_BF16, "Q8_0": FT.MOSTLY_Q8_0,
+              "Q4_0": FT.MOSTLY_Q4_0, "Q4_1": FT.MOSTLY_Q4_1, "Q5_0": FT.MOSTLY_Q5_0, "Q5_1": FT.MOSTLY_Q5_1,
+              "Q2_K": FT.MOSTLY_Q2_K, "Q3_K": FT.MOSTLY_Q3_K_S, "Q4_K": FT.MOSTLY_Q4_K_S,
+              "Q5_K": FT.MOSTLY_Q5_K_S, "Q6_K": FT.MOSTLY_Q6_K, "Q4_K_M": FT.MOSTLY_Q4_K_M}
+K_QUANTS = frozenset({GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K})
+# llama.cpp's llama_tensor_get_type fallback for rows that are not whole 256-blocks, except that
+# Q2_K/Q3_K go to Q4_0 (same 4.5 bits/weight) instead of IQ4_NL, which gguf-py cannot quantize and
+# vkpack's CPU path does not read. Anything else (Q8_0, Q4_0, ...) falls back to F16.
+_FALLBACK = {GT.Q2_K: GT.Q4_0, GT.Q3_K: GT.Q4_0, GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
 
 # ---- spec ----
 
@@ -158,7 +186,12 @@ class Spec:
         one = dataclasses.replace(self, layers=1).tensors()
         layer_b = _nbytes([t for t in one if t.gguf.startswith("blk.")], dtype, gguf_layout=False)
         fixed = _nbytes(one, dtype, gguf_layout=False) - layer_b  # embeddings, final norm, head
-        return dataclasses.replace(self, layers=max(1, round((gb * 1e9 - fixed) / layer_b)))
+        layers = max(1, round((gb * 1e9 - fixed) / layer_b))
+        if dtype in MIXES:  # a mix's layer size depends on the layer count: refine once at that count
+            fixed = _nbytes(dataclasses.replace(self, layers=0).tensors(), dtype)
+            layer_b = (_nbytes(dataclasses.replace(self, layers=layers).tensors(), dtype) - fixed) / layers
+            layers = max(1, round((gb * 1e9 - fixed) / layer_b))
+        return dataclasses.replace(self, layers=layers)
 
 
 @dataclass(frozen=True)
@@ -208,7 +241,8 @@ def _gguf_blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
     yield w.reshape(n, 2, rows // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _encoded_gguf_tensors(tensors: list[TensorDef], dtype: str, seed: int, std: float):
+def _encoded_gguf_tensors(tensors: list[TensorDef], types: dict[str, gguf.GGMLQuantizationType],
+                          seed: int, std: float):
     """Yield (tensor, [future of encoded bytes per block]) in file order; blocks are drawn and
     encoded on a thread pool (numpy's RNG and casts release the GIL), a bounded window ahead of
     the writer, so an 8B model is generated on all cores with bounded memory. Same bytes as serial."""
@@ -216,14 +250,17 @@ def _encoded_gguf_tensors(tensors: list[TensorDef], dtype: str, seed: int, std: 
     window: collections.deque = collections.deque()
 
     def encode_block(t: TensorDef, k: int, rows: int) -> bytes:
-        return _encode(_block(t, seed, std, k, rows), _qtype(t, dtype)).tobytes()
+        qt = types[t.gguf]
+        if qt in K_QUANTS:
+            return _random_k_blocks(t, qt, seed, std, k, rows).tobytes()
+        return _encode(_block(t, seed, std, k, rows), qt).tobytes()
 
     def encode_whole(t: TensorDef) -> bytes:
-        return b"".join(_encode(b, _qtype(t, dtype)).tobytes() for b in _gguf_blocks(t, seed, std))
+        return b"".join(_encode(b, types[t.gguf]).tobytes() for b in _gguf_blocks(t, seed, std))
 
     def jobs():
         for t in tensors:
-            if t.permute:  # the permutation needs the whole tensor
+            if t.permute and types[t.gguf] not in K_QUANTS:  # the permutation needs the whole tensor
                 yield t, [pool.submit(encode_whole, t)]
             else:
                 yield t, [pool.submit(encode_block, t, k, rows) for k, (_r0, rows) in enumerate(_block_rows(t))]
@@ -241,13 +278,57 @@ def _encoded_gguf_tensors(tensors: list[TensorDef], dtype: str, seed: int, std: 
             yield window.popleft()
 
 
-def _qtype(t: TensorDef, dtype: str) -> gguf.GGMLQuantizationType:
-    """GGUF storage type: 1-D always F32; Q8_0 falls back to F16 for rows not a multiple of 32."""
-    if len(t.shape) == 1:
-        return gguf.GGMLQuantizationType.F32
-    if dtype == "Q8_0" and t.shape[-1] % 32:
-        return gguf.GGMLQuantizationType.F16
-    return gguf.GGMLQuantizationType[dtype]
+def gguf_types(tensors: list[TensorDef], dtype: str) -> dict[str, gguf.GGMLQuantizationType]:
+    """GGUF storage type of each tensor, by GGUF name, for one of DTYPES.
+
+    1-D tensors are F32. A single type applies to every 2-D tensor; Q4_K_M follows llama.cpp
+    (`_q4_k_m_type`), with the layer count and tied output read from the tensor list, as
+    llama.cpp does. Rows that are not whole blocks of the chosen type fall back via `_FALLBACK`.
+    Example:
+        >>> gguf_types(Spec.tiny().tensors(), "Q4_K")["blk.0.attn_q.weight"]   # rows of 64
+        <GGMLQuantizationType.Q5_0: 6>
+    """
+    return {t.gguf: _fit(t, want) for t, want in _wanted_types(tensors, dtype)}
+
+
+def _wanted_types(tensors: list[TensorDef], dtype: str) -> Iterator[tuple[TensorDef, gguf.GGMLQuantizationType]]:
+    """(tensor, type before the row-size fallback)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported for GGUF; expected one of {DTYPES}")
+    n_layers = len({t.gguf.split(".")[1] for t in tensors if t.gguf.startswith("blk.")})
+    has_output = any(t.gguf == "output.weight" for t in tensors)
+    for t in tensors:
+        if len(t.shape) == 1:
+            yield t, GT.F32
+        elif dtype == "Q4_K_M":
+            yield t, _q4_k_m_type(t.gguf, n_layers, has_output)
+        else:
+            yield t, GT[dtype]
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's rule: the first and last eighth of the layers, and every third one between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def _q4_k_m_type(name: str, n_layers: int, has_output: bool) -> gguf.GGMLQuantizationType:
+    """llama.cpp's llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_Q4_K_M (dense, non-Falcon models):
+    Q6_K for `output` (for `token_embd` when tied, since it is then also the output) and for
+    `attn_v`/`ffn_down` of the layers where `_use_more_bits`; Q4_K for all other 2-D tensors."""
+    if name == "output.weight" or (name == "token_embd.weight" and not has_output):
+        return GT.Q6_K
+    if name.endswith((".attn_v.weight", ".ffn_down.weight")) and _use_more_bits(int(name.split(".")[1]), n_layers):
+        return GT.Q6_K
+    return GT.Q4_K
+
+
+def _fit(t: TensorDef, qt: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """`qt`, or its fallback where a row of `t` is not a whole number of `qt` blocks."""
+    if t.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0]:
+        qt = _FALLBACK.get(qt, GT.F16)
+        if t.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0]:
+            qt = GT.F16
+    return qt
 
 
 def _encode(x: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -259,14 +340,71 @@ def _encode(x: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.quantize(x, qtype)
 
 
+# ---- random K-quant blocks ----
+# type -> (byte offset of d, of dmin or None, sub-scale codes, quant codes, min codes or None), where
+# a value is d * s * q - dmin * m (GGML's block_q*_K; runtime/cpu/dequant.py reads the same layout).
+_K_LAYOUT = {
+    GT.Q2_K: (80, 82, (0, 15), (0, 3), (0, 15)),
+    GT.Q3_K: (108, None, (-32, 31), (-4, 3), None),     # q: 2 bits + hmask bit; s: 6-bit code - 32
+    GT.Q4_K: (0, 2, (0, 63), (0, 15), (0, 63)),
+    GT.Q5_K: (0, 2, (0, 63), (0, 31), (0, 63)),
+    GT.Q6_K: (208, None, (-128, 127), (-32, 31), None),  # s: int8; q: 6-bit code - 32
+}
+# Per-block factor on d and dmin, so a kernel that reads another block's scale shows it;
+# one factor for both, so each block's mean stays ~0.
+_U = (0.5, 1.5)
+
+
+def _moments(lo: int, hi: int) -> tuple[float, float]:
+    """E[X], E[X^2] for X uniform on the integers lo..hi."""
+    n, mean = hi - lo + 1, (lo + hi) / 2
+    return mean, (n * n - 1) / 12 + mean * mean
+
+
+@lru_cache(maxsize=64)
+def _k_params(qt: gguf.GGMLQuantizationType, std: float) -> tuple[float, float]:
+    """(d0, r) so that d*s*q - dmin*m has mean ~0 and std `std`, with s, q, m independent uniform
+    codes, d = d0*u and dmin = r*d0*u (u uniform on _U)."""
+    _, _, s, q, m = _K_LAYOUT[qt]
+    (es, es2), (eq, eq2) = _moments(*s), _moments(*q)
+    eu2 = 1 + (_U[1] - _U[0]) ** 2 / 12
+    if m is None:  # symmetric codes: mean is (E[s] E[q]) d, i.e. 0.25 d, negligible
+        return std / math.sqrt(eu2 * es2 * eq2), 0.0
+    em, em2 = _moments(*m)
+    r = es * eq / em  # E[d s q] = E[dmin m]
+    unit = eu2 * (es2 * eq2 + r * r * em2 - 2 * (es * eq) ** 2)
+    return std / math.sqrt(unit), r
+
+
+def _random_k_blocks(t: TensorDef, qt: gguf.GGMLQuantizationType, seed: int, std: float,
+                     k: int, rows: int) -> np.ndarray:
+    """Row block k of `t` as (n_blocks, type_size) uint8 random `qt` blocks (see the module doc)."""
+    rng = np.random.default_rng([seed, zlib.crc32(t.hf.encode()), k])
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    n = rows * math.prod(t.shape[1:]) // block
+    b = np.frombuffer(bytearray(rng.bytes(n * size)), np.uint8).reshape(n, size)
+    d_off, m_off, *_ = _K_LAYOUT[qt]
+    d0, r = _k_params(qt, std)
+    u = rng.uniform(*_U, n)
+    for off, scale in ((d_off, d0), (m_off, r * d0)):
+        if off is not None:  # smallest positive subnormal .. largest finite half
+            h = np.clip(scale * u, 2.0 ** -24, 65504.0).astype("<f2")
+            b[:, off:off + 2] = h.view(np.uint8).reshape(n, 2)
+    return b
+
+
 def _tensor_nbytes(t: TensorDef, qtype: gguf.GGMLQuantizationType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(t.shape) // block * size
 
 
 def _nbytes(tensors: list[TensorDef], dtype: str, gguf_layout: bool = True) -> int:
-    hf_type = gguf.GGMLQuantizationType[dtype]
-    return sum(_tensor_nbytes(t, _qtype(t, dtype) if gguf_layout else hf_type) for t in tensors)
+    """Bytes of `tensors` as GGUF stores them, or (gguf_layout False) all in dtype's default type."""
+    if gguf_layout:
+        types = gguf_types(tensors, dtype)
+        return sum(_tensor_nbytes(t, types[t.gguf]) for t in tensors)
+    hf_type = GT[MIXES.get(dtype, dtype)]
+    return sum(_tensor_nbytes(t, hf_type) for t in tensors)
 
 
 def _pad(f: IO[bytes], align: int) -> None:
@@ -392,25 +530,27 @@ def write_gguf(path: Path | str, spec: Spec, dtype: str = "F16", seed: int = 0) 
     Args:
         path: output .gguf file.
         spec: model shape.
-        dtype: F32, F16, BF16 or Q8_0 for 2-D tensors; 1-D tensors are F32.
-        seed: RNG seed; the same (spec, seed) gives the same bytes and the same model as write_hf.
+        dtype: one of DTYPES for 2-D tensors (see the module doc and `gguf_types`); 1-D are F32.
+        seed: RNG seed; the same (spec, seed) gives the same bytes and (except K-quant tensors,
+            which are random blocks) the same model as write_hf.
     Returns:
         The path written.
     Example:
         >>> write_gguf("tiny.gguf", Spec.tiny("qwen2"), "Q8_0", seed=1)
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported for GGUF; expected one of {DTYPES}")
+    tensors = spec.tensors()
+    types = gguf_types(tensors, dtype)
+    fell = [f"{t.gguf} {want.name}->{types[t.gguf].name}" for t, want in _wanted_types(tensors, dtype)
+            if types[t.gguf] != want]
+    if fell:
+        log.warning("%d tensors have rows that are not whole blocks, stored as: %s", len(fell), ", ".join(fell))
     path = Path(path)
     tmp = _tmp_path(path)
-    tensors = spec.tensors()
     w = gguf.GGUFWriter(tmp, spec.arch)
     try:
         _add_gguf_metadata(w, spec, dtype, seed)
         for t in tensors:
-            qt = _qtype(t, dtype)
-            if qt.name != dtype and len(t.shape) > 1:
-                log.warning("%s: row size %d not a multiple of 32, stored as F16", t.gguf, t.shape[-1])
+            qt = types[t.gguf]
             nbytes = _tensor_nbytes(t, qt)
             byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, qt)
             w.add_tensor_info(t.gguf, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qt)
@@ -420,11 +560,11 @@ def write_gguf(path: Path | str, spec: Spec, dtype: str = "F16", seed: int = 0) 
         # Tensor data is streamed by hand: GGUFWriter.write_tensor_data wants whole tensors.
         fout = w.fout[0]
         _pad(fout, w.data_alignment)
-        for t, chunks in _encoded_gguf_tensors(tensors, dtype, seed, spec.std):
+        for t, chunks in _encoded_gguf_tensors(tensors, types, seed, spec.std):
             start = fout.tell()
             for chunk in chunks:
                 fout.write(chunk.result())
-            assert fout.tell() - start == _tensor_nbytes(t, _qtype(t, dtype)), t.gguf
+            assert fout.tell() - start == _tensor_nbytes(t, types[t.gguf]), t.gguf
             _pad(fout, w.data_alignment)
         w.close()
         os.replace(tmp, path)
@@ -607,7 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=sorted(ARCHS), default="llama")
     p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
-    p.add_argument("--dtype", choices=DTYPES, default="F16", help="Q8_0 only for gguf")
+    p.add_argument("--dtype", choices=DTYPES, default="F16",
+                   help="F32/F16/BF16 for hf; all for gguf (Q4_K_M: llama.cpp's mix)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="starting shape; the flags below override it")
     for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab", "head-dim", "context"):
@@ -637,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file plan at INFO
     args = parse_args(argv)
-    if args.format == "hf" and args.dtype == "Q8_0":
-        log.error("--dtype Q8_0 is only supported with --format gguf")
+    if args.format == "hf" and args.dtype not in HF_DTYPES:
+        log.error("--dtype %s is only supported with --format gguf", args.dtype)
         return 2
     try:
         spec = spec_from_args(args)

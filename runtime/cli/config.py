@@ -64,7 +64,7 @@ class Settings:
     vram_gb: float | None = None        # GiB
     ram_gb: float | None = None         # GiB
     prefetch_lookahead: int = 3         # steps of the access graph fetched ahead
-    device: str = "auto"                # auto | cpu | vulkan
+    device: str = "auto"                # auto | cpu | numpy | vulkan
     device_index: int | None = None
     threads: int | None = None
     workgroup_size: int | None = None
@@ -207,8 +207,9 @@ KEYS: tuple[Key, ...] = (
         _int_at_least(0), "--prefetch-lookahead",
         "graph steps to prefetch ahead (default: 3; the Vulkan backend raises a nonzero value to twice its "
         "loading threads)"),
-    Key("device", "performance", "device", "VKPACK_DEVICE", _choice("auto", "cpu", "vulkan"),
-        "--device", "compute device (default: auto)", metavar="{auto,cpu,vulkan}"),
+    Key("device", "performance", "device", "VKPACK_DEVICE", _choice("auto", "cpu", "numpy", "vulkan"),
+        "--device", "compute device: auto (a GPU through Vulkan, else the CPU), cpu (native kernels), "
+        "numpy (the reference backend), vulkan (default: auto)", metavar="{auto,cpu,numpy,vulkan}"),
     Key("device_index", "performance", "device_index", "VKPACK_DEVICE_INDEX", _int_at_least(0),
         "--device-index", "which Vulkan physical device to use (default: picked automatically)"),
     Key("threads", "performance", "threads", "VKPACK_THREADS", _int_at_least(1), "--threads",

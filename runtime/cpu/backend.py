@@ -100,7 +100,7 @@ def _blas() -> _BlasThreads:
 class CpuBackend:
     """The numpy backend (runtime/backend.py's contract): f32 weights in host memory, op by op."""
 
-    name = "cpu"
+    name = "numpy"
     max_block = 1 << 30
     load_workers = 1
     reserved_bytes = 0

@@ -1,0 +1,166 @@
+"""The native CPU backend: weights stay as stored in host memory; products run in the native kernels.
+
+The numpy backend converts every weight to f32 (4 to 8 times the bytes) and multiplies with BLAS;
+this one keeps each pack's bytes as the archive stores them (F16, BF16, GGML blocks) and reads them
+in place with `vkp_matmul` (runtime/native/kernels.c): the bytes streamed per token are the model's
+own size, which is what bounds decode on a CPU. Everything but the products (norms, rope, attention,
+residual adds, SwiGLU) is the numpy backend's own code, its numeric reference.
+
+Products of many tokens (prefill) are compute bound rather than memory bound: there, tiles of the
+weight are dequantized into a reused f32 buffer and multiplied by BLAS, whichever is faster per
+batch size (`BLAS_MIN_TOKENS`, measured in tools/bench_native.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...pack_format.constants import align_up
+from ...pack_format.records import TensorRecord
+from ..cpu.backend import CpuBackend
+from ..cpu.dequant import dequantize as dequantize_reference
+from . import dequantize as native_dequantize
+from . import matmul as native_matmul
+
+if TYPE_CHECKING:
+    from ...pack_format.reader import Archive
+    from ..prefetch import PackSource
+
+ALIGN = 256
+BLAS_MIN_TOKENS = 16        # from this many tokens on, dequantized tiles + BLAS beat the native product
+TILE_BYTES = 8 << 20        # f32 bytes of one dequantized tile (a few MiB: stays in the last-level cache)
+
+
+@dataclass(frozen=True)
+class StoredMatrix:
+    """Rows [row_start, row_end) of a weight as stored: `data` is rows * row_bytes bytes (uint8)."""
+
+    data: np.ndarray
+    dtype: str
+    rows: int
+    cols: int
+    row_bytes: int
+
+
+class NativeCpuBackend(CpuBackend):
+    """Weights as stored, products by the native kernels, every other op the numpy reference's."""
+
+    name = "cpu"
+
+    def __init__(self, archive: Archive, threads: int | None = None):
+        super().__init__(archive, threads)
+        self.threads = threads or os.cpu_count() or 1
+        self._extra = {pid: sum(align_up(4 * t.shape[0], ALIGN) for t, _p in sl if _vector_needs_f32(t))
+                       for pid, sl in self.slices.items()}
+        self._tile: np.ndarray | None = None
+        # the f32 tile of the BLAS path: TILE_BYTES, or the largest weight part when that is smaller
+        parts = [4 * (p.row_end - p.row_start) * t.shape[-1] for t in archive.tensors.values() if len(t.shape) == 2
+                 for p in t.parts]
+        self.tile_bytes = min(TILE_BYTES, max(parts, default=0))
+
+    # ---- memory ----
+    def pack_bytes(self, pack: int) -> int:
+        """The pack's bytes as stored, plus f32 copies of vectors stored in another type."""
+        return align_up(self.archive.packs[pack].raw_size, ALIGN) + self._extra.get(pack, 0)
+
+    def activation_bytes(self, tokens: int, n_ctx: int) -> int:
+        return super().activation_bytes(tokens, n_ctx) + (self.tile_bytes if tokens >= BLAS_MIN_TOKENS else 0)
+
+    def load(self, pack: int, source: PackSource, dest: np.ndarray) -> dict[tuple[str, int], Any]:
+        """The pack's bytes into `dest` (from the file when it is stored raw and was checked before: no
+        mmap faults, no copy in between), described as stored matrices and f32 vectors."""
+        raw_size = self.archive.packs[pack].raw_size
+        span = source.file_span()
+        if span is not None:
+            fd, offset, size = span
+            _pread_into(fd, dest[:size], offset)
+        else:
+            dest[:raw_size] = np.frombuffer(memoryview(source.decoded()).cast("B"), dtype=np.uint8)
+        raw = dest[:raw_size]
+        out: dict[tuple[str, int], Any] = {}
+        extra = align_up(raw_size, ALIGN)
+        for t, p in self.slices.get(pack, []):
+            part = raw[p.offset:p.offset + p.nbytes]
+            if len(t.shape) == 1:
+                if _vector_needs_f32(t):
+                    vec = dest[extra:extra + 4 * t.shape[0]].view(np.float32)
+                    dequantize_reference(t.dtype, memoryview(part), t.shape, out=vec)
+                    extra += align_up(4 * t.shape[0], ALIGN)
+                else:
+                    vec = part.view(np.float32)
+                out[(t.name, p.row_start)] = vec
+            else:
+                rows = p.row_end - p.row_start
+                out[(t.name, p.row_start)] = StoredMatrix(part, t.dtype, rows, t.shape[-1], p.nbytes // rows)
+        return out
+
+    # ---- ops that read weights as stored ----
+    def op_embed(self, op, env, weights) -> None:
+        tokens = env["tokens"]
+        name = op["w"][0]
+        t = self.archive.tensors[name]
+        x = np.empty((len(tokens), t.shape[-1]), dtype=np.float32)
+        covered = np.zeros(len(tokens), dtype=bool)
+        for part_idx, p in enumerate(t.parts):
+            mask = (tokens >= p.row_start) & (tokens < p.row_end)
+            if not mask.any():
+                continue
+            with weights.part(name, part_idx) as w:
+                for i in np.flatnonzero(mask):
+                    r = int(tokens[i]) - p.row_start
+                    native_dequantize(w.dtype, w.data[r * w.row_bytes:(r + 1) * w.row_bytes], 1, w.cols,
+                                      x[i:i + 1], 1)
+            covered |= mask
+        if not covered.all():  # FORMAT.md: every id must fall in the embedding's rows
+            bad = int(tokens[np.flatnonzero(~covered)[0]])
+            raise ValueError(f"token id {bad} outside the embedding's {t.shape[0]} rows")
+        env[op["out"]] = x
+
+    def op_linear(self, op, env, weights) -> None:
+        x = np.ascontiguousarray(env[op["in"][0]], dtype=np.float32)
+        name = op["w"][0]
+        t = self.archive.tensors[name]
+        n_tok = x.shape[0]
+        y = np.empty((n_tok, t.shape[0]), dtype=np.float32)
+        for part_idx, p in enumerate(t.parts):
+            with weights.part(name, part_idx) as w:
+                if n_tok >= BLAS_MIN_TOKENS:
+                    self._blas_product(w, x, y[:, p.row_start:p.row_end])
+                else:
+                    native_matmul(w.dtype, w.data, w.rows, w.cols, x, y[:, p.row_start:p.row_end], self.threads)
+        if len(op["w"]) > 1:
+            with weights.part(op["w"][1], 0) as b:
+                y += b
+        env[op["out"]] = y
+
+    def _blas_product(self, w: StoredMatrix, x: np.ndarray, y: np.ndarray) -> None:
+        """y = x @ W.T, W dequantized a tile of rows at a time into one reused f32 buffer."""
+        tile_rows = max(1, self.tile_bytes // (4 * w.cols))
+        if self._tile is None or self._tile.size < tile_rows * w.cols:
+            self._tile = np.empty(tile_rows * w.cols, dtype=np.float32)
+        self.blas.use(self.threads_many_rows)
+        for r0 in range(0, w.rows, tile_rows):
+            r1 = min(w.rows, r0 + tile_rows)
+            tile = self._tile[:(r1 - r0) * w.cols].reshape(r1 - r0, w.cols)
+            native_dequantize(w.dtype, w.data[r0 * w.row_bytes:r1 * w.row_bytes], r1 - r0, w.cols, tile, self.threads)
+            np.matmul(x, tile.T, out=y[:, r0:r1])
+
+
+def _vector_needs_f32(t: TensorRecord) -> bool:
+    return len(t.shape) == 1 and t.dtype != "F32"
+
+
+def _pread_into(fd: int, dest: np.ndarray, offset: int) -> None:
+    """Read len(dest) bytes at `offset` of the file into `dest` (short reads continued)."""
+    mv = memoryview(dest).cast("B")
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read: {done} of {len(mv)} bytes at offset {offset}")
+        done += n
+

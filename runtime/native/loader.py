@@ -1,0 +1,296 @@
+"""Compile kernels.c once per machine, load it with ctypes, and check every call's arguments.
+
+The library is built on first use with `$CC` (default `cc`) and `FLAGS` into `cache_dir()`, under a
+name that hashes the source, the flags, the compiler's `--version` and `platform.machine()`: a new
+compiler, CPU architecture or source gets a new file, and an unchanged machine compiles once. The
+compiler writes a temp file in the same folder that `os.replace` renames into place, so two processes
+that compile at once both end with a whole library. ctypes drops the GIL for the whole call.
+
+Every array is checked here before C sees a pointer (dtype, shape, strides, byte counts): a wrong
+size raises ValueError and C never reads or writes outside the arrays it is given.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import operator
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ...pack_format.constants import GGML_TYPE_IDS, row_bytes
+
+log = logging.getLogger(__name__)
+
+ABI_VERSION = 1
+SOURCE = Path(__file__).with_name("kernels.c")
+# -ffp-contract=off keeps the decoders bit-equal to GGML (kernels.c says why); -march=native picks the
+# host's SIMD at compile time.
+FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
+TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_OFF = {"0", "false", "no", "off"}
+_COMPILE_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}       # "kernels": Kernels | None, "reason": str, once loaded or failed
+
+
+class NativeUnavailable(RuntimeError):
+    """No compiler, the compile failed, or the library would not load."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: `$VKPACK_CACHE/native`, else `~/.cache/vkpack/native`."""
+    root = os.environ.get("VKPACK_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vkpack") / "native"
+
+
+def _compiler() -> list[str]:
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise NativeUnavailable(f"no C compiler: {' '.join(cc) or '$CC'!r} is not on PATH")
+    return cc
+
+
+def build(extra_flags: tuple[str, ...] = (), directory: Path | None = None) -> Path:
+    """Compile kernels.c (unless this exact build is cached) and return the library's path.
+
+    Args:
+        extra_flags: appended to `FLAGS`, e.g. `("-DVKP_PORTABLE",)` or `("-march=haswell",)` (tests).
+        directory: the cache folder; default `cache_dir()`.
+    Raises:
+        NativeUnavailable: no compiler, or it failed (the message ends with its last output lines).
+    """
+    cc = _compiler()
+    flags = FLAGS + tuple(extra_flags)
+    src = SOURCE.read_bytes()
+    try:
+        ver = subprocess.run([*cc, "--version"], capture_output=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeUnavailable(f"{cc[0]} --version failed: {e}") from e
+    h = hashlib.sha256()
+    for part in (src, "\0".join(flags).encode(), ver, platform.machine().encode()):
+        h.update(len(part).to_bytes(8, "little") + part)
+    directory = Path(directory) if directory is not None else cache_dir()
+    path = directory / f"kernels-{h.hexdigest()[:20]}.so"
+    if path.exists():
+        return path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        raise NativeUnavailable(f"cache folder {directory} is not writable: {e}") from e
+    try:
+        cmd = [*cc, *flags, "-o", tmp, str(SOURCE)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        if r.returncode != 0:
+            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-8:])
+            raise NativeUnavailable(f"{shlex.join(cmd)} exited {r.returncode}:\n{tail}")
+        os.replace(tmp, path)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeUnavailable(f"compiling {SOURCE.name} with {cc[0]} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("native kernels: compiled %s", path)
+    return path
+
+
+# ---- argument checks ----
+def _count(name: str, v: object) -> int:
+    try:
+        n = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {type(v).__name__}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return n
+
+
+def _weights(dtype: str, w: np.ndarray, rows: int, cols: int) -> int:
+    """Check the stored rows; return the bytes per row."""
+    if dtype not in TYPES:
+        raise ValueError(f"dtype {dtype!r} has no native kernel; supported: {', '.join(TYPES)}")
+    rb = row_bytes(dtype, cols)                    # ValueError unless cols is whole blocks
+    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or not w.flags.c_contiguous:
+        raise ValueError(f"w must be a C-contiguous uint8 array, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)}")
+    if w.size != rows * rb:
+        raise ValueError(f"{dtype} weights of {rows} rows x {cols} cols need {rows * rb} bytes, got {w.size}")
+    return rb
+
+
+def _rows_view(name: str, a: np.ndarray, n: int, min_cols: int, exact: bool, writeable: bool) -> int:
+    """Check a float32 (n, >= min_cols) array whose rows are contiguous; return its row stride in floats."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D float32 array, got "
+                         f"{getattr(a, 'dtype', type(a).__name__)} with shape {getattr(a, 'shape', None)}")
+    ok_cols = a.shape[1] == min_cols if exact else a.shape[1] >= min_cols
+    if a.shape[0] != n or not ok_cols:
+        want = f"({n}, {min_cols})" if exact else f"({n}, >= {min_cols})"
+        raise ValueError(f"{name} has shape {a.shape}, expected {want}")
+    if writeable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if a.size == 0:
+        return max(min_cols, 1)                   # numpy gives empty arrays zero strides
+    if a.shape[1] > 1 and a.strides[1] != 4:
+        raise ValueError(f"{name} rows must be contiguous (column stride 4 bytes), got stride {a.strides[1]}")
+    if n <= 1:
+        return max(min_cols, 1)                   # a single row's stride is meaningless (and may be anything)
+    s0 = a.strides[0]
+    if s0 % 4 or s0 < 4 * min_cols:
+        raise ValueError(f"{name} row stride {s0} bytes must be a multiple of 4 and >= {4 * min_cols}")
+    return s0 // 4
+
+
+def _threads(threads: object) -> int:
+    n = _count("threads", threads)
+    if n < 1:
+        raise ValueError("threads must be >= 1")
+    return min(n, 1024)
+
+
+class Kernels:
+    """One loaded build of kernels.c (the default one comes from `load()`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            lib = ctypes.CDLL(str(self.path))
+            lib.vkp_abi_version.restype = ctypes.c_int
+            lib.vkp_abi_version.argtypes = []
+        except (OSError, AttributeError) as e:
+            raise NativeUnavailable(f"loading {self.path} failed: {e}") from e
+        if lib.vkp_abi_version() != ABI_VERSION:
+            raise NativeUnavailable(f"{self.path}: ABI {lib.vkp_abi_version()}, expected {ABI_VERSION}")
+        i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.vkp_matmul.argtypes = [c_int, vp, i64, i64, i64, vp, i64, i64, vp, i64, c_int]
+        lib.vkp_matmul.restype = c_int
+        lib.vkp_dequantize.argtypes = [c_int, vp, i64, i64, i64, vp, c_int]
+        lib.vkp_dequantize.restype = c_int
+        lib.vkp_bench_read.argtypes = [vp, i64, c_int]
+        lib.vkp_bench_read.restype = ctypes.c_uint64
+        self._lib = lib
+
+    def matmul(self, dtype: str, w: np.ndarray, rows: int, cols: int, x: np.ndarray, out: np.ndarray,
+               threads: int) -> None:
+        """out[t, r] = sum_c x[t, c] * W[r, c] for the stored W; see the module-level `matmul`."""
+        rows, cols, nth = _count("rows", rows), _count("cols", cols), _threads(threads)
+        rb = _weights(dtype, w, rows, cols)
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            raise ValueError(f"x must be a 2-D float32 array, got {getattr(x, 'shape', type(x).__name__)}")
+        n_tok = x.shape[0]
+        ldx = _rows_view("x", x, n_tok, cols, exact=True, writeable=False)
+        ldy = _rows_view("out", out, n_tok, rows, exact=False, writeable=True)
+        if n_tok == 0 or rows == 0:
+            return
+        if np.may_share_memory(out, x) or np.may_share_memory(out, w):
+            raise ValueError("out overlaps x or w")
+        rc = self._lib.vkp_matmul(GGML_TYPE_IDS[dtype], w.ctypes.data, rb, rows, cols,
+                                  x.ctypes.data, ldx, n_tok, out.ctypes.data, ldy, nth)
+        if rc != 0:
+            raise ValueError(f"vkp_matmul rejected {dtype} {rows}x{cols} (n_tok {n_tok}, ldx {ldx}, ldy {ldy})")
+
+    def dequantize(self, dtype: str, w: np.ndarray, rows: int, cols: int, out: np.ndarray,
+                   threads: int) -> None:
+        """out[r, c] = W[r, c] as f32; see the module-level `dequantize`."""
+        rows, cols, nth = _count("rows", rows), _count("cols", cols), _threads(threads)
+        rb = _weights(dtype, w, rows, cols)
+        if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (rows, cols)
+                or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {(rows, cols)}, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', None)}")
+        if out.size == 0:
+            return
+        if np.may_share_memory(out, w):
+            raise ValueError("out overlaps w")
+        rc = self._lib.vkp_dequantize(GGML_TYPE_IDS[dtype], w.ctypes.data, rb, rows, cols, out.ctypes.data, nth)
+        if rc != 0:
+            raise ValueError(f"vkp_dequantize rejected {dtype} {rows}x{cols}")
+
+
+    def bench_read(self, buf: np.ndarray, threads: int) -> int:
+        """Read all of `buf` (C-contiguous uint8, a multiple of 8 bytes) on `threads` threads: the
+        memory-bandwidth yardstick of tools/bench_native.py. Returns a checksum."""
+        nth = _threads(threads)
+        if (not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or not buf.flags.c_contiguous
+                or buf.size % 8):
+            raise ValueError("buf must be a C-contiguous uint8 array of a multiple of 8 bytes")
+        return int(self._lib.vkp_bench_read(buf.ctypes.data, buf.size, nth))
+
+
+# ---- the process-wide build ----
+def load() -> Kernels | None:
+    """The native kernels for this machine, compiled on first use; None if disabled or unavailable.
+
+    `VKPACK_NATIVE=0` disables them (logged at info). Otherwise a failure (no compiler, a compile
+    error, a load error) is logged once as a warning with its reason, and the caller falls back to numpy.
+    """
+    with _lock:
+        if "reason" not in _state:
+            if os.environ.get("VKPACK_NATIVE", "").strip().lower() in _OFF:
+                _state.update(kernels=None, reason="disabled by VKPACK_NATIVE=0")
+                log.info("native kernels: %s", _state["reason"])
+            else:
+                try:
+                    k = Kernels(build())
+                    _state.update(kernels=k, reason=f"{k.path}")
+                except NativeUnavailable as e:
+                    _state.update(kernels=None, reason=str(e))
+                    log.warning("native kernels unavailable, using numpy: %s", e)
+        return _state["kernels"]  # type: ignore[return-value]
+
+
+def available() -> tuple[bool, str]:
+    """(True, the library's path) or (False, why not); compiles on the first call."""
+    k = load()
+    return k is not None, str(_state["reason"])
+
+
+def _kernels() -> Kernels:
+    k = load()
+    if k is None:
+        raise NativeUnavailable(f"native kernels unavailable: {_state['reason']}")
+    return k
+
+
+def matmul(dtype: str, w: np.ndarray, rows: int, cols: int, x: np.ndarray, out: np.ndarray,
+           threads: int) -> None:
+    """Multiply stored weights into activations: out[t, r] = sum_c x[t, c] * W[r, c], f32 accumulation.
+
+    Args:
+        dtype: a name in `TYPES` (GGML layouts, bytes exactly as in the GGUF).
+        w: uint8, C-contiguous, `rows * row_bytes(dtype, cols)` bytes: the stored rows.
+        rows, cols: W's shape; cols is a whole number of blocks.
+        x: float32 (T, cols); rows contiguous, the row stride may exceed cols (a column slice).
+        out: float32 (T, >= rows), rows contiguous, any row stride: out[:, :rows] is written, so a
+            column slice `y[:, r0:r1]` of a wider array works.
+        threads: OpenMP threads for this call (contiguous row ranges).
+    Raises:
+        ValueError: a wrong dtype, shape, stride or byte count (C is never called with one).
+        NativeUnavailable: no native build on this machine (see `available()`).
+    Example:
+        >>> w = np.frombuffer(np.float32([[1, 2], [3, 4]]).tobytes(), np.uint8)
+        >>> y = np.zeros((1, 2), np.float32); matmul("F32", w, 2, 2, np.float32([[1, 1]]), y, 1); y
+        array([[3., 7.]], dtype=float32)
+    """
+    _kernels().matmul(dtype, w, rows, cols, x, out, threads)
+
+
+def dequantize(dtype: str, w: np.ndarray, rows: int, cols: int, out: np.ndarray, threads: int) -> None:
+    """Decode stored weights into `out`, float32 C-contiguous (rows, cols), bit-equal to `cpu.dequant`.
+
+    Arguments as in `matmul`. Example: `dequantize("Q4_0", w, 4096, 4096, np.empty((4096, 4096), np.float32), 2)`.
+    """
+    _kernels().dequantize(dtype, w, rows, cols, out, threads)
