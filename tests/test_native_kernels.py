@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from vkpack.pack_format.constants import DTYPES, GGML_TYPE_IDS, row_bytes
+from vkpack.pack_format.constants import DTYPES, GGML_TYPE_IDS
 from vkpack.runtime import native
 from vkpack.runtime.cpu.dequant import SUPPORTED, dequantize as ref_dequantize
 from vkpack.runtime.native import loader
@@ -170,27 +170,27 @@ def _q4(rows=4, cols=64):
 
 
 @pytest.mark.parametrize("case, match", [
-    (dict(dtype="Q8_1"), "no native kernel"),
-    (dict(dtype="XX"), "no native kernel"),
-    (dict(cols=48), "not a multiple of the block size"),
-    (dict(w=_q4()[:-1]), "need 144 bytes, got 143"),
-    (dict(w=_q4().view(np.int8)), "uint8"),
-    (dict(w=np.stack([_q4(), _q4()], 1)[:, 0]), "C-contiguous"),
-    (dict(x=np.zeros((2, 32), np.float32)), r"shape \(2, 32\), expected \(2, 64\)"),
-    (dict(x=np.zeros((2, 64), np.float64)), "float32"),
-    (dict(x=np.zeros((2, 128), np.float32)[:, ::2]), "column stride"),
-    (dict(x=np.zeros(64, np.float32)), "2-D"),
-    (dict(out=np.zeros((2, 3), np.float32)), r"expected \(2, >= 4\)"),
-    (dict(out=np.zeros((3, 4), np.float32)), r"expected \(2, >= 4\)"),
-    (dict(out=np.zeros((2, 8), np.float32)[:, ::2]), "column stride"),
-    (dict(rows=-1), ">= 0"),
-    (dict(threads=0), "threads must be >= 1"),
-    (dict(threads=1.5), "integer"),
+    ({"dtype": "Q8_1"}, "no native kernel"),
+    ({"dtype": "XX"}, "no native kernel"),
+    ({"cols": 48}, "not a multiple of the block size"),
+    ({"w": _q4()[:-1]}, "need 144 bytes, got 143"),
+    ({"w": _q4().view(np.int8)}, "uint8"),
+    ({"w": np.stack([_q4(), _q4()], 1)[:, 0]}, "C-contiguous"),
+    ({"x": np.zeros((2, 32), np.float32)}, r"shape \(2, 32\), expected \(2, 64\)"),
+    ({"x": np.zeros((2, 64), np.float64)}, "float32"),
+    ({"x": np.zeros((2, 128), np.float32)[:, ::2]}, "column stride"),
+    ({"x": np.zeros(64, np.float32)}, "2-D"),
+    ({"out": np.zeros((2, 3), np.float32)}, r"expected \(2, >= 4\)"),
+    ({"out": np.zeros((3, 4), np.float32)}, r"expected \(2, >= 4\)"),
+    ({"out": np.zeros((2, 8), np.float32)[:, ::2]}, "column stride"),
+    ({"rows": -1}, ">= 0"),
+    ({"threads": 0}, "threads must be >= 1"),
+    ({"threads": 1.5}, "integer"),
 ])
 def test_matmul_rejects(case, match):
     k = _default_or_skip()
-    args = dict(dtype="Q4_0", w=_q4(), rows=4, cols=64, x=np.zeros((2, 64), np.float32),
-                out=np.zeros((2, 4), np.float32), threads=1)
+    args = {"dtype": "Q4_0", "w": _q4(), "rows": 4, "cols": 64, "x": np.zeros((2, 64), np.float32),
+            "out": np.zeros((2, 4), np.float32), "threads": 1}
     args.update(case)
     with pytest.raises(ValueError, match=match):
         k.matmul(**args)
@@ -316,6 +316,13 @@ def test_build_caches_by_source_flags_and_compiler(monkeypatch, tmp_path):
     assert b != a and a.read_bytes() == b.read_bytes() == b"library"
     assert len((tmp_path / "calls.txt").read_text().splitlines()) == 2
     assert sorted(p.name for p in d.iterdir()) == sorted([a.name, b.name])   # no temp files left
+    src = tmp_path / "src"                                  # a copy of the sources with one header edited
+    src.mkdir()
+    for f in loader.SOURCE.parent.glob("*.[ch]"):
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "decoders.h").write_bytes((src / "decoders.h").read_bytes() + b"\n/* edited */\n")
+    monkeypatch.setattr(loader, "SOURCE", src / "kernels.c")
+    assert native.build(directory=d) not in (a, b)
 
 
 def test_concurrent_builds_each_see_a_whole_library(monkeypatch, tmp_path):
@@ -329,3 +336,18 @@ def test_concurrent_builds_each_see_a_whole_library(monkeypatch, tmp_path):
         t.join()
     assert len(set(results)) == 1 and results[0].read_bytes() == b"library"
     assert [p.name for p in d.iterdir()] == [results[0].name]
+
+
+def test_bench_tool_smoke(tmp_path, capsys):
+    """tools/bench_native.py runs end to end (tiny sizes) and writes its JSON."""
+    if _compiler_missing():
+        pytest.skip("no C compiler")
+    import json
+
+    import bench_native
+
+    assert bench_native.main(["--quick", "--json", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert {r["dtype"] for r in res["native"]} == {"F16", "Q4_K"} and all(r["gbs"] > 0 for r in res["native"])
+    assert set(res["read_gbs"]) == {"1", "2"} and len(res["numpy"]) == 2
+    assert "numpy f32" in capsys.readouterr().out

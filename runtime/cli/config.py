@@ -256,7 +256,7 @@ REMOVED_ENV = {env: why for _, _, env, why in REMOVED}
 
 CONFIG_ENV = "VKPACK_CONFIG"
 # VKPACK_* variables that are not engine settings but belong to vkpack (model/test cache).
-OTHER_ENV_ALLOWED = frozenset({"VKPACK_CACHE"})
+OTHER_ENV_ALLOWED = frozenset({"VKPACK_CACHE", "VKPACK_NATIVE"})  # read by the default model and the native kernels
 
 assert {f.name for f in fields(Settings)} == set(BY_FIELD), "KEYS and Settings out of sync"
 
