@@ -129,9 +129,8 @@ class Archive:
         """Decoded pack bytes (rules 24-26); with `verify`, a checksum mismatch raises ChecksumError naming the pack."""
         p = self.packs[pack_id]
         stored = self.stored_bytes(pack_id)
-        if verify and zlib.crc32(stored) != p.crc32:
-            raise ChecksumError(pack_id, f"pack {pack_id} ({p.kind}{'' if p.layer is None else f' layer {p.layer}'}) "
-                                         f"is corrupt: crc32 {zlib.crc32(stored):08x}, index says {p.crc32:08x}")
+        if verify:
+            self.check_stored(pack_id, stored)
         try:
             raw = codecs.decode(p.codec, stored, p.raw_size, p.codec_params)
         except FormatError as e:
@@ -139,6 +138,15 @@ class Archive:
         if verify and p.codec != "none" and zlib.crc32(raw) != p.raw_crc32:
             raise ChecksumError(pack_id, f"pack {pack_id}: decoded bytes fail their crc32")
         return raw
+
+    def check_stored(self, pack_id: int, stored: bytes | memoryview) -> None:
+        """Raise ChecksumError naming the pack unless `stored` (its bytes as stored, read from anywhere)
+        matches the pack's crc32 (rule 24)."""
+        p = self.packs[pack_id]
+        crc = zlib.crc32(stored)
+        if crc != p.crc32:
+            raise ChecksumError(pack_id, f"pack {pack_id} ({p.kind}{'' if p.layer is None else f' layer {p.layer}'}) "
+                                         f"is corrupt: crc32 {crc:08x}, index says {p.crc32:08x}")
 
     def verify(self) -> list[tuple[int, str]]:
         """Check every pack; returns (pack id, reason) for each bad one."""

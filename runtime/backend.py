@@ -12,8 +12,9 @@ methods. How a pack travels, in order:
     Executor          `Backend.forward(PassInputs, WeightAccess)` -> output rows (logits)
 
 `PackSource` (runtime/prefetch.py) lets the backend choose where the bytes come from: the decoded
-bytes (read, checked, decompressed, cached in the RAM tier on the way) or, for a pack stored raw
-whose checksum was checked before, the archive file itself. A backend may also keep packs of its
+bytes (read, checked, decompressed, cached in the RAM tier on the way); for a pack stored raw, the
+archive file read straight into the backend's memory and checked there (`read_into`); or, for a raw
+pack checked before, the file's span for the backend's own reader (`file_span`). A backend may also keep packs of its
 own (the Vulkan backend's pinned host cache) and skip the source entirely.
 """
 

@@ -60,6 +60,7 @@ class Engine:
         self.archive = Archive(path)
         self.loader: PackLoader | None = None
         self.backend: Backend | None = None
+        self.tier: DeviceTier | None = None
         try:
             self._wire(vram_gb, ram_gb, device, prefetch_lookahead, policy, context, threads, device_index,
                        {"workgroup_size": workgroup_size, "subgroups": subgroups, "fp32": fp32}, shader_dir)
@@ -94,7 +95,9 @@ class Engine:
                               pass_tokens=min(self.context, 512 if plan.streaming else 2048))
         self.ram = RamTier(self.backend.attach(self.tier, placement), self.policy)
         workers = self.backend.load_workers
-        if lookahead > 0 and workers > 1:  # a backend loading from several threads: keep them all busy
+        if placement.resident:  # every pack is loaded at start and stays: nothing to fetch ahead
+            lookahead = 0
+        elif lookahead > 0 and workers > 1:  # a backend loading from several threads: keep them all busy
             lookahead = max(lookahead, 2 * workers)
         self.loader = PackLoader(archive, self.tier, self.ram, self.backend, self.schedule, lookahead, self.metrics)
         if placement.resident:  # the whole model fits: load it at start, as llama.cpp does
@@ -202,6 +205,8 @@ class Engine:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+        if self.tier is not None:
+            self.tier.entries.clear()  # payloads are views of the freed blocks: let them go too
         self.archive.close()
 
     def __enter__(self) -> Engine:

@@ -158,7 +158,7 @@ def test_bad_file(tmp_path):
     ("[memory]\nram_budget_gb = -2\n", "memory.ram_budget_gb", "'-2'", "must not be negative"),
     ("[memory]\nvram_budget_gb = 0\n", "memory.vram_budget_gb", "'0'", "must be > 0"),
     ("[memory]\nprefetch_lookahead = 2.5\n", "memory.prefetch_lookahead", "'2.5'", "integer"),
-    ("[performance]\ndevice = cuda\n", "performance.device", "'cuda'", "auto, cpu, vulkan"),
+    ("[performance]\ndevice = cuda\n", "performance.device", "'cuda'", "auto, cpu, numpy, vulkan"),
     ("[performance]\nfp32 = maybe\n", "performance.fp32", "'maybe'", "true/false"),
     ("[performance]\nworkgroup_size = 4096\n", "performance.workgroup_size", "'4096'", "<= 1024"),
     ("[logging]\nlevel = loud\n", "logging.level", "'loud'", "DEBUG, INFO"),

@@ -71,14 +71,10 @@ class NativeCpuBackend(CpuBackend):
         return super().activation_bytes(tokens, n_ctx) + (self.tile_bytes if tokens >= BLAS_MIN_TOKENS else 0)
 
     def load(self, pack: int, source: PackSource, dest: np.ndarray) -> dict[tuple[str, int], Any]:
-        """The pack's bytes into `dest` (from the file when it is stored raw and was checked before: no
-        mmap faults, no copy in between), described as stored matrices and f32 vectors."""
+        """The pack's bytes into `dest` (read from the file when it is stored raw: no mmap pages, no copy
+        in between), described as stored matrices and f32 vectors."""
         raw_size = self.archive.packs[pack].raw_size
-        span = source.file_span()
-        if span is not None:
-            fd, offset, size = span
-            _pread_into(fd, dest[:size], offset)
-        else:
+        if not source.read_into(dest[:raw_size]):
             dest[:raw_size] = np.frombuffer(memoryview(source.decoded()).cast("B"), dtype=np.uint8)
         raw = dest[:raw_size]
         out: dict[tuple[str, int], Any] = {}
@@ -152,15 +148,3 @@ class NativeCpuBackend(CpuBackend):
 
 def _vector_needs_f32(t: TensorRecord) -> bool:
     return len(t.shape) == 1 and t.dtype != "F32"
-
-
-def _pread_into(fd: int, dest: np.ndarray, offset: int) -> None:
-    """Read len(dest) bytes at `offset` of the file into `dest` (short reads continued)."""
-    mv = memoryview(dest).cast("B")
-    done = 0
-    while done < len(mv):
-        n = os.preadv(fd, [mv[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"short read: {done} of {len(mv)} bytes at offset {offset}")
-        done += n
-
