@@ -115,6 +115,13 @@ class Archive:
         p = self.packs[pack_id]
         return memoryview(self._mm)[p.offset:p.offset + p.stored_size]
 
+    def drop_pages(self, pack_id: int) -> None:
+        """Unmap the pack's pages from this process (MADV_DONTNEED; they stay in the page cache and
+        fault back in on the next read): a pack loaded elsewhere should not also count in our RSS."""
+        p = self.packs[pack_id]
+        if hasattr(mmap, "MADV_DONTNEED") and p.stored_size and p.offset % mmap.PAGESIZE == 0:
+            self._mm.madvise(mmap.MADV_DONTNEED, p.offset, p.stored_size)
+
     def pack_span(self, pack_id: int) -> tuple[int, int]:
         """(absolute file offset, stored size) of a pack's bytes, for reading them with `fileno()`
         (bounds were validated at open)."""

@@ -178,6 +178,7 @@ class PackLoader:
             t0 = time.perf_counter()
             payload = self.backend.load(pack, PackSource(self, pack, cursor, background=protect is not None),
                                         self.tier.view(alloc))
+            self.archive.drop_pages(pack)  # the pack lives in the tier now: its mapped pages need not count in RSS
             self.metrics.add_upload(nbytes, time.perf_counter() - t0)
         except BaseException:
             self.tier.release(alloc)
