@@ -30,6 +30,9 @@ import smollm2
 from bench_docs import write_section
 
 SECTION = "CPU (native kernels) against llama.cpp"
+LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+                    "-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF "
+                    "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
 
 
 def model_files(work: Path, keys: list[str]) -> list[br.Model]:
@@ -82,6 +85,11 @@ def render(R: dict[str, Any]) -> str:
           "The numpy backend is the reference the native one replaces."), ""]
     if R["llama_missing"]:
         L += [f"llama.cpp was not measured: {R['llama_missing']}", ""]
+    else:
+        lc = next((row["llama"] for row in R["models"].values() if "llama" in row), {})
+        L += [(f"llama.cpp: llama-cpp-python {lc.get('version', '?')}, built here from source with "
+               f"`CMAKE_ARGS=\"{LLAMA_CMAKE_ARGS}\"` (`GGML_NATIVE=ON` dies with SIGILL on this VM: its CPU "
+               "flags AMX, which the VM does not grant); `" + lc.get("system_info", "?") + "`."), ""]
     L += ["| model | engine | prefill 128 | prefill 512 | decode | decode vs llama.cpp | peak RSS / archive |",
           "|---|---|---|---|---|---|---|"]
     for row in R["models"].values():
@@ -109,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="smollm2,f16,q4km")
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--write-docs", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="also save the raw results here")
+    ap.add_argument("--from-json", type=Path, help="render saved results instead of measuring")
     args = ap.parse_args(argv)
-    R = run(args.work, args.models.split(","), args.decode)
+    R = json.loads(args.from_json.read_text()) if args.from_json else run(args.work, args.models.split(","), args.decode)
     text = render(R)
     print(text)
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps(R, indent=1))
     if args.write_docs:
         write_section("bench_cpu", f"## {SECTION}", text + "\n")
