@@ -14,6 +14,7 @@ import pytest
 
 import make_synthetic as ms
 from vkpack.compiler.build import build
+from vkpack.pack_format.errors import VkpackError
 from vkpack.runtime import native
 from vkpack.runtime.backends import make_backend
 from vkpack.runtime.engine import Engine
@@ -89,8 +90,9 @@ def test_batched_sequences_equal_separate_passes(archive):
         assert rel_err(both[0], la) < 1e-5 and rel_err(both[1], lb) < 1e-5
 
 
-def test_token_id_outside_the_embedding_is_refused(archive):
-    with Engine(archive, device="cpu") as eng, pytest.raises(ValueError, match="outside the embedding"):
+@pytest.mark.parametrize("device", ["cpu", "numpy"])
+def test_token_id_outside_the_embedding_is_refused(archive, device):
+    with Engine(archive, device=device) as eng, pytest.raises(VkpackError, match="outside the embedding"):
         eng.logits([1, 2, eng.archive.tensors["token_embd.weight"].shape[0]])
 
 

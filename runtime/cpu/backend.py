@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...pack_format.constants import align_up
+from ...pack_format.errors import VkpackError
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
 from ..backend import PassInputs, Placement
@@ -198,6 +199,7 @@ class CpuBackend:
         tokens = env["tokens"]
         name = op["w"][0]
         t = self.archive.tensors[name]
+        check_token_ids(tokens, t)
         x = np.empty((len(tokens), t.shape[-1]), dtype=np.float32)
         for part_idx, p in enumerate(t.parts):
             mask = (tokens >= p.row_start) & (tokens < p.row_end)
@@ -265,3 +267,15 @@ class CpuBackend:
     def op_last_token(self, op, env, weights) -> None:
         x = env[op["in"][0]]
         env[op["out"]] = x[[r1 - 1 for _, r1, _, _ in self._seqs]]
+
+
+def check_token_ids(tokens: np.ndarray, table: TensorRecord) -> None:
+    """Every id must name a row of the embedding table that its parts cover (docs/FORMAT.md, embed):
+    a row outside them would otherwise be left unwritten."""
+    covered = np.zeros(len(tokens), dtype=bool)
+    for p in table.parts:
+        covered |= (tokens >= p.row_start) & (tokens < p.row_end)
+    if not covered.all():
+        bad = int(tokens[np.flatnonzero(~covered)[0]])
+        raise VkpackError(f"token id {bad} is outside the embedding table {table.name!r} "
+                          f"({table.shape[0]} rows)")
