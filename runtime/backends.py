@@ -59,7 +59,8 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
             from .native.backend import NativeCpuBackend
 
             return NativeCpuBackend(archive, threads)
-        log.warning("native CPU kernels unavailable (%s); running on the numpy backend", why)
+        # runtime/native/loader.py has warned once with the reason (or was switched off on purpose)
+        log.info("native CPU kernels unavailable (%s); running on the numpy backend", why)
     from .cpu.backend import CpuBackend
 
     return CpuBackend(archive, threads)

@@ -351,3 +351,26 @@ def test_bench_tool_smoke(tmp_path, capsys):
     assert {r["dtype"] for r in res["native"]} == {"F16", "Q4_K"} and all(r["gbs"] > 0 for r in res["native"])
     assert set(res["read_gbs"]) == {"1", "2"} and len(res["numpy"]) == 2
     assert "numpy f32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["F16", "Q4_1", "Q4_K"])
+def test_bound_weight_equals_matmul_and_checks_its_inputs(dtype):
+    """`Kernels.bind` checks the weight once; each call still checks x and out."""
+    k = native.load()
+    rng = np.random.default_rng(7)
+    rows, cols = 37, 512
+    w = random_rows(dtype, rows, cols, rng)
+    bound = k.bind(dtype, w, rows, cols)
+    x = rng.standard_normal((3, cols), np.float32)
+    want = np.zeros((3, rows), np.float32)
+    k.matmul(dtype, w, rows, cols, x, want, 2)
+    got = np.full((3, rows + 4), 9.0, np.float32)
+    bound(x, got[:, 1:1 + rows], 2)
+    np.testing.assert_array_equal(got[:, 1:1 + rows], want)
+    assert (got[:, 0] == 9).all() and (got[:, 1 + rows:] == 9).all()
+    for bad_x, bad_out in [(x[:, :-32], want), (x.astype(np.float64), want), (x, want[:, :-1]), (x[:2], want),
+                           (x.T.copy(), want), ([[0.0] * cols], want)]:
+        with pytest.raises(ValueError):
+            bound(bad_x, bad_out, 1)
+    with pytest.raises(ValueError, match="overlaps"):
+        bound(x, x[:, :rows], 1)

@@ -24,7 +24,8 @@ from ...pack_format.records import TensorRecord
 from ..cpu.backend import CpuBackend, check_token_ids
 from ..cpu.dequant import dequantize as dequantize_reference
 from . import dequantize as native_dequantize
-from . import matmul as native_matmul
+from . import load as load_kernels
+from .loader import BoundWeight, NativeUnavailable
 
 if TYPE_CHECKING:
     from ...pack_format.reader import Archive
@@ -37,13 +38,15 @@ TILE_BYTES = 8 << 20        # f32 bytes of one dequantized tile (a few MiB: stay
 
 @dataclass(frozen=True)
 class StoredMatrix:
-    """Rows [row_start, row_end) of a weight as stored: `data` is rows * row_bytes bytes (uint8)."""
+    """Rows [row_start, row_end) of a weight as stored: `data` is rows * row_bytes bytes (uint8);
+    `product(x, out, threads)` multiplies them into activations (checked once, at load)."""
 
     data: np.ndarray
     dtype: str
     rows: int
     cols: int
     row_bytes: int
+    product: BoundWeight
 
 
 class NativeCpuBackend(CpuBackend):
@@ -53,6 +56,10 @@ class NativeCpuBackend(CpuBackend):
 
     def __init__(self, archive: Archive, threads: int | None = None):
         super().__init__(archive, threads)
+        kernels = load_kernels()
+        if kernels is None:
+            raise NativeUnavailable("native kernels unavailable (see the warning above)")
+        self.kernels = kernels
         self.threads = threads or os.cpu_count() or 1
         self._extra = {pid: sum(align_up(4 * t.shape[0], ALIGN) for t, _p in sl if _vector_needs_f32(t))
                        for pid, sl in self.slices.items()}
@@ -91,7 +98,8 @@ class NativeCpuBackend(CpuBackend):
                 out[(t.name, p.row_start)] = vec
             else:
                 rows = p.row_end - p.row_start
-                out[(t.name, p.row_start)] = StoredMatrix(part, t.dtype, rows, t.shape[-1], p.nbytes // rows)
+                out[(t.name, p.row_start)] = StoredMatrix(part, t.dtype, rows, t.shape[-1], p.nbytes // rows,
+                                                          self.kernels.bind(t.dtype, part, rows, t.shape[-1]))
         return out
 
     # ---- ops that read weights as stored ----
@@ -123,7 +131,7 @@ class NativeCpuBackend(CpuBackend):
                 if n_tok >= BLAS_MIN_TOKENS:
                     self._blas_product(w, x, y[:, p.row_start:p.row_end])
                 else:
-                    native_matmul(w.dtype, w.data, w.rows, w.cols, x, y[:, p.row_start:p.row_end], self.threads)
+                    w.product(x, y[:, p.row_start:p.row_end], self.threads)
         if len(op["w"]) > 1:
             with weights.part(op["w"][1], 0) as b:
                 y += b

@@ -25,6 +25,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+from typing import Any
 import tempfile
 import threading
 from pathlib import Path
@@ -222,6 +223,13 @@ class Kernels:
         if rc != 0:
             raise ValueError(f"vkp_matmul rejected {dtype} {rows}x{cols} (n_tok {n_tok}, ldx {ldx}, ldy {ldy})")
 
+    def bind(self, dtype: str, w: np.ndarray, rows: int, cols: int) -> BoundWeight:
+        """`matmul` for one stored weight, its checks made once: a decode token multiplies each weight
+        once, and for a small model the per-call checks cost as much as the product."""
+        rows, cols = _count("rows", rows), _count("cols", cols)
+        rb = _weights(dtype, w, rows, cols)
+        return BoundWeight(self._lib.vkp_matmul, GGML_TYPE_IDS[dtype], w, _addr(w), rb, rows, cols)
+
     def dequantize(self, dtype: str, w: np.ndarray, rows: int, cols: int, out: np.ndarray,
                    threads: int) -> None:
         """out[r, c] = W[r, c] as f32; see the module-level `dequantize`."""
@@ -249,6 +257,32 @@ class Kernels:
                 or buf.size % 8):
             raise ValueError("buf must be a C-contiguous uint8 array of a multiple of 8 bytes")
         return int(self._lib.vkp_bench_read(_addr(buf), buf.size, nth))
+
+
+class BoundWeight:
+    """A stored weight checked once (`Kernels.bind`); calling it checks only x and out."""
+
+    __slots__ = ("_fn", "_pw", "_rb", "_type", "_w", "cols", "rows")
+
+    def __init__(self, fn: Any, type_id: int, w: np.ndarray, pw: int, rb: int, rows: int, cols: int):
+        self._fn, self._type, self._w, self._pw, self._rb = fn, type_id, w, pw, rb  # _w keeps the bytes alive
+        self.rows, self.cols = rows, cols
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        """out[t, r] = sum_c x[t, c] * W[r, c] for r < rows (out may be wider); as `Kernels.matmul`."""
+        rows, cols = self.rows, self.cols
+        n_tok = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 2 else -1
+        ldx = _rows_view("x", x, n_tok, cols, exact=True, writeable=False)
+        ldy = _rows_view("out", out, n_tok, rows, exact=False, writeable=True)
+        nth = _threads(threads)
+        if n_tok == 0 or rows == 0:
+            return
+        px, py = _addr(x), _addr(out)
+        y_len = 4 * ((n_tok - 1) * ldy + rows)
+        if _overlap(py, y_len, px, 4 * ((n_tok - 1) * ldx + cols)) or _overlap(py, y_len, self._pw, self._w.size):
+            raise ValueError("out overlaps x or w")
+        if self._fn(self._type, self._pw, self._rb, rows, cols, px, ldx, n_tok, py, ldy, nth) != 0:
+            raise ValueError(f"vkp_matmul rejected {rows}x{cols} (n_tok {n_tok}, ldx {ldx}, ldy {ldy})")
 
 
 # ---- the process-wide build ----
