@@ -181,3 +181,20 @@ class Archive:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pread_into(fd: int, out: Any, offset: int) -> None:
+    """Fill writable buffer `out` from file `fd` at `offset` (os.preadv drops the GIL and touches no
+    mmap pages); FormatError when the file ends first (truncated since it was opened)."""
+    mv = memoryview(out).cast("B")
+    got, n = 0, len(mv)
+    while got < n:
+        if hasattr(os, "preadv"):
+            k = os.preadv(fd, [mv[got:]], offset + got)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, n - got, offset + got)
+            k = len(data)
+            mv[got:got + k] = data
+        if k == 0:
+            raise FormatError(f"file ends at {offset + got}: {n - got} of {n} bytes not read")
+        got += k

@@ -87,7 +87,7 @@ class Engine:
         self.model_bytes = sum(sizes)
         plan = plan_budgets(sizes, self.backend, archive.graph["kv_cache"], self.context, vram_gb, ram_gb)
         self.min_bytes = plan.minimum
-        self.weight_room_bytes = 2 * max(sizes)  # room the weights need at the least next to sessions
+        self.weight_room_bytes = plan.weight_room
         self.metrics = Metrics(device_budget=plan.device, ram_budget=None if ram_gb is None else int(ram_gb * 2**30))
         self.tier = DeviceTier(plan.device, self.backend.max_block, self.backend.make_backing, self.policy)
         self.tier.evict_batch = plan.evict_batch

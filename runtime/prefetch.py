@@ -9,7 +9,6 @@ in-flight load (a stall, timed).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..pack_format.reader import pread_into
 from .backend import Backend
 from .metrics import Metrics
 from .policy import AccessSchedule
@@ -199,7 +199,8 @@ class PackSource:
 
     `decoded()` gives the pack's decoded bytes: from the RAM tier, or read from the archive (its
     checksum checked on the first read), decompressed, and kept in the RAM tier when compressed.
-    `file_span()` gives, for a pack stored raw whose checksum was checked before, its place in the
+    `read_into(dest)` reads a pack stored raw from the archive file into the backend's own memory and
+    checks it there. `file_span()` gives, for a pack stored raw whose checksum was checked before, its place in the
     archive file, so that a backend can read it straight into its own memory (no mmap faults, no
     copy in RAM); None otherwise. `background` is true for a prefetch, one of several loads in
     flight (a backend should then not spread one copy over many threads).
@@ -251,14 +252,3 @@ class PackSource:
         offset, size = ld.archive.pack_span(pack)
         ld.metrics.add_read(rec.stored_size, 0, 0.0)
         return ld.archive.fileno(), offset, size
-
-
-def pread_into(fd: int, dest: np.ndarray, offset: int) -> None:
-    """Read len(dest) bytes at `offset` of the file into `dest` (short reads continued)."""
-    mv = memoryview(dest).cast("B")
-    done = 0
-    while done < len(mv):
-        n = os.preadv(fd, [mv[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"short read: {done} of {len(mv)} bytes at offset {offset}")
-        done += n

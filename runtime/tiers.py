@@ -171,15 +171,17 @@ class BudgetPlan:
     streaming: the device tier cannot hold every pack beside a full KV cache, so packs get evicted
         and reloaded; False: every pack is loaded once and stays (resident).
     ram: bytes of system memory for streamed packs (None: unlimited, 0 when resident).
-    minimum: the smallest device budget this model runs under (two packs: a weight part and its
-        bias may be pinned together, bigger steps are streamed part by part; the KV cache and
-        activations of a short sequence; the backend's reserved bytes).
+    weight_room: the room weights need at the least beside sessions: two of the largest packs (a
+        weight part and its bias may be pinned together; bigger steps are streamed part by part).
+    minimum: the smallest device budget this model runs under (`weight_room`, the KV cache and
+        activations of a short sequence, the backend's reserved bytes).
     evict_batch: bytes to evict at once when room must be made (`DeviceTier.evict_batch`).
     """
 
     device: int
     streaming: bool
     ram: int | None
+    weight_room: int
     minimum: int
     evict_batch: int
 
@@ -195,7 +197,8 @@ def plan_budgets(pack_sizes: list[int], backend: Any, kv_cache: dict[str, int], 
     form, the KV cache shape and the longest sequence the engine accepts."""
     model = sum(pack_sizes)
     largest = max(pack_sizes)
-    minimum = 2 * largest + kv_bytes(kv_cache, 64) + backend.activation_bytes(16, 64) + backend.reserved_bytes
+    weight_room = 2 * largest
+    minimum = weight_room + kv_bytes(kv_cache, 64) + backend.activation_bytes(16, 64) + backend.reserved_bytes
     if vram_gb is None:  # everything resident: weights, a full-context KV cache, activations twice
         # over, and 10 % slack so that reservations never fragment their way into evicting packs
         device = align_up(model * 11 // 10 + kv_bytes(kv_cache, context)
@@ -212,4 +215,4 @@ def plan_budgets(pack_sizes: list[int], backend: Any, kv_cache: dict[str, int], 
     # one window for several loads cuts the planning (Python, under the GIL) several times over
     evict_batch = min(4 * largest, device // 16) if streaming and backend.load_workers > 1 else 0
     ram = (None if ram_gb is None else int(ram_gb * GIB)) if streaming else 0
-    return BudgetPlan(device, streaming, ram, minimum, evict_batch)
+    return BudgetPlan(device, streaming, ram, weight_room, minimum, evict_batch)

@@ -204,9 +204,13 @@ class CpuBackend:
         for part_idx, p in enumerate(t.parts):
             mask = (tokens >= p.row_start) & (tokens < p.row_end)
             if mask.any():
-                with weights.part(name, part_idx) as arr:
-                    x[mask] = arr[tokens[mask] - p.row_start]
+                with weights.part(name, part_idx) as w:
+                    self.gather_rows(w, tokens[mask] - p.row_start, x, np.flatnonzero(mask))
         env[op["out"]] = x
+
+    def gather_rows(self, w: Any, rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+        """out[at[i]] = row rows[i] of the embedding part `w` (this backend's form of it)."""
+        out[at] = w[rows]
 
     def op_rms_norm(self, op, env, weights) -> None:
         a = op["attrs"]

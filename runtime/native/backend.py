@@ -21,7 +21,7 @@ import numpy as np
 
 from ...pack_format.constants import align_up
 from ...pack_format.records import TensorRecord
-from ..cpu.backend import CpuBackend, check_token_ids
+from ..cpu.backend import CpuBackend
 from ..cpu.dequant import dequantize as dequantize_reference
 from . import dequantize as native_dequantize
 from . import load as load_kernels
@@ -103,22 +103,11 @@ class NativeCpuBackend(CpuBackend):
         return out
 
     # ---- ops that read weights as stored ----
-    def op_embed(self, op, env, weights) -> None:
-        tokens = env["tokens"]
-        name = op["w"][0]
-        t = self.archive.tensors[name]
-        check_token_ids(tokens, t)
-        x = np.empty((len(tokens), t.shape[-1]), dtype=np.float32)
-        for part_idx, p in enumerate(t.parts):
-            mask = (tokens >= p.row_start) & (tokens < p.row_end)
-            if not mask.any():
-                continue
-            with weights.part(name, part_idx) as w:
-                for i in np.flatnonzero(mask):
-                    r = int(tokens[i]) - p.row_start
-                    native_dequantize(w.dtype, w.data[r * w.row_bytes:(r + 1) * w.row_bytes], 1, w.cols,
-                                      x[i:i + 1], 1)
-        env[op["out"]] = x
+    def gather_rows(self, w: StoredMatrix, rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+        """Each embedding row dequantized from its stored bytes (the numpy backend's op_embed calls this)."""
+        rb = w.row_bytes
+        for r, i in zip(rows.tolist(), at.tolist()):
+            native_dequantize(w.dtype, w.data[r * rb:(r + 1) * rb], 1, w.cols, out[i:i + 1], 1)
 
     def op_linear(self, op, env, weights) -> None:
         x = np.ascontiguousarray(env[op["in"][0]], dtype=np.float32)

@@ -17,6 +17,8 @@ import numpy as np
 
 from . import _lib
 from ._lib import call, check, track
+from ...pack_format.errors import FormatError
+from ...pack_format.reader import pread_into as _pread_into
 from .errors import VulkanError
 
 MIN_CHUNK = 4 << 20   # a helper thread is worth its hand-off above this many bytes
@@ -34,19 +36,11 @@ def default_copy_threads() -> int:
 
 
 def pread_into(fd: int, out: Any, offset: int) -> None:
-    """Fill writable buffer `out` from file `fd` at `offset` (os.preadv drops the GIL; no mmap faults)."""
-    mv = memoryview(out).cast("B")
-    got, n = 0, len(mv)
-    while got < n:
-        if hasattr(os, "preadv"):
-            k = os.preadv(fd, [mv[got:]], offset + got)
-        else:  # pragma: no cover - platforms without preadv
-            data = os.pread(fd, n - got, offset + got)
-            k = len(data)
-            mv[got:got + k] = data
-        if k == 0:
-            raise VulkanError(f"file ends at {offset + got}: {n - got} of {n} bytes not read")
-        got += k
+    """`pack_format.reader.pread_into`, a short file reported as a VulkanError of the upload."""
+    try:
+        _pread_into(fd, out, offset)
+    except FormatError as e:
+        raise VulkanError(str(e)) from None
 
 
 class Transfer:
