@@ -116,6 +116,12 @@ class Backend(Protocol):
     def kv_view(self, mem: Any, n_ctx: int, width: int) -> Any:
         """One layer's K or V cache, [n_ctx, width] float32, in the tier memory `mem`."""
 
+    def host_steps(self, tokens: int) -> frozenset[int]:
+        """Steps a pass of `tokens` tokens computes from weights the backend holds in system memory
+        itself (a hybrid plan's CPU steps): their packs are not acquired through the tier in that
+        pass, and the schedule leaves them out. Empty for a backend that reads every weight through
+        the tier."""
+
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
         """Run the graph's steps over `inputs`, acquiring weights through `weights`; returns the
         output rows, float32 [len(inputs.seqs), width]. When it returns, no pack stays pinned."""

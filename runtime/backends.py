@@ -1,6 +1,8 @@
 """Which backend runs an archive: Vulkan where a real GPU works; else the native CPU kernels; numpy as the fallback.
 
-device: "auto" (the above), "vulkan" (a Vulkan device, or an error), "cpu" (the native CPU backend,
+device: "auto" (the above: on a GPU, the hybrid backend, which is the Vulkan backend while the model
+fits and computes part of the model on the CPU when it does not), "vulkan" (a Vulkan device alone, or
+an error), "hybrid" (Vulkan and the native CPU kernels, or an error), "cpu" (the native CPU backend,
 or numpy with one warning where the native kernels cannot be built or loaded), "numpy" (the numpy
 backend, the numeric reference).
 """
@@ -16,7 +18,7 @@ from ..pack_format.reader import Archive
 from .backend import Backend
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "numpy", "vulkan")
+DEVICES = ("auto", "cpu", "numpy", "vulkan", "hybrid")
 
 
 def make_backend(device: str, archive: Archive, threads: int | None = None, device_index: int | None = None,
@@ -28,7 +30,7 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
     fp32) and `shader_dir` only concern Vulkan."""
     if device not in DEVICES:
         raise ValueError(f"device {device!r}: choose {', '.join(DEVICES)}")
-    if device in ("auto", "vulkan"):
+    if device in ("auto", "vulkan", "hybrid"):
         from . import vk
 
         ok, why = vk.available()
@@ -39,7 +41,9 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
 
                 spirv.set_shader_dir(shader_dir)
                 backend = VulkanBackend(archive, device_index, **(kernel_options or {}))
-                if device == "vulkan" or backend.dev.info.type != "cpu":
+                if device == "hybrid" or (device == "auto" and backend.dev.info.type != "cpu"):
+                    return _with_cpu(backend, archive, threads, required=device == "hybrid")
+                if device == "vulkan":
                     return backend
                 name = backend.dev.info.name
                 backend.close()
@@ -47,8 +51,8 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
                 why = ""
             except vk.VulkanError as e:
                 why = str(e)
-        if device == "vulkan":
-            raise VkpackError(f"--device vulkan: no usable Vulkan device ({why})")
+        if device in ("vulkan", "hybrid"):
+            raise VkpackError(f"--device {device}: no usable Vulkan device ({why})")
         if why:
             log.warning("Vulkan unavailable (%s); running on the CPU", why)
     if device != "numpy":
@@ -64,3 +68,21 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
     from .cpu.backend import CpuBackend
 
     return CpuBackend(archive, threads)
+
+
+def _with_cpu(gpu: Backend, archive: Archive, threads: int | None, required: bool) -> Backend:
+    """The hybrid backend over `gpu` and the native CPU kernels; `gpu` alone where those cannot load
+    (an error when the hybrid was asked for by name)."""
+    from . import native
+
+    ok, why = native.available()
+    if not ok:
+        if required:
+            gpu.close()
+            raise VkpackError(f"--device hybrid: the native CPU kernels are unavailable ({why})")
+        log.info("native CPU kernels unavailable (%s); the GPU computes every step", why)
+        return gpu
+    from .hybrid.backend import HybridBackend
+    from .native.backend import NativeCpuBackend
+
+    return HybridBackend(archive, gpu, NativeCpuBackend(archive, threads))

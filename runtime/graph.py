@@ -66,6 +66,16 @@ class WeightAccess:
         self.where = where
         self.last_position = 0
         self._starts: dict[str, np.ndarray] = {}
+        self._skips: dict[frozenset[int], frozenset[int]] = {frozenset(): frozenset()}
+
+    def leave_out(self, steps: frozenset[int]) -> None:
+        """The next passes read no weights of `steps` through the tier (the backend holds them):
+        the schedule skips their uses, so that prefetch does not load them and eviction does not
+        keep them."""
+        skipped = self._skips.get(steps)
+        if skipped is None:
+            skipped = self._skips[steps] = frozenset(pos for (si, _o, _n, _p), pos in self.where.items() if si in steps)
+        self.loader.schedule.use(skipped)
 
     def position(self, si: int, oi: int, name: str, part_idx: int) -> int:
         """Where that use sits in the pass's access sequence."""
@@ -126,6 +136,19 @@ class WeightAccess:
         """Move the prefetch window to just after the last acquired use."""
         self.loader.prefetch(self.last_position)
 
+    def prefetch_bytes(self, nbytes: int) -> None:
+        """Start loading the packs of the next `nbytes` of the schedule after the last acquired use, side
+        by side: the link's work while the pass computes elsewhere (a hybrid plan's CPU steps) and no
+        acquire moves the window on. Loads that would evict something needed sooner are skipped."""
+        loader = self.loader
+        todo, total = [], 0
+        for pack in loader.schedule.upcoming(self.last_position + 1, loader.schedule.length):
+            if total >= nbytes:
+                break
+            todo.append((pack, self.last_position))
+            total += loader.backend.pack_bytes(pack)
+        loader.prefetch_now(todo)
+
     def parts_of_rows(self, name: str, rows: np.ndarray) -> list[int]:
         """Indices of the row-parts of `name` holding `rows` (a table of 100 parts is searched, not scanned)."""
         parts = self.tensors[name].parts
@@ -184,6 +207,7 @@ class Executor:
             tokens=np.concatenate([np.asarray(t, dtype=np.int64) for t, _, _ in seqs]),
             positions=np.concatenate([np.arange(p, p + len(t), dtype=np.int64) for t, p, _ in seqs]),
             seqs=rows, output=self.output)
+        self.weights.leave_out(self.backend.host_steps(len(inputs.tokens)))
         return self.backend.forward(inputs, self.weights)
 
 

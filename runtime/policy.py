@@ -13,7 +13,12 @@ from collections.abc import Iterable
 
 
 class AccessSchedule:
-    """The cyclic sequence of pack uses of one forward pass; positions index into it."""
+    """The cyclic sequence of pack uses of one forward pass; positions index into it.
+
+    A backend that computes some steps from weights it holds itself (the hybrid plan's CPU steps)
+    reads fewer packs in some passes: `use(skipped)` makes the next passes' schedule leave those
+    positions out (prefetch skips them, eviction does not count them as uses), while every position
+    keeps its index."""
 
     def __init__(self, sequence: list[int], gathered: set[int] | None = None):
         if not sequence:
@@ -23,9 +28,26 @@ class AccessSchedule:
         # read there, which is unknown in advance, so the prefetch window skips them
         self.gathered = gathered or set()
         self.length = len(sequence)
-        self._positions: dict[int, list[int]] = {}
-        for i, p in enumerate(sequence):
-            self._positions.setdefault(p, []).append(i)
+        self._all_gathered = self.gathered
+        self._modes: dict[frozenset[int], tuple[dict[int, list[int]], set[int]]] = {}
+        self.skipped: frozenset[int] = frozenset()
+        self._positions = self._mode(self.skipped)[0]
+
+    def _mode(self, skipped: frozenset[int]) -> tuple[dict[int, list[int]], set[int]]:
+        mode = self._modes.get(skipped)
+        if mode is None:
+            positions: dict[int, list[int]] = {}
+            for i, p in enumerate(self.sequence):
+                if i not in skipped:
+                    positions.setdefault(p, []).append(i)
+            mode = self._modes[skipped] = (positions, self._all_gathered | skipped)
+        return mode
+
+    def use(self, skipped: frozenset[int]) -> None:
+        """From now on the passes leave the uses at `skipped` positions out (an empty set: none)."""
+        if skipped != self.skipped:
+            self._positions, self.gathered = self._mode(skipped)
+            self.skipped = skipped
 
     def next_use(self, pack: int, cursor: int) -> int:
         """Distance from `cursor` to the next use of `pack` at or after it (wrapping to the next token)."""
@@ -37,8 +59,8 @@ class AccessSchedule:
         return pos[i] - c if i < len(pos) else pos[0] + self.length - c
 
     def first_uses(self) -> dict[int, int]:
-        """Each pack's first position in the pass, in the order packs are first used."""
-        return {p: pos[0] for p, pos in self._positions.items()}
+        """Each pack's first position in the pass (every use counted), in the order packs are first used."""
+        return {p: pos[0] for p, pos in self._mode(frozenset())[0].items()}
 
     def upcoming(self, cursor: int, n: int) -> list[int]:
         """The next `n` distinct packs from `cursor` on (the prefetch window)."""

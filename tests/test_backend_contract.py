@@ -103,6 +103,9 @@ class CountingBackend:
     def kv_view(self, mem, n_ctx: int, width: int):
         return mem[:4 * n_ctx * width].view(np.float32).reshape(n_ctx, width)
 
+    def host_steps(self, tokens: int) -> frozenset[int]:
+        return frozenset()
+
     def forward(self, inputs: PassInputs, weights) -> np.ndarray:
         self.calls["forward"] += 1
         act = {"tokens": inputs.tokens, "positions": inputs.positions}

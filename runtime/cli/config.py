@@ -207,7 +207,7 @@ KEYS: tuple[Key, ...] = (
         _int_at_least(0), "--prefetch-lookahead",
         "graph steps to prefetch ahead (default: 3; the Vulkan backend raises a nonzero value to twice its "
         "loading threads)"),
-    Key("device", "performance", "device", "VKPACK_DEVICE", _choice("auto", "cpu", "numpy", "vulkan"),
+    Key("device", "performance", "device", "VKPACK_DEVICE", _choice("auto", "cpu", "numpy", "vulkan", "hybrid"),
         "--device", "compute device: auto (a GPU through Vulkan, else the CPU), cpu (native kernels), "
         "numpy (the reference backend), vulkan (default: auto)", metavar="{auto,cpu,numpy,vulkan}"),
     Key("device_index", "performance", "device_index", "VKPACK_DEVICE_INDEX", _int_at_least(0),

@@ -184,12 +184,25 @@ class CpuBackend:
             self.backing.close()
 
     # ---- one pass ----
+    def host_steps(self, tokens: int) -> frozenset[int]:
+        return frozenset()  # every weight comes through the tier
+
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
-        acts: dict[str, Any] = {"tokens": inputs.tokens, "positions": inputs.positions}
-        self._seqs = inputs.seqs
-        self._rope = {}  # rope tables of this pass's positions, once for every layer
+        acts = self.begin(inputs)
         run_ops(self.steps, acts, weights, self.run_op)
         return acts[inputs.output]
+
+    def begin(self, inputs: PassInputs) -> dict[str, Any]:
+        """A pass's activations by name, holding its inputs (a hybrid plan runs some steps here)."""
+        self._seqs = inputs.seqs
+        self._rope = {}  # rope tables of this pass's positions, once for every layer
+        return {"tokens": inputs.tokens, "positions": inputs.positions}
+
+    def run_steps(self, order: list[int], acts: dict[str, Any], weights: Any) -> None:
+        """Steps `order` of the pass `begin` started, op by op (`weights.part(si, oi, name, i)`)."""
+        for si in order:
+            for oi, op in enumerate(self.steps[si]["ops"]):
+                self.run_op(op, acts, OpWeights(weights, si, oi))
 
     def run_op(self, op: dict[str, Any], env: dict[str, Any], weights: OpWeights) -> None:
         getattr(self, "op_" + op["op"])(op, env, weights)

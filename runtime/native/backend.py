@@ -117,14 +117,23 @@ class NativeCpuBackend(CpuBackend):
         y = np.empty((n_tok, t.shape[0]), dtype=np.float32)
         for part_idx, p in enumerate(t.parts):
             with weights.part(name, part_idx) as w:
-                if n_tok >= BLAS_MIN_TOKENS:
-                    self._blas_product(w, x, y[:, p.row_start:p.row_end])
-                else:
-                    w.product(x, y[:, p.row_start:p.row_end], self.threads)
+                self.matmul(w, x, y[:, p.row_start:p.row_end])
         if len(op["w"]) > 1:
             with weights.part(op["w"][1], 0) as b:
                 y += b
         env[op["out"]] = y
+
+    def stored_matrix(self, dtype: str, data: np.ndarray, rows: int, cols: int) -> StoredMatrix:
+        """A `rows` x `cols` weight stored as `dtype` in `data` (uint8), bound for the kernels."""
+        return StoredMatrix(data, dtype, rows, cols, len(data) // rows, self.kernels.bind(dtype, data, rows, cols))
+
+    def matmul(self, w: StoredMatrix, x: np.ndarray, y: np.ndarray) -> None:
+        """y = x @ W.T by the product this backend runs for x's row count (the hybrid planner's rates
+        time this very call)."""
+        if x.shape[0] >= BLAS_MIN_TOKENS:
+            self._blas_product(w, x, y)
+        else:
+            w.product(x, y, self.threads)
 
     def _blas_product(self, w: StoredMatrix, x: np.ndarray, y: np.ndarray) -> None:
         """y = x @ W.T, W dequantized a tile of rows at a time into one reused f32 buffer."""

@@ -24,7 +24,7 @@ from .errors import VulkanError
 from .graph_ops import GraphOps, Payload
 from .inflight import InFlight
 from .kernels import BufferSlice, Kernel
-from .layout import READBACK_ROWS, ActivationLayout, KvCache
+from .layout import READBACK_ROWS, ActivationLayout, KvCache, PassState
 from .ops import Ops
 from .replay import FastPass, PassRunner
 from .uploads import DeviceBacking, PackUploads
@@ -132,14 +132,34 @@ class VulkanBackend:
         return KvCache(BufferSlice(mem.buffer, mem.offset, n_ctx * width * 4), n_ctx, width)
 
     # ---- one pass ----
+    def host_steps(self, tokens: int) -> frozenset[int]:
+        return frozenset()  # every weight comes through the tier
+
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
         """Lay out the pass, record or replay its steps, and read the output rows back: the copy into
         mapped host memory is part of the pass's own submission (no separate round trip)."""
-        inflight = self.inflight
-        inflight.wait_all(weights)  # the io buffer is about to be rewritten
-        ps = self.layout.begin(inputs)
+        ps = self.begin(inputs, weights)
+        self.run_steps(range(len(self.steps)), ps, weights)
+        return self.finish(inputs, ps, weights)
+
+    def begin(self, inputs: PassInputs, weights: WeightAccess) -> PassState:
+        """Lay out a pass (the device done with the previous one: its io buffer is rewritten)."""
+        self.inflight.wait_all(weights)
+        return self.layout.begin(inputs)
+
+    def run_steps(self, order: range, ps: PassState, weights: WeightAccess) -> None:
+        """Steps `order` (a contiguous range) of the pass `begin` laid out, recorded or replayed;
+        they may still run when this returns."""
         try:
-            self.runner.run_pass(self.steps, ps, weights)
+            self.runner.run_pass(self.steps, ps, weights, order)
+        except BaseException:
+            self.inflight.flush(weights)
+            raise
+
+    def finish(self, inputs: PassInputs, ps: PassState, weights: WeightAccess) -> np.ndarray:
+        """Read the pass's output rows back once its steps are done."""
+        inflight = self.inflight
+        try:
             out = []
             for r0 in range(0, ps.nseq, READBACK_ROWS):  # more sequences than that: one more round trip each
                 r1 = min(ps.nseq, r0 + READBACK_ROWS)

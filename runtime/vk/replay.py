@@ -61,10 +61,12 @@ class PassRunner:
         return self.tier.budget if self.resident else self.tier.budget // 4
 
     # ---- a pass ----
-    def run_pass(self, steps: list[dict[str, Any]], ps: PassState, weights: Any) -> None:
-        """All steps of one pass: replayed as one command buffer when fast, else step by step."""
+    def run_pass(self, steps: list[dict[str, Any]], ps: PassState, weights: Any, order: range | None = None) -> None:
+        """The steps `order` of one pass (default: all): replayed as one command buffer when fast,
+        else step by step. A hybrid plan runs a pass's steps in a few such ranges."""
+        order = range(len(steps)) if order is None else order
         tier = self.tier
-        shape = (ps.T, ps.layout)
+        shape = (ps.T, ps.layout, order.start, order.stop)
         fast = self._fast.get(shape)
         if fast is not None and fast.version != tier.version:
             self._drop_fast(shape)  # packs moved since: record again
@@ -74,12 +76,12 @@ class PassRunner:
             tier.frozen = True  # the replay pins nothing: prefetch may neither place nor evict now
             try:
                 if fast.whole is None:
-                    gathers = self._resident_gathers(steps) if self.resident else None
-                    whole = self._record_whole_pass(steps, ps, fast.recs, gathers)
+                    gathers = self._resident_gathers(steps, order) if self.resident else None
+                    whole = self._record_whole_pass(steps, ps, fast.recs, gathers, order)
                     self._fast[shape] = fast = fast._replace(whole=whole, gathers_inside=gathers is not None)
                     if gathers is None and self.resident and ps.T == 1:
-                        self._prerecord_gathers(steps, ps)
-                self._replay_pass(steps, ps, weights, fast.whole, gathers_inside=fast.gathers_inside)
+                        self._prerecord_gathers(steps, ps, order)
+                self._replay_pass(steps, ps, weights, fast.whole, order, gathers_inside=fast.gathers_inside)
                 self.last_fast = fast
             finally:
                 tier.frozen = False
@@ -90,13 +92,13 @@ class PassRunner:
         # evicting what is not pinned) goes on while the pass runs
         v0 = tier.version
         self._pass_recs = {}
-        for si, step in enumerate(steps):
-            self.run_step(si, step, ps, weights)
+        for si in order:
+            self.run_step(si, steps[si], ps, weights)
         self.inflight.flush(weights, wait=False)
         recs = {si: r for si, r in self._pass_recs.items() if not steps[si].get("gather")}
         cached = set(self._cache.values())
-        stable = tier.version == v0 and len(recs) == sum(1 for s in steps if not s.get("gather"))
-        gathers_first = all(not s.get("gather") for s in steps[min(recs, default=0):])
+        stable = tier.version == v0 and len(recs) == sum(1 for si in order if not steps[si].get("gather"))
+        gathers_first = all(not steps[si].get("gather") for si in order if si >= min(recs, default=order.start))
         if stable and gathers_first and all(r in cached for r in recs.values()):
             self._fast[shape] = FastPass(tier.version, recs, None, False)
             while len(self._fast) > MAX_FAST_SHAPES:
@@ -157,10 +159,11 @@ class PassRunner:
         layout = ps.layout[-1:] if step.get("gather") else ps.layout
         return (si, ps.T, layout, tuple((e.pack, e.alloc.block, e.alloc.offset) for e in held))
 
-    def _prerecord_gathers(self, steps: list[dict[str, Any]], ps: PassState) -> None:
+    def _prerecord_gathers(self, steps: list[dict[str, Any]], ps: PassState, order: range) -> None:
         """Resident decode: record the embedding gather once per embedding pack now, so that no
         later token pays for a recording when its row lies in a pack not seen yet."""
-        for si, step in enumerate(steps):
+        for si in order:
+            step = steps[si]
             if not step.get("gather"):
                 continue
             packs = {p.pack for op in step["ops"] for name in op["w"] for p in self.tensors[name].parts}
@@ -175,23 +178,25 @@ class PassRunner:
                 self._cache.move_to_end(key, last=False)  # evicted before the steps' recordings
 
     def _record_whole_pass(self, steps: list[dict[str, Any]], ps: PassState, recs: dict[int, Recorder],
-                           gathers: dict[int, Payload] | None = None) -> Recorder:
+                           gathers: dict[int, Payload] | None, order: range) -> Recorder:
         """Every non-gather step of the pass, in order, in one command buffer (same packs, same
         activation layout as the per-step recordings it is made from); with `gathers` (payloads
         of gather steps over their whole tables) the embedding gathers too."""
         whole = Recorder(self.dev, label="pass")
-        for si, step in enumerate(steps):
+        for si in order:
+            step = steps[si]
             payload = self._payloads[id(recs[si])] if si in recs else (gathers or {}).get(si)
             if payload is not None:
                 self.graph_ops.record(whole, step, ps, payload)
         return whole.finish()
 
-    def _resident_gathers(self, steps: list[dict[str, Any]]) -> dict[int, Payload] | None:
+    def _resident_gathers(self, steps: list[dict[str, Any]], order: range) -> dict[int, Payload] | None:
         """Payloads for the gather steps that read each table as ONE weight: possible when all its
         row-parts are resident back to back (packs placed in order at start). Then the embedding
         gather needs no per-token choice of pack and joins the whole-pass recording."""
         out: dict[int, Payload] = {}
-        for si, step in enumerate(steps):
+        for si in order:
+            step = steps[si]
             if not step.get("gather"):
                 continue
             payload: Payload = {}
@@ -210,15 +215,15 @@ class PassRunner:
         return out
 
     def _replay_pass(self, steps: list[dict[str, Any]], ps: PassState, weights: Any,
-                     whole: Recorder, gathers_inside: bool = False) -> None:
+                     whole: Recorder, order: range, gathers_inside: bool = False) -> None:
         """Gather steps (the embedding rows of this pass's tokens) run keyed by their packs as
         usual (unless the whole-pass recording holds them), then the whole-pass recording. The
         packs are resident and the tier frozen."""
         self._pass_recs = {}
         if not gathers_inside:
-            for si, step in enumerate(steps):
-                if step.get("gather"):  # all before the first other step (checked when it became fast)
-                    self.run_step(si, step, ps, weights)
+            for si in order:
+                if steps[si].get("gather"):  # all before the first other step (checked when it became fast)
+                    self.run_step(si, steps[si], ps, weights)
         self.inflight.add(whole)
         self._pass_recs[len(steps)] = whole
         self.inflight.flush(weights, wait=False)

@@ -1,0 +1,316 @@
+"""The hybrid backend: the GPU runs the pass, except a run of layers the plan gives to the CPU.
+
+It is runtime/backend.py's contract made of two backends: the Vulkan backend owns the device tier
+(every pack that goes to the GPU travels as it always does: resident, or streamed along the graph),
+and the native CPU backend computes the plan's CPU steps from weights this backend holds in system
+memory (loaded once at start, counted in `host_bytes`; their packs leave the schedule in passes that
+compute them on the CPU: `host_steps`). Which steps those are follows from the machine's measured
+rates and the budgets (plan.py, rates.py), per pass size: a one-token decode computes part of a model
+that does not fit on the CPU while the link streams the rest; a prefill streams everything.
+
+Activations cross only where the pass changes sides, through host-visible memory: the activations the
+next run of steps reads that the other side wrote (the residual stream). Each layer's KV cache lives
+on the side that computes it, brought up to date when that changes (kv.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...pack_format.reader import pread_into
+from ..backend import PassInputs, Placement
+from ..tiers import kv_bytes
+from .kv import HybridKv
+from .plan import Plan, StepCost, plan_pass, step_costs
+from ..vk.host_cache import default_budget
+from .rates import Rates, measure_rates
+
+if TYPE_CHECKING:
+    from ...pack_format.reader import Archive
+    from ..graph import WeightAccess
+    from ..prefetch import PackSource
+    from ..tiers import DeviceTier
+
+log = logging.getLogger(__name__)
+PLAN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class HeldWeights:
+    """`weights.part(si, oi, name, i)` for the CPU's steps: their weights as this backend holds them."""
+
+    def __init__(self, tensors: dict[str, Any]):
+        self.tensors = tensors
+        self.payload: dict[tuple[str, int], Any] = {}
+
+    @contextmanager
+    def part(self, si: int, oi: int, name: str, part_idx: int) -> Iterator[Any]:
+        yield self.payload[(name, self.tensors[name].parts[part_idx].row_start)]
+
+
+class HeldSource:
+    """A PackSource (runtime/prefetch.py) over the archive, for packs this backend loads itself."""
+
+    background = False
+
+    def __init__(self, archive: Archive, pack: int):
+        self.archive, self.pack = archive, pack
+
+    def read_into(self, dest: np.ndarray) -> bool:
+        if self.archive.packs[self.pack].codec != "none":
+            return False
+        offset, size = self.archive.pack_span(self.pack)
+        pread_into(self.archive.fileno(), dest[:size], offset)
+        self.archive.check_stored(self.pack, dest[:size])
+        return True
+
+    def decoded(self) -> bytes | memoryview:
+        return self.archive.read_pack(self.pack, verify=True)
+
+    def file_span(self) -> None:
+        return None
+
+
+class HybridBackend:
+    """GPU steps by `gpu` (the device tier's backend), the plan's CPU steps by `cpu` from held weights.
+
+    host_steps: the CPU's steps of a pass of n tokens, set by hand (tests, tools): `host_steps(n)`
+    (the weights of every step it names for some n are held); None: planned per pass size from the machine's rates,
+    measured (or read from their cache) when a model does not fit, unless given as `rates`.
+    """
+
+    name = "hybrid"
+
+    def __init__(self, archive: Archive, gpu: Any, cpu: Any,
+                 host_steps: Callable[[int], frozenset[int]] | None = None, rates: Rates | None = None):
+        self.archive = archive
+        self.gpu, self.cpu = gpu, cpu
+        self.rates = rates
+        self.steps = archive.graph["steps"]
+        self.costs: list[StepCost] = step_costs(archive.graph, archive.tensors, gpu.pack_bytes)
+        self.fixed = host_steps
+        self.max_block = gpu.max_block
+        self.load_workers = gpu.load_workers
+        self.held = HeldWeights(archive.tensors)
+        self.held_steps: frozenset[int] = frozenset()
+        self._held_bytes = 0
+        self._buffers: list[np.ndarray] = []
+        self._plans: dict[int, Plan] = {}
+        self.tier: DeviceTier | None = None
+        self.weight_room = 0
+        self.host_room: int | None = None
+        self.layer_of = {si: [op["attrs"]["layer"] for op in st["ops"] if op["op"] == "attention"]
+                         for si, st in enumerate(self.steps)}
+        self._reads = [self._live_in(st) for st in self.steps]
+        self._writes = [{op["out"] for op in st["ops"]} for st in self.steps]
+        self.passes = {"gpu_only": 0, "split": 0}
+        self.handover_seconds = 0.0
+
+    @property
+    def dev(self) -> Any:
+        """The GPU's Vulkan device (tests and tools read its allocation counters)."""
+        return self.gpu.dev
+
+    # ---- the contract, mostly the GPU's ----
+    @property
+    def reserved_bytes(self) -> int:
+        return self.gpu.reserved_bytes
+
+    def make_backing(self, block_sizes: list[int]) -> Any:
+        return self.gpu.make_backing(block_sizes)
+
+    def pack_bytes(self, pack: int) -> int:
+        return self.gpu.pack_bytes(pack)
+
+    def activation_bytes(self, tokens: int, n_ctx: int) -> int:
+        return self.gpu.activation_bytes(tokens, n_ctx)
+
+    def session_activation_bytes(self, tokens: int, n_ctx: int) -> int:
+        return self.gpu.session_activation_bytes(tokens, n_ctx)
+
+    def kv_rows(self, n_ctx: int) -> int:
+        return self.gpu.kv_rows(n_ctx)
+
+    def kv_view(self, mem: Any, n_ctx: int, width: int) -> HybridKv:
+        return HybridKv(self.gpu.kv_view(mem, n_ctx, width), n_ctx, width)
+
+    def load(self, pack: int, source: PackSource, dest: Any) -> Any:
+        return self.gpu.load(pack, source, dest)
+
+    def host_bytes(self) -> int:
+        """The GPU's pinned cache (held packs included where they live there) and held packs outside it."""
+        return self.gpu.host_bytes() + self._held_bytes
+
+    def attach(self, tier: DeviceTier, placement: Placement) -> int | None:
+        """Plan the one-token pass from the budgets, then hold its CPU steps' weights in system memory:
+        in the GPU's pinned cache of streamed packs where it keeps one (a prefill that streams those
+        steps to the GPU then copies them with one DMA each), else in plain host memory."""
+        self.tier = tier
+        kv = kv_bytes(self.archive.graph["kv_cache"], placement.pass_tokens)
+        reserved = self.gpu.activation_bytes(placement.pass_tokens, placement.pass_tokens) + kv
+        self.weight_room = max(0, tier.budget - reserved)
+        ram = placement.ram_budget
+        self.host_room = default_budget(placement.model_bytes) if ram is None else ram
+        if self.fixed is not None:
+            self.held_steps = frozenset().union(*(self.fixed(b) for b in PLAN_BUCKETS))
+        elif placement.resident:
+            self.held_steps = frozenset()   # the GPU holds the whole model: nothing to gain on the CPU
+        else:
+            if self.rates is None:
+                dtypes = {t.dtype for t in self.archive.tensors.values() if len(t.shape) == 2}
+                self.rates = measure_rates(self.gpu.dev, self.cpu, dtypes)
+            decode = plan_pass(self.costs, self.rates, 1, self.weight_room, self.host_room)
+            self.held_steps = decode.host
+        ram_left = self.gpu.attach(tier, placement)
+        plain = self._hold(self.held_steps)
+        return None if ram_left is None else max(0, ram_left - plain)
+
+    def _hold(self, steps: frozenset[int]) -> int:
+        """Load the weights of `steps` in the CPU backend's form, once; returns the bytes held
+        outside the GPU's pinned cache."""
+        t0 = time.perf_counter()
+        packs = sorted({p for si in steps for p in self.steps[si]["packs"]})
+        hc = self.gpu.host_cache
+        plain = 0
+        for pack in packs:
+            n = self.cpu.pack_bytes(pack)
+            room = hc.reserve(n) if hc is not None else None
+            dest = hc.host_view(room[0], room[1], n) if room is not None else np.empty(n, dtype=np.uint8)
+            self.held.payload.update(self.cpu.load(pack, HeldSource(self.archive, pack), dest))
+            if room is not None:
+                hc.commit(pack, room[0], room[1], self.archive.packs[pack].raw_size)
+            else:
+                self._buffers.append(dest)
+                plain += n
+            self.archive.drop_pages(pack)
+        self._held_bytes = plain
+        if packs:
+            log.info("holding %d packs (%.2f GiB, %.2f GiB of it pinned) for the CPU's steps, in %.1f s", len(packs),
+                     sum(self.cpu.pack_bytes(p) for p in packs) / 2**30,
+                     sum(self.cpu.pack_bytes(p) for p in packs if hc is not None and hc.lookup(p)) / 2**30,
+                     time.perf_counter() - t0)
+        return plain
+
+    # ---- planning ----
+    def plan(self, tokens: int) -> Plan | None:
+        """The plan of a pass of `tokens` tokens (None: steps fixed by hand)."""
+        if self.fixed is not None:
+            return None
+        bucket = next((b for b in PLAN_BUCKETS if b >= tokens), PLAN_BUCKETS[-1])
+        plan = self._plans.get(bucket)
+        if plan is None:
+            plan = self._plans[bucket] = plan_pass(self.costs, self.rates, bucket, self.weight_room, self.host_room,
+                                                   allowed=self.held_steps)
+            log.info("plan: %s", plan.describe(self.costs))
+        return plan
+
+    def host_steps(self, tokens: int) -> frozenset[int]:
+        if not self.held_steps:
+            return frozenset()
+        if self.fixed is not None:
+            return frozenset(self.fixed(tokens)) & self.held_steps
+        return self.plan(tokens).host
+
+    # ---- a pass ----
+    def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
+        host = self.host_steps(len(inputs.tokens))
+        n = len(self.steps)
+        segments: list[tuple[bool, range]] = []
+        start = 0
+        for si in range(1, n + 1):
+            if si == n or (si in host) != (start in host):
+                segments.append((start in host, range(start, si)))
+                start = si
+        gpu_in = replace(inputs, seqs=[(r0, r1, p0, [(k.device, v.device) for k, v in kv])
+                                       for r0, r1, p0, kv in inputs.seqs])
+        if len(segments) == 1 and not segments[0][0]:
+            self.passes["gpu_only"] += 1
+            self._kv_ready(segments[0][1], False, inputs)
+            return self.gpu.forward(gpu_in, weights)
+        self.passes["split"] += 1
+        cpu_in = replace(inputs, seqs=[(r0, r1, p0, [(k.host_array(), v.host_array()) if self._on_host(i, host)
+                                                     else (None, None) for i, (k, v) in enumerate(kv)])
+                                       for r0, r1, p0, kv in inputs.seqs])
+        ps = self.gpu.begin(gpu_in, weights)
+        acts = self.cpu.begin(cpu_in)
+        side: dict[str, bool] = {}   # activation -> written last on the host
+        for on_host, order in segments:
+            self._hand_over(order, on_host, side, ps, acts, weights)
+            self._kv_ready(order, on_host, inputs)
+            if on_host:
+                plan = self.plan(len(inputs.tokens))
+                # the link fills the tier for the GPU's next steps while the CPU computes these
+                weights.prefetch_bytes(self.weight_room // 4 if plan is None
+                                       else int(1.25 * self.rates.link * plan.cpu_seconds))
+                self.cpu.run_steps(order, acts, self.held)
+            else:
+                self.gpu.run_steps(order, ps, weights)
+            for si in order:
+                for name in self._writes[si]:
+                    side[name] = on_host
+        if segments[-1][0]:
+            self.gpu.inflight.flush(weights)
+            return acts[inputs.output]
+        return self.gpu.finish(gpu_in, ps, weights)
+
+    def _on_host(self, layer: int, host: frozenset[int]) -> bool:
+        return any(layer in self.layer_of[si] for si in host)
+
+    def _hand_over(self, order: range, on_host: bool, side: dict[str, bool], ps: Any, acts: dict[str, Any],
+                   weights: WeightAccess) -> None:
+        """Copy the activations the steps `order` read that the other side wrote last."""
+        names = [n for si in order for n in self._reads[si] if side.get(n, on_host) != on_host]
+        if not names:
+            return
+        t0 = time.perf_counter()
+        dev = self.gpu.dev
+        for name in dict.fromkeys(names):
+            sl, width, rows = ps.bufs[name]
+            if on_host:
+                self.gpu.inflight.flush(weights)   # the GPU's steps so far must be done
+                raw = dev.download(sl.buffer, rows * width * 4, sl.offset)
+                acts[name] = np.frombuffer(raw, dtype=np.float32).reshape(rows, width).copy()
+            else:
+                dev.upload(sl.buffer, np.ascontiguousarray(acts[name], dtype=np.float32), sl.offset)
+        self.handover_seconds += time.perf_counter() - t0
+
+    def _kv_ready(self, order: range, on_host: bool, inputs: PassInputs) -> None:
+        """The KV rows the steps `order` read, current on their side; then mark what they write."""
+        for si in order:
+            for layer in self.layer_of[si]:
+                for _r0, _r1, pos0, kv in inputs.seqs:
+                    for cache in kv[layer]:
+                        cache.ready_on(on_host, pos0, self.gpu.dev)
+                        cache.written(on_host, pos0, _r1 - _r0)
+
+    @staticmethod
+    def _live_in(step: dict[str, Any]) -> list[str]:
+        """Activations a step reads before writing them (the residual stream, usually)."""
+        written: set[str] = set()
+        out: list[str] = []
+        for op in step["ops"]:
+            for name in op["in"]:
+                if name not in written and name not in ("tokens", "positions") and name not in out:
+                    out.append(name)
+            written.add(op["out"])
+        return out
+
+    def describe(self) -> list[str]:
+        """The measured rates and the plans made so far, for `--verbose` and /metrics."""
+        lines = [] if self.rates is None else [f"rates: {self.rates.describe()}"]
+        if self.fixed is not None:
+            lines.append(f"CPU steps set by hand; for one token: {sorted(self.held_steps)}")
+        lines += [f"plan: {p.describe(self.costs)}" for _b, p in sorted(self._plans.items())]
+        return lines
+
+    def close(self) -> None:
+        self.gpu.close()
+        self.held.payload.clear()
+        self._buffers.clear()
+        self._held_bytes = 0

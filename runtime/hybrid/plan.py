@@ -1,0 +1,115 @@
+"""Which steps of a pass the CPU computes, from the measured rates (rates.py) and the budgets.
+
+A pass is the graph's steps in order. Steps on the GPU read their weights from the device tier:
+what the tier cannot hold streams over the link each pass (the graph's eviction makes that the
+model's GPU bytes minus the tier's room for weights). Steps on the CPU read their weights from system
+memory with the native kernels. The CPU and the link work at the same time (the link fills the tier
+for the next GPU steps while the CPU computes), so a pass takes about
+
+    max(cpu time + gpu time, streamed bytes / link) + hand-overs * sync
+
+The CPU takes a run of layer steps at the end of the layers (one hand-over each way); the plan is
+the length of that run minimizing the time above, within the RAM budget for held weights. Decode
+(one token) favours the CPU for part of a model that does not fit; a prefill multiplies the CPU's
+time by its tokens and not the link's, so it streams. No fraction is set by hand: the choice follows
+from the rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .rates import Rates
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One graph step as the planner sees it: its weights' bytes by stored type, and whether the CPU
+    may take it (not the embedding gather or the head, which stay where the pass starts and ends)."""
+
+    index: int
+    name: str
+    nbytes: int
+    by_dtype: tuple[tuple[str, int], ...]
+    movable: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A pass's placement and the time it is expected to take (seconds)."""
+
+    tokens: int
+    host: frozenset[int]
+    seconds: float
+    cpu_seconds: float
+    gpu_seconds: float
+    link_seconds: float
+    host_bytes: int
+    streamed_bytes: int
+
+    def describe(self, steps: list[StepCost]) -> str:
+        names = [s.name for s in steps if s.index in self.host]
+        where = f"CPU computes {len(names)} steps ({names[0]} .. {names[-1]}, {self.host_bytes / 2**30:.2f} GiB)" \
+            if names else "GPU computes every step"
+        return (f"{self.tokens}-token pass: {where}; streamed {self.streamed_bytes / 2**30:.2f} GiB; expected "
+                f"{self.seconds * 1e3:.1f} ms (CPU {self.cpu_seconds * 1e3:.1f}, GPU {self.gpu_seconds * 1e3:.1f}, "
+                f"link {self.link_seconds * 1e3:.1f})")
+
+
+def step_costs(graph: dict[str, Any], tensors: dict[str, Any], pack_bytes: Any) -> list[StepCost]:
+    """Each step's weight bytes (as the GPU stores them) by type, from the archive's index. A gather
+    step (the embedding) reads a few rows, not its packs: it counts nothing; a pack two steps read
+    (a head tied to the embedding) counts once."""
+    out = []
+    seen: set[int] = set()
+    for si, step in enumerate(graph["steps"]):
+        by: dict[str, int] = {}
+        gather = bool(step.get("gather"))
+        if not gather:
+            for op in step["ops"]:
+                for name in op["w"]:
+                    t = tensors[name]
+                    if len(t.shape) == 2:
+                        by[t.dtype] = by.get(t.dtype, 0) + sum(p.nbytes for p in t.parts)
+        new = [] if gather else [p for p in step["packs"] if p not in seen]
+        seen.update(new)
+        movable = not gather and not any(op["op"] == "last_token" for op in step["ops"])
+        out.append(StepCost(si, step["name"], sum(pack_bytes(p) for p in new), tuple(sorted(by.items())), movable))
+    return out
+
+
+def plan_pass(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int, host_room: int | None,
+              allowed: frozenset[int] | None = None) -> Plan:
+    """The placement of a pass of `tokens` tokens minimizing its expected time.
+
+    weight_room: device tier bytes for weights (the tier's budget less the KV caches and activations);
+    host_room: bytes of system memory the CPU's weights may take (None: no limit);
+    allowed: the steps the CPU may take (those whose weights are held already; None: any movable).
+    """
+    total = sum(s.nbytes for s in steps)
+    movable = [s for s in steps if s.movable and (allowed is None or s.index in allowed)]
+    # a run of movable steps ending at the last movable one: k = 0 .. len(movable)
+    best: Plan | None = None
+    cpu = 0.0
+    host_bytes = 0
+    for k in range(len(movable) + 1):
+        if k:
+            s = movable[-k]
+            if host_room is not None and host_bytes + s.nbytes > host_room:
+                break
+            if k > 1 and s.index + 1 != movable[-k + 1].index:
+                break   # keep the run contiguous (one hand-over each way)
+            cpu += sum(rates.cpu_seconds(dt, n, tokens) for dt, n in s.by_dtype)
+            host_bytes += s.nbytes
+        gpu_bytes = total - host_bytes
+        streamed = max(0, gpu_bytes - weight_room)
+        gpu = gpu_bytes / rates.gpu_read
+        link = streamed / rates.link
+        seconds = max(cpu + gpu, link) + (2 * rates.sync if k else 0.0)
+        plan = Plan(tokens, frozenset(s.index for s in movable[len(movable) - k:]), seconds, cpu, gpu, link,
+                    host_bytes, streamed)
+        if best is None or plan.seconds < best.seconds:
+            best = plan
+    assert best is not None
+    return best

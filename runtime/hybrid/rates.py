@@ -1,0 +1,195 @@
+"""The measured rates a hybrid plan is made from, measured once per machine and cached.
+
+Placement is arithmetic on four rates, so they are measured on the machine rather than assumed:
+  link       host -> device copies (bytes/s), what streaming a pack costs;
+  gpu_read   device memory read by the GPU (bytes/s), what a resident weight costs per pass;
+  cpu        the native CPU product per weight type and batch size (stored bytes/s at 1, 8, 32
+             tokens), what computing a weight on the CPU costs;
+  sync       one CPU <-> GPU hand-over (seconds): a small download and upload, waited for.
+
+Each takes a fraction of a second. They are cached in `$VKPACK_CACHE/rates.json` (default
+~/.cache/vkpack) under a key naming the CPU, its cores, the GPU and its driver, so a machine measures
+once; `measure_rates(..., fresh=True)` measures again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...pack_format.constants import row_bytes
+
+log = logging.getLogger(__name__)
+BATCHES = (1, 8, 32)
+PROBE_BYTES = 64 << 20     # a weight larger than a last-level cache: read from DRAM, as layers are
+FILL = 0x2E66              # every 2-byte field reads as the half 0.1: finite scales, no denormals
+VERSION = 1
+
+
+@dataclass
+class Rates:
+    """What one machine does per second (see the module docstring)."""
+
+    link: float
+    gpu_read: float
+    sync: float
+    cpu: dict[str, dict[int, float]] = field(default_factory=dict)   # dtype -> tokens -> bytes/s
+    machine: str = ""
+
+    def cpu_seconds(self, dtype: str, nbytes: int, tokens: int) -> float:
+        """Seconds the native product of `tokens` tokens takes over `nbytes` stored bytes of `dtype`:
+        interpolated between the measured batch sizes, linear in tokens beyond the largest."""
+        by = self.cpu.get(dtype)
+        if not by:  # a type not measured: the slowest type measured stands in for it
+            by = min(self.cpu.values(), key=lambda b: b[min(b)]) if self.cpu else {1: 1e9}
+        pts = sorted((int(b), nbytes / r) for b, r in by.items())
+        if tokens <= pts[0][0]:
+            return pts[0][1]
+        for (b0, t0), (b1, t1) in itertools.pairwise(pts):
+            if tokens <= b1:
+                return t0 + (t1 - t0) * (tokens - b0) / (b1 - b0)
+        b_last, t_last = pts[-1]
+        return t_last * tokens / b_last
+
+    def describe(self) -> str:
+        cpu = "; ".join(f"{dt} " + ", ".join(f"{b}:{r / 1e9:.1f}" for b, r in sorted(by.items()))
+                        for dt, by in sorted(self.cpu.items()))
+        return (f"link {self.link / 1e9:.1f} GB/s, GPU read {self.gpu_read / 1e9:.0f} GB/s, hand-over "
+                f"{self.sync * 1e6:.0f} us, CPU GB/s by tokens: {cpu}")
+
+
+def cache_path() -> Path:
+    root = os.environ.get("VKPACK_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vkpack") / "rates.json"
+
+
+def machine_key(dev: Any, threads: int) -> str:
+    """The CPU model, the threads the products use, the GPU and its driver."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = dev.info
+    return f"v{VERSION}|{cpu}|{threads} threads|{info.name}|driver {info.driver_version}"
+
+
+def measure_rates(dev: Any, cpu_backend: Any, dtypes: set[str], fresh: bool = False) -> Rates:
+    """The rates for the GPU `dev` and the native CPU backend, from the cache where it has them
+    (every type in `dtypes` measured), else measured now and stored."""
+    key = machine_key(dev, cpu_backend.threads)
+    path = cache_path()
+    cached = _read_cache(path)
+    entry = None if fresh else cached.get(key)
+    rates = Rates(**{**entry, "cpu": {dt: {int(b): r for b, r in by.items()} for dt, by in entry["cpu"].items()}}) \
+        if entry else None
+    missing = set(dtypes) - set(rates.cpu if rates else ())
+    if rates is not None and not missing:
+        return rates
+    t0 = time.perf_counter()
+    if rates is None:
+        rates = Rates(link=_measure_link(dev), gpu_read=_measure_gpu_read(dev), sync=_measure_sync(dev), machine=key)
+    for dt in sorted(missing):
+        rates.cpu[dt] = {b: _measure_cpu(cpu_backend, dt, b) for b in BATCHES}
+    log.info("measured this machine's rates in %.1f s: %s", time.perf_counter() - t0, rates.describe())
+    cached[key] = asdict(rates)
+    _write_cache(path, cached)
+    return rates
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    """Written whole to a temporary file, then renamed: a reader never sees half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not cache the measured rates in %s (%s)", path, e)
+
+
+def _best_of(n: int, fn: Any) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _measure_link(dev: Any) -> float:
+    n = min(PROBE_BYTES, dev.info.max_memory_allocation_size // 4)
+    buf = dev.alloc(n, "device")
+    try:
+        data = np.full(n, 7, dtype=np.uint8)
+        return n / _best_of(3, lambda: dev.upload(buf, data))
+    finally:
+        buf.destroy()
+
+
+def _measure_gpu_read(dev: Any) -> float:
+    """A device-to-device copy reads and writes each byte: twice the bytes over its time."""
+    from ..vk.recorder import Recorder
+
+    n = min(4 * PROBE_BYTES, dev.info.max_memory_allocation_size // 4)
+    src, dst = dev.alloc(n, "device"), dev.alloc(n, "device")
+    rec = Recorder(dev, label="rates")
+    try:
+        rec.copy(src, dst)
+        rec.finish()
+        rec.run()
+        return 2 * n / _best_of(3, rec.run)
+    finally:
+        rec.destroy()
+        src.destroy()
+        dst.destroy()
+
+
+def _measure_sync(dev: Any) -> float:
+    """One hand-over of a pass's activation row: up and back down, each waited for."""
+    buf = dev.alloc(1 << 16, "device")
+    try:
+        row = np.zeros(4096, dtype=np.float32)
+
+        def once() -> None:
+            dev.upload(buf, row)
+            dev.download(buf, row.nbytes)
+
+        once()
+        return _best_of(5, once)
+    finally:
+        buf.destroy()
+
+
+def _measure_cpu(cpu_backend: Any, dtype: str, tokens: int) -> float:
+    """Stored bytes per second of the backend's product of `tokens` tokens, on a weight of
+    PROBE_BYTES (as many 4096-wide rows as fit), the product the backend runs for that batch."""
+    cols = 4096
+    rb = row_bytes(dtype, cols)
+    rows = max(1, PROBE_BYTES // rb)
+    data = np.full(rows * rb // 2, FILL, dtype=np.uint16).view(np.uint8)
+    w = cpu_backend.stored_matrix(dtype, data, rows, cols)
+    x = np.full((tokens, cols), 0.01, dtype=np.float32)
+    y = np.empty((tokens, rows), dtype=np.float32)
+    cpu_backend.matmul(w, x, y)
+    return rows * rb / _best_of(3, lambda: cpu_backend.matmul(w, x, y))

@@ -1,0 +1,160 @@
+"""Hybrid CPU+GPU placement against pure streaming and CPU only, and llama.cpp's CPU backend, in one call.
+
+For the 8B shape (tools/bench_gpu.py's `8b`: 32 layers, 4096 wide, F16, generated on the machine)
+each configuration runs in a fresh engine: a 512-token prefill (its second pass timed, the first
+records and loads) and greedy decode (the median of `--decode` tokens after 4 untimed ones). The
+hybrid engines print their measured rates and plans. With `--llama-bench PATH` (llama.cpp's
+llama-bench, built on the machine from the sources llama-cpp-python vendors), llama.cpp's CPU-only
+decode of the same GGUF runs in the same call. Each result is appended to OUT/bench_hybrid.json as
+soon as it exists, so a call cut short keeps what it measured.
+
+    python tools/bench_hybrid.py --work /tmp/bench --out $OUT [--configs cpu,vulkan:4,hybrid:4,hybrid:8]
+        [--model 8b|smol|1b] [--quick] [--llama-bench llama.cpp/build/bin/llama-bench --threads 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_synthetic as ms
+from bench_gpu import SHAPES
+from vkpack.compiler.build import build
+from vkpack.runtime.engine import Engine
+
+WARM = 4
+
+
+def model_files(name: str, work: Path, quick: bool) -> tuple[Path, Path]:
+    """The model's GGUF (kept: llama.cpp reads it) and its archive (`--codec none`), made once."""
+    spec = ms.Spec(layers=4, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=2048) if quick else SHAPES[name]
+    gguf, arch = work / f"{name}{'-quick' if quick else ''}.gguf", work / f"{name}{'-quick' if quick else ''}.vkpack"
+    if not gguf.exists():
+        t = time.perf_counter()
+        ms.write_gguf(gguf, spec, dtype="F16", seed=0)
+        print(f"[{name}] generated in {time.perf_counter() - t:.0f} s", flush=True)
+    if not arch.exists():
+        t = time.perf_counter()
+        build(gguf, arch, codec="none", threads=os.cpu_count(), progress=False)
+        print(f"[{name}] built in {time.perf_counter() - t:.0f} s", flush=True)
+    return gguf, arch
+
+
+def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, n_decode: int,
+               prefill: bool, threads: int | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    eng = Engine(arch, device=device, vram_gb=vram_gb, context=prompt_len + WARM + n_decode + 8, prefetch_lookahead=32,
+                 threads=threads)
+    started = time.perf_counter() - t0
+    try:
+        be = eng.backend
+        rng = np.random.default_rng(1)
+        prompt = [int(t) for t in rng.integers(3, eng.hp["vocab"], prompt_len)]
+        out: dict[str, Any] = {"device": device, "backend": be.name, "vram_gb": vram_gb, "threads": threads,
+                               "start_s": started,
+                               "model_bytes": eng.model_bytes, "budget": eng.tier.budget}
+        with eng.kv_session(prompt_len + WARM + n_decode + 1) as kv:
+            times = []
+            for _ in range(2 if prefill else 1):
+                t = time.perf_counter()
+                logits = eng.forward_batch([(prompt, 0, kv)])
+                times.append(time.perf_counter() - t)
+            out["prefill_tokens"] = prompt_len
+            out["prefill_s"] = times
+            out["prefill_tps"] = prompt_len / times[-1]
+            tok = int(np.argmax(logits[0]))
+            steps = []
+            for i in range(WARM + n_decode):
+                t = time.perf_counter()
+                tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
+                steps.append(time.perf_counter() - t)
+            timed = steps[WARM:]
+            out["decode_ms"] = [round(s * 1e3, 2) for s in timed]
+            out["decode_tps"] = 1 / statistics.median(timed)
+            out["decode_tps_mean"] = len(timed) / sum(timed)
+        m = eng.metrics
+        out["stall_s"], out["bytes_uploaded"] = m.stall_seconds, m.bytes_uploaded
+        out["pinned_bytes"] = eng.pinned_bytes
+        if be.name == "hybrid":
+            out["plans"] = be.describe()
+            out["passes"] = dict(be.passes)
+            out["handover_s"] = be.handover_seconds
+        return out
+    finally:
+        eng.close()
+
+
+def llama_bench(exe: str, gguf: Path, threads: int, n_decode: int) -> dict[str, Any]:
+    """llama.cpp's CPU-only decode (`-ngl 0`) and prefill of 512 of the same GGUF."""
+    cmd = [exe, "-m", str(gguf), "-ngl", "0", "-t", str(threads), "-p", "0", "-n", str(n_decode), "-r", "2", "-o", "json"]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    if res.returncode:
+        return {"cmd": " ".join(cmd), "error": res.stderr[-2000:]}
+    rows = json.loads(res.stdout)
+    return {"cmd": " ".join(cmd), "seconds": time.perf_counter() - t,
+            "results": [{k: r.get(k) for k in ("n_prompt", "n_gen", "avg_ts", "stddev_ts", "n_threads", "backends",
+                                                "cpu_info", "gpu_info")} for r in rows]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/bench")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--model", default="8b", choices=sorted(SHAPES))
+    ap.add_argument("--configs", default="hybrid:4,cpu,vulkan:4,hybrid:8",
+                    help="device[:vram GiB[:CPU threads]] list; device as Engine's (cpu, vulkan, hybrid, numpy)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--llama-bench", default="")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="a tiny model (a check of the tool itself)")
+    ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for noisy in ("vkpack.runtime.vk",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    gguf, arch = model_files(args.model, work, args.quick)
+    if args.only_files:
+        return
+    report: dict[str, Any] = {"machine": {"cpu": platform.processor(), "cores": os.cpu_count()},
+                              "model": args.model, "runs": []}
+    path = out / "bench_hybrid.json"
+
+    def save() -> None:
+        path.write_text(json.dumps(report, indent=1))
+
+    for cfg in args.configs.split(","):
+        device, _, rest = cfg.partition(":")
+        vram, _, threads = rest.partition(":")
+        try:
+            r = run_config(arch, device, float(vram) if vram else None, args.prompt, args.decode,
+                           prefill=device != "cpu", threads=int(threads) if threads else None)
+        except Exception as e:  # one failed configuration must not lose the others' numbers
+            r = {"device": device, "vram_gb": vram, "error": f"{type(e).__name__}: {e}"}
+        report["runs"].append(r)
+        save()
+        print(json.dumps({k: v for k, v in r.items() if k not in ("decode_ms",)}, default=str), flush=True)
+    if args.llama_bench:
+        report["llama_cpp"] = llama_bench(args.llama_bench, gguf, args.threads, 32)
+        save()
+        print(json.dumps(report["llama_cpp"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
