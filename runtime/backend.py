@@ -126,6 +126,10 @@ class Backend(Protocol):
         """Run the graph's steps over `inputs`, acquiring weights through `weights`; returns the
         output rows, float32 [len(inputs.seqs), width]. When it returns, no pack stays pinned."""
 
+    def placement(self) -> dict[str, Any]:
+        """For a backend that places steps on several devices (runtime/hybrid): the measured rates and
+        the plans made so far ({"rates": {...}, "plans": [...], "lines": [readable]}); {} otherwise."""
+
     def host_bytes(self) -> int:
         """System memory the backend holds for packs (counted in the RAM budget)."""
 

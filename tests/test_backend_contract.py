@@ -106,6 +106,9 @@ class CountingBackend:
     def host_steps(self, tokens: int) -> frozenset[int]:
         return frozenset()
 
+    def placement(self) -> dict:
+        return {}
+
     def forward(self, inputs: PassInputs, weights) -> np.ndarray:
         self.calls["forward"] += 1
         act = {"tokens": inputs.tokens, "positions": inputs.positions}

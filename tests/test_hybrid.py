@@ -147,8 +147,10 @@ def test_hybrid_planned_from_rates(smollm2_archive, smol_ref):
         assert greedy(eng, ids, 32) == ref_tokens
         decode, prefill = eng.backend.plan(1), eng.backend.plan(len(ids))
         assert decode.host and not prefill.host
-        text = "\n".join(eng.backend.describe())
+        info = eng.backend.placement()
+        text = "\n".join(info["lines"])
         assert "CPU computes" in text and "GPU computes every step" in text
+        assert info["rates"]["link"] == rates.link and info["plans"][0]["tokens"] == 1
         assert eng.backend.passes["split"] >= 31 and eng.backend.passes["gpu_only"] >= 1
 
 
@@ -167,3 +169,41 @@ def test_smollm2_hybrid_greedy_matches_transformers(smollm2_archive, smollm2_ggu
             ids = probe.encode("The capital of France is")
         with Engine(smollm2_archive, device=_hybrid(PLANS["decode-on-cpu"]), vram_gb=vram) as eng:
             assert greedy(eng, ids, 32) == hf_reference.hf_greedy(model, ids, 32)
+
+
+@needs_both
+def test_rates_measured_once_per_machine(tmp_path, monkeypatch, smollm2_archive):
+    """Rates are measured on a cache miss, read back on the next start, and measured again only for a
+    weight type not measured before."""
+    from vkpack.pack_format.reader import Archive
+    from vkpack.runtime.hybrid import rates as rates_mod
+    from vkpack.runtime.native.backend import NativeCpuBackend
+
+    monkeypatch.setenv("VKPACK_CACHE", str(tmp_path))
+    monkeypatch.setattr(rates_mod, "PROBE_BYTES", 1 << 20)
+    dev = vk.Device()
+    try:
+        cpu = NativeCpuBackend(Archive(smollm2_archive))
+        first = rates_mod.measure_rates(dev, cpu, {"Q4_1"})
+        assert first.link > 0 and first.gpu_read > 0 and first.sync > 0 and set(first.cpu) == {"Q4_1"}
+        assert sorted(first.cpu["Q4_1"]) == [1, 8, 32] and all(r > 0 for r in first.cpu["Q4_1"].values())
+        monkeypatch.setattr(rates_mod, "_measure_link", lambda d: pytest.fail("measured again"))
+        assert rates_mod.measure_rates(dev, cpu, {"Q4_1"}) == first
+        more = rates_mod.measure_rates(dev, cpu, {"Q4_1", "Q8_0"})
+        assert more.cpu["Q4_1"] == first.cpu["Q4_1"] and set(more.cpu) == {"Q4_1", "Q8_0"}
+        assert (tmp_path / "rates.json").exists()
+    finally:
+        dev.close()
+
+
+@needs_both
+def test_hybrid_by_name_resident_is_the_gpu_pass(smollm2_archive, smol_ref):
+    """`--device hybrid` with a model that fits: nothing is held for the CPU, no rates are measured,
+    and every pass is the Vulkan backend's own."""
+    ids, ref_logits, ref_tokens, _ = smol_ref
+    with Engine(smollm2_archive, device="hybrid") as eng:
+        assert eng.backend.name == "hybrid" and eng.backend.host_bytes() == 0
+        assert rel_err(eng.logits(ids), ref_logits) < REL_TOL
+        assert greedy(eng, ids, 8) == ref_tokens[:8]
+        info = eng.backend.placement()
+        assert info["rates"] is None and info["held_steps"] == [] and info["passes"]["split"] == 0

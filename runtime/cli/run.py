@@ -57,4 +57,6 @@ def run(args: argparse.Namespace) -> int:
         if s.verbose:
             for k, v in st.items():
                 print(f"[vkpack]   {k} = {v}", file=sys.stderr)
+            for line in eng.backend.placement().get("lines", []):  # a hybrid backend's rates and plans
+                print(f"[vkpack]   {line}", file=sys.stderr)
     return 0

@@ -187,6 +187,9 @@ class CpuBackend:
     def host_steps(self, tokens: int) -> frozenset[int]:
         return frozenset()  # every weight comes through the tier
 
+    def placement(self) -> dict[str, Any]:
+        return {}
+
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
         acts = self.begin(inputs)
         run_ops(self.steps, acts, weights, self.run_op)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -137,8 +137,11 @@ class HybridBackend:
     def kv_rows(self, n_ctx: int) -> int:
         return self.gpu.kv_rows(n_ctx)
 
-    def kv_view(self, mem: Any, n_ctx: int, width: int) -> HybridKv:
-        return HybridKv(self.gpu.kv_view(mem, n_ctx, width), n_ctx, width)
+    def kv_view(self, mem: Any, n_ctx: int, width: int) -> Any:
+        """The GPU's KV cache; wrapped to follow which side holds which rows where the CPU may compute
+        some layers (with nothing held for the CPU, the GPU's own, untouched)."""
+        kv = self.gpu.kv_view(mem, n_ctx, width)
+        return HybridKv(kv, n_ctx, width) if self.held_steps else kv
 
     def load(self, pack: int, source: PackSource, dest: Any) -> Any:
         return self.gpu.load(pack, source, dest)
@@ -219,6 +222,9 @@ class HybridBackend:
 
     # ---- a pass ----
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
+        if not self.held_steps:  # the GPU computes everything, always: its pass as it is
+            self.passes["gpu_only"] += 1
+            return self.gpu.forward(inputs, weights)
         host = self.host_steps(len(inputs.tokens))
         n = len(self.steps)
         segments: list[tuple[bool, range]] = []
@@ -302,12 +308,22 @@ class HybridBackend:
         return out
 
     def describe(self) -> list[str]:
-        """The measured rates and the plans made so far, for `--verbose` and /metrics."""
+        """The measured rates and the plans made so far, one line each."""
         lines = [] if self.rates is None else [f"rates: {self.rates.describe()}"]
         if self.fixed is not None:
             lines.append(f"CPU steps set by hand; for one token: {sorted(self.held_steps)}")
+        elif not self.held_steps:
+            lines.append("GPU computes every step (the model fits, or the CPU would not gain)")
         lines += [f"plan: {p.describe(self.costs)}" for _b, p in sorted(self._plans.items())]
         return lines
+
+    def placement(self) -> dict[str, Any]:
+        plans = [{"tokens": b, "cpu_steps": sorted(p.host), "cpu_bytes": p.host_bytes,
+                  "streamed_bytes": p.streamed_bytes, "expected_seconds": p.seconds}
+                 for b, p in sorted(self._plans.items())]
+        return {"rates": None if self.rates is None else asdict(self.rates), "plans": plans,
+                "held_steps": sorted(self.held_steps), "passes": dict(self.passes),
+                "handover_seconds": self.handover_seconds, "lines": self.describe()}
 
     def close(self) -> None:
         self.gpu.close()

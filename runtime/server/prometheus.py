@@ -60,5 +60,25 @@ def prometheus_text(scheduler: Scheduler, engine: Any, requests: Iterable[tuple[
     metric("bytes_read_total", "counter", "stored bytes read from the archive", [("", m.bytes_read)])
     metric("bytes_uploaded_total", "counter", "bytes placed into the device tier", [("", m.bytes_uploaded)])
     metric("stall_seconds_total", "counter", "seconds the executor waited for packs", [("", float(m.stall_seconds))])
+    _placement(metric, eng.backend.placement())
     return "\n".join(lines) + "\n"
 
+
+
+def _placement(metric: Any, info: dict[str, Any]) -> None:
+    """A hybrid backend's measured rates and plans (runtime/hybrid): nothing for other backends."""
+    rates = info.get("rates")
+    if rates:
+        metric("rate_link_bytes_per_second", "gauge", "measured host->device copy rate", [("", float(rates["link"]))])
+        metric("rate_gpu_read_bytes_per_second", "gauge", "measured GPU memory read rate",
+               [("", float(rates["gpu_read"]))])
+        metric("rate_cpu_bytes_per_second", "gauge", "measured native CPU product rate in stored weight bytes, "
+               "by weight type and tokens", [(f'{{dtype="{dt}",tokens="{b}"}}', float(r))
+                                             for dt, by in sorted(rates["cpu"].items()) for b, r in sorted(by.items())])
+    if info:
+        metric("plan_cpu_steps", "gauge", "graph steps the hybrid plan computes on the CPU, by pass size",
+               [(f'{{tokens="{p["tokens"]}"}}', len(p["cpu_steps"])) for p in info["plans"]])
+        metric("plan_expected_seconds", "gauge", "the plan's expected pass time, by pass size",
+               [(f'{{tokens="{p["tokens"]}"}}', float(p["expected_seconds"])) for p in info["plans"]])
+        metric("hybrid_passes_total", "counter", "passes by where they ran",
+               [(f'{{kind="{k}"}}', v) for k, v in sorted(info["passes"].items())])

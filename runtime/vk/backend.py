@@ -135,6 +135,9 @@ class VulkanBackend:
     def host_steps(self, tokens: int) -> frozenset[int]:
         return frozenset()  # every weight comes through the tier
 
+    def placement(self) -> dict[str, Any]:
+        return {}
+
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
         """Lay out the pass, record or replay its steps, and read the output rows back: the copy into
         mapped host memory is part of the pass's own submission (no separate round trip)."""
