@@ -181,6 +181,7 @@ def test_rates_measured_once_per_machine(tmp_path, monkeypatch, smollm2_archive)
 
     monkeypatch.setenv("VKPACK_CACHE", str(tmp_path))
     monkeypatch.setattr(rates_mod, "PROBE_BYTES", 1 << 20)
+    monkeypatch.setattr(rates_mod, "CPU_PROBE_BYTES", 4 << 20)
     dev = vk.Device()
     try:
         cpu = NativeCpuBackend(Archive(smollm2_archive))

@@ -30,9 +30,10 @@ from ...pack_format.constants import row_bytes
 
 log = logging.getLogger(__name__)
 BATCHES = (1, 8, 32)
-PROBE_BYTES = 64 << 20     # a weight larger than a last-level cache: read from DRAM, as layers are
+PROBE_BYTES = 64 << 20     # the link's and the GPU's probes
+CPU_PROBE_BYTES = 512 << 20  # larger than a server's last-level cache (256 MB+ on some): read from DRAM, as layers are
 FILL = 0x2E66              # every 2-byte field reads as the half 0.1: finite scales, no denormals
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -182,11 +183,12 @@ def _measure_sync(dev: Any) -> float:
 
 
 def _measure_cpu(cpu_backend: Any, dtype: str, tokens: int) -> float:
-    """Stored bytes per second of the backend's product of `tokens` tokens, on a weight of
-    PROBE_BYTES (as many 4096-wide rows as fit), the product the backend runs for that batch."""
+    """Stored bytes per second of the backend's product of `tokens` tokens (the product the backend runs
+    for that batch) on a weight of 4096-wide rows: CPU_PROBE_BYTES of them for one token (memory bound:
+    from DRAM), PROBE_BYTES for more (compute bound: a smaller weight keeps the probe short)."""
     cols = 4096
     rb = row_bytes(dtype, cols)
-    rows = max(1, PROBE_BYTES // rb)
+    rows = max(1, (CPU_PROBE_BYTES if tokens == 1 else PROBE_BYTES) // rb)
     data = np.full(rows * rb // 2, FILL, dtype=np.uint16).view(np.uint8)
     w = cpu_backend.stored_matrix(dtype, data, rows, cols)
     x = np.full((tokens, cols), 0.01, dtype=np.float32)
