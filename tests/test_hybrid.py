@@ -208,3 +208,11 @@ def test_hybrid_by_name_resident_is_the_gpu_pass(smollm2_archive, smol_ref):
         assert greedy(eng, ids, 8) == ref_tokens[:8]
         info = eng.backend.placement()
         assert info["rates"] is None and info["held_steps"] == [] and info["passes"]["split"] == 0
+
+
+def test_inspect_plan_prints_where_passes_run(smollm2_archive, capsys):
+    from vkpack.runtime.cli import main
+
+    assert main(["inspect", str(smollm2_archive), "--plan", "--device", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: backend numpy" in out and "numpy computes every step of every pass" in out

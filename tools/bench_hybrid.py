@@ -10,6 +10,7 @@ soon as it exists, so a call cut short keeps what it measured.
 
     python tools/bench_hybrid.py --work /tmp/bench --out $OUT [--configs cpu,vulkan:4,hybrid:4,hybrid:8]
         [--model 8b|smol|1b] [--quick] [--llama-bench llama.cpp/build/bin/llama-bench --threads 16]
+    python tools/bench_hybrid.py --from-json bench_hybrid.json --write-docs --note "..."   # the table
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
+from bench_docs import write_section
 from bench_gpu import SHAPES
 from vkpack.compiler.build import build
 from vkpack.runtime.engine import Engine
@@ -109,6 +111,31 @@ def llama_bench(exe: str, gguf: Path, threads: int, n_decode: int) -> dict[str, 
                                                 "cpu_info", "gpu_info")} for r in rows]}
 
 
+SECTION = "Hybrid CPU+GPU placement (issue 11)"
+
+
+def render(report: dict[str, Any], note: str) -> str:
+    """A markdown table of a saved report: one row per configuration, llama.cpp's CPU decode beside."""
+    llama = report.get("llama_cpp", {})
+    ll = next((r["avg_ts"] for r in llama.get("results", []) if r.get("n_gen")), None)
+    rows = ["| engine | budget | prefill 512 tok/s | decode tok/s (median) | vs llama.cpp CPU | plan (1 token) |",
+            "|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if "error" in r:
+            rows.append(f"| {r['device']} | {r.get('vram_gb')} GiB | error: {r['error'][:80]} | | | |")
+            continue
+        budget = "all RAM" if r["device"] == "cpu" else f"{r['vram_gb']:g} GiB" if r["vram_gb"] else "resident"
+        plan = next((ln.split(": ", 1)[1] for ln in r.get("plans", []) if ln.startswith("plan: 1-token")), "")
+        dev = r["device"] + (f" ({r['threads']} threads)" if r.get("threads") else "")
+        prefill = f"{r['prefill_tps']:.0f}" if r["device"] != "cpu" else f"({r['prefill_tps']:.0f})"
+        ratio = f"{r['decode_tps'] / ll:.2f}x" if ll else ""
+        rows.append(f"| {dev} | {budget} | {prefill} | {r['decode_tps']:.2f} | {ratio} | {plan} |")
+    if ll:
+        rows.append(f"| llama.cpp CPU (`-ngl 0`) | all RAM | | {ll:.2f} | 1.00x | |")
+    rates = next((ln for r in report["runs"] for ln in r.get("plans", []) if ln.startswith("rates:")), "")
+    return "\n".join([note, "", *rows, "", f"Measured {rates}" if rates else ""]) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/bench")
@@ -122,7 +149,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="a tiny model (a check of the tool itself)")
     ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
+    ap.add_argument("--from-json", type=Path, help="render a saved report instead of measuring")
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument("--note", default="", help="the paragraph above the table (machine, command, commit)")
     args = ap.parse_args()
+    if args.from_json:
+        text = render(json.loads(args.from_json.read_text()), args.note)
+        print(text)
+        if args.write_docs:
+            write_section("bench_hybrid", f"## {SECTION}", text)
+        return
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for noisy in ("vkpack.runtime.vk",):
         logging.getLogger(noisy).setLevel(logging.WARNING)

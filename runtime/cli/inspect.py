@@ -1,4 +1,5 @@
-"""`vkpack inspect FILE [--tensors] [--graph] [--json]`: what an archive holds, like gguf_dump."""
+"""`vkpack inspect FILE [--tensors] [--graph] [--json] [--plan]`: what an archive holds, like gguf_dump;
+with --plan, where an engine under the given budgets would compute each pass (it opens one)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,31 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--graph", action="store_true", help="list every step of the access graph with its ops")
     p.add_argument("--json", action="store_true", help="the whole index as JSON (tokenizer.json omitted)")
+    p.add_argument("--plan", action="store_true", help="open an engine under --vram-gb/--ram-gb/--device and print "
+                   "where it computes passes of 1, 8, 32 and 512 tokens (loads the model; measures the machine's "
+                   "rates on first use)")
+    p.add_argument("--vram-gb", type=float, default=None)
+    p.add_argument("--ram-gb", type=float, default=None)
+    p.add_argument("--device", default="auto")
     return p
+
+
+PLAN_TOKENS = (1, 8, 32, 512)
+
+
+def print_plan(args: argparse.Namespace) -> None:
+    from ..engine import Engine
+
+    with Engine(args.archive, vram_gb=args.vram_gb, ram_gb=args.ram_gb, device=args.device) as eng:
+        be = eng.backend
+        for n in PLAN_TOKENS:
+            be.host_steps(n)   # makes the plan of that pass size
+        print(f"plan: backend {be.name}, device budget {eng.tier.budget / 2**30:.2f} GiB "
+              f"({'streamed' if eng.model_bytes > eng.tier.budget else 'resident'}), model "
+              f"{eng.model_bytes / 2**30:.2f} GiB")
+        lines = be.placement().get("lines") or [f"{be.name} computes every step of every pass"]
+        for line in lines:
+            print(f"  {line}")
 
 
 def summary(a: Archive) -> dict[str, Any]:
@@ -68,4 +93,6 @@ def run(args: argparse.Namespace) -> int:
             for i, st in enumerate(a.graph["steps"]):
                 ops = " ".join(o["op"] for o in st["ops"])
                 print(f"  {i:4d} {st['name']:14s} packs {st['packs']}: {ops}")
+    if args.plan:
+        print_plan(args)
     return 0
