@@ -6,6 +6,7 @@ Tolerances as tests/test_correctness.py: logits within 1e-3 relative; greedy tok
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from vk_helpers import assert_device_peak_within, greedy, rel_err
 from vkpack.runtime import native, vk
@@ -222,3 +223,25 @@ def test_inspect_plan_prints_where_passes_run(smollm2_archive, capsys):
     assert main(["inspect", str(smollm2_archive), "--plan", "--device", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "plan: backend numpy" in out and "numpy computes every step of every pass" in out
+
+
+@needs_both
+def test_hybrid_batch_of_sequences_matches_numpy(smollm2_archive):
+    """Two sequences in one pass (the server's batches): prefilled together on the GPU, then decoded
+    together with layers on the CPU, each sequence's KV rows moved down for its own positions."""
+    plan = lambda t: LAYERS if t <= 2 else frozenset()
+    a, b = list(range(200, 213)), list(range(300, 307))
+    outs = []
+    for device in ("numpy", _hybrid(plan)):
+        with Engine(smollm2_archive, device=device) as eng, eng.kv_session(32) as ka, eng.kv_session(32) as kb:
+            first = eng.forward_batch([(a, 0, ka), (b, 0, kb)])
+            ta, tb = (int(np.argmax(r)) for r in first)
+            rows = [first]
+            for i in range(3):
+                nxt = eng.forward_batch([([ta], len(a) + i, ka), ([tb], len(b) + i, kb)])
+                ta, tb = (int(np.argmax(r)) for r in nxt)
+                rows.append(nxt)
+            outs.append(np.concatenate(rows))
+            if device != "numpy":
+                assert eng.backend.passes["split"] == 3 and eng.backend.passes["gpu_only"] == 1
+    assert rel_err(outs[1], outs[0]) < REL_TOL
