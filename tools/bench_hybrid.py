@@ -79,9 +79,17 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
             tok = int(np.argmax(logits[0]))
             steps = []
             for i in range(WARM + n_decode):
+                if i == WARM:
+                    before = (be.placement(), eng.metrics.stall_seconds, eng.metrics.bytes_uploaded)
                 t = time.perf_counter()
                 tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
                 steps.append(time.perf_counter() - t)
+            info, stall0, up0 = before
+            after = be.placement()
+            if info:  # where a decode token's time went (hybrid)
+                out["per_token_ms"] = {k: (after[k] - info[k]) / n_decode * 1e3 for k in ("cpu_seconds", "handover_seconds")}
+            out["per_token_ms_stall"] = (eng.metrics.stall_seconds - stall0) / n_decode * 1e3
+            out["uploaded_gb_per_token"] = (eng.metrics.bytes_uploaded - up0) / n_decode / 1e9
             timed = steps[WARM:]
             out["decode_ms"] = [round(s * 1e3, 2) for s in timed]
             out["decode_tps"] = 1 / statistics.median(timed)

@@ -110,7 +110,8 @@ class HybridBackend:
         self._reads = [self._live_in(st) for st in self.steps]
         self._writes = [{op["out"] for op in st["ops"]} for st in self.steps]
         self.passes = {"gpu_only": 0, "split": 0}
-        self.handover_seconds = 0.0
+        self.handover_seconds = 0.0   # hand-overs, waiting for the GPU's steps before them included
+        self.cpu_seconds = 0.0        # the CPU's steps
 
     @property
     def dev(self) -> Any:
@@ -254,7 +255,9 @@ class HybridBackend:
                 # the link fills the tier for the GPU's next steps while the CPU computes these
                 weights.prefetch_bytes(self.weight_room // 4 if plan is None
                                        else int(1.25 * self.rates.link * plan.cpu_seconds))
+                t0 = time.perf_counter()
                 self.cpu.run_steps(order, acts, self.held)
+                self.cpu_seconds += time.perf_counter() - t0
             else:
                 self.gpu.run_steps(order, ps, weights)
             for si in order:
@@ -323,7 +326,7 @@ class HybridBackend:
                  for b, p in sorted(self._plans.items())]
         return {"rates": None if self.rates is None else asdict(self.rates), "plans": plans,
                 "held_steps": sorted(self.held_steps), "passes": dict(self.passes),
-                "handover_seconds": self.handover_seconds, "lines": self.describe()}
+                "handover_seconds": self.handover_seconds, "cpu_seconds": self.cpu_seconds, "lines": self.describe()}
 
     def close(self) -> None:
         self.gpu.close()
