@@ -107,6 +107,7 @@ class HybridBackend:
         self.host_room: int | None = None
         self.layer_of = {si: [op["attrs"]["layer"] for op in st["ops"] if op["op"] == "attention"]
                          for si, st in enumerate(self.steps)}
+        self._layers_cache: dict[frozenset[int], frozenset[int]] = {}
         self._reads = [self._live_in(st) for st in self.steps]
         self._writes = [{op["out"] for op in st["ops"]} for st in self.steps]
         self.passes = {"gpu_only": 0, "split": 0}
@@ -241,10 +242,20 @@ class HybridBackend:
             self._kv_ready(segments[0][1], False, inputs)
             return self.gpu.forward(gpu_in, weights)
         self.passes["split"] += 1
-        cpu_in = replace(inputs, seqs=[(r0, r1, p0, [(k.host_array(), v.host_array()) if self._on_host(i, host)
+        layers = self._host_layers(host)
+        cpu_in = replace(inputs, seqs=[(r0, r1, p0, [(k.host_array(), v.host_array()) if i in layers
                                                      else (None, None) for i, (k, v) in enumerate(kv)])
                                        for r0, r1, p0, kv in inputs.seqs])
         ps = self.gpu.begin(gpu_in, weights)
+        try:
+            return self._split_pass(segments, inputs, gpu_in, cpu_in, ps, weights)
+        except BaseException:
+            self.gpu.inflight.flush(weights)   # unpin what the GPU's steps hold
+            raise
+
+    def _split_pass(self, segments: list[tuple[bool, range]], inputs: PassInputs, gpu_in: PassInputs,
+                    cpu_in: PassInputs, ps: Any, weights: WeightAccess) -> np.ndarray:
+        """The pass's runs of steps in order, each on its side, handing over what the next run reads."""
         acts = self.cpu.begin(cpu_in)
         side: dict[str, bool] = {}   # activation -> written last on the host
         for on_host, order in segments:
@@ -268,8 +279,12 @@ class HybridBackend:
             return acts[inputs.output]
         return self.gpu.finish(gpu_in, ps, weights)
 
-    def _on_host(self, layer: int, host: frozenset[int]) -> bool:
-        return any(layer in self.layer_of[si] for si in host)
+    def _host_layers(self, host: frozenset[int]) -> frozenset[int]:
+        """The layers whose attention the steps `host` compute (their KV caches live on the host then)."""
+        layers = self._layers_cache.get(host)
+        if layers is None:
+            layers = self._layers_cache[host] = frozenset(la for si in host for la in self.layer_of[si])
+        return layers
 
     def _hand_over(self, order: range, on_host: bool, side: dict[str, bool], ps: Any, acts: dict[str, Any],
                    weights: WeightAccess) -> None:
@@ -293,10 +308,10 @@ class HybridBackend:
         """The KV rows the steps `order` read, current on their side; then mark what they write."""
         for si in order:
             for layer in self.layer_of[si]:
-                for _r0, _r1, pos0, kv in inputs.seqs:
+                for r0, r1, pos0, kv in inputs.seqs:
                     for cache in kv[layer]:
                         cache.ready_on(on_host, pos0, self.gpu.dev)
-                        cache.written(on_host, pos0, _r1 - _r0)
+                        cache.written(on_host, pos0, r1 - r0)
 
     @staticmethod
     def _live_in(step: dict[str, Any]) -> list[str]:
