@@ -72,11 +72,15 @@ def test_native_matches_numpy_resident_and_streamed(archive):
         assert small.tier.evictions > 0
 
 
-def test_prefill_through_blas_tiles_matches_numpy(archive):
-    """Passes of BLAS_MIN_TOKENS tokens and more take the dequantize-a-tile + BLAS path."""
+@pytest.mark.parametrize("path", ["kernels", "blas tiles"])
+def test_prefill_matches_numpy(archive, path):
+    """Passes of BLAS_MIN_TOKENS tokens and more: the kernels' GEMM (gemm.h), or, as a portable build
+    does, dequantized tiles + BLAS."""
     from vkpack.runtime.native.backend import BLAS_MIN_TOKENS
 
     with Engine(archive, device="numpy") as ref, Engine(archive, device="cpu") as eng:
+        if path == "blas tiles":
+            eng.backend.blas_min_tokens, eng.backend.tile_bytes = BLAS_MIN_TOKENS, 1 << 20
         ids = [int(i) for i in np.random.default_rng(3).integers(1, 700, BLAS_MIN_TOKENS + 7)]
         assert rel_err(eng.logits(ids), ref.logits(ids)) < REL_TOL
 

@@ -139,18 +139,41 @@ def test_matmul_matches_float64(kern, dtype):
                                 f"allowed {TOL * bound[t, r]:.3g}")
 
 
+def _check_product(kern, dtype, w, rows, cols, x, threads, where):
+    """kern.matmul(w, x) within TOL of the float64 product, written only inside out (a column slice)."""
+    w64 = ref_dequantize(dtype, w, (rows, cols)).astype(np.float64)
+    wide = np.full((x.shape[0], rows + 3), 7.0, np.float32)
+    kern.matmul(dtype, w, rows, cols, x, wide[:, 1:1 + rows], threads)
+    y = wide[:, 1:1 + rows]
+    assert (wide[:, 0] == 7).all() and (wide[:, 1 + rows:] == 7).all(), f"{where}: wrote outside out"
+    err = np.abs(y - x.astype(np.float64) @ w64.T) - TOL * (np.abs(x.astype(np.float64)) @ np.abs(w64).T)
+    if not (err <= 0).all():
+        t, r = np.unravel_index(np.argmax(err), err.shape)
+        pytest.fail(f"{where}: y[{t},{r}] off by {err[t, r]:.3g} more than allowed")
+
+
 @pytest.mark.parametrize("dtype", ["F16", "Q4_0", "Q6_K"])
 def test_matmul_many_tokens(kern, dtype):
-    """More tokens than one tile of x (1 MiB / (4 * cols) tokens), rows not a multiple of the row tile."""
+    """More tokens than one tile of x (1 MiB / (4 * cols) tokens), rows not a multiple of the row tile;
+    gemm.h: several column blocks (cols > KC_MAX), several row blocks (rows > MC), 5 token vectors."""
     rng = np.random.default_rng(7)
-    rows, cols, n_tok = 6, 4096, 70
+    for rows, cols, n_tok in [(6, 4096, 70), (197, 1536, 70)]:
+        w = random_rows(dtype, rows, cols, rng)
+        x = rng.standard_normal((n_tok, cols), np.float32)
+        for threads in (1, 2):
+            _check_product(kern, dtype, w, rows, cols, x, threads, f"{dtype} {rows}x{cols} n_tok={n_tok} t={threads}")
+
+
+@pytest.mark.parametrize("dtype", native.TYPES)
+def test_matmul_every_token_count(kern, dtype):
+    """n_tok 1..40 for every type: each side of the fast512.h passes (4 tokens) and of the switch to
+    gemm.h (8-16 tokens, per type), x a column slice; 13 rows: tails of every row tile."""
+    rng = np.random.default_rng(300 + GGML_TYPE_IDS[dtype])
+    rows, cols = 13, {1: 96, 32: 544, 256: 512}[DTYPES[dtype][0]]
     w = random_rows(dtype, rows, cols, rng)
-    w64 = ref_dequantize(dtype, w, (rows, cols)).astype(np.float64)
-    x = rng.standard_normal((n_tok, cols), np.float32)
-    y = np.empty((n_tok, rows), np.float32)
-    kern.matmul(dtype, w, rows, cols, x, y, 2)
-    bound = np.abs(x.astype(np.float64)) @ np.abs(w64).T
-    assert (np.abs(y - x.astype(np.float64) @ w64.T) <= TOL * bound).all()
+    xs = rng.standard_normal((40, cols + 3), np.float32)
+    for n_tok in range(1, 41):
+        _check_product(kern, dtype, w, rows, cols, xs[:n_tok, 1:1 + cols], 1 + n_tok % 2, f"{dtype} n_tok={n_tok}")
 
 
 def test_empty_products(kern):

@@ -14,17 +14,20 @@ and architecture (loader.py). Measured here: the first build takes 10-12 s, a ca
 keeps numpy. `VKPACK_NATIVE=0` turns it off.
 
 Decode speed, one 4096x4096 product at n_tok 1, weights cold in DRAM, GB/s of stored bytes
-(tools/bench_native.py, the 2-core Xeon VM, Dec 2026, a quiet minute; a plain read: 11.3 GB/s on
-1 thread, 22.3 on 2; numpy's f32 product: 20.1 GB/s of f32, i.e. 10.0 for F16's bytes):
-    F32  10.5 / 22.0 (99%)    Q8_0  7.2 / 13.8 (62%)    Q4_K  2.6 / 5.1 (23%)
-    F16  10.3 / 20.2 (91%)    Q4_0  4.4 /  8.4 (38%)    Q6_K  3.7 / 7.2 (32%)
-    BF16 10.2 / 19.6 (88%)    Q4_1  3.9 /  7.6 (34%)    Q5_K  2.5 / 4.8, Q3_K 1.2 / 2.4, Q2_K 1.6 / 3.1
-(1 thread / 2 threads, % of the 2-thread read). Floats run at the memory's speed; quantized types are
-bound by decoding (vector ports 0 and 5) and scale with threads (2.0x): with more cores than this VM's
-two they have room to reach the bandwidth (not measured here). Per product at n_tok 1 that is 1.1x
-(F32) to 3.0x (Q4_0) faster than the numpy backend's f32 product; at n_tok 8, 2.8-6.6x.
+(tools/bench_native.py, the 2-core Xeon VM, Dec 2026, a quiet minute; a plain read: 14.9 GB/s on
+1 thread, 29.5 on 2 that minute):
+    F16  13.8 / 24.8 (84%)    Q8_0 11.8 / 21.0 (71%)    Q4_K  8.3 / 15.4 (52%)
+    Q4_0  8.8 / 15.2 (52%)    Q4_1  8.8 / 15.5 (53%)    Q6_K  9.2 / 16.5 (56%)    Q5_K 3.6 / 6.8
+(1 thread / 2 threads, % of the 2-thread read). Before fast512.h (AVX-512 row kernels on a prepared x
+for Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, with a 3 KiB prefetch distance) the same table read Q4_K 23%,
+Q6_K 32%, Q4_0 38%, Q4_1 34% of a 22.3 GB/s read; interleaved A/B runs of the two builds: Q4_K 2.6x,
+Q6_K 1.7x, Q4_1 1.6x, Q8_0 1.15x at 1-2 tokens. The other types use the generic tile() drivers.
+Prefill (16 tokens and more) runs gemm.h: 130-225 GFLOP/s on 2 threads here (peak ~330), 1.2-3x
+the dequantize + BLAS path it replaces.
 Threads cost a fork/join per call (a few us) and, when other processes share the cores, the wait for a
-descheduled thread (measured up to 0.6 ms per call here): callers pick `threads` per call.
+descheduled thread: with another process busy on one of the two cores, Q4_K_M decode fell from ~19 to
+~1 tok/s on 2 threads (GOMP's default spin-waiting; 8 with OMP_WAIT_POLICY=passive, 9 on 1 thread, and
+llama.cpp fell alike): callers pick `threads` per call.
 Re-measure: `python tools/bench_native.py`.
 
 API (another backend builds on exactly these):

@@ -6,9 +6,11 @@ in place with `vkp_matmul` (runtime/native/kernels.c): the bytes streamed per to
 own size, which is what bounds decode on a CPU. Everything but the products (norms, rope, attention,
 residual adds, SwiGLU) is the numpy backend's own code, its numeric reference.
 
-Products of many tokens (prefill) are compute bound rather than memory bound: there, tiles of the
-weight are dequantized into a reused f32 buffer and multiplied by BLAS, whichever is faster per
-batch size (`BLAS_MIN_TOKENS`, measured in tools/bench_native.py).
+Products of many tokens (prefill) are compute bound rather than memory bound: the kernels switch to
+a GEMM on decoded panels of the stored rows (runtime/native/gemm.h), on all the backend's threads;
+measured on the 2-core AVX-512 VM at 128 and 512 tokens it ran 1.2-3x faster than dequantizing tiles
+for numpy's BLAS (on one thread, the numpy backend's rule, or two). A portable-C build (no x86 SIMD,
+e.g. ARM) keeps the tiles + BLAS from `BLAS_MIN_TOKENS` on: its GEMM was never measured against BLAS.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from ..prefetch import PackSource
 
 ALIGN = 256
-BLAS_MIN_TOKENS = 16        # from this many tokens on, dequantized tiles + BLAS beat the native product
+BLAS_MIN_TOKENS = 16        # portable builds: from this many tokens on, dequantized tiles + BLAS
 TILE_BYTES = 8 << 20        # f32 bytes of one dequantized tile (a few MiB: stays in the last-level cache)
 
 
@@ -64,10 +66,13 @@ class NativeCpuBackend(CpuBackend):
         self._extra = {pid: sum(align_up(4 * t.shape[0], ALIGN) for t, _p in sl if _vector_needs_f32(t))
                        for pid, sl in self.slices.items()}
         self._tile: np.ndarray | None = None
+        # tiles + BLAS only where the kernels are portable C; elsewhere their own GEMM is faster
+        self.blas_min_tokens = BLAS_MIN_TOKENS if kernels.simd == "portable" else None
         # the f32 tile of the BLAS path: TILE_BYTES, or the largest weight part when that is smaller
         parts = [4 * (p.row_end - p.row_start) * t.shape[-1] for t in archive.tensors.values() if len(t.shape) == 2
                  for p in t.parts]
-        self.tile_bytes = min(TILE_BYTES, max(parts, default=0))
+        self.tile_bytes = min(TILE_BYTES, max(parts, default=0)) if self.blas_min_tokens else 0
+        self._max_cols = max((t.shape[-1] for t in archive.tensors.values() if len(t.shape) == 2), default=0)
 
     # ---- memory ----
     def pack_bytes(self, pack: int) -> int:
@@ -75,7 +80,17 @@ class NativeCpuBackend(CpuBackend):
         return align_up(self.archive.packs[pack].raw_size, ALIGN) + self._extra.get(pack, 0)
 
     def activation_bytes(self, tokens: int, n_ctx: int) -> int:
-        return super().activation_bytes(tokens, n_ctx) + (self.tile_bytes if tokens >= BLAS_MIN_TOKENS else 0)
+        extra = self.tile_bytes if self._blas(tokens) else self._gemm_bytes(tokens)
+        return super().activation_bytes(tokens, n_ctx) + extra
+
+    def _gemm_bytes(self, tokens: int) -> int:
+        """What gemm.h mallocs in one product: x transposed (tokens rounded up to 16), and per thread
+        a decoded panel and the accumulators of 96 rows (an upper bound for every SIMD path)."""
+        t = align_up(tokens, 16)
+        return 4 * t * (self._max_cols + 16) + self.threads * 4 * (96 * t + 6 * 1040)
+
+    def _blas(self, tokens: int) -> bool:
+        return self.blas_min_tokens is not None and tokens >= self.blas_min_tokens
 
     def load(self, pack: int, source: PackSource, dest: np.ndarray) -> dict[tuple[str, int], Any]:
         """The pack's bytes into `dest` (read from the file when it is stored raw: no mmap pages, no copy
@@ -101,6 +116,13 @@ class NativeCpuBackend(CpuBackend):
                 out[(t.name, p.row_start)] = StoredMatrix(part, t.dtype, rows, t.shape[-1], p.nbytes // rows,
                                                           self.kernels.bind(t.dtype, part, rows, t.shape[-1]))
         return out
+
+    def begin(self, inputs: Any) -> dict[str, Any]:
+        """As the numpy backend's, with numpy's BLAS on one thread: here it only runs attention's small
+        products, and its idle threads spin on the cores the kernels' OpenMP threads need (a product then
+        waits 10-20 ms for a descheduled thread: measured, SmolLM2 prefill 2-3x slower)."""
+        self.blas.use(1)
+        return super().begin(inputs)
 
     # ---- ops that read weights as stored ----
     def gather_rows(self, w: StoredMatrix, rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
@@ -130,7 +152,7 @@ class NativeCpuBackend(CpuBackend):
     def matmul(self, w: StoredMatrix, x: np.ndarray, y: np.ndarray) -> None:
         """y = x @ W.T by the product this backend runs for x's row count (the hybrid planner's rates
         time this very call)."""
-        if x.shape[0] >= BLAS_MIN_TOKENS:
+        if self._blas(x.shape[0]):
             self._blas_product(w, x, y)
         else:
             w.product(x, y, self.threads)

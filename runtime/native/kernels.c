@@ -16,6 +16,9 @@
  * groups into up to TMAX token vectors at once (RMAX x TMAX f32 accumulators in registers: each x load
  * serves RMAX rows, each decode TMAX tokens); vkp_dequantize stores the groups. OpenMP threads take
  * contiguous ranges of rows.
+ * Two faster paths take over where they exist: fast512.h (AVX-512, 1-4 tokens: per-type row kernels on
+ * a prepared x, for Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) and gemm.h (every type and ISA, from GEMM_MIN_TOKENS
+ * tokens on: decoded panels times all tokens). The tile() drivers below serve the rest.
  * Measured choices (interleaved A/B builds, one thread, a 2-core AVX-512 Xeon VM): a 4x4 tile beat 2x8
  * and 3x8 by 20-50% at n_tok 4 and 32 and lost up to 20% at n_tok 8; unrolling a K-block's 8 groups
  * (UNROLL_K) helps Q6_K and Q3_K and hurts Q2_K; converting small-block scales with integer ops once per
@@ -23,6 +26,7 @@
  * Little-endian hosts only: block fields are read with memcpy into native integers.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if !defined(VKP_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -46,10 +50,29 @@ enum {
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
 };
 
-int vkp_abi_version(void) { return 1; }
+int vkp_abi_version(void) { return 2; }
+
+/* The SIMD path this build took: 2 AVX-512, 1 AVX2, 0 portable C (the backend keeps BLAS for prefill
+ * on the portable path, where gemm.h was never measured against it). */
+int vkp_simd(void) {
+#if defined(VKP_AVX512)
+    return 2;
+#elif defined(VKP_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #define PF_BYTES 512   /* software prefetch distance in each row (measured: +10% at decode, 1 thread) */
 #define GROUP 32   /* elements decoded per step: one small block, 1/8 of a K-block, or 32 floats */
+/* From this many tokens on, products go through gemm.h (decoded panels times all tokens); fewer run
+ * the tile() drivers (4 rows x 4 tokens), or fast512.h up to its max_tok (1-4). Measured, 2 threads,
+ * 4096x4096 from DRAM, Q4_K/Q6_K/Q4_1/Q8_0: gemm.h 1.1-2x faster than tile() at 16-32 tokens and
+ * 10-20% slower at 12; tile() 1.3-1.6x faster than fast512.h at 4-8 tokens (but Q4_K's at 4). */
+#ifndef GEMM_MIN_TOKENS
+#define GEMM_MIN_TOKENS 16
+#endif
 
 /* ---- f32 vectors (vf, VL lanes) and the register tile: R rows x up to TMAX tokens ---- */
 #if defined(VKP_AVX512)
@@ -127,6 +150,7 @@ INLINE vf vf_load(const float *p) { vf r; memcpy(r.v, p, sizeof r.v); return r; 
 INLINE void vf_store(float *p, vf a) { memcpy(p, a.v, sizeof a.v); }
 INLINE vf vf_add(vf a, vf b) { for (int i = 0; i < VL; i++) a.v[i] += b.v[i]; return a; }
 INLINE float vf_sum(vf a) { float s = 0; for (int i = 0; i < VL; i++) s += a.v[i]; return s; }
+INLINE vf vf_set1(float a) { vf r; for (int i = 0; i < VL; i++) r.v[i] = a; return r; }
 #endif
 #define GV (GROUP / VL)   /* vectors per group */
 
@@ -140,6 +164,9 @@ INLINE vf vf_fma(vf a, vf b, vf c) { for (int i = 0; i < VL; i++) c.v[i] = FMA_F
 #endif
 
 #include "decoders.h"   /* the formats: layouts, decoders */
+#if defined(VKP_AVX512)
+#include "fast512.h"    /* decode-time products of the common types on prepared activations */
+#endif
 
 /* ======================================================================================
  * Drivers, written once and instantiated per type (always_inline with a constant decoder).
@@ -270,6 +297,8 @@ INLINE void dq_range(TYPE_PARAMS, const struct dq_job *j, int64_t r0, int64_t r1
     }
 }
 
+#include "gemm.h"       /* many tokens: decoded panels times transposed x */
+
 /* One matmul and one dequantize function per type, and the table that picks them by GGML id. */
 /* Columns: name, PREP, GPB, UNROLL_K (measured per type: +10-25% for Q3_K and Q6_K, -25% for Q2_K), QK, BSZ, el. */
 #define TYPE_KERNELS(name, PREP, GPB, UNR, QK, BSZ, EL)                                \
@@ -278,6 +307,9 @@ INLINE void dq_range(TYPE_PARAMS, const struct dq_job *j, int64_t r0, int64_t r1
     }                                                                                  \
     static void dq_##name(const struct dq_job *j, int64_t r0, int64_t r1) {            \
         dq_range(decv_##name, PREP, GPB, UNR, QK, BSZ, EL, j, r0, r1);                 \
+    } \
+    static void gm_##name(const struct gm_job *j, int64_t r0, int64_t r1, float *wp, float *c) { \
+        gm_range(decv_##name, PREP, GPB, UNR, QK, BSZ, EL, j, r0, r1, wp, c);          \
     }
 TYPE_KERNELS(f32, prep_none, 1, 0, 1, 4, el_f32)
 TYPE_KERNELS(f16, prep_none, 1, 0, 1, 2, el_f16)
@@ -297,12 +329,13 @@ struct type_info {
     int qk, bsz;    /* elements and bytes per block */
     void (*mm)(const struct mm_job *, int64_t, int64_t);
     void (*dq)(const struct dq_job *, int64_t, int64_t);
+    void (*gm)(const struct gm_job *, int64_t, int64_t, float *, float *);
 };
 
 static const struct type_info *type_info(int type) {
 #define ROW(id, name, QK, BSZ)                                             \
     case id: {                                                             \
-        static const struct type_info i = {QK, BSZ, mm_##name, dq_##name}; \
+        static const struct type_info i = {QK, BSZ, mm_##name, dq_##name, gm_##name}; \
         return &i;                                                         \
     }
     switch (type) {
@@ -351,12 +384,67 @@ static const struct type_info *check(int type, int64_t row_bytes, int64_t rows, 
         }                                                                            \
     } while (0)
 
+#if defined(VKP_AVX512)
+/* The product through fast512.h when the type has a kernel there: x prepared once (in a buffer of this
+ * call), then rows split over threads. Returns 0 (not done) for other types, more than the type's
+ * max_tok tokens, or when malloc fails. */
+static int fast_matmul(int type, int64_t qk, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols,
+                       const float *x, int64_t ldx, int64_t n_tok, float *y, int64_t ldy, int n_threads) {
+    const struct fast_info *fi = fast_info(type);
+    if (!fi || n_tok > fi->max_tok) return 0;
+    const int64_t nb = cols / qk, ldp = fi->ldp(nb);
+    float *p = 0;
+    if (ldp) {
+        p = aligned_alloc(64, (size_t)((n_tok * ldp * 4 + 63) / 64 * 64));
+        if (!p) return 0;
+        for (int64_t t = 0; t < n_tok; t++) fi->px(x + t * ldx, nb, p + t * ldp);
+    }
+    const struct px_job j = {w, row_bytes, nb, x, ldx, p ? p : x, ldp, n_tok, y, ldy};
+    PARALLEL_ROWS(n_threads, rows, fi->mm(&j, r0, r1));
+    free(p);
+    return 1;
+}
+#endif
+
+/* Many tokens (GEMM_MIN_TOKENS and more): x transposed once, then rows split over threads in whole
+ * tiles of GR, each thread with its own panel and accumulators. Returns 0 (not done) when cols is not
+ * whole groups or malloc fails. */
+static int gemm_matmul(const struct type_info *ti, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols,
+                       const float *x, int64_t ldx, int64_t n_tok, float *y, int64_t ldy, int n_threads) {
+    if (cols % GROUP) return 0;
+    const int64_t n_tv = (n_tok + VL - 1) / VL, tiles = (rows + GR - 1) / GR;
+    int64_t kc = (int64_t)XT_BLOCK / (4 * VL * n_tv) / 256 * 256;             /* xt's block, in L2 */
+    kc = kc < 256 ? 256 : kc > KC_MAX ? KC_MAX : kc;
+    int nth = n_threads < 1 ? 1 : n_threads;
+    if (nth > tiles) nth = (int)tiles;
+    const int64_t per = GR * WPS + MC * n_tv * VL;                        /* a thread's panel and accumulators */
+    float *xt = aligned_alloc(64, (size_t)(n_tv * XTS(cols) * 4)), *buf = aligned_alloc(64, (size_t)(nth * per * 4));
+    if (!xt || !buf) {
+        free(xt), free(buf);
+        return 0;
+    }
+    gm_transpose(x, ldx, n_tok, cols, xt, n_tv, nth);
+    const struct gm_job j = {w, row_bytes, cols, xt, n_tok, n_tv, kc, y, ldy};
+#pragma omp parallel for schedule(static, 1) num_threads(nth) if (nth > 1)
+    for (int i = 0; i < nth; i++) {
+        const int64_t r0 = tiles * i / nth * GR, r1 = i == nth - 1 ? rows : tiles * (i + 1) / nth * GR;
+        ti->gm(&j, r0, r1, buf + i * per, buf + i * per + GR * WPS);
+    }
+    free(xt), free(buf);
+    return 1;
+}
+
 int vkp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t cols,
                const float *x, int64_t ldx, int64_t n_tok, float *y, int64_t ldy, int n_threads) {
     /* w: (rows, row_bytes) stored rows; x: (n_tok, ldx) f32, ldx >= cols; y: (n_tok, ldy) f32, ldy >= rows */
     const struct type_info *ti = check(type, row_bytes, rows, cols);
     if (!ti || n_tok < 0 || (n_tok > 0 && (ldx < cols || ldy < rows))) return -1;
     if (rows == 0 || n_tok == 0) return 0;
+    if (n_tok >= GEMM_MIN_TOKENS && gemm_matmul(ti, w, row_bytes, rows, cols, x, ldx, n_tok, y, ldy, n_threads))
+        return 0;
+#if defined(VKP_AVX512)
+    if (fast_matmul(type, ti->qk, w, row_bytes, rows, cols, x, ldx, n_tok, y, ldy, n_threads)) return 0;
+#endif
     const struct mm_job j = {w, row_bytes, cols, x, ldx, n_tok, y, ldy};
     PARALLEL_ROWS(n_threads, rows, ti->mm(&j, r0, r1));
     return 0;

@@ -36,7 +36,7 @@ from ...pack_format.constants import GGML_TYPE_IDS, row_bytes
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off keeps the decoders bit-equal to GGML (kernels.c says why); -march=native picks the
 # host's SIMD at compile time.
@@ -201,6 +201,9 @@ class Kernels:
         lib.vkp_dequantize.restype = c_int
         lib.vkp_bench_read.argtypes = [vp, i64, c_int]
         lib.vkp_bench_read.restype = ctypes.c_uint64
+        lib.vkp_simd.argtypes = []
+        lib.vkp_simd.restype = c_int
+        self.simd = {2: "avx512", 1: "avx2"}.get(lib.vkp_simd(), "portable")   # the SIMD path compiled in
         self._lib = lib
 
     def matmul(self, dtype: str, w: np.ndarray, rows: int, cols: int, x: np.ndarray, out: np.ndarray,
