@@ -57,6 +57,17 @@ def test_plan_decode_splits_between_cpu_and_link():
     assert plan_pass(steps, _rates(), 512, room, None, allowed=plan.host).host == frozenset()
 
 
+def test_plan_prefill_streams_with_the_h100_hosts_rates():
+    """The rates the H100 host measured (docs/benchmarks.md): a 512-token prefill is no repeating pass,
+    so the CPU's time does not hide behind the link's; all-GPU streaming wins (it measured 1,408 tok/s
+    against 798 with one MLP step on the CPU)."""
+    rates = Rates(link=32.8 * GB, gpu_read=784 * GB, sync=99e-6, cpu={"F16": {1: 124 * GB, 8: 81.6 * GB, 32: 23.3 * GB}})
+    steps = _model_8b()
+    decode = plan_pass(steps, rates, 1, 3_900_000_000, None)
+    assert decode.host
+    assert plan_pass(steps, rates, 512, 3_900_000_000, None, allowed=decode.host).host == frozenset()
+
+
 def test_plan_respects_the_ram_budget_and_a_slow_cpu():
     steps = _model_8b()
     plan = plan_pass(steps, _rates(), 1, 3 << 30, host_room=2 << 30)
