@@ -21,7 +21,7 @@ done
 apt_opts="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64"
 mkdir -p /tmp/amd64/partial
 apt-get $apt_opts update >/dev/null
-(cd .gl && apt-get $apt_opts download libvulkan1)
+(cd .gl && apt-get $apt_opts download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)   # the NVIDIA ICD needs libglvnd
 if [ ! -f .bench/llamacpp.tar.xz ]; then
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_PYTHON:-0.3.36}" -d "$tmp"
