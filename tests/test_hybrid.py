@@ -68,6 +68,19 @@ def test_plan_prefill_streams_with_the_h100_hosts_rates():
     assert plan_pass(steps, rates, 512, 3_900_000_000, None, allowed=decode.host).host == frozenset()
 
 
+def test_plan_counts_system_memory_shared_by_cpu_and_stream():
+    """The CPU's weights and the streamed ones are both read from DRAM each token: with that rate
+    known, the plan streams less and gives the CPU more, and no plan beats the DRAM's time for what
+    VRAM does not hold (the H100 host: the CPU alone 91 GB/s, beside a 33 GB/s stream 66)."""
+    base = Rates(link=32.8 * GB, gpu_read=784 * GB, sync=99e-6, cpu={"F16": {1: 124 * GB, 8: 81.6 * GB, 32: 23.3 * GB}})
+    shared = Rates(**{**base.__dict__, "host_read": 100 * GB})
+    steps, room = _model_8b(), 2_800_000_000
+    free, bound = plan_pass(steps, base, 1, room, None), plan_pass(steps, shared, 1, room, None)
+    assert bound.host_bytes > free.host_bytes and bound.streamed_bytes < free.streamed_bytes
+    beyond_vram = sum(s.nbytes for s in steps) - room
+    assert bound.seconds >= beyond_vram / (100 * GB) * 0.99
+
+
 def test_plan_respects_the_ram_budget_and_a_slow_cpu():
     steps = _model_8b()
     plan = plan_pass(steps, _rates(), 1, 3 << 30, host_room=2 << 30)
@@ -158,7 +171,7 @@ def test_hybrid_planned_from_rates(smollm2_archive, smol_ref):
     ids, _, ref_tokens, model_bytes = smol_ref
     dtypes = ("Q4_1", "Q6_K", "Q8_0", "F32", "F16")
     rates = Rates(link=1 * GB, gpu_read=100 * GB, sync=1e-5,
-                  cpu={dt: {1: 10 * GB, 8: 0.5 * GB, 32: 0.02 * GB} for dt in dtypes})
+                  cpu={dt: {1: 10 * GB, 8: 0.1 * GB, 32: 0.01 * GB} for dt in dtypes})
     make = lambda a: HybridBackend(a, VulkanBackend(a), NativeCpuBackend(a), rates=rates)
     with Engine(smollm2_archive, device=make, vram_gb=model_bytes / 4 / 2**30) as eng:
         assert greedy(eng, ids, 32) == ref_tokens

@@ -6,7 +6,7 @@ model's GPU bytes minus the tier's room for weights). Steps on the CPU read thei
 memory with the native kernels. The CPU and the link work at the same time (the link fills the tier
 for the next GPU steps while the CPU computes), so a pass takes about
 
-    max(cpu time + gpu time, streamed bytes / link) + hand-overs * sync
+    max(cpu time + gpu time, streamed bytes / link, (cpu bytes + streamed bytes) / host read) + hand-overs * sync
 
 for the passes that repeat (decode, and batches up to the largest batch the CPU's rates were measured
 at). A larger pass (a prefill) is followed by passes of another plan, so the link has no next pass of
@@ -15,7 +15,8 @@ on the H100 host when the planner still assumed the overlap for a 512-token pref
 to the CPU made the prefill 798 tok/s against 1,408 for all-GPU streaming.
 
 The CPU takes a run of layer steps at the end of the layers (one hand-over each way); the plan is
-the length of that run minimizing the time above, within the RAM budget for held weights. Decode
+the length of that run minimizing the time above, within the RAM budget for held weights; among
+plans of equal time (system memory the bound, however the bytes are split) the one streaming least. Decode
 (one token) favours the CPU for part of a model that does not fit; a prefill multiplies the CPU's
 time by its tokens and not the link's, so it streams. No fraction is set by hand: the choice follows
 from the rates.
@@ -113,11 +114,16 @@ def plan_pass(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int
         streamed = max(0, gpu_bytes - weight_room)
         gpu = gpu_bytes / rates.gpu_read
         link = streamed / rates.link
-        overlapped = max(cpu + gpu, link) if repeats else cpu + max(gpu, link)
+        # the CPU's weights and the streamed ones are both read from system memory each pass
+        dram = (host_bytes + streamed) / rates.host_read if rates.host_read else 0.0
+        overlapped = max(cpu + gpu, link, dram) if repeats else cpu + max(gpu, link)
         seconds = overlapped + (2 * rates.sync if k else 0.0)
         plan = Plan(tokens, frozenset(s.index for s in movable[len(movable) - k:]), seconds, cpu, gpu, link,
                     host_bytes, streamed)
-        if best is None or plan.seconds < best.seconds:
+        # equal times (bound by system memory, whatever the split): the plan streaming least, since
+        # every streamed pack also costs pins, stalls and the GPU's waits that the model leaves out
+        if best is None or plan.seconds < best.seconds * (1 - 1e-9) or (
+                plan.seconds <= best.seconds * (1 + 1e-9) and plan.streamed_bytes < best.streamed_bytes):
             best = plan
     assert best is not None
     return best

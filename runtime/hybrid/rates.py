@@ -5,7 +5,10 @@ Placement is arithmetic on four rates, so they are measured on the machine rathe
   gpu_read   device memory read by the GPU (bytes/s), what a resident weight costs per pass;
   cpu        the native CPU product per weight type and batch size (stored bytes/s at 1, 8, 32
              tokens), what computing a weight on the CPU costs;
-  sync       one CPU <-> GPU hand-over (seconds): a small download and upload, waited for.
+  sync       one CPU <-> GPU hand-over (seconds): a small download and upload, waited for;
+  host_read  system memory read on every core (bytes/s): what the CPU's weights and the streamed ones
+             share, since both are read from DRAM once per pass (measured on the H100 host: the CPU
+             alone read the 8B model at 91 GB/s, and beside a 33 GB/s stream only at 66).
 
 Each takes a fraction of a second. They are cached in `$VKPACK_CACHE/rates.json` (default
 ~/.cache/vkpack) under a key naming the CPU, its cores, the GPU and its driver, so a machine measures
@@ -33,7 +36,7 @@ BATCHES = (1, 8, 32)
 PROBE_BYTES = 64 << 20     # the link's and the GPU's probes
 CPU_PROBE_BYTES = 512 << 20  # larger than a server's last-level cache (256 MB+ on some): read from DRAM, as layers are
 FILL = 0x2E66              # every 2-byte field reads as the half 0.1: finite scales, no denormals
-VERSION = 3
+VERSION = 4
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Rates:
     gpu_read: float
     sync: float
     cpu: dict[str, dict[int, float]] = field(default_factory=dict)   # dtype -> tokens -> bytes/s
+    host_read: float = 0.0   # 0: not measured (no shared limit assumed)
     machine: str = ""
 
     def cpu_seconds(self, dtype: str, nbytes: int, tokens: int) -> float:
@@ -64,8 +68,8 @@ class Rates:
     def describe(self) -> str:
         cpu = "; ".join(f"{dt} " + ", ".join(f"{b}:{r / 1e9:.1f}" for b, r in sorted(by.items()))
                         for dt, by in sorted(self.cpu.items()))
-        return (f"link {self.link / 1e9:.1f} GB/s, GPU read {self.gpu_read / 1e9:.0f} GB/s, hand-over "
-                f"{self.sync * 1e6:.0f} us, CPU GB/s by tokens: {cpu}")
+        return (f"link {self.link / 1e9:.1f} GB/s, GPU read {self.gpu_read / 1e9:.0f} GB/s, host read "
+                f"{self.host_read / 1e9:.0f} GB/s, hand-over {self.sync * 1e6:.0f} us, CPU GB/s by tokens: {cpu}")
 
 
 def cache_path() -> Path:
@@ -101,7 +105,8 @@ def measure_rates(dev: Any, cpu_backend: Any, dtypes: set[str], fresh: bool = Fa
         return rates
     t0 = time.perf_counter()
     if rates is None:
-        rates = Rates(link=_measure_link(dev), gpu_read=_measure_gpu_read(dev), sync=_measure_sync(dev), machine=key)
+        rates = Rates(link=_measure_link(dev), gpu_read=_measure_gpu_read(dev), sync=_measure_sync(dev), machine=key,
+                      host_read=_measure_host_read(cpu_backend))
     for dt in sorted(missing):
         rates.cpu[dt] = {b: _measure_cpu(cpu_backend, dt, b) for b in BATCHES}
     log.info("measured this machine's rates in %.1f s: %s", time.perf_counter() - t0, rates.describe())
@@ -194,6 +199,14 @@ def _measure_sync(dev: Any) -> float:
         return _best_of(5, once)
     finally:
         buf.destroy()
+
+
+def _measure_host_read(cpu_backend: Any) -> float:
+    """A plain read of CPU_PROBE_BYTES on the backend's threads (the kernels' read loop)."""
+    buf = np.ones(CPU_PROBE_BYTES, dtype=np.uint8)
+    kernels = cpu_backend.kernels
+    kernels.bench_read(buf, cpu_backend.threads)
+    return buf.size / _best_of(3, lambda: kernels.bench_read(buf, cpu_backend.threads))
 
 
 def _measure_cpu(cpu_backend: Any, dtype: str, tokens: int) -> float:
