@@ -37,7 +37,7 @@ LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
 
 def model_files(work: Path, keys: list[str]) -> list[br.Model]:
     out = []
-    gpt2 = {"tokenizer.ggml.pre": "gpt-2"}  # make_synthetic's pre-tokenizer name, as llama.cpp spells it
+    gpt2 = {"tokenizer.ggml.pre": "gpt-2"}  # as llama.cpp spells it, for synthetic GGUFs cached when make_synthetic wrote "gpt2"
     for key in keys:
         if key == "smollm2":
             out.append(br.Model("smollm2", "SmolLM2-135M Q4_1", smollm2.default_archive(), smollm2.smollm2_gguf(),

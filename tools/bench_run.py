@@ -104,8 +104,8 @@ def models(work: Path) -> list[Model]:
     out.append(Model("synthetic", "synthetic 1 GB F16", arch, gguf,
                      f"llama, {spec.layers} layers, hidden {spec.hidden}, ffn {spec.ffn}, vocab {spec.vocab}, tied; "
                      "random N(0, 0.02) weights", (128,),
-                     # make_synthetic names the pre-tokenizer "gpt2", which llama.cpp rejects ("gpt-2" there);
-                     # the ids are passed in directly, so the tokenizer itself is never used
+                     # synthetic GGUFs cached from before make_synthetic wrote "gpt-2" say "gpt2", which llama.cpp
+                     # rejects; the ids are passed in directly, so the tokenizer itself is never used
                      {"tokenizer.ggml.pre": "gpt-2"}))
     # F32 weights convert by a plain copy, faster than decode reads them: the case where prefetch can hide loads
     f32 = ms.Spec(layers=8, hidden=1024, heads=16, kv_heads=4, ffn=4096, vocab=16384)

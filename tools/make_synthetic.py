@@ -491,7 +491,7 @@ def _add_gguf_metadata(w: gguf.GGUFWriter, spec: Spec, dtype: str, seed: int) ->
         w.add_uint32(K.Attention.VALUE_LENGTH.format(arch=a), spec.hd)
     tokens, merges = build_vocab(spec.vocab)
     w.add_string(K.Tokenizer.MODEL, "gpt2")
-    w.add_string(K.Tokenizer.PRE, "gpt2")  # GPT-2 split regex, as the HF ByteLevel pre-tokenizer
+    w.add_string(K.Tokenizer.PRE, "gpt-2")  # the GPT-2 split regex, as llama.cpp names it (it rejects "gpt2")
     w.add_array(K.Tokenizer.LIST, list(tokens))
     w.add_array(K.Tokenizer.TOKEN_TYPE, [int(gguf.TokenType.CONTROL) if t in SPECIALS
                                          else int(gguf.TokenType.NORMAL) for t in tokens])
