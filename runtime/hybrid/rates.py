@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ...pack_format.constants import row_bytes
+from ..native.loader import cache_root
 
 log = logging.getLogger(__name__)
 BATCHES = (1, 8, 32)
@@ -73,8 +74,7 @@ class Rates:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("VKPACK_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "vkpack") / "rates.json"
+    return cache_root() / "rates.json"
 
 
 def machine_key(dev: Any, threads: int) -> str:

@@ -55,10 +55,15 @@ class NativeUnavailable(RuntimeError):
     """No compiler, the compile failed, or the library would not load."""
 
 
-def cache_dir() -> Path:
-    """Where built libraries live: `$VKPACK_CACHE/native`, else `~/.cache/vkpack/native`."""
+def cache_root() -> Path:
+    """vkpack's per-machine cache: `$VKPACK_CACHE`, else `~/.cache/vkpack`."""
     root = os.environ.get("VKPACK_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "vkpack") / "native"
+    return Path(root) if root else Path.home() / ".cache" / "vkpack"
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: `cache_root()/native`."""
+    return cache_root() / "native"
 
 
 def _compiler() -> list[str]:
