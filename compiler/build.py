@@ -26,8 +26,8 @@ from ..pack_format.errors import FormatError, SourceError
 from ..pack_format.shapes import activation_widths
 from ..pack_format.writer import ArchiveWriter
 from .archs import family_for
-from .archs.base import normalize_hf_name
 from .codecs import CHOICES, Encoded, encode_pack
+from .hparams_check import check_hparams, check_source_keys
 from .plan import PlannedPack, attach_packs, plan_packs, tensor_table
 from .sources import open_source
 from .sources.base import FileReader, SourceTensor
@@ -81,8 +81,10 @@ def build(src: str | Path, out: str | Path | None = None, codec: str = "auto", m
     threads = threads or os.cpu_count() or 1
     source = open_source(src)
     family = family_for(source)
-    hp = family.hparams(source)
+    check_source_keys(source)
+    hp = _family_hparams(family, source)
     tensors, freq_factors = _normalize(source, family, hp)
+    check_hparams(hp, tensors, source.format)  # before the graph: its size comes from n_layers
     plan = plan_packs(tensors, family, int(max_pack_mb * (1 << 20)))
     graph = attach_packs(family.graph(hp, set(tensors), freq_factors), plan)
     for s in graph["steps"]:
@@ -146,10 +148,24 @@ def build(src: str | Path, out: str | Path | None = None, codec: str = "auto", m
             "graph": graph,
             "build": {"codec": codec, "max_pack_mb": max_pack_mb},
         }
-        writer.finish(index)
+        try:  # the reader's own checks, on the index as it will be written: never an archive readers reject
+            writer.finish(index, validate=True)
+        except FormatError as e:
+            raise SourceError(f"the compiled archive would be invalid: {e}") from None
     stats.packs = len(records)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _family_hparams(family: Any, source: Any) -> dict[str, Any]:
+    """The family's normalized hyperparameters; check_source_keys has vetted what it reads, and
+    anything it still trips on is the source's fault, reported as such."""
+    try:
+        return family.hparams(source)
+    except (ArithmeticError, TypeError, ValueError, AttributeError, KeyError) as e:
+        if isinstance(e, SourceError):
+            raise
+        raise SourceError(f"the model's hyperparameters are unusable: {type(e).__name__}: {e}") from None
 
 
 def _make_pack(p: PlannedPack, codec: str, stats: BuildStats, lock: threading.Lock, reader: FileReader) -> Encoded:
@@ -173,18 +189,23 @@ def _normalize(source: Any, family: Any, hp: dict[str, Any]) -> tuple[dict[str, 
     """Normalized name -> tensor, and the rope frequency divisors if the model scales rope."""
     tensors: dict[str, SourceTensor] = {}
     freq_factors = None
-    for t in source.tensors:
-        name = t.name if source.format == "gguf" else normalize_hf_name(t.name)
-        if name is None:
-            continue
+    for name, t in family.source_tensors(source, hp):  # HF names normalized, fused tensors split
         if name == "rope_freqs.weight":  # llama3 scaling baked into the GGUF as divisors
+            if t.dtype == "F32" and t.shape != (hp["rope_dim"] // 2,):
+                raise SourceError(f"tensor 'rope_freqs.weight' has shape {list(t.shape)}, but rope_dim "
+                                  f"{hp['rope_dim']} needs [{hp['rope_dim'] // 2}]")
             freq_factors = [float(v) for v in np.frombuffer(t.read(), dtype="<f4")] if t.dtype == "F32" else None
             continue
         if name in tensors:
             raise SourceError(f"tensor {name!r} appears twice")
         tensors[name] = SourceTensor(name, t.dtype, t.shape, t.nbytes, t.path, t.offset)
     if freq_factors is None and hp.get("rope_scaling"):
-        freq_factors = rope_freq_factors(hp)
+        try:
+            freq_factors = rope_freq_factors(hp)
+        except (ArithmeticError, TypeError, ValueError, KeyError) as e:
+            if isinstance(e, SourceError):
+                raise
+            raise SourceError(f"rope scaling {hp['rope_scaling']!r} is unusable: {type(e).__name__}: {e}") from None
     if "token_embd.weight" not in tensors:
         raise SourceError("the model has no token embedding (token_embd.weight / model.embed_tokens.weight)")
     return tensors, freq_factors

@@ -10,7 +10,6 @@ Runtime contract: encode prompts with `add_special_tokens=False` and prepend `bo
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +78,38 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> TokenizerInfo:
         >>> tokenizer_from_gguf(meta).eos_ids
         (2,)
     """
+    _check_gguf_types(meta)
+    try:
+        return _tokenizer_from_gguf(meta)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        if isinstance(e, SourceError):
+            raise
+        raise SourceError(f"GGUF tokenizer metadata is malformed: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+# tokenizer key -> (the type of the value, the type of each element for arrays)
+_GGUF_TYPES: dict[str, tuple[type | tuple[type, ...], type | tuple[type, ...] | None]] = {
+    "tokenizer.ggml.model": (str, None), "tokenizer.ggml.pre": (str, None),
+    "tokenizer.ggml.tokens": (list, str), "tokenizer.ggml.token_type": (list, int),
+    "tokenizer.ggml.scores": (list, (int, float)), "tokenizer.ggml.merges": (list, str),
+    "tokenizer.chat_template": (str, None), "general.name": (str, None),
+    "tokenizer.ggml.add_bos_token": (bool, None), "tokenizer.ggml.add_eos_token": (bool, None),
+    "tokenizer.ggml.add_space_prefix": (bool, None),
+}
+
+
+def _check_gguf_types(meta: dict[str, Any]) -> None:
+    """SourceError naming the first tokenizer key whose value (or an element of it) has the wrong type."""
+    for key, (outer, inner) in _GGUF_TYPES.items():
+        v = meta.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, outer) or (inner is not None and not all(isinstance(x, inner) for x in v)):
+            raise SourceError(f"GGUF key {key}: expected {outer.__name__ if isinstance(outer, type) else outer}"
+                              f"{f' of {inner}' if inner else ''}, got {type(v).__name__}")
+
+
+def _tokenizer_from_gguf(meta: dict[str, Any]) -> TokenizerInfo:
     name = meta.get("general.name", "GGUF")
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -288,13 +319,13 @@ def tokenizer_from_hf_folder(folder: Path) -> TokenizerInfo:
     """
     folder = Path(folder)
     path = folder / "tokenizer.json"
-    if not path.is_file():
+    if not path.exists():
         raise SourceError(f"{folder}: no tokenizer.json (vkpack needs the fast-tokenizer file)")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         tok = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise SourceError(f"{path}: does not load as a tokenizer ({e})") from None
+        raise SourceError(f"{path}: does not load as a tokenizer ({str(e)[:200]})") from None
     cfg = _json_object(folder / "tokenizer_config.json")
     gen = _json_object(folder / "generation_config.json")
 
@@ -318,17 +349,41 @@ def tokenizer_from_hf_folder(folder: Path) -> TokenizerInfo:
         ids = tok.encode("a").ids
         add_bos = bos is not None and bool(ids) and ids[0] == bos
     template = _chat_template(folder, cfg)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    bos, eos, pad, unk = (_own_id(i, k, n, folder) for i, k in ((bos, "bos"), (eos, "eos"), (pad, "pad"), (unk, "unk")))
+    gen_eos = [i for i in gen_eos if _own_id(i, "eos", n, folder) is not None]
     eos_ids = _eos_ids(eos, gen_eos, template, tok)
     return TokenizerInfo(text, bos, eos, eos_ids, pad, unk, add_bos, template)
 
 
-def _json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
+def _own_id(i: int | None, key: str, n: int, folder: Path) -> int | None:
+    """A special id from the configs, or None (with a warning) when it names no token of the tokenizer:
+    the tokenizers library raises OverflowError on ids of 2^32 and more, and the embedding has no such row."""
+    if i is None or 0 <= i < n:
+        return i
+    log.warning("%s: %s token id %d is outside the tokenizer's %d tokens; ignored", folder, key, i, n)
+    return None
+
+
+def _read_text(path: Path) -> str:
+    from .sources.base import MAX_JSON_BYTES, open_source_file
+
+    with open_source_file(path) as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise SourceError(f"{path}: larger than {MAX_JSON_BYTES} bytes")
     try:
-        v = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: not valid JSON ({e})") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    from .sources.base import load_json
+
+    if not path.exists():
+        return {}
+    v = load_json(path)
     if not isinstance(v, dict):
         raise SourceError(f"{path}: not a JSON object")
     return v
@@ -342,4 +397,4 @@ def _chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:
     if isinstance(t, str):
         return t
     jinja = folder / "chat_template.jinja"  # newer save_pretrained writes the template beside the config
-    return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    return _read_text(jinja) if jinja.exists() else None

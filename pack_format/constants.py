@@ -11,7 +11,7 @@ import struct
 MAGIC = b"VKPACK\x00\x01"          # first 8 bytes of every archive
 FOOTER_MAGIC = b"VKPKEND\x00"      # last 8 bytes of every archive
 FORMAT_MAJOR = 1                   # bumped for structural changes; readers reject other majors
-FORMAT_MINOR = 1                   # bumped for additions that old readers may ignore
+FORMAT_MINOR = 2                   # bumped for additions that old readers may ignore
 HEADER_SIZE = 64
 FOOTER_SIZE = 32
 ALIGN = 4096                       # every pack payload starts at a multiple of this
@@ -60,6 +60,14 @@ GGML_TYPE_IDS: dict[str, int] = {
     "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15, "IQ4_NL": 20, "IQ4_XS": 23,
 }
 assert GGML_TYPE_IDS.keys() == DTYPES.keys() and len(set(GGML_TYPE_IDS.values())) == len(GGML_TYPE_IDS)
+# GGML types the format can describe but no ggml file stores as a model weight worth running (integer
+# tensors, and Q8_1/Q8_K, ggml's activation-side formats): the compiler refuses them, as it refuses types
+# outside DTYPES, because no backend computes with them. Every backend runs every other type.
+NOT_WEIGHT_DTYPES = frozenset({"F64", "I8", "I16", "I32", "I64", "Q8_1", "Q8_K"})
+WEIGHT_DTYPES = tuple(t for t in DTYPES if t not in NOT_WEIGHT_DTYPES)
+# Names of GGML type ids outside GGML_TYPE_IDS, so that a refusal names the type (ggml's own names).
+GGML_OTHER_TYPES = {16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S", 29: "IQ1_M",
+                    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4", 41: "Q1_0"}
 
 # ---- codecs ----
 CODEC_NONE = "none"
@@ -72,7 +80,7 @@ CODECS = (CODEC_NONE, CODEC_BLOSC2_ZSTD, CODEC_BLOSC2_LZ4, CODEC_ZFP)
 PACK_KINDS = ("embed", "attn", "mlp", "norm", "head")
 
 # ---- graph ops (the runtime implements each; see docs/FORMAT.md "Access graph") ----
-OPS = ("embed", "rms_norm", "linear", "rope", "attention", "add", "swiglu", "last_token")
+OPS = ("embed", "rms_norm", "linear", "rope", "attention", "add", "swiglu", "last_token", "geglu", "scale", "softcap")
 ROPE_MODES = ("norm", "neox")       # norm: rotate adjacent pairs (GGUF llama); neox: rotate halves
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import zlib
 from functools import cached_property
 from pathlib import Path
@@ -24,14 +25,61 @@ from .shapes import activation_widths
 from .validate import validate_index
 
 
+# Arrays and map entries in one index (rule 9). The byte cap alone lets 256 MiB of one-byte empty
+# arrays become 256M Python lists (over 10 GB); a real index holds a few per tensor part, graph op
+# and pack (SmolLM2: about 20k), so 4M leaves room for models a hundred times larger.
+MAX_INDEX_ITEMS = 1 << 22
+
+
+class _ItemBudget:
+    """msgpack hooks counting every array element and map entry as its container is built."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def spend(self, n: int) -> None:
+        self.left -= n + 1
+        if self.left < 0:
+            raise ValueError(f"more than {MAX_INDEX_ITEMS} arrays, map entries and array elements")
+
+    def on_list(self, items: list) -> list:
+        self.spend(len(items))
+        return items
+
+    def on_map(self, d: dict) -> dict:
+        self.spend(len(d))
+        return d
+
+
 def parse_index(blob: bytes, index_offset: int) -> tuple[dict[str, Any], list[PackRecord], dict[str, TensorRecord]]:
     """Decode (rule 9) and validate (rules 10-23) an index blob; every failure is a FormatError."""
+    budget = _ItemBudget(MAX_INDEX_ITEMS)
     try:
-        index = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+        # one container is at most MAX_INDEX_ITEMS long, so at most that much is built before a hook refuses
+        index = msgpack.unpackb(blob, raw=False, strict_map_key=True, list_hook=budget.on_list,
+                                object_hook=budget.on_map, max_array_len=MAX_INDEX_ITEMS, max_map_len=MAX_INDEX_ITEMS)
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, RecursionError) as e:
         raise FormatError(f"index is not valid msgpack: {type(e).__name__}: {e}") from None
     packs, tensors = validate_index(index, index_offset)
     return index, packs, tensors
+
+
+def open_regular(path: Path, error: type[Exception] = FormatError) -> Any:
+    """`open(path, "rb")`, refusing anything but a regular file before it can block: a FIFO's open()
+    waits for a writer forever, and a device or socket is no archive. O_NONBLOCK only guards the open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise error(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path}: cannot open: not a regular file")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class Archive:
@@ -39,10 +87,7 @@ class Archive:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")  # noqa: SIM115  (held until close())
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot open: {e.strerror}") from None
+        self._file = open_regular(self.path)  # held until close()
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             if self.size < HEADER_SIZE + FOOTER_SIZE:

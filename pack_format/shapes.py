@@ -94,12 +94,12 @@ def _rms_norm(o: _Op) -> int:  # w [n] scales each row, or each `group`-wide chu
     return width
 
 
-def _same(o: _Op) -> int:  # rope, last_token: the input's width
+def _same(o: _Op) -> int:  # rope, last_token, scale, softcap: the input's width
     o.arity(1, 0, 0)
     return o.width(0)
 
 
-def _pair(o: _Op) -> int:  # add(a, b), swiglu(g, u): element-wise, so equal widths
+def _pair(o: _Op) -> int:  # add(a, b), swiglu(g, u), geglu(g, u): element-wise, so equal widths
     o.arity(2, 0, 0)
     return o.agree(o.width(0), o.width(1), f"inputs {o.ins[0]!r} and {o.ins[1]!r} widths")
 
@@ -112,7 +112,7 @@ def _attention(o: _Op) -> int:  # (q, k, v) -> out, as wide as q; k and v share 
 
 WIDTH_RULES: dict[str, Callable[[_Op], int]] = {
     "embed": _embed, "rms_norm": _rms_norm, "linear": _linear, "rope": _same, "attention": _attention,
-    "add": _pair, "swiglu": _pair, "last_token": _same,
+    "add": _pair, "swiglu": _pair, "last_token": _same, "geglu": _pair, "scale": _same, "softcap": _same,
 }
 
 

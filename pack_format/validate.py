@@ -39,6 +39,7 @@ GRAPH_INPUTS = ("tokens", "positions")
 OP_ARITY: dict[str, tuple[int, int, int]] = {
     "embed": (1, 1, 1), "rms_norm": (1, 1, 1), "linear": (1, 1, 2), "rope": (1, 0, 0),
     "attention": (3, 0, 0), "add": (2, 0, 0), "swiglu": (2, 0, 0), "last_token": (1, 0, 0),
+    "geglu": (2, 0, 0), "scale": (1, 0, 0), "softcap": (1, 0, 0),
 }
 
 
@@ -252,6 +253,7 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
     kv_shape = (_pos(kv, "n_kv_heads", "graph.kv_cache"), _pos(kv, "head_dim", "graph.kv_cache"))
     defined = set(inputs)
     access: list[int] = []
+    n_attention = 0
     for i, s in enumerate(steps):
         w = f"graph.steps[{i}]"
         req(s, "name", str, w)
@@ -265,6 +267,7 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
         for pid in step_packs:
             if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < len(packs):
                 raise FormatError(f"{w}.packs: {pid!r} is not a pack id (the archive has {len(packs)})")
+        in_step = set(step_packs)  # a set: a step may list many packs, and every weight part is looked up
         access += step_packs
         for j, op in enumerate(req(s, "ops", list, w)):
             ow = f"{w}.ops[{j}]"
@@ -287,10 +290,13 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
                 if not isinstance(tname, str) or tname not in tensors:
                     raise FormatError(f"{ow}.w: tensor {tname!r} is not in the tensor table")
                 for q in tensors[tname].parts:
-                    if q.pack not in step_packs:
+                    if q.pack not in in_step:
                         raise FormatError(f"{ow}.w: tensor {tname!r} has rows in pack {q.pack}, "
                                           f"which is not in the step's packs {step_packs}")
             _validate_attrs(name, req(op, "attrs", dict, ow), f"{ow}.attrs", kv_layers, kv_shape)
+            n_attention += name == "attention"
+    if kv_layers > n_attention:  # the cache is sized from this count: no more layers than ops that use them
+        raise FormatError(f"graph.kv_cache.n_layers: {kv_layers} but the graph has {n_attention} attention ops")
     outputs = req(graph, "outputs", list, "graph")
     if not outputs or not all(isinstance(x, str) and x in defined for x in outputs):
         raise FormatError(f"graph.outputs: {outputs!r} must name values that the ops produce")
@@ -326,6 +332,8 @@ def _validate_attrs(op: str, a: dict, w: str, kv_layers: int, kv_shape: tuple[in
         _num(a, "eps", w, 0.0)
         if "group" in a:
             _pos(a, "group", w)
+        if "offset" in a:
+            _num(a, "offset", w)
     elif op == "rope":
         _pos(a, "n_heads", w)
         head_dim, rope_dim = _pos(a, "head_dim", w), _pos(a, "rope_dim", w)
@@ -350,3 +358,11 @@ def _validate_attrs(op: str, a: dict, w: str, kv_layers: int, kv_shape: tuple[in
         if n_heads % n_kv:
             raise FormatError(f"{w}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
         _num(a, "scale", w)
+        if a.get("softcap") is not None:
+            _num(a, "softcap", w, 0.0, strict=True)
+        if a.get("window") is not None:
+            _pos(a, "window", w)
+    elif op == "scale":
+        _num(a, "factor", w)
+    elif op == "softcap":
+        _num(a, "cap", w, 0.0, strict=True)

@@ -1,10 +1,11 @@
 """Which backend runs an archive: Vulkan where a real GPU works; else the native CPU kernels; numpy as the fallback.
 
 device: "auto" (the above: on a GPU, the hybrid backend, which is the Vulkan backend while the model
-fits and computes part of the model on the CPU when it does not), "vulkan" (a Vulkan device alone, or
-an error), "hybrid" (Vulkan and the native CPU kernels, or an error), "cpu" (the native CPU backend,
-or numpy with one warning where the native kernels cannot be built or loaded), "numpy" (the numpy
-backend, the numeric reference).
+fits and computes part of the model on the CPU when it does not; the CPU, with one warning, when the
+archive stores weights in a type no shader reads), "vulkan" (a Vulkan device alone, or an error),
+"hybrid" (Vulkan and the native CPU kernels, or an error), "cpu" (the native CPU backend, or numpy with
+one warning where the native kernels cannot be built or loaded), "numpy" (the numpy backend, the
+numeric reference).
 """
 
 from __future__ import annotations
@@ -32,8 +33,18 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
         raise ValueError(f"device {device!r}: choose {', '.join(DEVICES)}")
     if device in ("auto", "vulkan", "hybrid"):
         from . import vk
+        from .vk.ops import unsupported_message
 
-        ok, why = vk.available()
+        missing = vk.unreadable_types(archive.tensors.values())
+        if missing:  # decided from the archive alone, before any device opens
+            if device != "auto":
+                raise vk.UnsupportedWeightType(f"--device {device}: {unsupported_message(missing)}")
+            if vk.available()[0]:  # without a Vulkan device there is nothing to miss: say nothing
+                log.warning("the archive's weight type(s) %s have no Vulkan kernel; running on the CPU",
+                            ", ".join(missing))
+            ok, why = False, ""
+        else:
+            ok, why = vk.available()
         if ok:
             try:
                 from .vk import spirv
@@ -51,10 +62,14 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
                 why = ""
             except vk.VulkanError as e:
                 why = str(e)
+                if device == "auto":  # a driver that lists a device it cannot open is worth a line
+                    log.warning("the Vulkan device failed to open (%s); running on the CPU", why)
         if device in ("vulkan", "hybrid"):
             raise VkpackError(f"--device {device}: no usable Vulkan device ({why})")
-        if why:
-            log.warning("Vulkan unavailable (%s); running on the CPU", why)
+        if why and not ok:
+            # auto on a machine without a Vulkan driver (or the `vulkan` package): the CPU is the expected
+            # choice there, not a problem worth a line on every run
+            log.debug("Vulkan unavailable (%s); running on the CPU", why)
     if device != "numpy":
         from . import native
 

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from .kv import KvSession
 from .metrics import Metrics
 from .policy import POLICIES
 from .prefetch import PackLoader
-from .sampler import SamplingParams
+from .sampler import DEFAULT_PARAMS as _D, SamplingParams
 from .tiers import DeviceTier, RamTier, plan_budgets
 from .tokenizer import ArchiveTokenizer
 
@@ -81,6 +82,11 @@ class Engine:
         self.backend = (make_backend(device, archive, threads, device_index, kernel_options, shader_dir)
                         if isinstance(device, str) else device(archive))
         self.context = min(context or min(self.hp["context"], DEFAULT_CONTEXT), self.hp["context"])
+        self.n_token_ids = embedding_rows(archive)
+        n_logits = archive.activation_widths.get(archive.graph["outputs"][0], 0)
+        if n_logits > self.n_token_ids:  # a sampled id must be a row the next pass can embed
+            raise VkpackError(f"the graph makes {n_logits} logits, but the embedding has {self.n_token_ids} rows")
+        check_head_widths(archive)  # before any size is derived from the KV cache shape
         self.schedule, where = make_schedule(archive.graph, archive.tensors)
         self.policy = POLICIES[policy](self.schedule)
         sizes = [self.backend.pack_bytes(p.id) for p in archive.packs]
@@ -105,6 +111,13 @@ class Engine:
         self.executor = Executor(archive, self.backend, self.loader, where)
 
     # ---- tokens ----
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """VkpackError unless every id names a row of the embedding (docs/FORMAT.md, op embed):
+        a bad id would otherwise be a row no backend writes."""
+        bad = next((i for i in ids if not 0 <= i < self.n_token_ids), None)
+        if bad is not None:
+            raise VkpackError(f"token id {bad} is outside the embedding's {self.n_token_ids} rows")
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         return self.text.encode(text, add_bos)
 
@@ -119,6 +132,7 @@ class Engine:
     # ---- forward ----
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Last-position logits of one fresh pass over `ids` (float32, [vocab])."""
+        self.check_ids(ids)
         with self.kv_session(len(ids)) as kv:
             return self.executor.forward(np.asarray(ids), 0, kv)[-1].copy()
 
@@ -143,12 +157,15 @@ class Engine:
     def token_stream(self, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int,
                      stop: Sequence[str] = (), ignore_eos: bool = False) -> TokenStream:
         """The per-token state of one sequence of this model (runtime/generation.py)."""
+        self.check_ids(prompt_ids)
         return TokenStream(self.tokenizer, prompt_ids, params, max_tokens, self.eos_ids, stop, ignore_eos)
 
-    def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
-               top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = _D.temperature,
+               top_k: int = _D.top_k, top_p: float = _D.top_p, min_p: float = _D.min_p,
+               repeat_penalty: float = _D.repeat_penalty, repeat_last_n: int = _D.repeat_last_n,
                seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False) -> Iterator[str]:
-        """Yield generated text piece by piece (never a broken UTF-8 character).
+        """Yield generated text piece by piece (never a broken UTF-8 character); sampling defaults
+        come from `sampler.DEFAULT_PARAMS`, the table `vkpack run` and `vkpack serve` read too.
 
         The ids of the generated tokens are left in `self.last_ids`.
         """
@@ -214,3 +231,32 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_head_widths(archive: Archive) -> None:
+    """VkpackError unless each rope and attention op's head counts match the widths the tensors give
+    (docs/FORMAT.md §5 leaves this to the runtime): the KV cache is sized from `kv_cache`, so its
+    n_kv_heads x head_dim must be the k and v widths, not any count up to 2^40 each."""
+    widths = archive.activation_widths
+    kv = archive.graph["kv_cache"]
+    for s in archive.graph["steps"]:
+        for op in s["ops"]:
+            a, ins = op["attrs"], op["in"]
+            if op["op"] == "rope":
+                want = {ins[0]: a["n_heads"] * a["head_dim"]}
+            elif op["op"] == "attention":
+                kv_width = kv["n_kv_heads"] * kv["head_dim"]
+                want = {ins[0]: a["n_heads"] * a["head_dim"], ins[1]: kv_width, ins[2]: kv_width}
+            else:
+                continue
+            for name, width in want.items():
+                if widths.get(name) != width:
+                    raise VkpackError(f"graph step {s['name']!r}: {op['op']} expects {name!r} {width} wide "
+                                      f"(heads x head_dim), but the tensors make it {widths.get(name)}")
+
+
+def embedding_rows(archive: Archive) -> int:
+    """The fewest rows of any weight an `embed` op gathers from: token ids must be below it."""
+    rows = [math.prod(archive.tensors[op["w"][0]].shape[:-1]) for s in archive.graph["steps"] for op in s["ops"]
+            if op["op"] == "embed"]
+    return min(rows, default=0)

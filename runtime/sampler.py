@@ -103,6 +103,12 @@ def _check_int(name: str, value: object) -> None:
         raise SamplingError(f"{name} must be an int, got {value!r}")
 
 
+DEFAULT_PARAMS = SamplingParams()
+"""The one table of sampling defaults (llama-server's): `vkpack run`'s flags, the fields a `vkpack serve`
+request leaves out, and `Engine.stream`'s arguments all read it, so one prompt samples alike everywhere
+(docs/SERVER.md, "Sampling defaults")."""
+
+
 class Sampler:
     """Stateful sampler: owns the RNG, so one Sampler per request keeps seeds reproducible.
 

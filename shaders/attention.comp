@@ -1,7 +1,8 @@
 #version 450
 // Causal grouped-query attention of T queries (rows t0..t0+T-1 of q, pos and o) over one sequence's
 // cache: query t (at position pos[t]) attends to
-// cache rows 0..pos[t]; head h reads kv head h / (n_heads / n_kv_heads); scores scaled by `scale`.
+// cache rows 0..pos[t] (pos[t] - window + 1..pos[t] with a window); head h reads kv head h / (n_heads /
+// n_kv_heads); scores scaled by `scale`, then soft-capped where softcap > 0.
 // One workgroup per (head, token): it walks the rows in chunks of WG (one row per invocation for the
 // scores), keeps a running max and sum (online softmax), and each invocation accumulates the output
 // dims d = lid, lid + WG, ... Grid: x = n_heads, y = T.
@@ -31,6 +32,8 @@ layout(push_constant) uniform PC {
     uint o_stride;
     float scale;
     uint t0;        // first token row (several sequences share the batch buffers)
+    uint window;    // > 0: query at position p sees rows p - window + 1 .. p only (sliding-window layers)
+    float softcap;  // > 0: scores s become softcap * tanh(s / softcap) (gemma2)
 } pc;
 
 shared vec4 qs[HD / 4];
@@ -64,17 +67,19 @@ void main() {
     }
     barrier();
     uint L = min(pos[t] + 1u, pc.n_ctx);
+    uint LO = pc.window > 0u && L > pc.window ? L - pc.window : 0u;
     uint kb = (kvh * HD) >> 2;               // head offset in vec4s
     float m = -1.0 / 0.0, l = 0.0;
     float acc[ACC];
     for (uint a = 0; a < ACC; a++) acc[a] = 0.0;
 
-    for (uint c = 0; c < L; c += WG) {
+    for (uint c = LO; c < L; c += WG) {
         uint j = c + lid;
         float s = -1.0 / 0.0;
         if (j < L) {
             s = 0.0;
             for (uint i = 0; i < HD / 4; i++) s += dot(qs[i], k4(j, kb + i));
+            if (pc.softcap > 0.0) s = pc.softcap * tanh(clamp(s / pc.softcap, -15.0, 15.0));
         }
         float mn = max(m, wg_max(s));
         float p = j < L ? exp(s - mn) : 0.0;

@@ -26,6 +26,7 @@ layout(push_constant) uniform PC {
     uint t0;
     uint rows;
     uint n_splits;
+    uint window;    // as in pass 1: > 0 keeps only the last `window` rows
 } pc;
 
 shared vec4 racc[RG > 1 ? RG * VU : 1];
@@ -33,6 +34,7 @@ shared vec4 racc[RG > 1 ? RG * VU : 1];
 void main() {
     uint h = gl_WorkGroupID.x, tl = gl_WorkGroupID.y, t = tl + pc.t0, lid = gl_LocalInvocationID.x;
     uint L = min(pos[t] + 1u, pc.n_ctx);
+    if (pc.window > 0u && L > pc.window) L = pc.window;   // live rows (pass 1 starts at L - window)
     uint R = max(pc.rows, (L + pc.n_splits - 1u) / pc.n_splits);
     uint live = (L + R - 1u) / R;                  // <= n_splits
     uint base = (tl * pc.n_heads + h) * pc.n_splits;

@@ -1,7 +1,8 @@
 #version 450
 // Split-K ("flash-decoding") attention for few tokens, pass 1 of 2 (attention_merge.comp is pass 2).
-// Query t (row t0 + z of q and pos) attends to cache rows 0..L-1, L = min(pos[t] + 1, n_ctx). Those rows
-// are cut into n_splits splits of R = max(rows, ceil(L / n_splits)) rows, read at run time, so one
+// Query t (row t0 + z of q and pos) attends to cache rows LO..L-1, L = min(pos[t] + 1, n_ctx), LO = 0 or
+// L - window (sliding-window layers). Those rows
+// are cut into n_splits splits of R = max(rows, ceil((L - LO) / n_splits)) rows, read at run time, so one
 // recording serves every position; splits starting at or past L write an empty partial (-inf, 0).
 // One workgroup per (kv head and block of up to GB of its query heads, split, token): every K/V row
 // is read once for all GB heads. The split walks its rows in chunks of RC: scores by clusters of LPR
@@ -77,13 +78,15 @@ layout(push_constant) uniform PC {
     uint rope;      // 1: neox pairs (i, i + n_rot/2), else norm (2i, 2i+1); 2: divide frequencies by ff
     float base;
     float freq_scale;
+    uint window;    // > 0: query at position p sees rows p - window + 1 .. p only (sliding-window layers)
+    float softcap;  // > 0: scores s become softcap * tanh(s / softcap) (gemma2)
 } pc;
 
 shared bool last_one;
 
 // MERGE epilogue, after this workgroup's partials are written: count it; the last of the group
 // combines all live splits of its heads as attention_merge.comp does.
-void merge_if_last(uint h0, uint ng, uint tl, uint t, uint L, uint R) {
+void merge_if_last(uint h0, uint ng, uint tl, uint t, uint L, uint R) {   // L: live rows
     uint lid = gl_LocalInvocationID.x;
     memoryBarrierBuffer();                      // this workgroup's partials, before it is counted
     barrier();
@@ -173,13 +176,14 @@ void main() {
     uint ng = min(GB, G - g0), h0 = kvh * G + g0;           // heads h0..h0+ng-1
     uint split = gl_WorkGroupID.x, tl = gl_WorkGroupID.z, t = tl + pc.t0;
     uint L = min(pos[t] + 1u, pc.n_ctx);
-    uint R = max(pc.rows, (L + pc.n_splits - 1u) / pc.n_splits);
-    uint j0 = split * R, j1 = min(j0 + R, L);
+    uint LO = pc.window > 0u && L > pc.window ? L - pc.window : 0u;   // first live row
+    uint R = max(pc.rows, (L - LO + pc.n_splits - 1u) / pc.n_splits);
+    uint j0 = LO + split * R, j1 = min(j0 + R, L);
     uint pidx = (tl * pc.n_heads + h0) * pc.n_splits + split;   // head g: pidx + g * n_splits
     uint P0 = FUSE != 0u ? pos[pc.t0] : 0u;                      // FUSE: row P0 + i is new row t0 + i
     if (j0 >= L) {                                               // uniform: past the end
         if (lid < ng) pml[pc.ml_off + pidx + lid * pc.n_splits] = vec2(NEG_INF, 0.0);
-        if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
+        if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L - LO, R);
         return;
     }
     for (uint i = lid; i < GB * VU; i += WG) {
@@ -198,7 +202,7 @@ void main() {
     }
     barrier();
     // the token's own row (the last of the last live split) goes into the caches: one workgroup writes it
-    if (FUSE != 0u && pos[t] < pc.n_ctx && split == (L - 1u) / R && g0 == 0u) {
+    if (FUSE != 0u && pos[t] < pc.n_ctx && split == (L - 1u - LO) / R && g0 == 0u) {
         for (uint u = lid; u < VU; u += WG) {
             uint vb = pc.v_off + t * kvd + kvh * HD + 4u * u, o = pos[t] * rowu + kb + u;
             kw[o] = kv_pack(kns[tl * VU + u]);
@@ -239,6 +243,7 @@ void main() {
                         if (u < VU) s += dot(qs[g * VU + u], kr[k * UPL + i]);
                     }
                     for (uint o = LPR / 2; o > 0; o >>= 1) s += subgroupShuffleXor(s, o);
+                    if (pc.softcap > 0.0) s = pc.softcap * tanh(clamp(s / pc.softcap, -15.0, 15.0));
                     if (r < n) {
                         mx[g] = max(mx[g], s);
                         if (ln == 0) ps[g * RC + r] = s;
@@ -298,7 +303,7 @@ void main() {
         }
         for (uint g = 0; g < GB; g++)
             if (lid == 0 && g < ng) pml[pc.ml_off + pidx + g * pc.n_splits] = vec2(m[g], l[g]);
-        if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
+        if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L - LO, R);
         return;
     }
     if (rg < RG) {
@@ -320,5 +325,5 @@ void main() {
         for (uint j = 0; j < RG; j++) s += rl[j * GB + g];
         pml[pc.ml_off + pidx + g * pc.n_splits] = vec2(m[g], s);
     }
-    if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L, R);
+    if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L - LO, R);
 }

@@ -36,7 +36,7 @@ layout(push_constant) uniform PC {
     uint rows; uint cols; uint T; uint w_off; uint x_stride; uint y_stride; uint y_off; uint b_off; uint flags;
 } pc;
 
-#if WTYPE == T_Q4_0 || WTYPE == T_Q4_1
+#if NIBBLE_UNITS
 #define W_PAIR 2        // units 2m, 2m+1 interleave 4-element runs: together they fill whole uvec4s
 #else
 #define W_PAIR 1

@@ -1,5 +1,5 @@
 #version 450
-// y[g, i] = x[g, i] / sqrt(mean_i(x[g, :]^2) + eps) * w[i] for groups g of `n` elements:
+// y[g, i] = x[g, i] / sqrt(mean_i(x[g, :]^2) + eps) * (w[i] + offset) for groups g of `n` elements:
 // n = hidden size for a layer norm, n = head_dim for per-head q/k norms (qwen3). In place if y == x.
 // Grid: x*z = n_groups, one workgroup per group.
 #extension GL_GOOGLE_include_directive : require
@@ -14,6 +14,7 @@ layout(push_constant) uniform PC {
     uint n_groups;
     uint n;
     float eps;
+    float offset;   // added to w (gemma's HF weights store w - 1)
 } pc;
 
 void main() {
@@ -24,5 +25,5 @@ void main() {
     for (uint i = lid; i < pc.n; i += gl_WorkGroupSize.x) { float v = x[base + i]; ss += v * v; }
     ss = wg_sum(ss);
     float scale = inversesqrt(ss / float(pc.n) + pc.eps);
-    for (uint i = lid; i < pc.n; i += gl_WorkGroupSize.x) y[base + i] = x[base + i] * scale * w[i];
+    for (uint i = lid; i < pc.n; i += gl_WorkGroupSize.x) y[base + i] = x[base + i] * scale * (w[i] + pc.offset);
 }

@@ -1,5 +1,6 @@
 #version 450
-// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u. Grid: x*z covers n / WG.
+// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u; with GELU defined (geglu), gelu(g[i]) * u[i] in
+// gelu's tanh form. Grid: x*z covers n / WG.
 #extension GL_GOOGLE_include_directive : require
 layout(local_size_x_id = 0) in;
 layout(binding = 0) readonly buffer GB { float g[]; };    // (n) f32
@@ -11,5 +12,10 @@ void main() {
     uint i = (gl_WorkGroupID.x + gl_WorkGroupID.z * gl_NumWorkGroups.x) * gl_WorkGroupSize.x + gl_LocalInvocationID.x;
     if (i >= pc.n) return;
     float a = g[i];
+#ifdef GELU
+    float inner = clamp(0.7978845608 * (a + 0.044715 * a * a * a), -15.0, 15.0);   // tanh saturates by 15
+    o[i] = 0.5 * a * (1.0 + tanh(inner)) * u[i];
+#else
     o[i] = a / (1.0 + exp(-a)) * u[i];
+#endif
 }

@@ -10,7 +10,9 @@ built with -DNO_SUBGROUP for devices without subgroup arithmetic.
 from ..pack_format.constants import GGML_TYPE_IDS
 
 # The weight formats the matmul/embed shaders read -> their GGML type id (the WTYPE define).
-WEIGHT_TYPES = {name: GGML_TYPE_IDS[name] for name in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "BF16")}
+# common/dequant.glsl decodes each; runtime/vk/ops.py states its shader units.
+QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+WEIGHT_TYPES = {name: GGML_TYPE_IDS[name] for name in ("F32", "F16", "BF16", *QUANT_TYPES)}
 
 VARIANTS: dict[str, dict] = {}
 for _name, _code in WEIGHT_TYPES.items():
@@ -21,7 +23,7 @@ for _name, _code in WEIGHT_TYPES.items():
     # decode matvec, one subgroup per row group (subgroup arithmetic required: no _nosg twin)
     VARIANTS[f"matvec_{_name.lower()}"] = {"source": "matvec.comp", "defines": {"WTYPE": _code}, "reduce": False}
 # tensor-core prefill matmul (VK_NV_cooperative_matrix; F32 and BF16 stay on matmul_tiled)
-COOP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+COOP_TYPES = ("F16", *QUANT_TYPES)
 for _name in COOP_TYPES:
     VARIANTS[f"matmul_coop_{_name.lower()}"] = {"source": "matmul_coop.comp",
                                                 "defines": {"WTYPE": WEIGHT_TYPES[_name]}, "reduce": False}
@@ -39,6 +41,8 @@ VARIANTS.update({
     "attention_split_f16": {"source": "attention_split.comp", "defines": {"KV_F16": 1}, "reduce": False},
     "attention_merge": {"source": "attention_merge.comp", "defines": {}, "reduce": False},
     "swiglu": {"source": "swiglu.comp", "defines": {}, "reduce": False},
+    "geglu": {"source": "swiglu.comp", "defines": {"GELU": 1}, "reduce": False},
+    "unary": {"source": "unary.comp", "defines": {}, "reduce": False},
     "add": {"source": "add.comp", "defines": {}, "reduce": False},
     "stream_read": {"source": "stream_read.comp", "defines": {}, "reduce": False},
     "argmax": {"source": "argmax.comp", "defines": {}, "reduce": True},

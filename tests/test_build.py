@@ -58,9 +58,9 @@ def test_hf_folder_and_shards(tmp_path, arch, shard_mb):
         for f in files:
             with safe_open(f, "np") as st:
                 for name in st.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
-                    from vkpack.compiler.archs.base import normalize_hf_name
+                    from vkpack.compiler.archs import llama
 
-                    norm = normalize_hf_name(name)
+                    norm = llama.Llama().normalize_hf_name(name)
                     raw = st.get_slice(name)
                     arr = st.get_tensor(name) if raw.get_dtype() != "BF16" else None
                     if arr is not None:

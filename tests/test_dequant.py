@@ -1,7 +1,9 @@
 """runtime.cpu.dequant against gguf-py's numpy dequantize, bit for bit.
 
 gguf-py is an independent implementation (itself checked against ggml's C), so every test
-compares float32 bit patterns, not values: NaN payloads, -0.0 and subnormals must match too.
+compares float32 bit patterns, not values: NaN payloads, -0.0 and subnormals must match too
+(tolerance: none; every type, IQ4_NL and IQ4_XS included, does the same IEEE ops as gguf-py).
+Shapes are awkward on purpose: 1, 3, 7 and 33 rows (never a multiple of 8) of 1, 2, 5, 11 and many blocks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ QUANTS = sorted(SUPPORTED - set(FLOATS))
 QUANTIZABLE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]        # gguf-py can quantize these
 # Byte offsets of the f16 fields (d, dmin/m) inside one block of each type.
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+              "IQ4_NL": [0], "IQ4_XS": [0]}
 ROWS = [1, 3, 7, 33]
 
 
@@ -59,7 +62,7 @@ def _random_blocks(dtype: str, n_blocks: int, rng: np.random.Generator) -> np.nd
 
 def _cols(dtype: str) -> list[int]:
     block = DTYPES[dtype][0]
-    return [block, 2 * block, 5 * block] + ([4096] if block == 32 else [8 * block])
+    return [block, 2 * block, 5 * block, 11 * block, 4096]
 
 
 # ---- quantized types ----
@@ -71,6 +74,23 @@ def test_random_blocks_match_gguf(dtype):
             raw = _random_blocks(dtype, rows * cols // DTYPES[dtype][0], rng).reshape(-1)
             ours = dequantize(dtype, raw.tobytes(), (rows, cols))
             _assert_bits(ours, _reference(dtype, raw, (rows, cols)), f"{dtype} random ({rows}, {cols})")
+
+
+def test_iq4_blocks_built_by_hand():
+    """The IQ4 layouts from ggml's spec, independently of gguf-py: a nibble indexes kvalues_iq4nl; IQ4_XS
+    sub-block s has the 6-bit scale (low nibble of scales_l[s/2] >> 4(s%2)) | (bits 2s.. of scales_h) << 4."""
+    kv = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+    qs = np.arange(16, dtype=np.uint8) | (np.arange(15, -1, -1, dtype=np.uint8) << 4)   # low 0..15, high 15..0
+    nl = np.concatenate([np.frombuffer(np.float16(0.5).tobytes(), np.uint8), qs])
+    _assert_bits(dequantize("IQ4_NL", nl, (1, 32)), (np.concatenate([kv, kv[::-1]]) * np.float32(0.5))[None],
+                 "IQ4_NL by hand")
+    ls = np.array([0, 1, 31, 32, 33, 47, 62, 63])                     # scale - 32: -32 .. 31
+    scales_h = sum(int(v >> 4) << (2 * s) for s, v in enumerate(ls))
+    scales_l = [int(ls[2 * j] & 15) | int(ls[2 * j + 1] & 15) << 4 for j in range(4)]
+    xs = np.concatenate([np.frombuffer(np.float16(0.25).tobytes(), np.uint8),
+                         np.frombuffer(np.uint16(scales_h).tobytes(), np.uint8), np.uint8(scales_l), np.tile(qs, 8)])
+    want = np.concatenate([np.float32(0.25) * np.float32(v - 32) * np.concatenate([kv, kv[::-1]]) for v in ls])
+    _assert_bits(dequantize("IQ4_XS", xs, (1, 256)), want[None], "IQ4_XS by hand")
 
 
 @pytest.mark.parametrize("dtype", QUANTIZABLE)
@@ -161,7 +181,8 @@ def test_input_kinds_shapes_and_out():
     one_d = dequantize("Q8_0", raw, (768,))
     _assert_bits(one_d, ref.reshape(768), "1-d")
     assert dequantize("Q4_K", b"", (0, 256)).shape == (0, 256)
-    assert SUPPORTED >= {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+    assert SUPPORTED >= {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                         "Q6_K", "IQ4_NL", "IQ4_XS"}
 
 
 def test_errors_name_the_problem():
@@ -170,7 +191,7 @@ def test_errors_name_the_problem():
         dequantize("Q4_0", ok[:-1], (2, 64))
     with pytest.raises(ValueError, match="needs 72 bytes, got 73"):
         dequantize("Q4_0", ok + b"\0", (2, 64))
-    for bad in ("Q8_K", "IQ4_NL", "I32", "q4_0", "nope"):
+    for bad in ("Q8_K", "Q8_1", "I32", "iq4_nl", "nope"):
         with pytest.raises(ValueError, match=f"dtype '{bad}' is not supported; supported: BF16, F16"):
             dequantize(bad, ok, (2, 64))
     with pytest.raises(ValueError, match="not a multiple of the block size 32"):

@@ -25,7 +25,7 @@ from tiny_archive import E, V, tensor_data, write_archive
 # If this changes on purpose (a format change), bump the version in FORMAT.md and update the digest.
 # 1.1 (minor 1 in the header and index, plus graph.activations); tests/test_format_activations.py
 # rebuilds the 1.0 bytes and checks them against the 1.0 digest.
-GOLDEN_SHA256 = "c849ba37f2bfbbb9e943e903f0529250a4764b4a270d14712fb20bcb3671c5af"
+GOLDEN_SHA256 = "e50e80168eca37a1dec61e596c87811bd8d64d825f7643482d2ee3c6faa05ae4"
 GOLDEN_SIZE = 14051
 
 
@@ -46,8 +46,8 @@ def test_header_and_footer_bytes(tmp_path):
     p = tmp_path / "tiny.vkpack"
     write_archive(p, codecs=("none", "none"))
     data = _read(p)
-    # magic "VKPACK\0\1", major 1, minor 1, flags 0, header_size 64, alignment 4096, 40 zero bytes
-    assert data[:24] == bytes.fromhex("564b5041434b0001" "0100" "0100" "00000000" "40000000" "00100000")
+    # magic "VKPACK\0\1", major 1, minor 2, flags 0, header_size 64, alignment 4096, 40 zero bytes
+    assert data[:24] == bytes.fromhex("564b5041434b0001" "0100" "0200" "00000000" "40000000" "00100000")
     assert data[24:HEADER_SIZE] == bytes(40)
     assert HEADER_STRUCT.unpack_from(data, 0) == (MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, HEADER_SIZE, ALIGN)
     assert data[HEADER_SIZE:ALIGN] == bytes(ALIGN - HEADER_SIZE)  # padding before the first pack is zeros
@@ -213,3 +213,15 @@ def test_unknown_codec():
         codecs.encode("lzma", b"", {})
     with pytest.raises(FormatError, match="unknown codec 'lzma'"):
         codecs.decode("lzma", b"", 0, {})
+
+
+def test_a_writer_never_entered_leaves_no_partial_file(tmp_path):
+    """An interrupt between creating the writer and entering its `with` (no __exit__ runs): the
+    temporary file is registered, and removed at exit (remove_partials is the atexit hook)."""
+    from vkpack.pack_format import writer
+
+    w = writer.ArchiveWriter(tmp_path / "m.vkpack")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    writer.remove_partials()
+    assert list(tmp_path.iterdir()) == []
+    w.abort()  # still safe afterwards

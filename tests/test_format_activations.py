@@ -55,8 +55,8 @@ def test_compiler_writes_activations(tmp_path, arch, tied, source):
     out = tmp_path / "m.vkpack"
     build(src, out, progress=False)
     with Archive(out) as a:
-        assert a.version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 1)
-        assert a.index["format"] == [1, 1]
+        assert a.version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 2)
+        assert a.index["format"] == [1, 2]
         acts = a.graph["activations"]
         assert acts == activation_widths(a.graph, a.tensors)
         assert acts == {"x": 64, "h": 64, "q": 96, "k": 48, "v": 48, "o": 96, "a": 64, "g": 160, "u": 160,
@@ -76,7 +76,7 @@ def test_1_0_archive_opens_and_infers_the_same_widths(tmp_path):
     p10 = tmp_path / "tiny10.vkpack"
     p10.write_bytes(data10)
     with Archive(p11) as a11, Archive(p10) as a10:
-        assert a10.version == (1, 0) and a11.version == (1, 1)
+        assert a10.version == (1, 0) and a11.version == (1, FORMAT_MINOR)
         assert "activations" not in a10.graph
         assert a10.activation_widths == a11.activation_widths == {"x": E, "q": E, "k": E, "o": E, "h": E,
                                                                    "logits": V}

@@ -273,6 +273,8 @@ INDEX_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     "inputs not strs": (_set(("graph", "inputs"), [["tokens"]]), r"graph\.inputs: \['tokens'\] is not one of"),
     "kv_cache missing": (_del(("graph", "kv_cache")), "graph: missing key 'kv_cache'"),
     "kv_cache heads zero": (_set(("graph", "kv_cache", "n_kv_heads"), 0), r"kv_cache\.n_kv_heads: 0 out of range"),
+    "kv_cache layers beyond the attention ops": (_set(("graph", "kv_cache", "n_layers"), 2),
+                                                 r"kv_cache\.n_layers: 2 but the graph has 1 attention ops"),
     "outputs not produced": (_set(("graph", "outputs"), ["nope"]), r"graph\.outputs: \['nope'\] must name values"),
     "outputs empty": (_set(("graph", "outputs"), []), r"graph\.outputs: \[\] must name values"),
     "access differs": (_set(("graph", "access"), [0, 1]), "graph.access: differs from the steps' packs"),

@@ -440,5 +440,72 @@ def test_cli_serve_port_in_use_is_one_line(tiny_archive, served):
 
 
 def test_model_field_is_optional_as_in_llama_server(served):
+    # docs/SERVER.md: optional; when given, it must name the served model (404 otherwise)
     r = served.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-    assert r.status_code == 200 and r.json()["model"]
+    assert r.status_code == 200 and r.json()["model"] == NAME
+    r = served.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": None})
+    assert r.status_code == 200
+    r = served.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+# ---- fields the server does not implement: 400 naming the field, never a silent 200 (issue 15) ----
+
+UNSUPPORTED = [
+    ("tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]),
+    ("tool_choice", "auto"),
+    ("response_format", {"type": "json_object"}),
+    ("logit_bias", {"42": 100}),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1),
+    ("functions", [{"name": "f"}]),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("field,value", UNSUPPORTED, ids=[f for f, _ in UNSUPPORTED])
+def test_unsupported_fields_are_400_naming_the_field(served, path, field, value):
+    from vkpack.runtime.server.parse import UNSUPPORTED_FIELDS
+
+    assert field in UNSUPPORTED_FIELDS  # one table: implementing a field means removing its row
+    body = {"model": NAME, "max_tokens": 2, field: value,
+            **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+    r = served.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and field in err["message"] and err["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("field,value", [("tools", []), ("tool_choice", "none"), ("logit_bias", {}),
+                                         ("presence_penalty", 0), ("frequency_penalty", 0.0),
+                                         ("response_format", {"type": "text"}), ("tools", None)])
+def test_unsupported_fields_at_their_off_value_are_accepted(served, field, value):
+    # what clients such as the openai package send by default must not be refused
+    r = served.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2, field: value})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "hi", "max_tokens": ' + b"9" * 5001 + b"}",            # was an HTTP 500 (ValueError in json)
+    b'{"prompt": "hi", "temperature": ' + b"9" * 400 + b"}",            # float() overflow
+    b'{"prompt": "hi", "seed": ' + b"9" * 40 + b"}",
+    b'{"prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deep nesting
+    b'{"prompt": [1, ' + b"9" * 30 + b"]}",                              # a token id far past the vocabulary
+])
+def test_numbers_and_nesting_json_cannot_hold_are_400(served, raw):
+    r = served.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+
+
+def test_template_bomb_is_400_and_the_server_keeps_serving(tmp_path):
+    s = Served(_build(tmp_path, template="{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                           "{% endfor %}"), name="bomb", api_key=None)
+    try:
+        r = s.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_error"
+        assert "took more than" in r.json()["error"]["message"]
+        assert s.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        s.close()

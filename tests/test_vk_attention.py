@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not OK, reason=f"no Vulkan device: {WHY}")
 
 
 def run_case(dev, ops, pos, n_heads, n_kv, hd, n_ctx, f16, *, t0=0, q_pad=0, o_pad=0, split=True, seed=0,
-             use_scratch=True):
+             use_scratch=True, window=0, softcap=0.0):
     """Attention of tokens t0.. (positions `pos`) through Ops.attention; returns (device out, reference).
     use_scratch=False: no scratch even where the split kernels could run (the one-pass kernel)."""
     rng = np.random.default_rng(seed)
@@ -42,13 +42,13 @@ def run_case(dev, ops, pos, n_heads, n_kv, hd, n_ctx, f16, *, t0=0, q_pad=0, o_p
     rec = gpu.Recorder(dev)
     try:
         ops.attention(rec, qb, kcb, vcb, pb, ob, T, n_heads, n_kv, hd, n_ctx, f16=f16, scale=scale,
-                      q_stride=qs, o_stride=os_, t0=t0, scratch=sb)
+                      q_stride=qs, o_stride=os_, t0=t0, scratch=sb, window=window, softcap=softcap)
         rec.run()
     finally:
         rec.destroy()
     out = np.frombuffer(dev.download(ob, ob.size), np.float32).reshape(t0 + T, os_)
     assert np.all(out[:t0] == 7.0) and np.all(out[:, n_heads * hd:] == 7.0)   # nothing else written
-    ref = attention_ref(q[t0:, :n_heads * hd], kc, vc, pos, n_heads, n_kv, hd, scale)
+    ref = attention_ref(q[t0:, :n_heads * hd], kc, vc, pos, n_heads, n_kv, hd, scale, window, softcap)
     for b in bufs + [ob] + ([sb] if sb else []):
         b.destroy()
     return out[t0:, :n_heads * hd].astype(np.float64), ref
@@ -86,6 +86,26 @@ def test_split_configs(dev, wg, merge_wg, rows, max_splits, fused_merge):
     for f16, (pos, n_heads, n_kv, hd) in 2 * [(False, ([700, 0, 350], 8, 2, 128)), (True, ([513, 64], 6, 3, 80))]:
         out, ref = run_case(dev, ops, pos, n_heads, n_kv, hd, 720, f16, t0=2, q_pad=8, o_pad=4, seed=wg + rows)
         assert nmse(out, ref) < 1e-7
+
+
+@pytest.mark.parametrize("f16", [False, True])
+@pytest.mark.parametrize("window,softcap", [(16, 0.0), (1, 0.0), (300, 0.0), (0, 1.5), (100, 2.0)])
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["last-workgroup-merges", "merge-pass"])
+def test_window_and_softcap(dev, f16, window, softcap, fused_merge):
+    """Sliding windows (shorter than, equal to, longer than the positions) and soft-capped scores, on the
+    split kernels (with either merge) and on the one-pass kernel (no scratch, and a prefill of many tokens)."""
+    ops = gpu.Ops(dev)
+    ops.attn_fused_merge = fused_merge
+    ops.attn_split_rows = 32  # several splits, so that a window drops whole ones
+    for pos in ([700, 0, 350, 15, 16], [299]):
+        out, ref = run_case(dev, ops, pos, 8, 2, 64, 720, f16, t0=1, window=window, softcap=softcap, seed=window)
+        assert nmse(out, ref) < 1e-7, pos
+        out, ref = run_case(dev, ops, pos, 8, 2, 64, 720, f16, use_scratch=False, window=window, softcap=softcap)
+        assert nmse(out, ref) < 1e-7, pos
+    T = ops.attn_split_max_tokens + 3
+    out, ref = run_case(dev, ops, list(range(100, 100 + T)), 4, 2, 64, 200, f16, split=False, window=window,
+                        softcap=softcap)
+    assert nmse(out, ref) < 1e-7
 
 
 def test_same_recording_at_every_position(dev, ops):

@@ -172,7 +172,7 @@ def test_no_leaks_create_destroy(dev):
 
 @needs_vulkan
 def test_close_releases_everything(tmp_path, monkeypatch):
-    monkeypatch.setenv("VKPACK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("VKPACK_CACHE", str(tmp_path))
     base = _lib.handle_counts()
     d = gpu.Device()
     ops = gpu.Ops(d)

@@ -64,7 +64,7 @@ def test_staging_slots_are_counted(dev, monkeypatch):
 
 
 def test_close_frees_every_byte(tmp_path, monkeypatch):
-    monkeypatch.setenv("VKPACK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("VKPACK_CACHE", str(tmp_path))
     d = gpu.Device()
     d.alloc_block(1 << 20)
     d.alloc(4096, "upload")

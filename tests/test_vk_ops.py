@@ -123,6 +123,10 @@ def test_rms_norm(dev, ops, groups, n):
     assert nmse(from_dev(dev, yb, np.float32, x.shape), ref) < 1e-7
     run(dev, lambda rec: ops.rms_norm(rec, xb, wb, xb, groups, n, 1e-6))   # in place
     assert nmse(from_dev(dev, xb, np.float32, x.shape), ref) < 1e-7
+    run(dev, lambda rec: ops.rms_norm(rec, yb, wb, yb, groups, n, 1e-6, offset=1.0))   # gemma's (1 + w)
+    y = ref.astype(np.float32).astype(np.float64)
+    ref1 = y / np.sqrt((y ** 2).mean(-1, keepdims=True) + 1e-6) * (w.astype(np.float64) + 1.0)
+    assert nmse(from_dev(dev, yb, np.float32, x.shape), ref1) < 1e-7
     for b in (xb, wb, yb):
         b.destroy()
 
@@ -158,6 +162,13 @@ def test_add_swiglu(dev, ops, n):
     run(dev, lambda rec: ops.swiglu(rec, ab, bb, ob, n))
     a64 = a.astype(np.float64)
     assert nmse(from_dev(dev, ob, np.float32, (n,)), a64 / (1 + np.exp(-a64)) * b) < 1e-7
+    run(dev, lambda rec: ops.geglu(rec, ab, bb, ob, n))
+    gelu = 0.5 * a64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (a64 + 0.044715 * a64 ** 3)))
+    assert nmse(from_dev(dev, ob, np.float32, (n,)), gelu * b) < 1e-7
+    run(dev, lambda rec: ops.scale(rec, ab, ob, n, 2.5))
+    assert nmse(from_dev(dev, ob, np.float32, (n,)), 2.5 * a64) < 1e-7
+    run(dev, lambda rec: ops.softcap(rec, ab, ab, n, 3.0))   # in place
+    assert nmse(from_dev(dev, ab, np.float32, (n,)), 3.0 * np.tanh(a64 / 3.0)) < 1e-7
     for x in (ab, bb, ob):
         x.destroy()
 

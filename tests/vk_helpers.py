@@ -13,7 +13,8 @@ from vkpack.runtime import vk as gpu
 Q = gguf.GGMLQuantizationType
 GIB = 1 << 30
 # f16 fields (byte offsets in a block) that must hold sane scales when blocks are random bytes
-F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,),
+              "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q5_K": (0, 2), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
 
 def nmse(a, ref) -> float:
@@ -93,7 +94,7 @@ def random_weight(rng, dtype, rows, cols):
     qt = getattr(Q, dtype)
     if dtype in ("BF16", "Q8_0", "Q4_0", "Q4_1"):
         raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
-    else:  # gguf-py has no K-quant quantizer: random bytes with finite scales
+    else:  # gguf-py has no K-quant or IQ4 quantizer (Q5_0/Q5_1 have one): random bytes with finite scales
         bs, ts = gguf.GGML_QUANT_SIZES[qt]
         raw = rng.integers(0, 256, size=(rows * (cols // bs), ts), dtype=np.uint8)
         for off in F16_FIELDS[dtype]:
@@ -139,17 +140,21 @@ def rope_ref(x, pos, n_heads, hd, n_rot, mode, base, ff=None, freq_scale=1.0):
     return x.reshape(len(pos), -1)
 
 
-def attention_ref(q, kc, vc, pos, n_heads, n_kv, hd, scale=None):
+def attention_ref(q, kc, vc, pos, n_heads, n_kv, hd, scale=None, window=0, softcap=0.0):
     """Causal grouped-query attention in float64 of tokens at `pos` over cache rows 0..pos (clamped to
-    the cache), scores scaled by `scale` (default 1/sqrt(hd))."""
+    the cache; the last `window` of them with a window), scores scaled by `scale` (default 1/sqrt(hd)),
+    then soft-capped (cap * tanh(s / cap)) where softcap > 0."""
     scale = 1 / math.sqrt(hd) if scale is None else scale
     out = np.zeros((len(pos), n_heads * hd))
     g = n_heads // n_kv
     for t, p in enumerate(pos):
         L = min(int(p) + 1, len(kc))
+        lo = max(0, L - window) if window else 0
         for h in range(n_heads):
             sl = slice(h // g * hd, (h // g + 1) * hd)
-            s = kc[:L, sl].astype(np.float64) @ q[t, h * hd:(h + 1) * hd].astype(np.float64) * scale
+            s = kc[lo:L, sl].astype(np.float64) @ q[t, h * hd:(h + 1) * hd].astype(np.float64) * scale
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
             e = np.exp(s - s.max())
-            out[t, h * hd:(h + 1) * hd] = e / e.sum() @ vc[:L, sl].astype(np.float64)
+            out[t, h * hd:(h + 1) * hd] = e / e.sum() @ vc[lo:L, sl].astype(np.float64)
     return out

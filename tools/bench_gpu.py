@@ -22,6 +22,7 @@ import platform
 import pstats
 import re
 import struct
+import subprocess
 import sys
 import time
 import traceback
@@ -78,17 +79,34 @@ def limits(quick: bool) -> dict:
     return out
 
 
-def model_archive(name: str, work: Path) -> Path:
-    arch = work / f"{name}.vkpack"
+def model_archive(name: str, work: Path, keep_gguf: bool = False) -> Path:
+    """The archive of model `name`: a SHAPES key, optionally with a weight type, "8b:Q4_K_M" (default F16),
+    generated and built in `work` on first use; keep_gguf leaves the GGUF beside it (for llama.cpp)."""
+    shape, _, dtype = name.partition(":")
+    stem = name.replace(":", "-")
+    arch, src = work / f"{stem}.vkpack", work / f"{stem}.gguf"
     if not arch.exists():
-        src = work / f"{name}.gguf"
         t = time.perf_counter()
-        ms.write_gguf(src, SHAPES[name], dtype="F16", seed=0)
+        ms.write_gguf(src, SHAPES[shape], dtype=dtype or "F16", seed=0)
         t1 = time.perf_counter()
         build(src, arch, codec="none", threads=os.cpu_count(), progress=False)
-        src.unlink()
         print(f"[{name}] generated in {t1 - t:.0f} s, built in {time.perf_counter() - t1:.0f} s", flush=True)
+    if not keep_gguf:
+        src.unlink(missing_ok=True)
     return arch
+
+
+def llama_bench(exe: str, gguf: Path, prompt: int, n_decode: int) -> dict:
+    """llama.cpp's llama-bench on the same GGUF, everything on the GPU (-ngl 99): prefill and decode tok/s."""
+    cmd = [exe, "-m", str(gguf), "-ngl", "99", "-p", str(prompt), "-n", str(n_decode), "-r", "3", "-o", "json"]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    if res.returncode:
+        return {"cmd": " ".join(cmd), "error": res.stderr[-1500:]}
+    rows = json.loads(res.stdout)
+    return {"cmd": " ".join(cmd), "seconds": time.perf_counter() - t,
+            "results": [{k: r.get(k) for k in ("n_prompt", "n_gen", "avg_ts", "stddev_ts", "backends", "gpu_info")}
+                        for r in rows]}
 
 
 WARM_DECODE = 4      # decode passes run before the timed ones (they record the session's steps)
@@ -235,6 +253,17 @@ def table(res: dict) -> str:
             lines.append(f"| {name} | {wb / 1e9:.2f} | {budget} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
                          f"{r['ms_per_token']:.2f} | {frac:.0%} {what} | {r['host_ms_per_token']:.2f} | "
                          f"{r['uploaded_per_token'] / 1e9:.2f} |")
+    for name, per_backend in res.get("llama_cpp", {}).items():
+        ours = next((r for r in res["models"].get(name, []) if r.get("vram_gb") is None and "error" not in r), None)
+        for backend, r in per_backend.items():
+            tg = next((x["avg_ts"] for x in r.get("results", []) if x.get("n_gen")), None)
+            pp = next((x["avg_ts"] for x in r.get("results", []) if x.get("n_prompt")), None)
+            if tg is None or pp is None:
+                lines.append(f"| {name} | llama.cpp {backend} | error: {r.get('error', '')[:80]} |")
+                continue
+            vs = (f"; vkpack resident {ours['prefill_tps'] / pp:.2f}x prefill, {ours['decode_tps'] / tg:.2f}x decode"
+                  if ours else "")
+            lines.append(f"\nllama.cpp {backend} on {name} (`-ngl 99`): prefill {pp:.0f} tok/s, decode {tg:.1f} tok/s{vs}")
     return "\n".join(lines)
 
 
@@ -262,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="kernel settings of one resident run, e.g. 'attn_fused_store=False,mv_config={}' (Ops attributes); "
                          "repeat for A/B runs in one call (default: one run with the defaults)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on lavapipe")
+    ap.add_argument("--llama-bench", action="append", default=[], metavar="NAME=PATH",
+                    help="llama.cpp's llama-bench built for a backend (e.g. cuda=/tmp/llb-cuda/bin/llama-bench), "
+                         "run with -ngl 99 on each model's GGUF after ours; repeatable")
+    ap.add_argument("--keep-gguf", action="store_true", help="keep the generated GGUF files (for llama.cpp)")
     args = ap.parse_args(argv)
     work, out = prepare(args)
     res: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "argv": sys.argv, "models": {}}
@@ -279,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = [_ops_attrs(o) for o in args.ops] or [{}]
     settings = ([(None, None, v) for v in variants] if args.resident == "yes" else []) + \
         [(args.vram_gb, r, variants[-1]) for r in rams]
+    benches = dict(b.split("=", 1) for b in args.llama_bench)
     for name in args.models.split(","):
         runs = []
         for vram, ram, attrs in settings:
             try:
-                arch = model_archive(name, work)
+                arch = model_archive(name, work, keep_gguf=bool(benches) or args.keep_gguf)
                 if vram is not None and arch.stat().st_size < vram * 2**30:
                     continue  # fits anyway: nothing streamed
                 r = run_model(arch, vram, args.prompt if not args.quick else 16,
@@ -295,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] {json.dumps(r)}", flush=True)
             runs.append(r)
             res["models"][name] = runs
+            (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
+            (out / "bench_gpu.md").write_text(table(res) + "\n")
+        gguf = work / f"{name.replace(':', '-')}.gguf"
+        for backend, exe in benches.items():
+            r = llama_bench(exe, gguf, args.prompt, args.decode) if gguf.exists() else {"error": "no GGUF"}
+            print(f"[{name}] llama.cpp {backend}: {json.dumps(r)}", flush=True)
+            res.setdefault("llama_cpp", {}).setdefault(name, {})[backend] = r
             (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))
             (out / "bench_gpu.md").write_text(table(res) + "\n")
     print(table(res))

@@ -489,7 +489,13 @@ def _add_gguf_metadata(w: gguf.GGUFWriter, spec: Spec, dtype: str, seed: int) ->
     if a == "qwen3" or spec.hd != spec.hidden // spec.heads:
         w.add_uint32(K.Attention.KEY_LENGTH.format(arch=a), spec.hd)
         w.add_uint32(K.Attention.VALUE_LENGTH.format(arch=a), spec.hd)
-    tokens, merges = build_vocab(spec.vocab)
+    add_gguf_tokenizer(w, spec.vocab)
+
+
+def add_gguf_tokenizer(w: gguf.GGUFWriter, vocab: int) -> None:
+    """The synthetic byte-level BPE of `vocab` tokens as GGUF tokenizer metadata, with its chat template."""
+    K = gguf.Keys
+    tokens, merges = build_vocab(vocab)
     w.add_string(K.Tokenizer.MODEL, "gpt2")
     w.add_string(K.Tokenizer.PRE, "gpt-2")  # the GPT-2 split regex, as llama.cpp names it (it rejects "gpt2")
     w.add_array(K.Tokenizer.LIST, list(tokens))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import threading
@@ -89,10 +90,36 @@ class Source:
         """File names, sizes and sha256 digests (hashlib releases the GIL, so this can run in a thread)."""
         out = []
         for p in self.files:
-            with open(p, "rb") as f:
+            with open_source_file(p) as f:
                 h = hashlib.file_digest(f, "sha256") if hasattr(hashlib, "file_digest") else _sha256(f)
             out.append({"name": p.name, "size": p.stat().st_size, "sha256": h.hexdigest()})
         return out
+
+
+MAX_JSON_BYTES = 256 << 20  # a config or tokenizer file; real tokenizer.json files are a few tens of MB
+
+
+def open_source_file(path: Path) -> Any:
+    """A source file opened for reading, refused unless it is a regular file (a FIFO would block open())."""
+    from ...pack_format.errors import SourceError
+    from ...pack_format.reader import open_regular
+
+    return open_regular(Path(path), SourceError)
+
+
+def load_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file from an untrusted model folder; every failure is one SourceError naming the file
+    (bad UTF-8 or syntax, nesting deep enough for RecursionError, an integer of over 4300 digits)."""
+    from ...pack_format.errors import SourceError
+
+    with open_source_file(path) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SourceError(f"{path}: larger than {max_bytes} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SourceError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _sha256(f) -> hashlib._Hash:

@@ -31,7 +31,11 @@ def open_gguf(path: Path) -> Source:
         if t.offset + nbytes > size:
             raise SourceError(f"{path}: tensor {t.name!r} bytes [{t.offset}, {t.offset + nbytes}) extend past the end "
                               f"of the file ({size} bytes; truncated?)")
+        if (t.offset - header.data_start) % header.alignment:
+            raise SourceError(f"{path}: tensor {t.name!r} data offset {t.offset - header.data_start} is not a multiple "
+                              f"of the alignment {header.alignment}")
         tensors.append(SourceTensor(t.name, t.dtype, t.shape, nbytes, Path(path), t.offset))
+    _check_no_overlap(path, tensors)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise SourceError(f"{path}: GGUF has no general.architecture")
@@ -39,3 +43,13 @@ def open_gguf(path: Path) -> Source:
 
     tok = tokenizer_from_gguf(meta)
     return Source("gguf", [path], [arch], meta, tensors, tok)
+
+
+def _check_no_overlap(path: Path, tensors: list[SourceTensor]) -> None:
+    """Two tensors sharing bytes would build and run on garbage (llama.cpp refuses them too)."""
+    end, last = 0, None
+    for t in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
+        if t.offset < end:
+            raise SourceError(f"{path}: tensor {t.name!r} bytes [{t.offset}, {t.offset + t.nbytes}) overlap tensor "
+                              f"{last!r}, which ends at {end}")
+        end, last = t.offset + t.nbytes, t.name

@@ -7,6 +7,8 @@ tens of milliseconds. Every length and count is checked against the bytes left b
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from ...pack_format.constants import GGML_TYPE_IDS
+from ...pack_format.constants import GGML_OTHER_TYPES, GGML_TYPE_IDS, WEIGHT_DTYPES
 from ...pack_format.errors import SourceError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+# Caps on what one value may make us build, checked before building it. Real headers stay far below:
+# the largest vocabularies have about 256k tokens (and twice as many merges), templates a few KB.
+MAX_ARRAY = 1 << 21          # elements of one array value (each becomes a Python object)
+MAX_STRING = 1 << 24         # bytes of one string
 # GGUF value types: id -> (struct code, numpy dtype) for scalars; 8 string, 9 array
 _SCALARS = {0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"), 4: ("<I", "<u4"),
             5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "<u1"), 10: ("<Q", "<u8"), 11: ("<q", "<i8"),
@@ -43,20 +49,18 @@ class GgufHeader:
     meta: dict[str, Any]
     tensors: list[TensorInfo]
     data_start: int
-
-
-class _NeedMore(Exception):
-    """The header runs past the bytes read so far (the file has more)."""
+    alignment: int = DEFAULT_ALIGNMENT   # every tensor's offset from data_start is a multiple of it
 
 
 class _Cursor:
-    def __init__(self, buf: bytes, path: Path, file_size: int):
-        self.buf, self.pos, self.size, self.path, self.file_size = buf, 0, len(buf), path, file_size
+    """Reads values from the file's memory map: only the pages parsed are touched, and no value is
+    copied before its length is checked against the bytes left and the caps above."""
+
+    def __init__(self, buf: Any, path: Path):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
 
     def take(self, n: int, what: str) -> int:
         if n < 0 or self.pos + n > self.size:
-            if self.size < self.file_size and n >= 0 and self.pos + n <= self.file_size:
-                raise _NeedMore
             raise SourceError(f"{self.path}: truncated GGUF: {what} at byte {self.pos} needs {n} bytes, "
                               f"{self.size - self.pos} left")
         p = self.pos
@@ -68,6 +72,8 @@ class _Cursor:
 
     def string(self, what: str) -> str:
         n = self.unpack("<Q", what)
+        if n > MAX_STRING and self.pos + n <= self.size:
+            raise SourceError(f"{self.path}: {what}: a string of {n} bytes exceeds the cap {MAX_STRING}")
         p = self.take(n, what)
         try:
             return self.buf[p:p + n].decode("utf-8")
@@ -82,13 +88,15 @@ class _Cursor:
             return self.string(what)
         if vtype == _ARRAY:
             etype, count = self.unpack("<I", what), self.unpack("<Q", what)
+            if count > MAX_ARRAY:
+                raise SourceError(f"{self.path}: {what}: an array of {count} elements exceeds the cap {MAX_ARRAY}")
             if etype in _SCALARS:
                 itemsize = np.dtype(_SCALARS[etype][1]).itemsize
                 p = self.take(count * itemsize, what)
-                arr = np.frombuffer(self.buf, dtype=_SCALARS[etype][1], count=count, offset=p)
+                arr = np.frombuffer(self.buf[p:p + count * itemsize], dtype=_SCALARS[etype][1])  # a copy: the map closes
                 return [bool(x) for x in arr] if etype == _BOOL else arr.tolist()
             if etype == _STRING:
-                if count * 8 > self.file_size - self.pos:  # each string needs at least its 8-byte length
+                if count * 8 > self.size - self.pos:  # each string needs at least its 8-byte length
                     raise SourceError(f"{self.path}: truncated GGUF: {what} claims {count} strings")
                 return [self.string(what) for _ in range(count)]
             raise SourceError(f"{self.path}: {what}: arrays of type {etype} are not supported")
@@ -98,22 +106,18 @@ class _Cursor:
 def read_gguf_header(path: str | Path) -> GgufHeader:
     """Key/values (plain Python values) and tensor table of a GGUF file; SourceError when malformed."""
     path = Path(path)
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
+    from ...pack_format.reader import open_regular
+
+    with open_regular(path, SourceError) as f:
+        size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise SourceError(f"{path}: empty file")
-        want = 16 << 20
-        while True:  # headers are a few MB: read a prefix, and more only if the header runs past it
-            f.seek(0)
-            buf = f.read(min(size, want))
-            try:
-                return _parse(buf, path, size)
-            except _NeedMore:
-                want *= 4
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _parse(mm, path, size)
 
 
-def _parse(buf: bytes, path: Path, size: int) -> GgufHeader:
-    c = _Cursor(buf, path, size)
+def _parse(buf: Any, path: Path, size: int) -> GgufHeader:
+    c = _Cursor(buf, path)
     magic = buf[c.take(4, "magic"):4]
     if magic != MAGIC:
         raise SourceError(f"{path}: not a GGUF file (magic {magic!r}, expected {MAGIC!r})")
@@ -136,7 +140,9 @@ def _parse(buf: bytes, path: Path, size: int) -> GgufHeader:
         ne = [c.unpack("<Q", f"shape of {name}") for _ in range(n_dims)]
         tid = c.unpack("<I", f"type of {name}")
         if tid not in GGML_TYPES:
-            raise SourceError(f"{path}: tensor {name!r} has ggml type {tid}, which vkpack does not store")
+            what = GGML_OTHER_TYPES.get(tid, "unknown")
+            raise SourceError(f"{path}: tensor {name!r} has ggml type {what} ({tid}), which vkpack does not "
+                              f"support; supported: {', '.join(WEIGHT_DTYPES)}")
         rel = c.unpack("<Q", f"offset of {name}")
         infos.append((name, GGML_TYPES[tid], tuple(reversed(ne)), rel))
     align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -144,4 +150,4 @@ def _parse(buf: bytes, path: Path, size: int) -> GgufHeader:
         raise SourceError(f"{path}: general.alignment {align!r} is not a power of two")
     data_start = -(-c.pos // align) * align
     tensors = [TensorInfo(n, d, s, data_start + rel) for n, d, s, rel in infos]
-    return GgufHeader(version, meta, tensors, data_start)
+    return GgufHeader(version, meta, tensors, data_start, align)

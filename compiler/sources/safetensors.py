@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 from ...pack_format.constants import tensor_bytes
 from ...pack_format.errors import SourceError
-from .base import Source, SourceTensor
+from .base import Source, SourceTensor, load_json, open_source_file
 
 MAX_HEADER = 100 << 20
 ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64"}
@@ -22,17 +23,17 @@ INDEX_NAME = "model.safetensors.index.json"
 
 def read_safetensors(path: Path) -> list[SourceTensor]:
     """Tensors of one safetensors file, with every offset checked against the file size."""
-    size = os.path.getsize(path)
-    if size < 8:
-        raise SourceError(f"{path}: {size} bytes is too small for a safetensors file")
-    with open(path, "rb") as f:
+    with open_source_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise SourceError(f"{path}: {size} bytes is too small for a safetensors file")
         n = int.from_bytes(f.read(8), "little")
         if n > MAX_HEADER or 8 + n > size:
             raise SourceError(f"{path}: header length {n} exceeds the file size {size}")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SourceError(f"{path}: header is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or syntax, deep nesting, a 4300-digit integer
+            raise SourceError(f"{path}: header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: header is not a JSON object")
     base = 8 + n
@@ -40,10 +41,8 @@ def read_safetensors(path: Path) -> list[SourceTensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        dtype, shape, offsets = _entry(path, name, info)
+        start, end = offsets
         if dtype not in ST_DTYPES:
             raise SourceError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and base + end <= size):
@@ -56,6 +55,23 @@ def read_safetensors(path: Path) -> list[SourceTensor]:
         tensors.append(SourceTensor(name, ST_DTYPES[dtype], shape_t, end - start, Path(path), base + start))
     tensors.sort(key=lambda t: t.name)
     return tensors
+
+
+def _entry(path: Path, name: str, info: Any) -> tuple[str, list[int], tuple[int, int]]:
+    """(dtype, shape, (start, end)) of one header entry, each of the type the format states."""
+    def is_uint(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict):
+        raise SourceError(f"{path}: tensor {name!r}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise SourceError(f"{path}: tensor {name!r}: dtype {dtype!r:.60} is not a string")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(is_uint(d) for d in shape):
+        raise SourceError(f"{path}: tensor {name!r}: shape {shape!r:.60} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_uint(o) for o in offsets)):
+        raise SourceError(f"{path}: tensor {name!r}: data_offsets {offsets!r:.60} is not [start, end]")
+    return dtype, shape, (offsets[0], offsets[1])
 
 
 def open_hf(path: Path) -> Source:
@@ -78,10 +94,7 @@ def open_hf(path: Path) -> Source:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise SourceError(f"{path}: no config.json beside the weights (needed for the architecture)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{config_path}: not valid JSON ({e})") from None
+    config = load_json(config_path)
     if not isinstance(config, dict):
         raise SourceError(f"{config_path}: not a JSON object")
     tensors: list[SourceTensor] = []
@@ -98,15 +111,16 @@ def open_hf(path: Path) -> Source:
     tok = tokenizer_from_hf_folder(folder)
     files = [config_path, *weight_files] + [folder / n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).exists()]
     arch_names = config.get("architectures") or [config.get("model_type", "?")]
+    if not isinstance(arch_names, list) or not all(isinstance(a, str) for a in arch_names):
+        raise SourceError(f"{config_path}: 'architectures' must be a list of strings, got {arch_names!r:.60}")
     return Source(fmt, files, list(arch_names), config, tensors, tok)
 
 
 def _shards(index_path: Path) -> list[Path]:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = index["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SourceError(f"{index_path}: not a valid safetensors index ({type(e).__name__})") from None
+    index = load_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"{index_path}: not a valid safetensors index ('weight_map' must map names to file names)")
     shards = []
     for name in sorted(set(weight_map.values())):
         p = index_path.parent / name

@@ -20,9 +20,11 @@ Every setting, its INI key, env var and flag (the table `KEYS` below is the sour
     context              [model] context          VKPACK_CONTEXT               --context (serve only)
     max_batch            [model] max_batch        VKPACK_MAX_BATCH             --max-batch (serve only)
 
-`VKPACK_CONFIG` names the config file when `--config` is not given. Other `VKPACK_*`
-variables are errors (a typo must not be silently ignored) unless listed in
-`OTHER_ENV_ALLOWED`. An empty env variable counts as unset. Removed settings (`REMOVED`:
+`VKPACK_CONFIG` names the config file when `--config` is not given. `VKPACK_CACHE` names
+the one folder of every per-machine cache (the default model, the built CPU kernels, the hybrid's
+measured rates, the Vulkan pipeline cache; default `~/.cache/vkpack`); `VKPACK_CACHE_DIR`, its old
+name (never documented), is ignored with a one-line warning. Other `VKPACK_*` variables are errors
+(a typo must not be silently ignored) unless listed in `OTHER_ENV_ALLOWED`. An empty env variable counts as unset. Removed settings (`REMOVED`:
 `[memory] eviction_aggression`, `VKPACK_EVICTION_AGGRESSION`) are ignored with a one-line
 warning, so that old configs keep working.
 
@@ -253,10 +255,13 @@ REMOVED: tuple[tuple[str, str, str, str], ...] = (
 )
 REMOVED_INI = {(sec, key): why for sec, key, _, why in REMOVED}
 REMOVED_ENV = {env: why for _, _, env, why in REMOVED}
+# Old names of variables that are not settings: ignored with a warning naming the new one.
+RENAMED_ENV = {"VKPACK_CACHE_DIR": "VKPACK_CACHE"}
 
 CONFIG_ENV = "VKPACK_CONFIG"
 # VKPACK_* variables that are not engine settings but belong to vkpack (model/test cache).
-OTHER_ENV_ALLOWED = frozenset({"VKPACK_CACHE", "VKPACK_NATIVE"})  # read by the default model and the native kernels
+# VKPACK_CACHE: runtime/native/loader.cache_root (every cache); VKPACK_NATIVE: the native kernels' switch.
+OTHER_ENV_ALLOWED = frozenset({"VKPACK_CACHE", "VKPACK_NATIVE"})
 
 assert {f.name for f in fields(Settings)} == set(BY_FIELD), "KEYS and Settings out of sync"
 
@@ -323,6 +328,10 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, text in env.items():
         if not name.startswith("VKPACK_") or name == CONFIG_ENV or name in OTHER_ENV_ALLOWED:
+            continue
+        if name in RENAMED_ENV:
+            if text.strip():
+                log.warning("%s: ignored: renamed %s; set that instead", name, RENAMED_ENV[name])
             continue
         if name in REMOVED_ENV:
             if text.strip():

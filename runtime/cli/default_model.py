@@ -41,11 +41,13 @@ class ModelUnavailable(VkpackError):
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """Return the vkpack cache folder: the argument, else $VKPACK_CACHE, else ~/.cache/vkpack."""
+    """Return the vkpack cache folder: the argument, else the one every cache shares ($VKPACK_CACHE,
+    else ~/.cache/vkpack; runtime/native/loader.cache_root)."""
     if cache_dir is not None:
         return Path(cache_dir)
-    env = os.environ.get("VKPACK_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vkpack"
+    from ..native.loader import cache_root as shared_root
+
+    return shared_root()
 
 
 def smollm2_gguf(cache_dir: Path | None = None) -> Path:

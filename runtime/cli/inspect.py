@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from ...pack_format.reader import Archive
+from .paths import check_archive_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -21,9 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="open an engine under --vram-gb/--ram-gb/--device and print "
                    "where it computes passes of 1, 8, 32 and 512 tokens (loads the model; measures the machine's "
                    "rates on first use)")
-    p.add_argument("--vram-gb", type=float, default=None)
-    p.add_argument("--ram-gb", type=float, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--vram-gb", type=float, default=None, help="--plan: device budget in GiB (default: unlimited)")
+    p.add_argument("--ram-gb", type=float, default=None, help="--plan: RAM budget in GiB (default: unlimited)")
+    p.add_argument("--device", default="auto", help="--plan: the backend to plan for")
     return p
 
 
@@ -60,6 +61,7 @@ def summary(a: Archive) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_archive_path(args.archive, "inspect")
     with Archive(args.archive) as a:
         if args.json:
             out = dict(a.index)

@@ -10,17 +10,20 @@ from pathlib import Path
 
 from ...pack_format.errors import VkpackError
 from .config import add_settings_flags, settings_from_args
+from .paths import check_archive_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve an archive over an OpenAI-compatible HTTP API",
                        description="Serve an archive over an OpenAI-compatible HTTP API (/v1/completions, "
-                                   "/v1/chat/completions, /v1/models, /health, /metrics) with continuous batching.")
+                                   "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /props, /health, "
+                                   "/metrics) with continuous batching. Requests that leave sampling fields out get "
+                                   "the defaults `vkpack run` uses (docs/SERVER.md).")
     p.add_argument("archive", nargs="?", default=None,
                    help="the .vkpack archive (default: [model] path in the config, else SmolLM2-135M-Instruct, "
                         "fetched and built on first use)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback without an API key prints a warning")
+    p.add_argument("--port", type=int, default=8080, help="TCP port; 0 picks a free one")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="read the API key from the first line of FILE (keeps it out of the process list)")
@@ -30,15 +33,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", dest="max_batch", default=None, metavar="N",
                    help="most sequences decoded together (default 8; env VKPACK_MAX_BATCH, config [model] max_batch)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="requests waiting for a batch slot before new ones get 503 (default 64)")
+                   help="requests waiting for a batch slot before new ones get 503")
     p.add_argument("--max-tokens", type=int, default=512, metavar="N",
-                   help="generation cap for requests that set no max_tokens (default 512)")
+                   help="generation cap for requests that set no max_tokens")
     p.add_argument("--context", dest="context", default=None, metavar="N",
                    help="longest prompt + generation per request (default: the model's, at most 4096; "
                         "env VKPACK_CONTEXT, config [model] context)")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="most prompt tokens prefilled per batch step, so long prompts do not stall "
-                        "running streams (default 512)")
+                        "running streams")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. http://localhost:3000, or * for any) call the API: "
+                        "answers preflight OPTIONS and sends Access-Control-Allow-Origin; repeatable; none by default")
     add_settings_flags(p)
     return p
 
@@ -71,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from ..server.app import create_app
     from ..server.runner import bind_socket
 
+    for origin in args.cors_origin:
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and origin.count("/") == 2):
+            raise VkpackError(f"--cors-origin {origin!r}: expected * or scheme://host[:port], e.g. http://localhost:3000")
     for name in ("max_queue", "max_tokens", "prefill_chunk"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise VkpackError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= "
@@ -90,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
             from .default_model import default_archive
 
             path = default_archive()
+        check_archive_path(path, "serve")
         name = args.model_name or Path(path).name.removesuffix(".vkpack")
         with Engine(path, **s.engine_kwargs()) as eng:
             app = create_app(eng, model_name=name, api_key=key, max_batch=s.max_batch, max_queue=args.max_queue,
-                             default_max_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk)
+                             default_max_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk,
+                             cors_origins=args.cors_origin)
             sock.listen(2048)  # connections queue from now on, so the banner below is true when printed
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host

@@ -8,6 +8,7 @@ import sys
 import time
 
 from ...pack_format.reader import Archive
+from .paths import check_archive_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_archive_path(args.archive, "verify")
     t0 = time.perf_counter()
     with Archive(args.archive) as a:
         bad = a.verify()

@@ -216,7 +216,7 @@ class CpuBackend:
         name = op["w"][0]
         t = self.archive.tensors[name]
         check_token_ids(tokens, t)
-        x = np.empty((len(tokens), t.shape[-1]), dtype=np.float32)
+        x = np.zeros((len(tokens), t.shape[-1]), dtype=np.float32)  # never uninitialised rows, whatever the parts
         for part_idx, p in enumerate(t.parts):
             mask = (tokens >= p.row_start) & (tokens < p.row_end)
             if mask.any():
@@ -231,7 +231,7 @@ class CpuBackend:
     def op_rms_norm(self, op, env, weights) -> None:
         a = op["attrs"]
         with weights.part(op["w"][0], 0) as w:
-            env[op["out"]] = ops.rms_norm(env[op["in"][0]], w, a["eps"], a.get("group"))
+            env[op["out"]] = ops.rms_norm(env[op["in"][0]], w, a["eps"], a.get("group"), a.get("offset") or 0.0)
 
     def op_linear(self, op, env, weights) -> None:
         x = env[op["in"][0]]
@@ -266,7 +266,8 @@ class CpuBackend:
             kc, vc = kv[a["layer"]]
             kc[pos0:pos0 + r1 - r0] = k[r0:r1]
             vc[pos0:pos0 + r1 - r0] = v[r0:r1]
-            o = ops.attention(q[r0:r1], kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"])
+            o = ops.attention(q[r0:r1], kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"],
+                              a.get("softcap"), a.get("window"))
             if out is None:
                 out = o  # one sequence: its rows are the whole output, no copy
             else:
@@ -283,6 +284,16 @@ class CpuBackend:
     def op_swiglu(self, op, env, weights) -> None:
         g, u = (env[n] for n in op["in"])
         env[op["out"]] = ops.swiglu(g, u)
+
+    def op_geglu(self, op, env, weights) -> None:
+        g, u = (env[n] for n in op["in"])
+        env[op["out"]] = ops.geglu(g, u)
+
+    def op_scale(self, op, env, weights) -> None:
+        env[op["out"]] = env[op["in"][0]] * np.float32(op["attrs"]["factor"])
+
+    def op_softcap(self, op, env, weights) -> None:
+        env[op["out"]] = ops.softcap(env[op["in"][0]], op["attrs"]["cap"])
 
     def op_last_token(self, op, env, weights) -> None:
         x = env[op["in"][0]]

@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, group: int | None = None) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * w, over each row or each `group`-wide chunk of a row."""
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, group: int | None = None, offset: float = 0.0) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * (w + offset), over each row or each `group`-wide chunk of a row."""
+    if offset:
+        w = w + np.float32(offset)
     t, n = x.shape
     g = group or n
     if t == 1 and g == n:  # decode: one dot product, a third of the general path's time
@@ -85,24 +87,62 @@ def rope_rotation(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int, n_kv_heads: int,
-              head_dim: int, scale: float) -> np.ndarray:
-    """Causal grouped-query attention of T queries at positions pos0.. over cache rows [0, pos0 + T)."""
+              head_dim: int, scale: float, softcap: float | None = None, window: int | None = None) -> np.ndarray:
+    """Causal grouped-query attention of T queries at positions pos0.. over cache rows [0, pos0 + T).
+
+    `softcap` caps the scaled scores at +-softcap with tanh (gemma2); `window` lets each query see only
+    itself and the window - 1 positions before it (sliding-window layers).
+    """
     t = q.shape[0]
     n = pos0 + t
+    lo = max(0, pos0 - window + 1) if window else 0                             # first row any query sees
     group = n_heads // n_kv_heads
     qh = np.multiply(q.reshape(t, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3), np.float32(scale))  # [kv, g, T, d]
-    kh = k_cache[:n].reshape(n, n_kv_heads, head_dim).transpose(1, 2, 0)[:, None]  # [kv, 1, d, n]
-    vh = v_cache[:n].reshape(n, n_kv_heads, head_dim).transpose(1, 0, 2)[:, None]  # [kv, 1, n, d]
-    scores = np.matmul(qh, kh)                                                    # [kv, g, T, n]
+    kh = k_cache[lo:n].reshape(n - lo, n_kv_heads, head_dim).transpose(1, 2, 0)[:, None]  # [kv, 1, d, n - lo]
+    vh = v_cache[lo:n].reshape(n - lo, n_kv_heads, head_dim).transpose(1, 0, 2)[:, None]  # [kv, 1, n - lo, d]
+    scores = np.matmul(qh, kh)                                                    # [kv, g, T, n - lo]
+    if softcap:
+        scores *= np.float32(1.0 / softcap)
+        np.tanh(scores, out=scores)
+        scores *= np.float32(softcap)
     if t > 1:
-        bias = np.zeros((t, n), dtype=np.float32)                                 # [T, n] causal mask
-        bias[np.arange(n)[None, :] > (pos0 + np.arange(t))[:, None]] = -np.inf
+        key = np.arange(lo, n)[None, :]
+        query = (pos0 + np.arange(t))[:, None]
+        hidden = key > query                                                      # [T, n - lo] causal mask
+        if window:
+            hidden |= key <= query - window
+        bias = np.zeros((t, n - lo), dtype=np.float32)
+        bias[hidden] = -np.inf
         scores += bias
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     out = np.matmul(scores, vh)                                                   # [kv, g, T, d]
     return out.transpose(2, 0, 1, 3).reshape(t, n_heads * head_dim)
+
+
+def geglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """gelu(g) * u with gelu's tanh form, as gemma's gelu_pytorch_tanh."""
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    inner = g * g
+    inner *= np.float32(0.044715)
+    inner += np.float32(1.0)
+    inner *= g
+    inner *= c
+    np.tanh(inner, out=inner)
+    inner += np.float32(1.0)
+    inner *= g
+    inner *= np.float32(0.5)
+    inner *= u
+    return inner
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap): bounds x to (-cap, cap), nearly unchanged where |x| << cap."""
+    y = np.multiply(x, np.float32(1.0 / cap))
+    np.tanh(y, out=y)
+    y *= np.float32(cap)
+    return y
 
 
 def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The HTTP routes of `vkpack serve`: an OpenAI-compatible API (Starlette) over the batch scheduler.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as
-server-sent events or not), GET /health, GET /metrics (Prometheus text). Requests are
+server-sent events or not), llama-server's POST /tokenize, POST /detokenize and GET /props,
+GET /health, GET /metrics (Prometheus text); CORS only for the origins given. Requests are
 untrusted: the body is capped, every field is type-checked (parse.py), and every failure is an
 OpenAI-style JSON error `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
 status, after which the server keeps serving. Model work happens only on the scheduler
@@ -19,23 +20,27 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..sampler import SamplingParams
+from ... import __version__
+from ..sampler import DEFAULT_PARAMS, SamplingParams
 from .batch import Event, Failed, Finished, Piece, Scheduler
 from .jobs import Job, SseResponse, collect, failed_response
 from .parse import (
-    ApiError, chat_messages, chat_prompt_ids, check_model, error_body, gen_args, prompt_ids, read_json, sampling,
-    stream_flags,
+    ApiError, chat_messages, chat_prompt_ids, check_model, detokenize_ids, error_body, gen_args, prompt_ids, read_json,
+    sampling, stream_flags, tokenize_args,
 )
 from .prometheus import prometheus_text
 
@@ -43,7 +48,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20          # bytes of one request body (413 beyond)
 DEFAULT_MAX_TOKENS = 512    # generation cap when a request gives none (OpenAI's completions default is 16)
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/props",
+             "/health", "/metrics")
 
 
 def error_response(e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -67,6 +73,7 @@ class _State:
         self.model_name, self.api_key = model_name, api_key
         self.default_max_tokens, self.max_body = default_max_tokens, max_body
         self.created = int(time.time())
+        self.meta = model_meta(engine)
         self.requests: dict[tuple[str, int], int] = {}
         self.finish: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -85,10 +92,12 @@ class _State:
         with self.lock:
             return sorted(self.requests.items())
 
-    def start_job(self, body: dict[str, Any], ids: list[int], params: SamplingParams, receive: Any) -> Job:
-        """Submit one generation to the scheduler (ApiError 400 if it cannot fit, 503 if the queue is full)."""
-        job = Job(self.scheduler, gen_args(body, ids, params, self.engine.context, self.default_max_tokens),
-                  receive, self.count_finish)
+    def start_job(self, body: dict[str, Any], ids: list[int], params: SamplingParams, receive: Any,
+                  label: str) -> Job:
+        """Submit one generation to the scheduler (ApiError 400 if it cannot fit, 503 if the queue is full);
+        `label` (the response id) names it in the per-request log line."""
+        args = gen_args(body, ids, params, self.engine.context, self.default_max_tokens)
+        job = Job(self.scheduler, {**args, "label": label}, receive, self.count_finish)
         job.start()
         return job
 
@@ -107,8 +116,8 @@ async def completions(request: Request) -> Response:
     params = sampling(body)
     stream, include_usage = stream_flags(body)
     ids = await asyncio.to_thread(prompt_ids, state.engine, body["prompt"])
-    job = state.start_job(body, ids, params, request.receive)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    job = state.start_job(body, ids, params, request.receive, rid)
     make = _chunk_maker(state, rid, created, "text_completion", include_usage)
 
     def chunk(text: str, reason: str | None) -> dict[str, Any]:
@@ -141,8 +150,8 @@ async def chat_completions(request: Request) -> Response:
     params = sampling(body)
     stream, include_usage = stream_flags(body)
     ids = await asyncio.to_thread(chat_prompt_ids, state.engine, messages)
-    job = state.start_job(body, ids, params, request.receive)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    job = state.start_job(body, ids, params, request.receive, rid)
     make = _chunk_maker(state, rid, created, "chat.completion.chunk", include_usage)
 
     def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
@@ -182,9 +191,24 @@ def _chunk_maker(state: _State, rid: str, created: int, obj: str, include_usage:
     return make
 
 
+def model_meta(engine: Any) -> dict[str, Any]:
+    """What the served archive is and how it runs: architecture, parameters, weight types, context,
+    budgets and backend (the `meta` of /v1/models, as llama-server's, and part of /props)."""
+    a = engine.archive
+    params: Counter[str] = Counter()
+    for r in a.tensors.values():
+        params[r.dtype] += math.prod(r.shape)
+    hp = a.hparams
+    return {"architecture": a.index["arch"], "n_params": sum(params.values()),
+            "quantization": dict(params.most_common()),  # weight type -> parameters stored in it
+            "n_ctx_train": hp["context"], "n_ctx": engine.context, "n_vocab": hp["vocab"], "n_embd": hp["hidden"],
+            "n_layers": hp["n_layers"], "size": a.size, "backend": engine.backend.name,
+            "device_budget_bytes": engine.tier.budget, "ram_budget_bytes": engine.metrics.ram_budget}
+
+
 def _model_card(state: _State) -> dict[str, Any]:
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "vkpack",
-            "context_length": state.engine.context}
+            "context_length": state.engine.context, "meta": state.meta}
 
 
 async def models(request: Request) -> Response:
@@ -197,6 +221,38 @@ async def model(request: Request) -> Response:
     if request.path_params["name"] != state.model_name:
         raise ApiError(404, f"model {request.path_params['name']!r} not found", param="model", code="model_not_found")
     return JSONResponse(_model_card(state))
+
+
+async def tokenize(request: Request) -> Response:
+    state: _State = request.app.state.vk
+    text, add_special = tokenize_args(await read_json(request, state.max_body))
+    # add_special: the BOS the model adds to a prompt (llama-server's meaning), never more
+    ids = await asyncio.to_thread(state.engine.encode, text, None if add_special else False)
+    return JSONResponse({"tokens": ids})
+
+
+async def detokenize(request: Request) -> Response:
+    state: _State = request.app.state.vk
+    ids = detokenize_ids(state.engine, await read_json(request, state.max_body))
+    # special tokens kept, as llama-server does, so that detokenize(tokenize(x)) gives x back
+    text = await asyncio.to_thread(state.engine.decode, ids, False)
+    return JSONResponse({"content": text})
+
+
+async def props(request: Request) -> Response:
+    """llama-server's /props: the generation defaults a request starts from, the slots and the model."""
+    s: _State = request.app.state.vk
+    d = DEFAULT_PARAMS
+    return JSONResponse({
+        "default_generation_settings": {
+            "n_ctx": s.engine.context,
+            "params": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
+                       "repeat_penalty": d.repeat_penalty, "repeat_last_n": d.repeat_last_n,
+                       "n_predict": s.default_max_tokens, "seed": d.seed}},
+        "total_slots": s.scheduler.max_batch, "max_queue": s.scheduler.max_queue,
+        "prefill_chunk": s.scheduler.prefill_chunk, "model_alias": s.model_name,
+        "model_path": str(s.engine.archive.path), "chat_template": s.engine.archive.tokenizer.get("chat_template") or "",
+        "build_info": f"vkpack {__version__}", "modalities": {"vision": False, "audio": False}, "meta": s.meta})
 
 
 async def health(request: Request) -> Response:
@@ -219,13 +275,21 @@ async def metrics(request: Request) -> Response:
 
 
 class _Gate:
-    """Outermost ASGI layer: counts requests by endpoint and status, checks the API key and
-    the declared body size, and turns uncaught errors into JSON."""
+    """Outermost ASGI layer: answers CORS (only for `cors_origins`: preflights before the key check,
+    since browsers send them without credentials), counts requests by endpoint and status, checks the
+    API key and the declared body size, and turns uncaught errors into JSON."""
 
-    def __init__(self, app: Any, state: _State):
+    def __init__(self, app: Any, state: _State, cors_origins: tuple[str, ...] = ()):
         self.app, self.state = app, state
+        self._entry: Any = self._gated
+        if cors_origins:
+            self._entry = CORSMiddleware(self._gated, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                                         allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _gated(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -296,7 +360,7 @@ async def _internal(request: Request, exc: Exception) -> Response:
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, max_body: int = MAX_BODY,
-               prefill_chunk: int = 512) -> Any:
+               prefill_chunk: int = 512, cors_origins: tuple[str, ...] | list[str] = ()) -> Any:
     """The ASGI app serving `engine` under the name `model_name`.
 
     The batch scheduler thread starts with the app's lifespan and stops with it; close the
@@ -309,6 +373,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
         max_batch, max_queue: running sequences, and requests waiting beyond them (503 past it).
         default_max_tokens: generation cap when a request sets none.
         max_body: largest request body in bytes (413 past it).
+        cors_origins: origins a browser page may call from (`*` for any); none: no CORS headers at all.
     """
     from starlette.exceptions import HTTPException
 
@@ -328,10 +393,13 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
         Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/props", props, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ], exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _disconnect,
                         Exception: _internal},
         lifespan=lifespan)
     app.state.vk = state
-    return _Gate(app, state)
+    return _Gate(app, state, tuple(cors_origins))

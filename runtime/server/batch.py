@@ -29,6 +29,8 @@ from ..sampler import SamplingParams
 from ..tiers import BudgetError
 
 log = logging.getLogger(__name__)
+# One INFO line per finished request, llama-server's timings (`--log-level INFO` shows them).
+request_log = logging.getLogger("vkpack.runtime.server.requests")
 
 
 # ---- events sent back to the requester ----
@@ -48,6 +50,19 @@ class Finished:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    queue_seconds: float = 0.0    # submitted -> first admitted to the batch
+    prompt_seconds: float = 0.0   # admitted -> the step that completed its prompt
+    gen_seconds: float = 0.0      # that step -> finished (sampling every generated token)
+
+    def log_line(self, label: str) -> str:
+        """llama-server's per-request numbers on one line: prompt and generation tokens and tok/s, total time."""
+        def rate(n: int, t: float) -> str:
+            return f"{n / t:.1f} tok/s" if t > 0 else "- tok/s"
+        total = self.queue_seconds + self.prompt_seconds + self.gen_seconds
+        return (f"{label or 'request'}: prompt {self.prompt_tokens} tok in {self.prompt_seconds * 1e3:.1f} ms "
+                f"({rate(self.prompt_tokens, self.prompt_seconds)}), generated {self.completion_tokens} tok in "
+                f"{self.gen_seconds * 1e3:.1f} ms ({rate(self.completion_tokens, self.gen_seconds)}), total "
+                f"{total * 1e3:.1f} ms (queued {self.queue_seconds * 1e3:.1f} ms), finish {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class GenRequest:
     emit: Callable[[Event], None]
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    label: str = ""                       # names the request in the log (the response id)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -113,6 +129,8 @@ class _Seq:
         self.pos = 0
         self.started = False                  # admitted at least once
         self.kv_waited = False                # had to wait for KV room at least once
+        self.t_admitted = 0.0                 # perf_counter at the first admission
+        self.t_prompt_done: float | None = None   # ... at the end of the step that completed the prompt
 
     @property
     def generated(self) -> int:
@@ -275,6 +293,7 @@ class Scheduler:
                 self._waiting.popleft()
             if not s.started:
                 s.started = True
+                s.t_admitted = time.perf_counter()
                 self.prompt_tokens += len(s.req.prompt_ids)
             self._running.append(s)
 
@@ -344,6 +363,8 @@ class Scheduler:
             s.pos += len(toks)
             if s.unfed:
                 continue  # still prefilling
+            if s.t_prompt_done is None:
+                s.t_prompt_done = time.perf_counter()
             try:
                 self._advance(s, logits[row])
             except Exception as e:  # NaN logits or the like: this sequence only
@@ -377,7 +398,12 @@ class Scheduler:
         if reason is not None:
             self.finished[reason] += 1
             self._cap = min(self.max_batch, self._cap + 1)
-            self._finish(s, Finished(reason, len(s.req.prompt_ids), s.generated))
+            now = time.perf_counter()
+            done = s.t_prompt_done if s.t_prompt_done is not None else now
+            ev = Finished(reason, len(s.req.prompt_ids), s.generated, queue_seconds=s.t_admitted - s.req.submitted,
+                          prompt_seconds=done - s.t_admitted, gen_seconds=now - done)
+            request_log.info("%s", ev.log_line(s.req.label))
+            self._finish(s, ev)
 
     def _finish(self, s: _Seq, event: Event | None) -> None:
         """Release the sequence's KV now, then tell the requester (unless it cancelled)."""

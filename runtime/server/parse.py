@@ -13,10 +13,24 @@ from typing import Any
 from starlette.requests import Request
 
 from ..chat import TemplateError
-from ..sampler import SamplingError, SamplingParams
+from ..sampler import DEFAULT_PARAMS, SamplingError, SamplingParams
 
 MAX_STOPS = 16              # stop strings per request
 MAX_STOP_CHARS = 512        # characters per stop string (matching holds back up to this much text)
+
+# OpenAI fields this server does not implement yet: a request that sets one gets 400 naming it, never a
+# silent 200 that ignored it. Implementing a field means removing its row here (and parsing it below).
+# A field counts as set unless it is absent, null, or its "off" value listed here.
+UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
+    "tools": ([],),                 # function calling
+    "tool_choice": ("none",),
+    "functions": ([],),             # the deprecated form of tools
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),   # JSON mode and JSON schemas
+    "logit_bias": ({},),
+    "presence_penalty": (0, 0.0),   # use repeat_penalty
+    "frequency_penalty": (0, 0.0),
+}
 
 
 class ApiError(Exception):
@@ -51,6 +65,25 @@ def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], defa
     return v
 
 
+def _float(body: dict[str, Any], name: str, default: float) -> float:
+    """A JSON number as a float; an integer too large for a float is a 400, not an OverflowError."""
+    v = _field(body, name, (int, float), default)
+    try:
+        return float(v)
+    except OverflowError:
+        raise ApiError(400, f"'{name}' is out of range", param=name) from None
+
+
+MAX_INT_FIELD = 1 << 63  # integers beyond a signed 64-bit range mean nothing to any field here
+
+
+def _bounded_int(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    v = _field(body, name, int, default)
+    if v is not None and not -MAX_INT_FIELD <= v < MAX_INT_FIELD:
+        raise ApiError(400, f"'{name}' is out of range", param=name)
+    return v
+
+
 def _type_name(types: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
     ts = types if isinstance(types, tuple) else (types,)
@@ -74,8 +107,19 @@ def _parse_stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """400 naming the first field of UNSUPPORTED_FIELDS that the request sets."""
+    for name, off in UNSUPPORTED_FIELDS.items():
+        v = body.get(name)
+        if v is not None and not any(type(v) is type(o) and v == o for o in off):
+            raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
 def sampling(body: dict[str, Any]) -> SamplingParams:
-    """OpenAI fields with OpenAI defaults (temperature 1, top_p 1); llama.cpp's extras off unless given."""
+    """The request's sampling fields; those it leaves out take the defaults `vkpack run` uses
+    (`DEFAULT_PARAMS`, llama-server's), so a bare curl samples as the command line does."""
+    d = DEFAULT_PARAMS
+    refuse_unsupported(body)
     if _field(body, "n", int, 1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     if _field(body, "best_of", int, 1) != 1:
@@ -84,16 +128,15 @@ def sampling(body: dict[str, Any]) -> SamplingParams:
         raise ApiError(400, "echo is not supported", param="echo")
     if body.get("logprobs") not in (None, False):
         raise ApiError(400, "logprobs are not supported", param="logprobs")
-    num = (int, float)
     try:
         return SamplingParams(
-            temperature=float(_field(body, "temperature", num, 1.0)),
-            top_p=float(_field(body, "top_p", num, 1.0)),
-            top_k=_field(body, "top_k", int, 0),
-            min_p=float(_field(body, "min_p", num, 0.0)),
-            repeat_penalty=float(_field(body, "repeat_penalty", num, 1.0)),
-            repeat_last_n=_field(body, "repeat_last_n", int, 64),
-            seed=_field(body, "seed", int, None))
+            temperature=_float(body, "temperature", d.temperature),
+            top_p=_float(body, "top_p", d.top_p),
+            top_k=_bounded_int(body, "top_k", d.top_k),
+            min_p=_float(body, "min_p", d.min_p),
+            repeat_penalty=_float(body, "repeat_penalty", d.repeat_penalty),
+            repeat_last_n=_bounded_int(body, "repeat_last_n", d.repeat_last_n),
+            seed=_bounded_int(body, "seed", None))
     except SamplingError as e:
         param = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param=param if param in body else None) from None
@@ -151,8 +194,8 @@ async def read_json(request: Request, max_body: int) -> dict[str, Any]:
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, or an int of over 4300 digits
+        raise ApiError(400, f"invalid JSON body: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the JSON body must be an object", code="invalid_json")
     return body
@@ -177,27 +220,33 @@ def prompt_ids(engine: Any, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         ids = engine.encode(prompt)
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = engine.hp["vocab"]
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} outside the vocabulary (0..{vocab - 1})", param="prompt")
         ids = list(prompt)
     else:
         raise ApiError(400, "'prompt' must be a string or an array of token ids (one prompt per request)",
                        param="prompt", code="invalid_type")
     if not ids:
         raise ApiError(400, "'prompt' is empty", param="prompt")
+    _check_ids(engine, ids, "prompt")
     return ids
+
+
+def _check_ids(engine: Any, ids: list[int], param: str) -> None:
+    """Every id must name a row of the embedding (a tokenizer or client may give others)."""
+    limit = engine.n_token_ids
+    bad = next((t for t in ids if not 0 <= t < limit), None)
+    if bad is not None:
+        raise ApiError(400, f"token id {bad} outside the vocabulary (0..{limit - 1})", param=param)
 
 
 def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
     """The conversation through the archive's chat template, tokenized."""
     try:
-        return engine.encode(engine.apply_chat_template(messages, add_generation_prompt=True))
+        ids = engine.encode(engine.apply_chat_template(messages, add_generation_prompt=True))
     except TemplateError as e:
-        # raise_exception() in a template rejects the conversation; anything else is the template's fault
-        status = 400 if str(e).startswith("chat template: ") or "no chat template" in str(e) else 500
-        raise ApiError(status, str(e), param="messages" if status == 400 else None, code="chat_template_error") from None
+        # the conversation, rejected by raise_exception() or too costly to render: one 400 either way
+        raise ApiError(400, str(e), param="messages", code="chat_template_error") from None
+    _check_ids(engine, ids, "messages")
+    return ids
 
 
 def gen_args(body: dict[str, Any], ids: list[int], params: SamplingParams, context: int,
@@ -217,3 +266,30 @@ def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     opts = _field(body, "stream_options", dict, {})
     usage = _field(opts, "include_usage", bool, False, what="a boolean (stream_options.include_usage)")
     return stream, usage
+
+
+# ---- /tokenize and /detokenize (llama-server's shapes) ----
+
+
+def tokenize_args(body: dict[str, Any]) -> tuple[str, bool]:
+    """`{"content": str, "add_special": bool}` -> (text, whether to add BOS as the model does)."""
+    content = body.get("content")
+    if content is None:
+        raise ApiError(400, "missing required field 'content'", param="content", code="missing_required_parameter")
+    if not isinstance(content, str):
+        raise ApiError(400, "'content' must be a string", param="content", code="invalid_type")
+    if body.get("with_pieces") not in (None, False):  # refused, not silently ignored
+        raise ApiError(400, "'with_pieces' is not supported by this server", param="with_pieces",
+                       code="unsupported_parameter")
+    return content, bool(_field(body, "add_special", bool, False))
+
+
+def detokenize_ids(engine: Any, body: dict[str, Any]) -> list[int]:
+    """`{"tokens": [int, ...]}`, each id a row of the embedding."""
+    ids = body.get("tokens")
+    if ids is None:
+        raise ApiError(400, "missing required field 'tokens'", param="tokens", code="missing_required_parameter")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ApiError(400, "'tokens' must be an array of token ids", param="tokens", code="invalid_type")
+    _check_ids(engine, ids, "tokens")
+    return ids

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from ._lib import available, handle_counts
 from .device import Device, DeviceInfo
-from .errors import DeviceOutOfMemory, VulkanError, VulkanUnavailable
+from .errors import DeviceOutOfMemory, UnsupportedWeightType, VulkanError, VulkanUnavailable
 from .kernels import BufferSlice, Kernel, dispatch_once, get_kernel
 from .memory import Buffer, MemoryBlock
-from .ops import WEIGHT_FORMATS, Ops, Weight
+from .ops import WEIGHT_FORMATS, Ops, Weight, unreadable_types
 from .recorder import Recorder, submit_all
 
 __all__ = [
     "WEIGHT_FORMATS", "Buffer", "BufferSlice", "Device", "DeviceInfo", "DeviceOutOfMemory", "Kernel",
-    "MemoryBlock", "Ops", "Recorder", "VulkanError", "VulkanUnavailable", "Weight", "available",
-    "dispatch_once", "get_kernel", "handle_counts", "submit_all",
+    "MemoryBlock", "Ops", "Recorder", "UnsupportedWeightType", "VulkanError", "VulkanUnavailable", "Weight",
+    "available", "dispatch_once", "get_kernel", "handle_counts", "submit_all", "unreadable_types",
 ]

@@ -20,12 +20,12 @@ from ...pack_format.constants import align_up
 from ...pack_format.errors import VkpackError
 from ..backend import PassInputs, Placement
 from .device import Device
-from .errors import VulkanError
+from .errors import UnsupportedWeightType, VulkanError
 from .graph_ops import GraphOps, Payload
 from .inflight import InFlight
 from .kernels import BufferSlice, Kernel
 from .layout import READBACK_ROWS, ActivationLayout, KvCache, PassState
-from .ops import Ops
+from .ops import Ops, unreadable_types, unsupported_message
 from .replay import FastPass, PassRunner
 from .uploads import DeviceBacking, PackUploads
 
@@ -51,6 +51,9 @@ class VulkanBackend:
 
     def __init__(self, archive: Archive, device_index: int | None = None, workgroup_size: int | None = None,
                  subgroups: bool = True, fp32: bool = False):
+        missing = unreadable_types(archive.tensors.values())
+        if missing:   # before a device opens: a clear error now, not a failed pack load later
+            raise UnsupportedWeightType(unsupported_message(missing))
         self.archive = archive
         self.dev: Device | None = Device(device_index)
         self.ops = Ops(self.dev)

@@ -146,10 +146,9 @@ def _read_info(vk: Any, index: int, pd: Any, instance: Any = None) -> DeviceInfo
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("VKPACK_CACHE_DIR"):
-        return Path(os.environ["VKPACK_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vkpack"
+    from ..native.loader import cache_root  # the one cache folder, $VKPACK_CACHE (README)
+
+    return cache_root()
 
 
 class Device(MemoryMixin):
@@ -157,7 +156,7 @@ class Device(MemoryMixin):
 
     Args:
         index: physical device index as enumerated; None picks discrete > integrated > virtual > cpu.
-        pipeline_cache: keep compiled pipelines in `$VKPACK_CACHE_DIR` (default ~/.cache/vkpack).
+        pipeline_cache: keep compiled pipelines in `$VKPACK_CACHE` (default ~/.cache/vkpack).
     Example:
         with Device() as dev:
             buf = dev.alloc(1024); dev.upload(buf, b"\\0" * 1024); data = dev.download(buf)

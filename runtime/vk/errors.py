@@ -23,3 +23,8 @@ class VulkanUnavailable(VulkanError):
 
 class DeviceOutOfMemory(VulkanError):
     """The driver refused an allocation (VK_ERROR_OUT_OF_DEVICE_MEMORY / OUT_OF_HOST_MEMORY)."""
+
+
+class UnsupportedWeightType(VkpackError):
+    """The archive stores weights in a type no shader reads (not a device problem: `--device auto`
+    runs such an archive on the CPU instead)."""

@@ -4,7 +4,8 @@ A decode token is latency bound: every op is a dispatch and most are followed by
 (the GPU drains). Three patterns of the shared decoder graph fold into the linear next to them:
 
 - `rms_norm(x -> h)` whose only readers are linears: each linear normalizes x itself while it
-  loads it (matmul.comp FUSE & 1); the norm dispatch and its barrier go away.
+  loads it (matmul.comp FUSE & 1); the norm dispatch and its barrier go away (not with a weight
+  `offset`, which only rms_norm.comp applies).
 - `swiglu(g, u -> m)` read only by the next linear: that linear loads silu(g) * u (FUSE & 2).
 - `linear(in -> a); add(x, a -> x)`: the linear accumulates into x (the residual adds).
 - `rope(k)` read only by the attention: the KV store rotates the keys as it writes the cache.
@@ -66,7 +67,8 @@ def plan(ops: list[Op], tokens: int, n_seqs: int, fuses: Callable[[int, Op], boo
     rows = _rows_per_op(ops, tokens, n_seqs)
     out: list[Op | None] = list(ops)
     for i, op in enumerate(ops):
-        if op["op"] == "rms_norm" and not op["attrs"].get("group") and op["out"] != op["in"][0]:
+        if (op["op"] == "rms_norm" and not op["attrs"].get("group") and not op["attrs"].get("offset")
+                and op["out"] != op["in"][0]):
             x, h = op["in"][0], op["out"]
             users = _readers(ops, i + 1, h)
             if users and all(ops[j]["op"] == "linear" and ops[j]["in"][0] == h and fuses(rows[j], ops[j])

@@ -54,7 +54,8 @@ class GraphOps:
         n = ps.width(op["in"][0])
         g = a.get("group") or n
         w = payload[(op["w"][0], 0)]
-        self.ops.rms_norm(rec, ps.buf(op["in"][0]), w, ps.buf(op["out"]), ps.rows() * (n // g), g, a["eps"])
+        self.ops.rms_norm(rec, ps.buf(op["in"][0]), w, ps.buf(op["out"]), ps.rows() * (n // g), g, a["eps"],
+                          a.get("offset") or 0.0)
 
     def _plan(self, ops: list[dict[str, Any]], ps: PassState) -> list[dict[str, Any]]:
         """The step's ops with norms, SwiGLU, residual adds, rope and the KV store fused where the kernels allow."""
@@ -114,7 +115,8 @@ class GraphOps:
                 self.ops.kv_store(rec, k, v, kc.slice, vc.slice, ps.pos, r1 - r0, kvd, kc.n_ctx, t0=r0, rope=rope)
             self.ops.attention(rec, q, kc.slice, vc.slice, ps.pos, out, r1 - r0, a["n_heads"], a["n_kv_heads"],
                                a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0, scratch=sc,
-                               new_kv=(k, v) if in_kernel else None, rope=rope if in_kernel else None)
+                               new_kv=(k, v) if in_kernel else None, rope=rope if in_kernel else None,
+                               window=a.get("window") or 0, softcap=a.get("softcap") or 0.0)
 
     def op_add(self, rec, op, ps: PassState, payload: Payload) -> None:
         a, b = (ps.buf(n) for n in op["in"])
@@ -123,6 +125,18 @@ class GraphOps:
     def op_swiglu(self, rec, op, ps: PassState, payload: Payload) -> None:
         g, u = (ps.buf(n) for n in op["in"])
         self.ops.swiglu(rec, g, u, ps.buf(op["out"]), ps.rows() * ps.width(op["in"][0]))
+
+    def op_geglu(self, rec, op, ps: PassState, payload: Payload) -> None:
+        g, u = (ps.buf(n) for n in op["in"])
+        self.ops.geglu(rec, g, u, ps.buf(op["out"]), ps.rows() * ps.width(op["in"][0]))
+
+    def op_scale(self, rec, op, ps: PassState, payload: Payload) -> None:
+        self.ops.scale(rec, ps.buf(op["in"][0]), ps.buf(op["out"]), ps.rows() * ps.width(op["in"][0]),
+                       op["attrs"]["factor"])
+
+    def op_softcap(self, rec, op, ps: PassState, payload: Payload) -> None:
+        self.ops.softcap(rec, ps.buf(op["in"][0]), ps.buf(op["out"]), ps.rows() * ps.width(op["in"][0]),
+                         op["attrs"]["cap"])
 
     def op_last_token(self, rec, op, ps: PassState, payload: Payload) -> None:
         src = ps.buf(op["in"][0])

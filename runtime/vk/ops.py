@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vkpack.pack_format.constants import DTYPES
 from vkpack.shaders.variants import COOP_TYPES, WEIGHT_TYPES
@@ -23,15 +24,34 @@ from .kernels import BufferSlice, Kernel, as_slice, get_kernel
 from .memory import Buffer
 from .recorder import Recorder
 
+if TYPE_CHECKING:
+    from vkpack.pack_format.records import TensorRecord
+
 # dtype -> (elements per shader unit, unit window "SPAN"); must match common/dequant.glsl
 _SHADER_UNITS = {
     "F32": (4, 4), "F16": (8, 8), "BF16": (8, 8), "Q8_0": (8, 8),
-    "Q4_0": (8, 32), "Q4_1": (8, 32), "Q4_K": (16, 64), "Q6_K": (16, 16),
+    "Q4_0": (8, 32), "Q4_1": (8, 32), "Q5_0": (8, 32), "Q5_1": (8, 32), "IQ4_NL": (8, 32), "IQ4_XS": (8, 32),
+    "Q2_K": (16, 16), "Q3_K": (16, 16), "Q4_K": (16, 64), "Q5_K": (16, 64), "Q6_K": (16, 16),
 }
 assert _SHADER_UNITS.keys() == WEIGHT_TYPES.keys(), "a weight format needs both a WTYPE and its shader units"
 # dtype -> (elements per block, bytes per block, elements per shader unit, unit window "SPAN");
 # the block sizes are the format's (pack_format.constants.DTYPES)
 WEIGHT_FORMATS = {name: (*DTYPES[name], *unit) for name, unit in _SHADER_UNITS.items()}
+
+
+def unreadable_types(tensors: Iterable[TensorRecord]) -> list[str]:
+    """The stored types among `tensors` (an archive's records) that the Vulkan backend cannot read, sorted:
+    matrices are read as stored by the shaders (WEIGHT_FORMATS); vectors get an f32 copy from the numpy
+    dequantizer on upload (uploads.py). Needs no device, so a backend can be chosen before one opens."""
+    from ..cpu.dequant import SUPPORTED
+
+    return sorted({t.dtype for t in tensors if t.dtype not in (WEIGHT_FORMATS if len(t.shape) > 1 else SUPPORTED)})
+
+
+def unsupported_message(types: list[str]) -> str:
+    """One line: the stored types the Vulkan backend cannot run, the ones it can, and what to do."""
+    return (f"the Vulkan backend has no kernel for the archive's weight type(s) {', '.join(types)} (its shaders "
+            f"read {', '.join(WEIGHT_FORMATS)}); run it with --device cpu")
 
 
 SPLIT_COUNTER_BYTES = 4 << 20  # split-K attention counters: 4096 token rows x 256 head groups
@@ -328,13 +348,14 @@ class Ops:
 
     # ---- normalization, rope, elementwise ----
 
-    def rms_norm(self, rec: Recorder, x: Any, w: Any, y: Any, n_groups: int, n: int, eps: float) -> None:
-        """y[g, :] = x[g, :] / sqrt(mean(x[g, :]^2) + eps) * w for n_groups groups of n floats (y may be x)."""
+    def rms_norm(self, rec: Recorder, x: Any, w: Any, y: Any, n_groups: int, n: int, eps: float,
+                 offset: float = 0.0) -> None:
+        """y[g, :] = x[g, :] / sqrt(mean(x[g, :]^2) + eps) * (w + offset) for n_groups groups of n floats (y may be x)."""
         # one group (a decode token): one wide workgroup, few elements per invocation (latency bound)
         wg = self.red_wg if n_groups > 1 else self.red_wg_single
-        k = self._k("rms_norm", 3, 12, (2,), {0: wg}, reduce=True)
+        k = self._k("rms_norm", 3, 16, (2,), {0: wg}, reduce=True)
         gx, gz = self._grid(n_groups)
-        rec.dispatch(k, [x, w, y], (gx, 1, gz), struct.pack("<2If", n_groups, n, eps))
+        rec.dispatch(k, [x, w, y], (gx, 1, gz), struct.pack("<2I2f", n_groups, n, eps, offset))
 
     def rope(self, rec: Recorder, x: Any, pos: Any, T: int, n_heads: int, head_dim: int, *,
              n_rot: int | None = None, mode: str = "norm", base: float = 10000.0, freq_scale: float = 1.0,
@@ -363,6 +384,23 @@ class Ops:
     def swiglu(self, rec: Recorder, g: Any, u: Any, out: Any, n: int) -> None:
         """out = silu(g) * u over n floats (out may be g or u)."""
         self._elementwise(rec, "swiglu", g, u, out, n)
+
+    def geglu(self, rec: Recorder, g: Any, u: Any, out: Any, n: int) -> None:
+        """out = gelu(g) * u over n floats, gelu's tanh form (gemma's MLP; out may be g or u)."""
+        self._elementwise(rec, "geglu", g, u, out, n)
+
+    def _unary(self, rec: Recorder, x: Any, out: Any, n: int, mode: int, c: float) -> None:
+        k = self._k("unary", 2, 12, (1,), {0: self.ew_wg})
+        gx, gz = self._grid(-(-n // self.ew_wg))
+        rec.dispatch(k, [x, out], (gx, 1, gz), struct.pack("<2If", n, mode, c))
+
+    def scale(self, rec: Recorder, x: Any, out: Any, n: int, factor: float) -> None:
+        """out = factor * x over n floats (out may be x)."""
+        self._unary(rec, x, out, n, 0, factor)
+
+    def softcap(self, rec: Recorder, x: Any, out: Any, n: int, cap: float) -> None:
+        """out = cap * tanh(x / cap) over n floats (out may be x)."""
+        self._unary(rec, x, out, n, 1, cap)
 
     def argmax(self, rec: Recorder, x: Any, out: Any, rows: int, n: int, stride: int | None = None) -> None:
         """out[r] = argmax(x[r, :n]) as uint32 (greedy sampling on the device)."""
@@ -453,7 +491,7 @@ class Ops:
                   n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, *, f16: bool = False,
                   scale: float | None = None, q_stride: int | None = None, o_stride: int | None = None,
                   t0: int = 0, scratch: Any = None, new_kv: tuple[Any, Any] | None = None,
-                  rope: dict[str, Any] | None = None) -> None:
+                  rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0) -> None:
         """out[t, h] = softmax(q[t, h] . K[0..pos[t]] * scale) @ V[0..pos[t]] for rows t0..t0+T-1 of q, pos,
         out (one sequence of a batch; its cache holds rows 0..max pos); grouped-query heads.
 
@@ -466,7 +504,8 @@ class Ops:
         in the caches. The split kernel reads those rows from k, v and writes them into the caches as
         kv_store() would; rope (kv_store's dict) rotates q and the new keys as rope() would. The decode
         fusion: no rope or kv_store dispatch, no barrier before attention. Needs the split kernel
-        (attention_splits, scratch)."""
+        (attention_splits, scratch). window > 0: query t sees rows pos[t] - window + 1 .. pos[t] only;
+        softcap > 0: each scaled score s becomes softcap * tanh(s / softcap)."""
         if n_heads % n_kv_heads or head_dim % 4:
             raise VulkanError(f"attention: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} "
                               f"and head_dim {head_dim} a multiple of 4")
@@ -482,17 +521,17 @@ class Ops:
             if _nbytes(scratch) < need:
                 raise VulkanError(f"attention: scratch of {_nbytes(scratch)} B < {need} B")
             self._attention_split(rec, q, k_cache, v_cache, pos, out, T, n_heads, n_kv_heads, head_dim, n_ctx,
-                                  f16, scale, qs, os_, t0, scratch, plan, new_kv, rope)
+                                  f16, scale, qs, os_, t0, scratch, plan, new_kv, rope, window, softcap)
             return
-        kern = self._k("attention_f16" if f16 else "attention_f32", 5, 32, (4,),
+        kern = self._k("attention_f16" if f16 else "attention_f32", 5, 40, (4,),
                        {0: self.attn_wg, 1: head_dim}, reduce=True)
         rec.dispatch(kern, [q, k_cache, v_cache, pos, out], (n_heads, T, 1),
-                     struct.pack("<6IfI", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale, t0))
+                     struct.pack("<6IfIIf", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale, t0, window, softcap))
 
     def _attention_split(self, rec: Recorder, q: Any, kc: Any, vc: Any, pos: Any, out: Any, T: int, n_heads: int,
                          n_kv: int, hd: int, n_ctx: int, f16: bool, scale: float, qs: int, os_: int, t0: int,
                          scratch: Any, plan: tuple[int, int], new_kv: tuple[Any, Any] | None = None,
-                         rope: dict[str, Any] | None = None) -> None:
+                         rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0) -> None:
         """attention_split (partials into scratch) + attention_merge. Cost, Llama-3-8B layer (32 heads,
         8 kv heads, head_dim 128), one token, n_ctx 8192: K/V are read once per kv head, 2 * L * 1024 * (2 B
         f16, 4 B f32). Measured on an H200 (both dispatches, barriers included; an empty dispatch + barrier
@@ -521,7 +560,7 @@ class Ops:
         ny = n_kv * -(-g // gb)
         fuse = 1 if new_kv is not None else 0
         # fused: the kernel also writes the caches (bindings 1, 2)
-        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 72,
+        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 80,
                      (1, 2, 4, 5, 6) if fuse else (4, 5, 6),
                      {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc, 5: merge, 6: fuse, 7: nr})
         counters = self._split_counters((t0 + T) * ny)
@@ -532,12 +571,13 @@ class Ops:
             flags = neox | (2 if ff is not None else 0)
         rec.dispatch(k1, [act, kc, vc, pos, _sub(scratch, 0, acc_bytes + n * 8), out, counters,
                           ff if ff is not None else pos], (ns, ny, T),
-                     struct.pack("<8If7I2f", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
-                                 v_off, acc_bytes // 8, n_rot, flags, base, fscale),
+                     struct.pack("<8If7I2fIf", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
+                                 v_off, acc_bytes // 8, n_rot, flags, base, fscale, window, softcap),
                      # rows t0.. only: the sequences of a batch run without barriers between them
                      {5: (4 * t0 * os_, 4 * (t0 + T) * os_), 6: (4 * t0 * ny, 4 * (t0 + T) * ny)})
         if merge:
             return
         pacc, pml = _sub(scratch, 0, n * hd * 4), _sub(scratch, acc_bytes, n * 8)
-        k2 = self._k("attention_merge", 4, 28, (3,), {0: self.attn_merge_wg, 1: hd})
-        rec.dispatch(k2, [pacc, pml, pos, out], (n_heads, T, 1), struct.pack("<7I", T, n_heads, n_ctx, os_, t0, rows, ns))
+        k2 = self._k("attention_merge", 4, 32, (3,), {0: self.attn_merge_wg, 1: hd})
+        rec.dispatch(k2, [pacc, pml, pos, out], (n_heads, T, 1),
+                     struct.pack("<8I", T, n_heads, n_ctx, os_, t0, rows, ns, window))

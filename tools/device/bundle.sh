@@ -13,7 +13,8 @@ mkdir -p .whl .gl .bench
 plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
 rm -f .whl/*.whl   # one version of each package: two stop the install there
-for pkg in gguf blosc2 ndindex zfpy vulkan cffi pycparser pydantic pydantic-core annotated-types typing-inspection; do
+for pkg in gguf blosc2 ndindex zfpy vulkan cffi pycparser pydantic pydantic-core annotated-types typing-inspection \
+           pytest pluggy iniconfig packaging; do
   # the version installed here (the one the tests ran with), else the newest
   ver=$(python3 -c "import importlib.metadata as m, sys; print('==' + m.version(sys.argv[1]))" "$pkg" 2>/dev/null || true)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat -d .whl "$pkg$ver"
@@ -22,6 +23,8 @@ apt_opts="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lis
 mkdir -p /tmp/amd64/partial
 apt-get $apt_opts update >/dev/null
 (cd .gl && apt-get $apt_opts download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)   # the NVIDIA ICD needs libglvnd
+mkdir -p .gl/dev   # for building llama.cpp's Vulkan backend there (tools/device/gpu_kernels.sh): headers, glslc
+(cd .gl/dev && apt-get $apt_opts download libvulkan-dev glslc libshaderc1 spirv-headers)
 if [ ! -f .bench/llamacpp.tar.xz ]; then
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_PYTHON:-0.3.36}" -d "$tmp"
