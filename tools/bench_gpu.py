@@ -96,17 +96,18 @@ def model_archive(name: str, work: Path, keep_gguf: bool = False) -> Path:
     return arch
 
 
-def llama_bench(exe: str, gguf: Path, prompt: int, n_decode: int) -> dict:
-    """llama.cpp's llama-bench on the same GGUF, everything on the GPU (-ngl 99): prefill and decode tok/s."""
-    cmd = [exe, "-m", str(gguf), "-ngl", "99", "-p", str(prompt), "-n", str(n_decode), "-r", "3", "-o", "json"]
+def llama_bench(exe: str, gguf: Path, *flags: str) -> dict:
+    """llama.cpp's llama-bench on a GGUF with `flags` (e.g. "-ngl", "99", "-p", "512", "-n", "128"): its rows'
+    tok/s, or the error it printed."""
+    cmd = [exe, "-m", str(gguf), *flags, "-o", "json"]
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     if res.returncode:
-        return {"cmd": " ".join(cmd), "error": res.stderr[-1500:]}
+        return {"cmd": " ".join(cmd), "error": res.stderr[-2000:]}
     rows = json.loads(res.stdout)
     return {"cmd": " ".join(cmd), "seconds": time.perf_counter() - t,
-            "results": [{k: r.get(k) for k in ("n_prompt", "n_gen", "avg_ts", "stddev_ts", "backends", "gpu_info")}
-                        for r in rows]}
+            "results": [{k: r.get(k) for k in ("n_prompt", "n_gen", "avg_ts", "stddev_ts", "n_threads", "backends",
+                                                "cpu_info", "gpu_info")} for r in rows]}
 
 
 WARM_DECODE = 4      # decode passes run before the timed ones (they record the session's steps)
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             (out / "bench_gpu.md").write_text(table(res) + "\n")
         gguf = work / f"{name.replace(':', '-')}.gguf"
         for backend, exe in benches.items():
-            r = llama_bench(exe, gguf, args.prompt, args.decode) if gguf.exists() else {"error": "no GGUF"}
+            r = (llama_bench(exe, gguf, "-ngl", "99", "-p", str(args.prompt), "-n", str(args.decode), "-r", "3")
+                 if gguf.exists() else {"error": "no GGUF"})
             print(f"[{name}] llama.cpp {backend}: {json.dumps(r)}", flush=True)
             res.setdefault("llama_cpp", {}).setdefault(name, {})[backend] = r
             (out / "bench_gpu.json").write_text(json.dumps(res, indent=1))

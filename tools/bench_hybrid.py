@@ -21,7 +21,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic as ms
 from bench_docs import write_section
+import bench_gpu
 from bench_gpu import SHAPES
 from vkpack.compiler.build import build
 from vkpack.runtime.engine import Engine
@@ -107,16 +107,8 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
 
 
 def llama_bench(exe: str, gguf: Path, threads: int, n_decode: int) -> dict[str, Any]:
-    """llama.cpp's CPU-only decode (`-ngl 0`) and prefill of 512 of the same GGUF."""
-    cmd = [exe, "-m", str(gguf), "-ngl", "0", "-t", str(threads), "-p", "0", "-n", str(n_decode), "-r", "2", "-o", "json"]
-    t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    if res.returncode:
-        return {"cmd": " ".join(cmd), "error": res.stderr[-2000:]}
-    rows = json.loads(res.stdout)
-    return {"cmd": " ".join(cmd), "seconds": time.perf_counter() - t,
-            "results": [{k: r.get(k) for k in ("n_prompt", "n_gen", "avg_ts", "stddev_ts", "n_threads", "backends",
-                                                "cpu_info", "gpu_info")} for r in rows]}
+    """llama.cpp's CPU-only decode (`-ngl 0`) of the same GGUF."""
+    return bench_gpu.llama_bench(exe, gguf, "-ngl", "0", "-t", str(threads), "-p", "0", "-n", str(n_decode), "-r", "2")
 
 
 SECTION = "Hybrid CPU+GPU placement (issue 11)"
