@@ -94,6 +94,26 @@ def test_batched_sequences_equal_separate_passes(archive):
         assert rel_err(both[0], la) < 1e-5 and rel_err(both[1], lb) < 1e-5
 
 
+def test_prefill_ops_in_the_kernels_match_numpy(archive, monkeypatch):
+    """Passes of NATIVE_OPS_MIN_TOKENS tokens and more run attention and SwiGLU in ops.h: two sequences in
+    one pass (each shorter than the threshold), and a second pass over a cached prefix (pos0 > 0)."""
+    from vkpack.runtime.native.backend import NATIVE_OPS_MIN_TOKENS
+
+    rng = np.random.default_rng(4)
+    a, b, c = (rng.integers(1, 700, n).tolist() for n in (NATIVE_OPS_MIN_TOKENS - 5, 9, NATIVE_OPS_MIN_TOKENS + 3))
+    with Engine(archive, device="numpy") as ref, Engine(archive, device="cpu") as eng:
+        calls = []
+        for op in ("attention", "swiglu"):
+            fn = getattr(eng.backend.kernels, op)
+            monkeypatch.setattr(eng.backend.kernels, op, lambda *args, _fn=fn, _op=op: calls.append(_op) or _fn(*args))
+        with eng.kv_session(64) as ka, eng.kv_session(64) as kb:
+            both = eng.forward_batch([(a, 0, ka), (b, 0, kb)])
+            more = eng.forward_batch([(c, len(a), ka)])[-1]
+        assert rel_err(both[0], ref.logits(a)) < REL_TOL and rel_err(both[1], ref.logits(b)) < REL_TOL
+        assert rel_err(more, ref.logits(a + c)) < REL_TOL
+        assert {"attention", "swiglu"} <= set(calls)
+
+
 @pytest.mark.parametrize("device", ["cpu", "numpy"])
 def test_token_id_outside_the_embedding_is_refused(archive, device):
     with Engine(archive, device=device) as eng, pytest.raises(VkpackError, match="outside the embedding"):

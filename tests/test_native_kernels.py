@@ -26,7 +26,7 @@ TOL = 1e-5
 
 # f16 fields per block that must be sane halves (random bytes elsewhere): byte offsets.
 HALF_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],
-               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
 FLOATS = ("F32", "F16", "BF16")
 
 
@@ -92,7 +92,7 @@ def test_types_are_the_shared_ids():
     assert set(native.TYPES) <= SUPPORTED
     assert {t: GGML_TYPE_IDS[t] for t in native.TYPES} == {
         "F32": 0, "F16": 1, "BF16": 30, "Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7,
-        "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+        "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
 
 
 # ---- numerics ----
@@ -152,7 +152,7 @@ def _check_product(kern, dtype, w, rows, cols, x, threads, where):
         pytest.fail(f"{where}: y[{t},{r}] off by {err[t, r]:.3g} more than allowed")
 
 
-@pytest.mark.parametrize("dtype", ["F16", "Q4_0", "Q6_K"])
+@pytest.mark.parametrize("dtype", ["F16", "Q4_0", "Q4_K", "Q6_K"])
 def test_matmul_many_tokens(kern, dtype):
     """More tokens than one tile of x (1 MiB / (4 * cols) tokens), rows not a multiple of the row tile;
     gemm.h: several column blocks (cols > KC_MAX), several row blocks (rows > MC), 5 token vectors."""
@@ -174,6 +174,66 @@ def test_matmul_every_token_count(kern, dtype):
     xs = rng.standard_normal((40, cols + 3), np.float32)
     for n_tok in range(1, 41):
         _check_product(kern, dtype, w, rows, cols, xs[:n_tok, 1:1 + cols], 1 + n_tok % 2, f"{dtype} n_tok={n_tok}")
+
+
+# ops.h against runtime/cpu/ops: f32 in another summation order, exp within 2 ulp of numpy's.
+OPS_TOL = 2e-6
+
+
+@pytest.mark.parametrize("n_tok, pos0, heads, kv_heads, head_dim", [
+    (16, 0, 4, 2, 16), (37, 11, 6, 3, 32), (130, 0, 8, 2, 64), (17, 100, 4, 4, 128), (33, 3, 4, 1, 80),
+    (1, 40, 2, 1, 64), (70, 0, 2, 2, 48)])
+def test_attention_matches_numpy(kern, n_tok, pos0, heads, kv_heads, head_dim):
+    """Causal GQA: query blocks of 16 and their tails, a cached prefix (pos0), head_dim not a multiple of 64,
+    caches wider and longer than needed, out a column slice; AVX-512 builds only (others say no)."""
+    from vkpack.runtime.cpu import ops
+    rng = np.random.default_rng(n_tok * 1000 + pos0)
+    q = rng.standard_normal((n_tok, heads * head_dim), np.float32)
+    kc = rng.standard_normal((pos0 + n_tok + 9, kv_heads * head_dim + 8), np.float32) * 2
+    vc = rng.standard_normal((pos0 + n_tok + 9, kv_heads * head_dim + 8), np.float32)
+    k, v = kc[:, 8:], vc[:, 8:]
+    want = ops.attention(q, k, v, pos0, heads, kv_heads, head_dim, head_dim ** -0.5)
+    for threads in (1, 2, 3):
+        wide = np.full((n_tok, heads * head_dim + 5), 7.0, np.float32)
+        ok = kern.attention(q, k, v, pos0, heads, kv_heads, head_dim, head_dim ** -0.5, wide[:, 2:-3], threads)
+        assert ok == (kern.simd == "avx512"), kern.simd
+        if not ok:
+            assert (wide == 7).all()
+            continue
+        got = wide[:, 2:-3]
+        assert (wide[:, :2] == 7).all() and (wide[:, -3:] == 7).all(), "wrote outside out"
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= OPS_TOL, f"threads={threads}: max error {err:.3g} of the largest output"
+
+
+def test_attention_rejects(kern):
+    q = np.zeros((4, 64), np.float32)
+    kc = np.zeros((4, 32), np.float32)
+    with pytest.raises(ValueError, match="kv heads"):
+        kern.attention(q, kc, kc, 0, 3, 2, 16, 0.25, np.zeros((4, 48), np.float32), 1)
+    with pytest.raises(ValueError, match="rows"):
+        kern.attention(q, kc, kc, 1, 4, 2, 16, 0.25, np.zeros((4, 64), np.float32), 1)
+    with pytest.raises(ValueError, match="overlaps"):
+        kern.attention(q, kc, kc, 0, 4, 2, 16, 0.25, q, 1)
+
+
+def test_swiglu_matches_numpy(kern):
+    """Every tail length around a vector and a thread's chunk; exp's clip at +-80 (g = +-200)."""
+    from vkpack.runtime.cpu import ops
+    rng = np.random.default_rng(5)
+    for n in (1, 15, 16, 17, 4095, 4096 * 3 + 5):
+        g = (rng.standard_normal(n) * 10).astype(np.float32)
+        g[:3] = [-200.0, 200.0, 0.0][:min(n, 3)]
+        u = rng.standard_normal(n).astype(np.float32)
+        want = ops.swiglu(g, u)
+        for threads in (1, 2):
+            out = np.full(n, 7.0, np.float32)
+            ok = kern.swiglu(g, u, out, threads)
+            assert ok == (kern.simd == "avx512"), kern.simd
+            if ok:
+                np.testing.assert_allclose(out, want, rtol=OPS_TOL, atol=1e-30, err_msg=f"n={n} threads={threads}")
+    with pytest.raises(ValueError, match="overlaps"):
+        kern.swiglu(g, u, g, 1)
 
 
 def test_empty_products(kern):

@@ -2,7 +2,7 @@
 
 The job: the numpy backend converts every weight to f32 (numpy is fast only on f32) and so reads
 4-8x more bytes than the GGUF holds at decode. These kernels read the GGML blocks in place (F32, F16,
-BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K; bytes exactly as in the GGUF), decode each block
+BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS; bytes exactly as in the GGUF), decode each block
 into registers and accumulate in f32 against the activations (no int8 quantization of activations),
 on OpenMP threads with the GIL released. No f32 copy of a weight is ever made.
 
@@ -22,8 +22,10 @@ Decode speed, one 4096x4096 product at n_tok 1, weights cold in DRAM, GB/s of st
 for Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, with a 3 KiB prefetch distance) the same table read Q4_K 23%,
 Q6_K 32%, Q4_0 38%, Q4_1 34% of a 22.3 GB/s read; interleaved A/B runs of the two builds: Q4_K 2.6x,
 Q6_K 1.7x, Q4_1 1.6x, Q8_0 1.15x at 1-2 tokens. The other types use the generic tile() drivers.
-Prefill (16 tokens and more) runs gemm.h: 130-225 GFLOP/s on 2 threads here (peak ~330), 1.2-3x
-the dequantize + BLAS path it replaces.
+Prefill (16 tokens and more) runs gemm.h: 130-146 GFLOP/s a thread on the Q4_K/Q6_K shapes of a
+2048-wide model in the engine (1-thread peak 155-169), 1.2-3x the dequantize + BLAS path it replaces;
+its attention and SwiGLU run in ops.h on the same threads (docs/benchmarks.md, CPU section, says what
+each change bought).
 Threads cost a fork/join per call (a few us) and, when other processes share the cores, the wait for a
 descheduled thread: with another process busy on one of the two cores, Q4_K_M decode fell from ~19 to
 ~1 tok/s on 2 threads (GOMP's default spin-waiting; 8 with OMP_WAIT_POLICY=passive, 9 on 1 thread, and
@@ -34,6 +36,7 @@ API (another backend builds on exactly these):
     available() -> (bool, reason); load() -> Kernels | None
     matmul(dtype, w, rows, cols, x, out, threads)   # out[t, r] = x[t] . W[r]
     dequantize(dtype, w, rows, cols, out, threads)  # out = W as f32, bit-equal to runtime/cpu/dequant
+    Kernels.attention(...), Kernels.swiglu(...)     # prefill ops (AVX-512; False elsewhere: keep numpy)
 """
 
 from .loader import (TYPES, Kernels, NativeUnavailable, available, build, cache_dir, dequantize, load,

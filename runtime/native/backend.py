@@ -4,7 +4,10 @@ The numpy backend converts every weight to f32 (4 to 8 times the bytes) and mult
 this one keeps each pack's bytes as the archive stores them (F16, BF16, GGML blocks) and reads them
 in place with `vkp_matmul` (runtime/native/kernels.c): the bytes streamed per token are the model's
 own size, which is what bounds decode on a CPU. Everything but the products (norms, rope, attention,
-residual adds, SwiGLU) is the numpy backend's own code, its numeric reference.
+residual adds, SwiGLU) is the numpy backend's own code, its numeric reference, except at prefill
+(`NATIVE_OPS_MIN_TOKENS` tokens and more) on AVX-512: causal attention and SwiGLU then run in the
+kernels too (runtime/native/ops.h, on both cores; numpy's took ~0.9 s of a 512-token prefill of a
+2048-wide model on one core, the native ones ~0.15 s), within a few f32 ulps of the reference.
 
 Products of many tokens (prefill) are compute bound rather than memory bound: the kernels switch to
 a GEMM on decoded panels of the stored rows (runtime/native/gemm.h), on all the backend's threads;
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 ALIGN = 256
 BLAS_MIN_TOKENS = 16        # portable builds: from this many tokens on, dequantized tiles + BLAS
 TILE_BYTES = 8 << 20        # f32 bytes of one dequantized tile (a few MiB: stays in the last-level cache)
+NATIVE_OPS_MIN_TOKENS = 16  # from this many tokens attention and SwiGLU run in ops.h (decode keeps numpy's)
 
 
 @dataclass(frozen=True)
@@ -81,13 +85,23 @@ class NativeCpuBackend(CpuBackend):
 
     def activation_bytes(self, tokens: int, n_ctx: int) -> int:
         extra = self.tile_bytes if self._blas(tokens) else self._gemm_bytes(tokens)
+        if tokens >= NATIVE_OPS_MIN_TOKENS:
+            extra = max(extra, self._attention_bytes(n_ctx))
         return super().activation_bytes(tokens, n_ctx) + extra
 
     def _gemm_bytes(self, tokens: int) -> int:
         """What gemm.h mallocs in one product: x transposed (tokens rounded up to 16), and per thread
-        a decoded panel and the accumulators of 96 rows (an upper bound for every SIMD path)."""
+        a decoded panel and the accumulators of 96 rows or C_BLOCK (512 KiB), whichever is more (an
+        upper bound for every SIMD path)."""
         t = align_up(tokens, 16)
-        return 4 * t * (self._max_cols + 16) + self.threads * 4 * (96 * t + 6 * 1040)
+        return 4 * t * (self._max_cols + 16) + self.threads * (max(4 * 96 * t, 512 << 10) + 4 * 6 * 1040)
+
+    def _attention_bytes(self, n_ctx: int) -> int:
+        """What ops.h's attention mallocs: the keys transposed, and per thread 16 rows of scores."""
+        att = [op["attrs"] for s in self.steps for op in s["ops"] if op["op"] == "attention"]
+        kv = max((a["n_kv_heads"] * a["head_dim"] for a in att), default=0)
+        hd = max((a["head_dim"] for a in att), default=0)
+        return 4 * (kv * (n_ctx + 80) + self.threads * 16 * (2 * hd + n_ctx + 80))
 
     def _blas(self, tokens: int) -> bool:
         return self.blas_min_tokens is not None and tokens >= self.blas_min_tokens
@@ -144,6 +158,34 @@ class NativeCpuBackend(CpuBackend):
             with weights.part(op["w"][1], 0) as b:
                 y += b
         env[op["out"]] = y
+
+    # ---- prefill ops in the kernels (ops.h) ----
+    def op_attention(self, op, env, weights) -> None:
+        """As the numpy backend's, each sequence's rows by `vkp_attention` on all threads (prefill only;
+        softcap and sliding windows, and builds without the kernel, keep numpy's)."""
+        a = op["attrs"]
+        q, k, v = (env[n] for n in op["in"])
+        if q.shape[0] < NATIVE_OPS_MIN_TOKENS or a.get("softcap") or a.get("window"):
+            return super().op_attention(op, env, weights)
+        out = np.empty((q.shape[0], a["n_heads"] * a["head_dim"]), dtype=np.float32)
+        for r0, r1, pos0, kv in self._seqs:
+            kc, vc = kv[a["layer"]]
+            kc[pos0:pos0 + r1 - r0] = k[r0:r1]
+            vc[pos0:pos0 + r1 - r0] = v[r0:r1]
+            if not self.kernels.attention(q[r0:r1], kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"],
+                                          a["scale"], out[r0:r1], self.threads):
+                return super().op_attention(op, env, weights)   # rewrites the same cache rows
+        env[op["out"]] = out
+
+    def op_swiglu(self, op, env, weights) -> None:
+        g, u = (env[n] for n in op["in"])
+        if (g.shape[0] >= NATIVE_OPS_MIN_TOKENS and g.shape == u.shape and g.dtype == u.dtype == np.float32
+                and g.flags.c_contiguous and u.flags.c_contiguous):
+            out = np.empty_like(g)
+            if self.kernels.swiglu(g, u, out, self.threads):
+                env[op["out"]] = out
+                return
+        super().op_swiglu(op, env, weights)
 
     def stored_matrix(self, dtype: str, data: np.ndarray, rows: int, cols: int) -> StoredMatrix:
         """A `rows` x `cols` weight stored as `dtype` in `data` (uint8), bound for the kernels."""

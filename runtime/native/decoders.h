@@ -43,6 +43,14 @@ INLINE int scale_q3_k(int i, const uint8_t *s) {
     return (lo | (hi << 4)) - 32;
 }
 
+/* IQ4_NL/IQ4_XS: ggml's kvalues_iq4nl (int8 there; as floats they are exact, and d * kv is the same product). */
+static const float kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* IQ4_XS: six-bit scale s (0..7), minus 32, of the block at b. */
+INLINE int scale_iq4_xs(int s, const uint8_t *b) {
+    return (int)(((b[4 + s / 2] >> (4 * (s % 2))) & 15) | (((rd16(b + 2) >> (2 * s)) & 3) << 4)) - 32;
+}
+
 /* ======================================================================================
  * Layouts. A row is whole blocks; group g covers elements 32g..32g+31.
  *
@@ -64,6 +72,10 @@ INLINE int scale_q3_k(int i, const uint8_t *s) {
  *   Q6_K (210 B): u8 ql[128], u8 qh[64], int8 scales[16], f16 d; group s = 4h + k:
  *     q = (ql[64h + 32(k&1) + l] >> 4(k>>1)) & 15 | ((qh[32h + l] >> 2k) & 3) << 4;
  *     x = (d * scales[8h + 2k + l/16]) * (q - 32)
+ * Non-linear 4-bit (values from the 16-entry table kvalues_iq4nl; a byte's nibbles as in Q4_0):
+ *   IQ4_NL (18 B, 32 elements): f16 d, u8 qs[16];  x = d * kv[q]
+ *   IQ4_XS (136 B, 256 elements): f16 d, u16 scales_h, u8 scales_l[4], u8 qs[128]; group s: qs[16s ..],
+ *     ls = (scales_l[s/2] >> 4(s%2)) & 15 | ((scales_h >> 2s) & 3) << 4; x = (d * (ls - 32)) * kv[q]
  * ====================================================================================== */
 
 /* ---- portable decoders: group g of a row into o[32], ggml's reference arithmetic ---- */
@@ -168,6 +180,22 @@ INLINE void dec32_q6_k(const uint8_t *restrict r, int64_t g, float *restrict o) 
     }
 }
 
+INLINE void dec32_iq4_nl(const uint8_t *restrict r, int64_t g, float *restrict o) {
+    const uint8_t *b = r + 18 * g, *qs = b + 2;
+    const float d = rdh(b);
+    for (int j = 0; j < 16; j++) o[j] = d * kvalues_iq4nl[qs[j] & 15];
+    for (int j = 0; j < 16; j++) o[j + 16] = d * kvalues_iq4nl[qs[j] >> 4];
+}
+
+INLINE void dec32_iq4_xs(const uint8_t *restrict r, int64_t g, float *restrict o) {
+    const uint8_t *b = r + 136 * (g >> 3);
+    const int s = (int)(g & 7);
+    const uint8_t *qs = b + 8 + 16 * s;
+    const float dl = rdh(b) * (float)scale_iq4_xs(s, b);
+    for (int j = 0; j < 16; j++) o[j] = dl * kvalues_iq4nl[qs[j] & 15];
+    for (int j = 0; j < 16; j++) o[j + 16] = dl * kvalues_iq4nl[qs[j] >> 4];
+}
+
 /* ---- K-block scales: decoded once per block and row into L1 (then a broadcast costs one load) ----
  * a[i], b[i]: the multiplier and the subtrahend of sub-block i, the same products ggml computes. */
 struct kscales { float a[16], b[16]; };
@@ -205,6 +233,12 @@ INLINE void prep_q6_k(const uint8_t *r, int64_t blk, struct kscales *k) {
     const uint8_t *b = r + 210 * blk;
     const float d = rdh(b + 208);
     for (int i = 0; i < 16; i++) k->a[i] = d * (float)(int8_t)b[192 + i];
+}
+
+INLINE void prep_iq4_xs(const uint8_t *r, int64_t blk, struct kscales *k) {
+    const uint8_t *b = r + 136 * blk;
+    const float d = rdh(b);
+    for (int s = 0; s < 8; s++) k->a[s] = d * (float)scale_iq4_xs(s, b);
 }
 
 /* ---- x86 decoders (AVX2 and AVX-512 share them through the vi/vf macros): group g -> w[GV] ----
@@ -353,6 +387,21 @@ DECV(q6_k) {
     w[1] = vf_mul(vf_cvt(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), vf_set1(k->a[2 * s + 1]));
 }
 
+/* IQ4: the table times the scale, then one vpermps per 16 nibbles (as Q4_0). */
+INLINE void iq4_lookup(const uint8_t *qs, float scale, vf *w) {
+    const vf t = vf_mul(vf_load(kvalues_iq4nl), vf_set1(scale));
+    const vi q = vi_u8(qs);
+    w[0] = _mm512_permutexvar_ps(q, t);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t);
+}
+
+DECV(iq4_nl) {
+    (void)k;
+    iq4_lookup(r + 18 * g + 2, rdh(r + 18 * g), w);
+}
+
+DECV(iq4_xs) { iq4_lookup(r + 136 * (g >> 3) + 8 + 16 * (g & 7), k->a[g & 7], w); }
+
 #elif defined(VKP_AVX2)
 DECV(q4_0) {
     (void)k;
@@ -417,6 +466,23 @@ DECV(q6_k) {
         w[v] = vf_mul(vf_cvt(vi_sub(vi_or(lo, hi), vi_set1(32))), vf_set1(k->a[2 * s + v * VL / 16]));
     }
 }
+
+/* IQ4: the 16 table products in two registers; vpermps picks by the low 3 bits, bit 3 picks the register. */
+INLINE void iq4_lookup(const uint8_t *qs, float scale, vf *w) {
+    const vf lo = vf_mul(vf_load(kvalues_iq4nl), vf_set1(scale)), hi = vf_mul(vf_load(kvalues_iq4nl + 8), vf_set1(scale));
+    UNROLL for (int v = 0; v < GV; v++) {
+        const vi q = nibbles(qs, VL * v);
+        w[v] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, q), _mm256_permutevar8x32_ps(hi, q),
+                                _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+    }
+}
+
+DECV(iq4_nl) {
+    (void)k;
+    iq4_lookup(r + 18 * g + 2, rdh(r + 18 * g), w);
+}
+
+DECV(iq4_xs) { iq4_lookup(r + 136 * (g >> 3) + 8 + 16 * (g & 7), k->a[g & 7], w); }
 #endif
 
 /* Without x86 SIMD every type uses its portable decoder through a 32-float buffer. */
@@ -430,7 +496,7 @@ DECV(q6_k) {
     }
 PORTABLE_DECV(f32) PORTABLE_DECV(f16) PORTABLE_DECV(bf16) PORTABLE_DECV(q8_0) PORTABLE_DECV(q4_0)
 PORTABLE_DECV(q4_1) PORTABLE_DECV(q5_0) PORTABLE_DECV(q5_1) PORTABLE_DECV(q2_k) PORTABLE_DECV(q3_k)
-PORTABLE_DECV(q4_k) PORTABLE_DECV(q5_k) PORTABLE_DECV(q6_k)
+PORTABLE_DECV(q4_k) PORTABLE_DECV(q5_k) PORTABLE_DECV(q6_k) PORTABLE_DECV(iq4_nl) PORTABLE_DECV(iq4_xs)
 #endif
 
 /* Elements past the last whole group: float types only (a quantized row is whole groups). */

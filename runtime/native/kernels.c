@@ -18,7 +18,8 @@
  * contiguous ranges of rows.
  * Two faster paths take over where they exist: fast512.h (AVX-512, 1-4 tokens: per-type row kernels on
  * a prepared x, for Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) and gemm.h (every type and ISA, from GEMM_MIN_TOKENS
- * tokens on: decoded panels times all tokens). The tile() drivers below serve the rest.
+ * tokens on: decoded panels times all tokens). The tile() drivers below serve the rest. ops.h holds the
+ * two prefill ops that are not products (causal attention, SwiGLU), on the same OpenMP threads.
  * Measured choices (interleaved A/B builds, one thread, a 2-core AVX-512 Xeon VM): a 4x4 tile beat 2x8
  * and 3x8 by 20-50% at n_tok 4 and 32 and lost up to 20% at n_tok 8; unrolling a K-block's 8 groups
  * (UNROLL_K) helps Q6_K and Q3_K and hurts Q2_K; converting small-block scales with integer ops once per
@@ -28,6 +29,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+#define omp_get_thread_num() 0
+#endif
 
 #if !defined(VKP_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define VKP_AVX512 1
@@ -47,10 +53,10 @@
  * which the Python side passes in; tests/test_native_kernels.py checks every type through it. */
 enum {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
+    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
 };
 
-int vkp_abi_version(void) { return 2; }
+int vkp_abi_version(void) { return 4; }
 
 /* The SIMD path this build took: 2 AVX-512, 1 AVX2, 0 portable C (the backend keeps BLAS for prefill
  * on the portable path, where gemm.h was never measured against it). */
@@ -298,6 +304,7 @@ INLINE void dq_range(TYPE_PARAMS, const struct dq_job *j, int64_t r0, int64_t r1
 }
 
 #include "gemm.h"       /* many tokens: decoded panels times transposed x */
+#include "ops.h"        /* prefill's attention and SwiGLU on the same threads */
 
 /* One matmul and one dequantize function per type, and the table that picks them by GGML id. */
 /* Columns: name, PREP, GPB, UNROLL_K (measured per type: +10-25% for Q3_K and Q6_K, -25% for Q2_K), QK, BSZ, el. */
@@ -324,6 +331,8 @@ TYPE_KERNELS(q3_k, prep_q3_k, 8, 1, 256, 110, el_none)
 TYPE_KERNELS(q4_k, prep_q4_k, 8, 0, 256, 144, el_none)
 TYPE_KERNELS(q5_k, prep_q5_k, 8, 0, 256, 176, el_none)
 TYPE_KERNELS(q6_k, prep_q6_k, 8, 1, 256, 210, el_none)
+TYPE_KERNELS(iq4_nl, prep_none, 1, 0, 32, 18, el_none)
+TYPE_KERNELS(iq4_xs, prep_iq4_xs, 8, 0, 256, 136, el_none)
 
 struct type_info {
     int qk, bsz;    /* elements and bytes per block */
@@ -352,6 +361,8 @@ static const struct type_info *type_info(int type) {
         ROW(T_Q4_K, q4_k, 256, 144)
         ROW(T_Q5_K, q5_k, 256, 176)
         ROW(T_Q6_K, q6_k, 256, 210)
+        ROW(T_IQ4_NL, iq4_nl, 32, 18)
+        ROW(T_IQ4_XS, iq4_xs, 256, 136)
         default: return 0;
     }
 #undef ROW
@@ -417,18 +428,30 @@ static int gemm_matmul(const struct type_info *ti, const uint8_t *w, int64_t row
     kc = kc < 256 ? 256 : kc > KC_MAX ? KC_MAX : kc;
     int nth = n_threads < 1 ? 1 : n_threads;
     if (nth > tiles) nth = (int)tiles;
-    const int64_t per = GR * WPS + MC * n_tv * VL;                        /* a thread's panel and accumulators */
+    int64_t mc = (int64_t)C_BLOCK / (4 * VL * n_tv) / MC_UNIT * MC_UNIT;
+    mc = mc < MC_UNIT ? MC_UNIT : mc;
+    const int64_t per = GR * WPS + mc * n_tv * VL;                        /* a thread's panel and accumulators */
     float *xt = aligned_alloc(64, (size_t)(n_tv * XTS(cols) * 4)), *buf = aligned_alloc(64, (size_t)(nth * per * 4));
     if (!xt || !buf) {
         free(xt), free(buf);
         return 0;
     }
     gm_transpose(x, ldx, n_tok, cols, xt, n_tv, nth);
-    const struct gm_job j = {w, row_bytes, cols, xt, n_tok, n_tv, kc, y, ldy};
-#pragma omp parallel for schedule(static, 1) num_threads(nth) if (nth > 1)
-    for (int i = 0; i < nth; i++) {
-        const int64_t r0 = tiles * i / nth * GR, r1 = i == nth - 1 ? rows : tiles * (i + 1) / nth * GR;
-        ti->gm(&j, r0, r1, buf + i * per, buf + i * per + GR * WPS);
+    const struct gm_job j = {w, row_bytes, cols, xt, n_tok, n_tv, kc, mc, y, ldy};
+    /* Rows in chunks the threads take in turn, so that a thread slowed by another process on its core
+     * takes fewer (fixed halves waited for it): at least 4 a thread, more where mc rows (the accumulators)
+     * are fewer, their count a multiple of the threads' so that equal threads end together. */
+    int64_t n_chunks = (rows + mc - 1) / mc > 4 * nth ? (rows + mc - 1) / mc : 4 * nth;
+    n_chunks = (n_chunks + nth - 1) / nth * nth;
+    int64_t chunk = (tiles + n_chunks - 1) / n_chunks * GR;
+    chunk = chunk > mc ? mc : chunk;
+    const int64_t chunks = (rows + chunk - 1) / chunk;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        float *b = buf + (int64_t)omp_get_thread_num() * per;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < chunks; i++)
+            ti->gm(&j, i * chunk, (i + 1) * chunk < rows ? (i + 1) * chunk : rows, b, b + GR * WPS);
     }
     free(xt), free(buf);
     return 1;

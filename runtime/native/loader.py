@@ -36,13 +36,13 @@ from ...pack_format.constants import GGML_TYPE_IDS, row_bytes
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 4
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off keeps the decoders bit-equal to GGML (kernels.c says why); -march=native picks the
 # host's SIMD at compile time.
 FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 _OFF = {"0", "false", "no", "off"}
 _CHAR = ctypes.c_char
 _COMPILE_TIMEOUT_S = 300
@@ -206,6 +206,11 @@ class Kernels:
         lib.vkp_dequantize.restype = c_int
         lib.vkp_bench_read.argtypes = [vp, i64, c_int]
         lib.vkp_bench_read.restype = ctypes.c_uint64
+        lib.vkp_attention.argtypes = [vp, i64, i64, vp, vp, i64, i64, c_int, c_int, c_int, ctypes.c_float, vp, i64,
+                                      c_int]
+        lib.vkp_attention.restype = c_int
+        lib.vkp_swiglu.argtypes = [vp, vp, vp, i64, c_int]
+        lib.vkp_swiglu.restype = c_int
         lib.vkp_simd.argtypes = []
         lib.vkp_simd.restype = c_int
         self.simd = {2: "avx512", 1: "avx2"}.get(lib.vkp_simd(), "portable")   # the SIMD path compiled in
@@ -256,6 +261,52 @@ class Kernels:
         if rc != 0:
             raise ValueError(f"vkp_dequantize rejected {dtype} {rows}x{cols}")
 
+    def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int,
+                  n_kv_heads: int, head_dim: int, scale: float, out: np.ndarray, threads: int) -> bool:
+        """Causal grouped-query attention as runtime.cpu.ops.attention (no softcap, no window) into out
+        (n_tok, >= n_heads * head_dim); the caches' first pos0 + n_tok rows are read. False where this
+        build has no such kernel (not AVX-512, head_dim not a multiple of 16): the caller keeps numpy."""
+        pos0, n_heads, n_kv_heads, head_dim = (_count(n, v) for n, v in (("pos0", pos0), ("n_heads", n_heads),
+                                                ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)))
+        if n_kv_heads < 1 or head_dim < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"{n_heads} heads over {n_kv_heads} kv heads of {head_dim} dims")
+        n_tok = q.shape[0] if isinstance(q, np.ndarray) and q.ndim == 2 else -1
+        ldq = _rows_view("q", q, n_tok, n_heads * head_dim, exact=True, writeable=False)
+        ldo = _rows_view("out", out, n_tok, n_heads * head_dim, exact=False, writeable=True)
+        rows = pos0 + n_tok
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(c, np.ndarray) or c.ndim != 2 or c.shape[0] < rows:
+                raise ValueError(f"{name} must be 2-D with >= {rows} rows, got {getattr(c, 'shape', None)}")
+        ldk = _rows_view("k_cache", k_cache[:rows], rows, n_kv_heads * head_dim, exact=False, writeable=False)
+        ldv = _rows_view("v_cache", v_cache[:rows], rows, n_kv_heads * head_dim, exact=False, writeable=False)
+        if ldk != ldv:
+            raise ValueError(f"k_cache and v_cache row strides differ ({ldk}, {ldv})")
+        if n_tok == 0:
+            return True
+        po, o_len = _addr(out), 4 * ((n_tok - 1) * ldo + n_heads * head_dim)
+        ins = ((_addr(q), 4 * ((n_tok - 1) * ldq + n_heads * head_dim)),
+               (_addr(k_cache), 4 * (rows - 1) * ldk + 4 * n_kv_heads * head_dim),
+               (_addr(v_cache), 4 * (rows - 1) * ldv + 4 * n_kv_heads * head_dim))
+        if any(_overlap(po, o_len, a, n) for a, n in ins):
+            raise ValueError("out overlaps q or the caches")
+        rc = self._lib.vkp_attention(ins[0][0], ldq, n_tok, ins[1][0], ins[2][0], ldk, pos0, n_heads, n_kv_heads,
+                                     head_dim, float(scale), po, ldo, _threads(threads))
+        if rc == -1:
+            raise ValueError(f"vkp_attention rejected {n_heads}/{n_kv_heads} heads x {head_dim}")
+        return rc == 0
+
+    def swiglu(self, g: np.ndarray, u: np.ndarray, out: np.ndarray, threads: int) -> bool:
+        """out = silu(g) * u as runtime.cpu.ops.swiglu, all three C-contiguous float32 of one shape.
+        False where this build has no such kernel (not AVX-512): the caller keeps numpy."""
+        for name, a in (("g", g), ("u", u), ("out", out)):
+            if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous or a.shape != g.shape:
+                raise ValueError(f"{name} must be a C-contiguous float32 array of g's shape {getattr(g, 'shape', None)}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        po, n = _addr(out), 4 * out.size
+        if n and (_overlap(po, n, _addr(g), n) or _overlap(po, n, _addr(u), n)):
+            raise ValueError("out overlaps g or u")
+        return self._lib.vkp_swiglu(_addr(g), _addr(u), po, out.size, _threads(threads)) == 0
 
     def bench_read(self, buf: np.ndarray, threads: int) -> int:
         """Read all of `buf` (C-contiguous uint8, a multiple of 8 bytes) on `threads` threads: the
