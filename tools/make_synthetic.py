@@ -80,8 +80,8 @@ FILE_TYPES = {"F32": FT.ALL_F32, "F16": FT.MOSTLY_F16, "BF16": FT.MOSTLY_BF16, "
               "Q5_K": FT.MOSTLY_Q5_K_S, "Q6_K": FT.MOSTLY_Q6_K, "Q4_K_M": FT.MOSTLY_Q4_K_M}
 K_QUANTS = frozenset({GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K})
 # llama.cpp's llama_tensor_get_type fallback for rows that are not whole 256-blocks, except that
-# Q2_K/Q3_K go to Q4_0 (same 4.5 bits/weight) instead of IQ4_NL, which gguf-py cannot quantize and
-# vkpack's CPU path does not read. Anything else (Q8_0, Q4_0, ...) falls back to F16.
+# Q2_K/Q3_K go to Q4_0 (same 4.5 bits/weight) instead of IQ4_NL, which gguf-py cannot quantize (every
+# vkpack backend reads IQ4_NL; tests write such blocks themselves). Anything else falls back to F16.
 _FALLBACK = {GT.Q2_K: GT.Q4_0, GT.Q3_K: GT.Q4_0, GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
 
 # ---- spec ----
