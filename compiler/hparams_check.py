@@ -55,24 +55,26 @@ def check_source_keys(source: Any) -> None:
     if source.format == "gguf":
         prefix = f"{source.arch_names[0]}."
         for key, kind in GGUF_KEYS.items():
-            _check_value(source.meta.get(prefix + key), kind, f"GGUF key {prefix + key}")
+            check_value(source.meta.get(prefix + key), kind, f"GGUF key {prefix + key}")
         return
     cfg = source.meta
     for key, kind in HF_KEYS.items():
-        _check_value(cfg.get(key), kind, f"config.json {key!r}")
+        check_value(cfg.get(key), kind, f"config.json {key!r}")
     rs = cfg.get("rope_scaling")
     if rs is None:
         return
     if not isinstance(rs, dict):
         raise SourceError(f"config.json 'rope_scaling': expected an object or null, got {_show(rs)}")
     for key, kind in HF_SCALING_KEYS.items():
-        _check_value(rs.get(key), kind, f"config.json 'rope_scaling.{key}'")
+        check_value(rs.get(key), kind, f"config.json 'rope_scaling.{key}'")
     kind = rs.get("rope_type", rs.get("type"))
     if kind is not None and not isinstance(kind, str):
         raise SourceError(f"config.json 'rope_scaling.rope_type': expected a string, got {_show(kind)}")
 
 
-def _check_value(v: Any, kind: str, where: str) -> None:
+def check_value(v: Any, kind: str, where: str) -> None:
+    """SourceError naming `where` unless v is None or a finite number of `kind`: "count" (an integer in
+    [1, MAX_COUNT]), "count0" (the same from 0) or "positive" (> 0)."""
     if v is None:
         return  # absent: the family's default applies (or it reports the missing key)
     if isinstance(v, bool) or not isinstance(v, (int, float)):

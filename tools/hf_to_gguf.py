@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_synthetic import add_gguf_tokenizer
+from vkpack.compiler.archs.gemma import Gemma2, Gemma3
 
 log = logging.getLogger(__name__)
 GT = gguf.GGMLQuantizationType
@@ -142,8 +143,8 @@ def _metadata(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: str, dtype: str) ->
         w.add_float32(K.Rope.SCALING_FACTOR.format(arch=a), rope["factor"])
     if arch in GEMMA:
         scalar = cfg["query_pre_attn_scalar"]
-        assumed = cfg["hidden_size"] // cfg["num_attention_heads"] if cfg["num_hidden_layers"] == {
-            "gemma2": 46, "gemma3": 62}[arch] else hd
+        big = {"gemma2": Gemma2.big_layers, "gemma3": Gemma3.big_layers}[arch]   # llama.cpp's 27B rule
+        assumed = cfg["hidden_size"] // cfg["num_attention_heads"] if cfg["num_hidden_layers"] == big else hd
         if scalar != assumed:
             w.add_float32(K.Attention.SCALE.format(arch=a), scalar ** -0.5)
         if cfg.get("attn_logit_softcapping"):

@@ -34,6 +34,7 @@ def family_for(source: Any) -> Any:
 
 
 def _load() -> None:
-    if not _FAMILIES:
-        for m in _MODULES:
-            importlib.import_module(f"{__name__}.{m}")
+    """Import every family module (each registers on its first import; a module imported directly
+    before, as tools do, must not hide the others)."""
+    for m in _MODULES:
+        importlib.import_module(f"{__name__}.{m}")

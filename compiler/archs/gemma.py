@@ -13,6 +13,7 @@ import math
 from typing import Any, ClassVar
 
 from ...pack_format.errors import SourceError
+from ..hparams_check import check_value
 from . import register
 from .base import Family, gguf_getter, hf_windows
 from .hf_rope import rope_settings
@@ -35,8 +36,7 @@ class _Gemma(Family):
 
     def hf_extras(self, cfg: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any]:
         scalar = cfg.get("query_pre_attn_scalar", hp["head_dim"])
-        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0:
-            raise SourceError(f"config.json query_pre_attn_scalar {scalar!r}: expected a positive number")
+        check_value(scalar, "positive", "config.json query_pre_attn_scalar")
         out = {"embed_scale": math.sqrt(hp["hidden"]), "attn_scale": float(scalar) ** -0.5,
                "attn_softcap": _cap(cfg, "attn_logit_softcapping"),
                "final_softcap": _cap(cfg, "final_logit_softcapping")}
@@ -128,8 +128,8 @@ def _cap(cfg: dict[str, Any], key: str) -> float | None:
 
 
 def _num(v: Any, where: str) -> float | None:
-    if v is None or v == 0:
+    """A soft-cap: absent or 0 is none, else a positive number."""
+    if v is None or (v == 0 and not isinstance(v, bool)):
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise SourceError(f"{where} {v!r}: expected a positive number")
+    check_value(v, "positive", where)
     return float(v)

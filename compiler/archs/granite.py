@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from ...pack_format.errors import SourceError
+from ..hparams_check import check_value
 from . import register
 from .base import Family, gguf_getter, hf_getter
 
@@ -32,8 +31,7 @@ def _scales(embed: Any, attn: Any, residual: Any, logits: Any, where: str) -> di
     values = {"embedding multiplier": embed, "attention multiplier": attn, "residual multiplier": residual,
               "logits scaling": logits}
     for key, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise SourceError(f"{where}{key} {v!r}: expected a positive number")
+        check_value(v, "positive", f"{where}{key}")
     return {"embed_scale": None if embed == 1 else float(embed), "attn_scale": float(attn),
             "residual_scale": None if residual == 1 else float(residual),
             "logit_scale": None if logits == 1 else 1.0 / float(logits)}

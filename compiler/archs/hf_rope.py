@@ -9,10 +9,10 @@ enough to change greedy tokens, so every value read here is either understood or
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from ...pack_format.errors import SourceError
+from ..hparams_check import check_value
 
 SCALING_TYPES = ("linear", "llama3")            # folded into the rope op's freq_factors at build time
 log = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ def rope_settings(cfg: dict[str, Any], layer_type: str | None = None, default_th
             params = params[layer_type]
         _check_consistent(cfg, params)
         return _parse(params, "rope_parameters", cfg, default_theta)
-    legacy = dict(cfg.get("rope_scaling") or {})
     if not isinstance(cfg.get("rope_scaling") or {}, dict):
         raise SourceError("config.json rope_scaling: expected a map or null")
+    legacy = dict(cfg.get("rope_scaling") or {})
     if "rope_theta" in cfg and cfg["rope_theta"] is not None:
         legacy["rope_theta"] = cfg["rope_theta"]
     return _parse(legacy, "rope_scaling", cfg, default_theta)
@@ -58,8 +58,6 @@ def _parse(p: dict[str, Any], where: str, cfg: dict[str, Any], default_theta: fl
     if "rope_theta" not in p:
         log.warning("config.json names no rope_theta; using the family's default %g", default_theta)
     theta = _num(p.get("rope_theta", default_theta), f"{where}.rope_theta")
-    if theta <= 0:
-        raise SourceError(f"config.json {where}.rope_theta {theta}: must be > 0")
     rtype = p.get("rope_type", p.get("type", "default"))
     partial = _num(p.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)), "partial_rotary_factor")
     if not 0 < partial <= 1:
@@ -77,23 +75,15 @@ def _parse(p: dict[str, Any], where: str, cfg: dict[str, Any], default_theta: fl
         return {"theta": theta, "scaling": None, "partial": partial}
     scaling = {"type": rtype, "factor": _num(p.get("factor", 1.0), f"{where}.factor"),
                "original_context": int(_num(p.get("original_max_position_embeddings", 0) or 0,
-                                            f"{where}.original_max_position_embeddings")),
+                                            f"{where}.original_max_position_embeddings", "count0")),
                "low_freq_factor": _num(p.get("low_freq_factor", 1.0), f"{where}.low_freq_factor"),
                "high_freq_factor": _num(p.get("high_freq_factor", 4.0), f"{where}.high_freq_factor")}
-    if scaling["factor"] <= 0:
-        raise SourceError(f"config.json {where}.factor {scaling['factor']}: must be > 0")
-    if rtype == "llama3" and scaling["original_context"] <= 0:
-        raise SourceError(f"config.json {where}: llama3 scaling needs original_max_position_embeddings")
     return {"theta": theta, "scaling": scaling, "partial": partial}
 
 
-def _num(v: Any, key: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SourceError(f"config.json {key}: expected a number, got {type(v).__name__}")
-    try:
-        f = float(v)
-    except OverflowError:
-        raise SourceError(f"config.json {key}: {v} is out of range") from None
-    if not math.isfinite(f):
-        raise SourceError(f"config.json {key}: {v} is not finite")
-    return f
+def _num(v: Any, key: str, kind: str = "positive") -> float:
+    """A config number of `kind` (hparams_check.check_value), as float; null counts as a wrong type here."""
+    if v is None:
+        raise SourceError(f"config.json {key}: expected a number, got None")
+    check_value(v, kind, f"config.json {key}")
+    return float(v)
