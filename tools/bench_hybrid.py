@@ -106,9 +106,22 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
         eng.close()
 
 
-def llama_bench(exe: str, gguf: Path, threads: int, n_decode: int) -> dict[str, Any]:
-    """llama.cpp's CPU-only decode (`-ngl 0`) of the same GGUF."""
-    return bench_gpu.llama_bench(exe, gguf, "-ngl", "0", "-t", str(threads), "-p", "0", "-n", str(n_decode), "-r", "2")
+def llama_bench(exe: str, gguf: Path, threads: int, n_decode: int, ngl: int = 0, prompt: int = 0) -> dict[str, Any]:
+    """llama.cpp's decode (and a `prompt`-token prefill where > 0) of the same GGUF with `ngl` layers on the GPU
+    (0: the CPU alone, where the build has no GPU backend or `-ngl 0`)."""
+    out = bench_gpu.llama_bench(exe, gguf, "-ngl", str(ngl), "-t", str(threads), "-p", str(prompt),
+                                "-n", str(n_decode), "-r", "2")
+    out["ngl"] = ngl
+    return out
+
+
+def _llama_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved llama.cpp runs: `llama_cpp` (one, older reports) or `llama_cpp_runs` (one per -ngl)."""
+    return report.get("llama_cpp_runs") or ([report["llama_cpp"]] if "llama_cpp" in report else [])
+
+
+def _llama_ts(run: dict[str, Any], gen: bool) -> float | None:
+    return next((r["avg_ts"] for r in run.get("results", []) if bool(r.get("n_gen")) == gen), None)
 
 
 SECTION = "Hybrid CPU+GPU placement (issue 11)"
@@ -116,8 +129,8 @@ SECTION = "Hybrid CPU+GPU placement (issue 11)"
 
 def render(report: dict[str, Any], note: str) -> str:
     """A markdown table of a saved report: one row per configuration, llama.cpp's CPU decode beside."""
-    llama = report.get("llama_cpp", {})
-    ll = next((r["avg_ts"] for r in llama.get("results", []) if r.get("n_gen")), None)
+    llamas = _llama_rows(report)
+    ll = next((_llama_ts(r, True) for r in llamas if not r.get("ngl")), None)
     rows = ["| engine | budget | prefill 512 tok/s | decode tok/s (median) | vs llama.cpp CPU | plan (1 token) |",
             "|---|---|---|---|---|---|"]
     for r in report["runs"]:
@@ -130,8 +143,14 @@ def render(report: dict[str, Any], note: str) -> str:
         prefill = f"{r['prefill_tps']:.0f}" if r["device"] != "cpu" else f"({r['prefill_tps']:.0f})"
         ratio = f"{r['decode_tps'] / ll:.2f}x" if ll else ""
         rows.append(f"| {dev} | {budget} | {prefill} | {r['decode_tps']:.2f} | {ratio} | {plan} |")
-    if ll:
-        rows.append(f"| llama.cpp CPU (`-ngl 0`) | all RAM | | {ll:.2f} | 1.00x | |")
+    for run in llamas:
+        ts, pp = _llama_ts(run, True), _llama_ts(run, False)
+        if ts is None:
+            rows.append(f"| llama.cpp `-ngl {run.get('ngl', 0)}` | | error: {run.get('error', '')[-80:]!r} | | | |")
+            continue
+        ratio = f"{ts / ll:.2f}x" if ll else ""
+        rows.append(f"| llama.cpp `-ngl {run.get('ngl', 0)}` | {'all RAM' if not run.get('ngl') else ''} | "
+                    f"{f'{pp:.0f}' if pp else ''} | {ts:.2f} | {ratio} | |")
     rates = next((ln for r in report["runs"] for ln in r.get("plans", []) if ln.startswith("rates:")), "")
     return "\n".join([note, "", *rows, "", f"Measured {rates}" if rates else ""]) + "\n"
 
@@ -146,6 +165,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--llama-bench", default="")
+    ap.add_argument("--llama-ngl", default="0", help="comma-separated -ngl values for llama-bench (0: CPU only)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="a tiny model (a check of the tool itself)")
     ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
@@ -187,9 +207,12 @@ def main() -> None:
         save()
         print(json.dumps({k: v for k, v in r.items() if k not in ("decode_ms",)}, default=str), flush=True)
     if args.llama_bench:
-        report["llama_cpp"] = llama_bench(args.llama_bench, gguf, args.threads, 32)
-        save()
-        print(json.dumps(report["llama_cpp"]), flush=True)
+        report["llama_cpp_runs"] = []
+        for ngl in (int(n) for n in args.llama_ngl.split(",")):
+            report["llama_cpp_runs"].append(llama_bench(args.llama_bench, gguf, args.threads, 32, ngl,
+                                                        args.prompt if ngl else 0))
+            save()
+            print(json.dumps(report["llama_cpp_runs"][-1]), flush=True)
 
 
 if __name__ == "__main__":

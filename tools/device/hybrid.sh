@@ -1,22 +1,19 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (after tools/device/bundle.sh here): the hybrid benchmark of issue 11 in one
-# call. Builds llama-bench (CPU) from .bench/llamacpp.tar.xz while the 8B-shape F16 model is generated,
-# then runs tools/bench_hybrid.py (results in $OUT/bench_hybrid.json, saved after each configuration).
-#     bash tools/device/hybrid.sh [configs]      # default: hybrid:4,cpu,hybrid:8,vulkan:4,hybrid:4:15
+# On the lent GPU machine (after tools/device/bundle.sh here): issue 11's hybrid benchmark, in two calls
+# on the same warm machine (one call cannot hold both the model's generation and llama.cpp's CUDA build):
+#     bash tools/device/hybrid.sh files        # CUDA llama-bench builds in its own session; the 8B F16 files
+#     bash tools/device/hybrid.sh run [configs] [ngl]   # tools/bench_hybrid.py, then llama-bench at each -ngl
+# defaults: configs hybrid:4,hybrid:8,cpu; ngl 0,7,16 (the CPU alone, ~3 GiB and ~7 GiB of layers on the GPU).
+# Results: $OUT/bench_hybrid.json (saved after each configuration) and $OUT/log.txt.
 set -o pipefail
-export PYTHONUNBUFFERED=1
-for f in .gl/*.deb; do dpkg -x "$f" /; done
-ldconfig
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-ln -sfn "$PWD" /tmp/vkpack
-export PYTHONPATH=/tmp:/tmp/site VKPACK_CACHE=/tmp/vkc
-repo=$PWD
-(mkdir -p /tmp/llb && cd /tmp/llb && tar xJf "$repo/.bench/llamacpp.tar.xz" && cd llama.cpp &&
-  cmake -B build -G Ninja -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release > /tmp/llb/cmake.log 2>&1 &&
-  cmake --build build --target llama-bench -j 12 > /tmp/llb/build.log 2>&1; echo "llama-bench build rc $?") &
-python3 tools/bench_hybrid.py --work /tmp/bench --out "$OUT" --only-files 2>&1 | grep -v gguf_writer
-wait
+. tools/device/setup.sh || exit 1
+if [ "$1" = files ]; then
+  [ -d /tmp/llb-cuda ] || setsid bash tools/device/llama_build.sh cuda 12 < /dev/null > /dev/null 2>&1 &
+  python3 tools/bench_hybrid.py --work /tmp/bench --out "$OUT" --only-files 2>&1 | grep -v gguf_writer
+  exit
+fi
 nvidia-smi --query-gpu=name --format=csv,noheader; nproc; lscpu | grep -E "Model name|L3" | cut -c1-100
-python3 tools/bench_hybrid.py --work /tmp/bench --out "$OUT" --configs "${1:-hybrid:4,cpu,hybrid:8,vulkan:4,hybrid:4:15}" \
-  --llama-bench /tmp/llb/llama.cpp/build/bin/llama-bench --threads "$(nproc)" 2>&1 | grep -v gguf_writer | tee "$OUT/log.txt"
+bench=()
+bash tools/device/llama_wait.sh cuda 240 && bench=(--llama-bench /tmp/llb-cuda/llama.cpp/build/bin/llama-bench)
+python3 tools/bench_hybrid.py --work /tmp/bench --out "$OUT" --configs "${2:-hybrid:4,hybrid:8,cpu}" \
+  --llama-ngl "${3:-0,7,16}" "${bench[@]}" --threads "$(nproc)" 2>&1 | grep -v gguf_writer | tee "$OUT/log.txt"
