@@ -7,6 +7,8 @@
 #     bash tools/device/gpu_kernels.sh files [models]   # the GGUF files and archives (default 8b:Q4_K_M,8b:Q8_0)
 #     bash tools/device/gpu_kernels.sh run [models]     # tools/bench_gpu.py resident with llama-bench (-ngl 99)
 #                                               # on the same GGUF files: $OUT/bench_gpu.json and .md
+#     bash tools/device/gpu_kernels.sh batch [models] [vram]  # tools/bench_batch.py: 1, 8, 32 sequences per
+#                                               # step (resident, or streamed at vram GiB), with llama-batched-bench
 set -o pipefail
 . tools/device/setup.sh dev || exit 1
 models=${2:-8b:Q4_K_M,8b:Q8_0}
@@ -30,5 +32,13 @@ run)
   done
   python3 tools/bench_gpu.py --work /tmp/bench --out "$OUT" --models "$models" --resident yes --vram-gb 1000 \
     --decode 128 "${bench[@]}" 2>&1 | grep -v gguf_writer | tee "$OUT/log.txt" | tail -20 ;;
-*) echo "gpu_kernels.sh: build | tests | files | run" >&2; exit 2 ;;
+batch)
+  bench=()
+  for b in cuda vulkan; do
+    bash tools/device/llama_wait.sh $b 300 && bench+=(--llama-batched "$b=/tmp/llb-$b/llama.cpp/build/bin/llama-batched-bench")
+  done
+  vram=() && [ -n "${3:-}" ] && vram=(--vram-gb "$3") && bench=()   # streamed: llama.cpp has no such mode
+  python3 tools/bench_batch.py --work /tmp/bench --out "$OUT" --models "${2:-8b:Q4_K_M}" "${vram[@]}" \
+    "${bench[@]}" 2>&1 | grep -v gguf_writer | tee -a "$OUT/log.txt" | tail -20 ;;
+*) echo "gpu_kernels.sh: build | tests | files | run | batch" >&2; exit 2 ;;
 esac
