@@ -12,6 +12,8 @@ Models: SmolLM2-135M-Instruct (Q4_1, the default model) and a synthetic llama in
 `--synthetic-mb` MB (random weights, built once into the vkpack cache).
 
 Usage: python tools/bench_serve.py [--tokens 32] [--clients 1,4,8] [--vram-frac 0.25] [--write-docs]
+       python tools/bench_serve.py --models "" --archive /tmp/bench/8b-Q4_K_M.vkpack --device vulkan \
+           --vram-gb 4 --clients 1,8,32      # batched streaming on a GPU (issue 12)
 Not part of the test suite (a full run takes a few minutes).
 """
 
@@ -83,9 +85,9 @@ def synthetic_archive(mb: int) -> Path:
 class Server:
     """`python -m vkpack serve` on a free port, stopped on exit."""
 
-    def __init__(self, archive: Path, vram_gb: float, max_batch: int):
+    def __init__(self, archive: Path, vram_gb: float, max_batch: int, device: str = "auto"):
         self.cmd = [sys.executable, "-m", "vkpack", "serve", str(archive), "--port", "0", "--vram-gb",
-                    f"{vram_gb:.4f}", "--max-batch", str(max_batch), "--model-name", "bench"]
+                    f"{vram_gb:.4f}", "--max-batch", str(max_batch), "--model-name", "bench", "--device", device]
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
         m = re.search(r"on (http://\S+)/v1 ", line)
@@ -155,14 +157,17 @@ def run_clients(srv: Server, n: int, tokens: int) -> Result:
                   srv.metric("vkpack_bytes_read_total") - read0)
 
 
-def bench_model(label: str, archive: Path, clients: list[int], tokens: int, frac: float, repeat: int) -> dict:
-    with Engine(archive) as probe:
+def bench_model(label: str, archive: Path, clients: list[int], tokens: int, frac: float, repeat: int,
+                device: str = "auto", vram_gb: float | None = None) -> dict:
+    """One server on `archive` at `vram_gb` (default: `frac` of the model's resident size): rows of
+    `clients` concurrent streams, `repeat` interleaved rounds."""
+    with Engine(archive, device=device) as probe:
         resident = probe.model_bytes
         ctx_note = probe.context
-    vram_gb = frac * resident / 2**30
+    vram_gb = frac * resident / 2**30 if vram_gb is None else vram_gb
     print(f"[bench_serve] {label}: {archive.stat().st_size / 1e6:.0f} MB archive, {resident / 2**20:.0f} MiB "
           f"resident, budget {vram_gb * 1024:.0f} MiB", file=sys.stderr)
-    srv = Server(archive, vram_gb, max_batch=max(clients))
+    srv = Server(archive, vram_gb, max_batch=max(clients), device=device)
     try:
         warm = run_clients(srv, 1, 4)
         print(f"[bench_serve]   warm-up: {warm.tokens} tokens in {warm.seconds:.1f} s", file=sys.stderr)
@@ -220,8 +225,8 @@ def render(results: list[dict], args: argparse.Namespace, when: str, host: str) 
         for r in res["rows"]:
             ratio = f"{r.tps / one:.2f}×" if one else "–"
             lines.append(f"| {res['label']} | {res['archive_mb']:.0f} MB | {res['resident_mib']:.0f} MiB | "
-                         f"{res['budget_mib']:.0f} MiB ({args.vram_frac:.0%}) | {r.clients} | {r.tokens} | "
-                         f"{r.seconds:.1f} | {r.tps:.2f} | {ratio} | {r.ttft:.1f} | "
+                         f"{res['budget_mib']:.0f} MiB ({res['budget_mib'] / res['resident_mib']:.0%}) | {r.clients} | {r.tokens} | "
+                         f"{r.seconds:.1f} | {r.tps:.2f} | {ratio} | {r.ttft:.2f} | "
                          f"{', '.join(f'{x.tps:.1f}' for x in res['runs'][r.clients])} |")
     lines.append("")
     return "\n".join(lines)
@@ -237,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                                                         "reported (default 3)")
     p.add_argument("--synthetic-mb", type=int, default=300, help="size of the synthetic F16 model (default 300)")
     p.add_argument("--models", default="smollm2,synthetic", help="which models (default smollm2,synthetic)")
+    p.add_argument("--device", default="auto", help="the server's --device (default auto)")
+    p.add_argument("--vram-gb", type=float, default=None, help="a fixed device budget in GiB instead of --vram-frac")
+    p.add_argument("--archive", action="append", default=[], metavar="PATH",
+                   help="serve this archive too (e.g. a GPU-sized model from tools/bench_gpu.py's --work folder)")
     p.add_argument("--write-docs", action="store_true", help="replace this tool's section of docs/benchmarks.md")
     args = p.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
@@ -247,13 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         if name == "smollm2":
             results.append(bench_model("SmolLM2-135M Q4_1", default_archive(progress=False), clients, args.tokens,
-                                       args.vram_frac, args.repeat))
+                                       args.vram_frac, args.repeat, args.device, args.vram_gb))
         elif name == "synthetic":
             arch = synthetic_archive(args.synthetic_mb)
             results.append(bench_model(f"synthetic llama F16 ({arch.stem.split('-', 1)[1]})", arch, clients,
-                                       args.tokens, args.vram_frac, args.repeat))
-        else:
+                                       args.tokens, args.vram_frac, args.repeat, args.device, args.vram_gb))
+        elif name:
             p.error(f"unknown model {name!r}")
+    for path in map(Path, args.archive):
+        results.append(bench_model(path.stem, path, clients, args.tokens, args.vram_frac, args.repeat, args.device,
+                                   args.vram_gb))
     section = render(results, args, when, host)
     with contextlib.suppress(OSError):
         section = section.replace(" at the start.", f" at the start, {os.getloadavg()[0]:.1f} at the end.", 1)
