@@ -11,9 +11,10 @@ from typing import Any
 
 from ..pack_format.constants import TENSOR_ALIGN, align_up, row_bytes
 from ..pack_format.errors import SourceError
+from .archs.moe import expert_index
 from .sources.base import SourceTensor
 
-KIND_ORDER = {"embed": 0, "attn": 1, "mlp": 2, "head": 3}
+KIND_ORDER = {"embed": 0, "attn": 1, "mlp": 2, "expert": 3, "head": 4}
 EMBED_PACK_BYTES = 4 << 20  # embedding rows are fetched per token seen, so keep its packs small
 
 
@@ -51,11 +52,14 @@ def _rows(t: SourceTensor) -> tuple[int, int]:
 
 
 def plan_packs(tensors: dict[str, SourceTensor], family: Any, max_pack_bytes: int) -> list[PlannedPack]:
-    """Packs in access order; no pack's raw size exceeds `max_pack_bytes`."""
+    """Packs in access order; no pack's raw size exceeds `max_pack_bytes`. Each expert of a MoE layer
+    gets packs of its own (after the layer's router), so that it moves alone."""
     groups: dict[tuple[int, int, int], list[str]] = {}
     for name in tensors:
         kind, layer = family.pack_group(name)
-        key = (-1 if kind == "embed" else 1 << 30 if kind == "head" else layer, KIND_ORDER[kind], 0)
+        expert = expert_index(name)
+        key = (-1 if kind == "embed" else 1 << 30 if kind == "head" else layer, KIND_ORDER[kind],
+               0 if expert is None else expert)
         groups.setdefault(key, []).append(name)
     packs: list[PlannedPack] = []
     for key in sorted(groups):
@@ -105,7 +109,8 @@ def tensor_table(packs: list[PlannedPack], tensors: dict[str, SourceTensor]) -> 
 
 
 def attach_packs(graph: dict[str, Any], packs: list[PlannedPack]) -> dict[str, Any]:
-    """Fill each step's `packs` (the packs its weights live in) and the whole-pass access order."""
+    """Fill each step's `packs` (the packs its weights live in), its `choices` (per moe op, the packs of
+    each expert: k of them are read, decided at run time) and the whole-pass access order."""
     where: dict[str, list[int]] = {}
     for p in packs:
         for s in p.slices:
@@ -122,5 +127,19 @@ def attach_packs(graph: dict[str, Any], packs: list[PlannedPack]) -> dict[str, A
                 ids += [i for i in where[w] if i not in ids]
         step["packs"] = ids
         access += ids
+        choices = [{"op": oi, "k": o["attrs"]["k"], "options": [_packs_of(names, where) for names in o["attrs"]["experts"]]}
+                   for oi, o in enumerate(step["ops"]) if o["op"] == "moe"]
+        if choices:
+            step["choices"] = choices
     graph["access"] = access
     return graph
+
+
+def _packs_of(names: list[str], where: dict[str, list[int]]) -> list[int]:
+    """The packs holding rows of `names`, in first-use order."""
+    ids: list[int] = []
+    for n in names:
+        if n not in where:
+            raise SourceError(f"an expert needs tensor {n!r}, which the model lacks")
+        ids += [i for i in where[n] if i not in ids]
+    return ids

@@ -11,7 +11,7 @@ import struct
 MAGIC = b"VKPACK\x00\x01"          # first 8 bytes of every archive
 FOOTER_MAGIC = b"VKPKEND\x00"      # last 8 bytes of every archive
 FORMAT_MAJOR = 1                   # bumped for structural changes; readers reject other majors
-FORMAT_MINOR = 2                   # bumped for additions that old readers may ignore
+FORMAT_MINOR = 3                   # bumped for additions that old readers may ignore
 HEADER_SIZE = 64
 FOOTER_SIZE = 32
 ALIGN = 4096                       # every pack payload starts at a multiple of this
@@ -77,11 +77,14 @@ CODEC_ZFP = "zfp"
 CODECS = (CODEC_NONE, CODEC_BLOSC2_ZSTD, CODEC_BLOSC2_LZ4, CODEC_ZFP)
 
 # ---- pack kinds ----
-PACK_KINDS = ("embed", "attn", "mlp", "norm", "head")
+PACK_KINDS = ("embed", "attn", "mlp", "norm", "head", "expert")   # expert (1.3): one expert of one MoE layer
 
 # ---- graph ops (the runtime implements each; see docs/FORMAT.md "Access graph") ----
-OPS = ("embed", "rms_norm", "linear", "rope", "attention", "add", "swiglu", "last_token", "geglu", "scale", "softcap")
+OPS = ("embed", "rms_norm", "linear", "rope", "attention", "add", "swiglu", "last_token", "geglu", "scale", "softcap",
+       "moe")
+
 ROPE_MODES = ("norm", "neox")       # norm: rotate adjacent pairs (GGUF llama); neox: rotate halves
+MOE_ROUTERS = ("softmax", "sigmoid")  # how a moe op turns router logits into expert scores (1.3)
 
 
 def row_bytes(dtype: str, n_cols: int) -> int:

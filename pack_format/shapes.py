@@ -52,7 +52,10 @@ class _Op:
 
     def shape(self, i: int, ndim: int) -> tuple[int, ...]:
         """Shape of weight i, which must have `ndim` positive int dimensions."""
-        name = self.ws[i]
+        return self.shape_of(self.ws[i], ndim)
+
+    def shape_of(self, name: str, ndim: int) -> tuple[int, ...]:
+        """Shape of the tensor `name` (a weight, or one an attribute names: a moe op's experts)."""
         t = self._tensors.get(name)
         if t is None:
             raise FormatError(f"{self.where}: weight {name!r} is not in the tensor table")
@@ -61,7 +64,7 @@ class _Op:
             raise FormatError(f"{self.where}: weight {name!r} has shape {list(shape)}, expected {ndim} dimensions")
         return shape
 
-    def agree(self, a: int, b: int, what: str) -> int:
+    def agree(self, a: Any, b: Any, what: str) -> Any:
         if a != b:
             raise FormatError(f"{self.where}: {what}: {a} != {b}")
         return a
@@ -110,9 +113,40 @@ def _attention(o: _Op) -> int:  # (q, k, v) -> out, as wide as q; k and v share 
     return o.width(0)
 
 
+def _glu_shapes(o: _Op, names: list[str], width: int, what: str) -> None:
+    """gate [F, E], up [F, E], down [E, F] around an input of width E: one expert, or the shared one."""
+    shapes = [o.shape_of(n, 2) for n in names]
+    (f, e), (fu, eu), (ed, fd) = shapes
+    o.agree(e, width, f"{what} gate {names[0]!r} columns vs input width")
+    o.agree((fu, eu), (f, e), f"{what} up {names[1]!r} shape vs gate {names[0]!r}")
+    o.agree((ed, fd), (width, f), f"{what} down {names[2]!r} shape vs [input width, gate rows]")
+
+
+def _moe(o: _Op) -> int:  # router [n, E]; n experts of gate/up/down (attrs.experts); optional shared expert
+    if len(o.ins) != 1 or len(o.ws) not in (1, 4, 5):
+        raise FormatError(f"{o.where}: takes 1 input and 1, 4 or 5 weights, got {len(o.ins)} and {len(o.ws)}")
+    width = o.width(0)
+    experts = o.attrs.get("experts")
+    if not isinstance(experts, list) or not experts:
+        raise FormatError(f"{o.where}: attrs.experts must be a non-empty array")
+    n, cols = o.shape(0, 2)
+    o.agree(cols, width, f"router {o.ws[0]!r} columns vs input {o.ins[0]!r} width")
+    o.agree(n, len(experts), f"router {o.ws[0]!r} rows vs the number of experts")
+    for i, names in enumerate(experts):
+        if not isinstance(names, list) or len(names) != 3 or not all(isinstance(x, str) for x in names):
+            raise FormatError(f"{o.where}: attrs.experts[{i}] must be 3 tensor names (gate, up, down)")
+        _glu_shapes(o, names, width, f"expert {i}")
+    if len(o.ws) >= 4:
+        _glu_shapes(o, o.ws[1:4], width, "shared expert")
+    if len(o.ws) == 5:
+        o.agree(o.shape(4, 2), (1, width), f"shared expert gate {o.ws[4]!r} shape vs [1, input width]")
+    return width
+
+
 WIDTH_RULES: dict[str, Callable[[_Op], int]] = {
     "embed": _embed, "rms_norm": _rms_norm, "linear": _linear, "rope": _same, "attention": _attention,
     "add": _pair, "swiglu": _pair, "last_token": _same, "geglu": _pair, "scale": _same, "softcap": _same,
+    "moe": _moe,
 }
 
 

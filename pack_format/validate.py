@@ -10,8 +10,8 @@ import math
 from itertools import pairwise
 from typing import Any
 
-from .constants import (ALIGN, CODECS, DTYPES, FORMAT_MAJOR, HEADER_SIZE, MAX_PACK_SIZE, OPS, PACK_KINDS, ROPE_MODES,
-                        TENSOR_ALIGN, align_up, row_bytes)
+from .constants import (ALIGN, CODECS, DTYPES, FORMAT_MAJOR, HEADER_SIZE, MAX_PACK_SIZE, MOE_ROUTERS, OPS, PACK_KINDS,
+                        ROPE_MODES, TENSOR_ALIGN, align_up, row_bytes)
 from .errors import FormatError
 from .records import PackRecord, TensorPart, TensorRecord
 from .shapes import activation_widths
@@ -39,8 +39,9 @@ GRAPH_INPUTS = ("tokens", "positions")
 OP_ARITY: dict[str, tuple[int, int, int]] = {
     "embed": (1, 1, 1), "rms_norm": (1, 1, 1), "linear": (1, 1, 2), "rope": (1, 0, 0),
     "attention": (3, 0, 0), "add": (2, 0, 0), "swiglu": (2, 0, 0), "last_token": (1, 0, 0),
-    "geglu": (2, 0, 0), "scale": (1, 0, 0), "softcap": (1, 0, 0),
+    "geglu": (2, 0, 0), "scale": (1, 0, 0), "softcap": (1, 0, 0), "moe": (1, 1, 5),
 }
+MOE_WEIGHT_COUNTS = (1, 4, 5)   # router; + shared gate, up, down; + the shared expert's gate
 
 
 # ---- typed field access ----
@@ -286,6 +287,8 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
             if not w_min <= len(weights) <= w_max:
                 want = f"{w_min}" if w_min == w_max else f"{w_min}-{w_max}"
                 raise FormatError(f"{ow}.w: {name} takes {want} weights, got {len(weights)}")
+            if name == "moe" and len(weights) not in MOE_WEIGHT_COUNTS:
+                raise FormatError(f"{ow}.w: moe takes 1, 4 or 5 weights, got {len(weights)}")
             for tname in weights:
                 if not isinstance(tname, str) or tname not in tensors:
                     raise FormatError(f"{ow}.w: tensor {tname!r} is not in the tensor table")
@@ -293,8 +296,13 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
                     if q.pack not in in_step:
                         raise FormatError(f"{ow}.w: tensor {tname!r} has rows in pack {q.pack}, "
                                           f"which is not in the step's packs {step_packs}")
-            _validate_attrs(name, req(op, "attrs", dict, ow), f"{ow}.attrs", kv_layers, kv_shape)
+            attrs = req(op, "attrs", dict, ow)
+            _validate_attrs(name, attrs, f"{ow}.attrs", kv_layers, kv_shape)
+            if name == "moe":
+                _validate_experts(attrs, f"{ow}.attrs", tensors)
             n_attention += name == "attention"
+        if "choices" in s or any(op["op"] == "moe" for op in s["ops"]):  # since 1.3; required with a moe op
+            _validate_choices(s, w, len(packs), tensors)
     if kv_layers > n_attention:  # the cache is sized from this count: no more layers than ops that use them
         raise FormatError(f"graph.kv_cache.n_layers: {kv_layers} but the graph has {n_attention} attention ops")
     outputs = req(graph, "outputs", list, "graph")
@@ -305,6 +313,53 @@ def _validate_graph(graph: dict, packs: list[PackRecord], tensors: dict[str, Ten
     loop = _uint(graph, "loop_to", "graph")
     if loop >= len(steps):
         raise FormatError(f"graph.loop_to: {loop} but there are {len(steps)} steps")
+
+
+def _validate_experts(a: dict, w: str, tensors: dict[str, TensorRecord]) -> None:
+    """Rule 20 for a moe op: `experts` names n existing (gate, up, down) tensors, and 1 <= k <= n."""
+    experts = req(a, "experts", list, w)
+    if not experts:
+        raise FormatError(f"{w}.experts: empty")
+    for i, names in enumerate(experts):
+        if not isinstance(names, list) or len(names) != 3 or not all(isinstance(n, str) and n in tensors for n in names):
+            raise FormatError(f"{w}.experts[{i}]: {names!r} is not 3 names of tensors in the tensor table")
+    k = _pos(a, "k", w)
+    if k > len(experts):
+        raise FormatError(f"{w}.k: {k} experts chosen of {len(experts)}")
+
+
+def _validate_choices(s: dict, w: str, n_packs: int, tensors: dict[str, TensorRecord]) -> None:
+    """Rules 19 and 22 for a step's `choices` (1.3): each names one moe op of the step with its k and, per
+    expert, exactly the packs holding that expert's rows; options share no pack with each other or `packs`."""
+    ops = s["ops"]
+    taken = set(s["packs"])
+    named: set[int] = set()
+    for c, choice in enumerate(req(s, "choices", list, w)):
+        cw = f"{w}.choices[{c}]"
+        j = _uint(choice, "op", cw, len(ops) - 1)
+        op = ops[j]
+        if op["op"] != "moe" or j in named:
+            raise FormatError(f"{cw}.op: {j} is not a moe op of the step without a choice already")
+        named.add(j)
+        if _pos(choice, "k", cw) != op["attrs"]["k"]:
+            raise FormatError(f"{cw}.k: {choice['k']}, but the op chooses {op['attrs']['k']}")
+        experts = op["attrs"]["experts"]
+        options = req(choice, "options", list, cw)
+        if len(options) != len(experts):
+            raise FormatError(f"{cw}.options: {len(options)} options for {len(experts)} experts")
+        for e, option in enumerate(options):
+            ew = f"{cw}.options[{e}]"
+            if not isinstance(option, list) or not all(_is_uint(p) and p < n_packs for p in option):
+                raise FormatError(f"{ew}: {option!r} is not a list of pack ids (the archive has {n_packs})")
+            holding = {q.pack for name in experts[e] for q in tensors[name].parts}
+            if set(option) != holding or len(option) != len(holding):
+                raise FormatError(f"{ew}: {option!r}, but expert {e}'s tensors lie in packs {sorted(holding)}")
+            if holding & taken:
+                raise FormatError(f"{ew}: packs {sorted(holding & taken)} are also the step's or another expert's")
+            taken |= holding
+    missing = [j for j, op in enumerate(ops) if op["op"] == "moe" and j not in named]
+    if missing:
+        raise FormatError(f"{w}.choices: moe op {missing[0]} has no choice record")
 
 
 def _validate_activations(graph: dict, tensors: dict[str, TensorRecord]) -> None:
@@ -366,3 +421,8 @@ def _validate_attrs(op: str, a: dict, w: str, kv_layers: int, kv_shape: tuple[in
         _num(a, "factor", w)
     elif op == "softcap":
         _num(a, "cap", w, 0.0, strict=True)
+    elif op == "moe":
+        router = req(a, "router", str, w)
+        if router not in MOE_ROUTERS:
+            raise FormatError(f"{w}.router: unknown {router!r}; known: {', '.join(MOE_ROUTERS)}")
+        req(a, "norm", bool, w)

@@ -116,6 +116,12 @@ class Backend(Protocol):
     def kv_view(self, mem: Any, n_ctx: int, width: int) -> Any:
         """One layer's K or V cache, [n_ctx, width] float32, in the tier memory `mem`."""
 
+    def copy_kv(self, src: list[tuple[Any, Any]], dst: list[tuple[Any, Any]], n: int) -> None:
+        """Give the session `dst` what the session `src` holds for positions [0, n): per layer and
+        kind, the rows `copy_spans(n, src rows, dst rows)` names (a ring keeps only its last rows).
+        Done before the next `forward` reads `dst`. Sessions share a prompt's KV this way (the
+        choices of one request, a cached prefix), so it must work wherever the cache lives."""
+
     def host_steps(self, tokens: int) -> frozenset[int]:
         """Steps a pass of `tokens` tokens computes from weights the backend holds in system memory
         itself (a hybrid plan's CPU steps): their packs are not acquired through the tier in that
@@ -138,3 +144,20 @@ class Backend(Protocol):
 
 
 BackendFactory = Callable[["Archive"], Backend]
+
+
+def copy_spans(n: int, src_rows: int, dst_rows: int) -> list[tuple[int, int, int]]:
+    """(source row, destination row, rows) runs that carry positions [0, n) from a cache of `src_rows`
+    rows to one of `dst_rows`, position p living at row p % rows on each side: only the last
+    min(n, src_rows, dst_rows) positions, the ones both can hold, cut where either side wraps.
+
+    Example: copy_spans(10, 4, 6) -> [(2, 0, 2), (0, 2, 2)] (positions 6, 7 then 8, 9).
+    """
+    out: list[tuple[int, int, int]] = []
+    p = max(0, n - min(src_rows, dst_rows))
+    while p < n:
+        s, d = p % src_rows, p % dst_rows
+        k = min(n - p, src_rows - s, dst_rows - d)
+        out.append((s, d, k))
+        p += k
+    return out

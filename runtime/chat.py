@@ -36,13 +36,20 @@ class TemplateError(VkpackError):
     """The chat template is missing, invalid, too slow or too large, or tried something the sandbox forbids."""
 
 
-def render_chat(tok: dict[str, Any], messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The conversation through the archive's chat template (TemplateError on any failure)."""
+def render_chat(tok: dict[str, Any], messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation through the archive's chat template (TemplateError on any failure).
+
+    `tools` (OpenAI's list of {"type": "function", "function": {...}}) reaches the template as `tools`,
+    as transformers passes it; without tools the name stays undefined, so `tools is defined` tests hold.
+    """
     source = tok.get("chat_template")
     if not source:
         raise TemplateError("the archive has no chat template")
     request = {"source": source, "messages": messages, "add_generation_prompt": bool(add_generation_prompt),
                "bos_token": tok.get("bos_token") or "", "eos_token": tok.get("eos_token") or ""}
+    if tools:
+        request["tools"] = tools
     return _RENDERER.render(request)
 
 
@@ -167,11 +174,14 @@ def _render_here(request: dict[str, Any]) -> str:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = _tojson
+    env.globals["strftime_now"] = _strftime_now   # Llama 3.x templates date the system prompt with it
     try:
         template = env.from_string(request["source"])
         pieces, size = [], 0
+        extra = {"tools": request["tools"]} if "tools" in request else {}
         for piece in template.generate(messages=request["messages"], add_generation_prompt=request["add_generation_prompt"],
-                                       bos_token=request["bos_token"], eos_token=request["eos_token"]):
+                                       bos_token=request["bos_token"], eos_token=request["eos_token"], **extra):
             size += len(piece)
             if size > RENDER_MAX_CHARS:
                 raise TemplateError(f"chat template refused: it renders more than {RENDER_MAX_CHARS} characters")
@@ -183,3 +193,18 @@ def _render_here(request: dict[str, Any]) -> str:
     except JinjaError as e:
         raise TemplateError(f"chat template failed: {e}") from None
     return "".join(pieces)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """transformers' `tojson`, which templates are written for: plain JSON in the given key order. Jinja's
+    own sorts keys and escapes `<>&'` for HTML, so tools and call arguments would reach the model altered."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=tuple(separators) if separators else None, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    """transformers' `strftime_now`: the local time in `fmt`."""
+    import datetime
+
+    return datetime.datetime.now().strftime(str(fmt)[:200])

@@ -22,7 +22,7 @@ from .backend import Backend, BackendFactory, Placement
 from .backends import make_backend
 from .generation import TokenStream
 from .graph import Executor, make_schedule
-from .kv import KvSession
+from .kv import KvSession, KvViews, layer_windows
 from .metrics import Metrics
 from .policy import POLICIES
 from .prefetch import PackLoader
@@ -32,6 +32,9 @@ from .tokenizer import ArchiveTokenizer
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096
+# the longest pass `stream` and `logits` feed a session whose windowed layers keep rings: a ring holds
+# window + PREFILL_CHUNK - 1 rows (runtime/kv.py), so a longer chunk costs KV bytes on every such layer
+PREFILL_CHUNK = 512
 
 
 class Engine:
@@ -87,11 +90,13 @@ class Engine:
         if n_logits > self.n_token_ids:  # a sampled id must be a row the next pass can embed
             raise VkpackError(f"the graph makes {n_logits} logits, but the embedding has {self.n_token_ids} rows")
         check_head_widths(archive)  # before any size is derived from the KV cache shape
+        self.windows = layer_windows(archive.graph)   # layers whose KV caches may be rings
         self.schedule, where = make_schedule(archive.graph, archive.tensors)
         self.policy = POLICIES[policy](self.schedule)
         sizes = [self.backend.pack_bytes(p.id) for p in archive.packs]
         self.model_bytes = sum(sizes)
-        plan = plan_budgets(sizes, self.backend, archive.graph["kv_cache"], self.context, vram_gb, ram_gb)
+        plan = plan_budgets(sizes, self.backend, archive.graph["kv_cache"], self.context, vram_gb, ram_gb,
+                            self.windows, PREFILL_CHUNK)
         self.min_bytes = plan.minimum
         self.weight_room_bytes = plan.weight_room
         self.metrics = Metrics(device_budget=plan.device, ram_budget=None if ram_gb is None else int(ram_gb * 2**30))
@@ -133,15 +138,31 @@ class Engine:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Last-position logits of one fresh pass over `ids` (float32, [vocab])."""
         self.check_ids(ids)
-        with self.kv_session(len(ids)) as kv:
-            return self.executor.forward(np.asarray(ids), 0, kv)[-1].copy()
+        session = self.kv_session(len(ids), self.pass_limit)
+        with session as kv:
+            return self.prefill(ids, kv, session.max_pass_tokens)[-1].copy()
+
+    @property
+    def pass_limit(self) -> int | None:
+        """The pass limit `stream` and `logits` give their sessions: PREFILL_CHUNK where windowed layers
+        can keep rings, else None (a whole prompt in one pass, as before)."""
+        return PREFILL_CHUNK if self.windows else None
+
+    def prefill(self, ids: Sequence[int], kv: list[tuple[Any, Any]], chunk: int, pos0: int = 0) -> np.ndarray:
+        """Feed `ids` at positions pos0.. in passes of at most `chunk` tokens (the session's
+        max_pass_tokens: a ring cache holds no more); returns the last pass's output rows."""
+        ids = np.asarray(ids)
+        for a in range(0, len(ids), chunk):
+            out = self.executor.forward(ids[a:a + chunk], pos0 + a, kv)
+        return out
 
     def kv_session(self, n_ctx: int, max_pass_tokens: int | None = None) -> KvSession:
         """`with eng.kv_session(n) as kv:` reserves one sequence's KV cache (and, for the numpy
         backend, activation room for passes of up to `max_pass_tokens` tokens, default n) in the
-        device tier; BudgetError when the budget cannot hold it next to pinned packs."""
+        device tier; BudgetError when the budget cannot hold it next to pinned packs. Windowed layers
+        keep rings of window + max_pass_tokens - 1 rows: no pass of the session may feed more tokens."""
         return KvSession(self.tier, self.backend, self.archive.graph["kv_cache"], n_ctx, self.context,
-                         max_pass_tokens)
+                         max_pass_tokens, self.windows)
 
     def session_bytes(self, n_ctx: int, max_pass_tokens: int | None = None) -> int:
         """Device bytes one `kv_session(n_ctx, max_pass_tokens)` reserves."""
@@ -150,7 +171,12 @@ class Engine:
     def forward_batch(self, seqs: list[tuple[Sequence[int], int, Any]]) -> np.ndarray:
         """Logits [n_seqs, vocab] for several sequences' next tokens in one weight stream.
 
-        Each entry is (new token ids, position of the first, its kv from `kv_session`)."""
+        Each entry is (new token ids, position of the first, its kv from `kv_session`); VkpackError when
+        one feeds more tokens than its session's max_pass_tokens (a ring cache would lose live rows)."""
+        for t, p, kv in seqs:
+            if isinstance(kv, KvViews) and len(t) > kv.max_pass_tokens:
+                raise VkpackError(f"a pass of {len(t)} tokens at position {p}: its KV session takes at most "
+                                  f"{kv.max_pass_tokens} per pass (kv_session's max_pass_tokens)")
         return self.executor.forward_batch([(np.asarray(t), p, kv) for t, p, kv in seqs])
 
     # ---- generation ----
@@ -183,9 +209,10 @@ class Engine:
         if n_new <= 0:
             return
         m = self.metrics
-        with self.kv_session(len(ids) + n_new) as kv:
+        session = self.kv_session(len(ids) + n_new, self.pass_limit)
+        with session as kv:
             t0 = time.perf_counter()
-            logits = self.executor.forward(np.asarray(ids), 0, kv)[-1]
+            logits = self.prefill(ids, kv, session.max_pass_tokens)[-1]
             m.prefill_seconds += time.perf_counter() - t0
             m.prompt_tokens += len(ids)
             while True:
@@ -207,7 +234,7 @@ class Engine:
         m = self.metrics
         m.peak_device_bytes = self.tier.peak
         m.peak_ram_bytes = self.ram.peak + self.pinned_bytes
-        return m.as_dict()
+        return {**m.as_dict(), **self.executor.weights.experts.as_dict()}
 
     @property
     def pinned_bytes(self) -> int:

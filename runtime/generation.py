@@ -6,7 +6,7 @@ so a sequence ends, and its text comes out, the same way whichever runs it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,15 @@ class TokenStream:
         self.eos_ids = eos_ids
         self.ignore_eos = ignore_eos
         self.finish_reason: str | None = None
+
+    def keep_special(self, ids: Iterable[int]) -> None:
+        """Keep the text of these special tokens in the output, other special tokens still skipped: a
+        tool-call marker that is a control token (Mistral's `[TOOL_CALLS]`, Llama 3's `<|python_tag|>`)
+        must reach the tool-call parser. Call before the first `push`."""
+        if self.generated:
+            raise RuntimeError("keep_special must be called before generation starts")
+        keep = _KeepSpecial(self.decoder.tokenizer, ids)
+        self.decoder = StreamDecoder(keep, skip_special_tokens=True, context_ids=self.history[-4:])
 
     @property
     def done(self) -> bool:
@@ -69,3 +78,22 @@ class TokenStream:
             else:
                 tail += self.stops.flush()
         return tail
+
+
+class _KeepSpecial:
+    """A tokenizer whose `decode` writes the given special tokens' text and skips the rest as asked."""
+
+    def __init__(self, tokenizer: Any, ids: Iterable[int]):
+        self.tokenizer = tokenizer
+        self.text = {int(i): tokenizer.id_to_token(int(i)) for i in ids}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        out, run = [], []
+        for i in ids:
+            if i in self.text:
+                out += [self.tokenizer.decode(run, skip_special_tokens=skip_special_tokens), self.text[i]]
+                run = []
+            else:
+                run.append(i)
+        out.append(self.tokenizer.decode(run, skip_special_tokens=skip_special_tokens))
+        return "".join(out)

@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 
 
 def access_sequence(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[list[int], dict[tuple[int, int, str, int], int]]:
-    """Pack uses of one forward pass in execution order, and each (step, op, tensor, part)'s position."""
+    """Pack uses of one forward pass in execution order, and each (step, op, tensor, part)'s position.
+
+    A moe op's experts are a choice made at run time (docs/FORMAT.md, step `choices`): their packs are not
+    in the sequence (nothing knows when they are next used), and their parts sit at the op's last position."""
     seq: list[int] = []
     where: dict[tuple[int, int, str, int], int] = {}
     for si, step in enumerate(graph["steps"]):
@@ -34,7 +37,34 @@ def access_sequence(graph: dict[str, Any], tensors: dict[str, Any]) -> tuple[lis
                     if not seq or seq[-1] != part.pack:
                         seq.append(part.pack)
                     where[(si, oi, name, pi)] = len(seq) - 1
+            for names in op["attrs"].get("experts", ()) if op["op"] == "moe" else ():
+                for name in names:
+                    for pi in range(len(tensors[name].parts)):
+                        where[(si, oi, name, pi)] = len(seq) - 1
     return seq, where
+
+
+class ExpertCounts:
+    """How often the experts a moe op chose were resident in the tier (hits) or had to be loaded (misses)."""
+
+    def __init__(self, graph: dict[str, Any]):
+        # (step, op) -> the packs of each expert, from the steps' choice records
+        self.options = {(si, c["op"]): c["options"] for si, s in enumerate(graph["steps"]) for c in s.get("choices", ())}
+        self.hits = 0
+        self.misses = 0
+
+    def count(self, si: int, oi: int, experts: list[int], resident: Any) -> None:
+        options = self.options[(si, oi)]
+        for e in experts:
+            if all(p in resident for p in options[e]):
+                self.hits += 1
+            else:
+                self.misses += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        uses = self.hits + self.misses
+        return {"expert_hits": self.hits, "expert_misses": self.misses,
+                "expert_hit_rate": self.hits / uses if uses else 1.0}
 
 
 def seq_row_activations(steps: list[dict[str, Any]]) -> set[str]:
@@ -65,6 +95,7 @@ class WeightAccess:
         self.tensors = loader.archive.tensors
         self.where = where
         self.last_position = 0
+        self.experts = ExpertCounts(loader.archive.graph)
         self._starts: dict[str, np.ndarray] = {}
         self._skips: dict[frozenset[int], frozenset[int]] = {frozenset(): frozenset()}
 
@@ -84,9 +115,14 @@ class WeightAccess:
     def acquire(self, si: int, oi: int, name: str, part_idx: int) -> Entry:
         """Pin the pack holding that part; `release` it when the work reading it is done."""
         pos = self.where[(si, oi, name, part_idx)]
-        e = self.loader.acquire(self.loader.schedule.sequence[pos], pos)
+        e = self.loader.acquire(self.tensors[name].parts[part_idx].pack, pos)
         self.last_position = pos
         return e
+
+    def choose(self, si: int, oi: int, experts: list[int]) -> None:
+        """A moe op chose `experts` for this pass (each is read once, for every row that chose it): counted
+        as hits or misses. Nothing is loaded ahead: their next use is unknown until the router runs."""
+        self.experts.count(si, oi, experts, self.loader.tier.entries)
 
     def release(self, entries: list[Entry]) -> None:
         for e in entries:
@@ -169,6 +205,9 @@ class OpWeights:
 
     def part(self, name: str, part_idx: int) -> AbstractContextManager[Any]:
         return self.weights.part(self.si, self.oi, name, part_idx)
+
+    def choose(self, experts: list[int]) -> None:
+        self.weights.choose(self.si, self.oi, experts)
 
 
 def run_ops(steps: list[dict[str, Any]], acts: dict[str, Any], weights: WeightAccess,

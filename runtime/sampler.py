@@ -1,11 +1,13 @@
 """Pick the next token from a logits vector, the way llama.cpp and vLLM users expect.
 
 Order (fixed, so results are comparable across runs and engines):
-repetition penalty -> greedy if temperature == 0 -> top-k -> softmax at temperature
--> top-p -> min-p -> draw from `Generator(PCG64(seed))`.
+logit bias -> repetition penalty -> presence and frequency penalties -> greedy if
+temperature == 0 -> top-k -> softmax at temperature -> top-p -> min-p -> draw from
+`Generator(PCG64(seed))`.
 
-Why this order: the penalty must see raw logits (llama.cpp divides positive ones and
-multiplies negative ones); top-p and min-p are measured on the temperature-scaled
+Why this order: the bias and the penalties must see raw logits (llama.cpp divides positive
+ones and multiplies negative ones; OpenAI subtracts the presence and frequency terms from
+the logits, and adds the bias "prior to sampling"); top-p and min-p are measured on the temperature-scaled
 distribution, as in vLLM. top-k uses `argpartition`, so a 150k vocab is never fully
 sorted when top_k is set; min-p is applied as a threshold before the sort because,
 after top-p, it only ever shortens the same sorted prefix.
@@ -38,6 +40,11 @@ class SamplingParams:
     `seed=None` draws from OS entropy. `max_tokens` and `stop` are carried for the engine;
     the sampler itself does not use them.
 
+    `presence_penalty` and `frequency_penalty` (OpenAI's, in [-2, 2]) count the tokens this
+    sampler has drawn, never the prompt (vLLM's rule): logit -= frequency * count + presence
+    * (count > 0). `logit_bias` is ((token id, bias in [-100, 100]), ...), added to the logits
+    first (a dict {id: bias} is accepted and stored sorted).
+
     Example:
         >>> SamplingParams(temperature=0.0).temperature
         0.0
@@ -52,8 +59,13 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         # OpenAI's API allows `stop` as one string or a list; store a tuple either way.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -89,6 +101,22 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingError(f"stop strings must be non-empty str, got {s!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check_real(name, v)
+            if not -2.0 <= v <= 2.0:
+                raise SamplingError(f"{name} must be in [-2, 2], got {v!r}")
+        if not isinstance(self.logit_bias, tuple):
+            raise SamplingError(f"logit_bias must be ((token id, bias), ...), got {self.logit_bias!r}")
+        for entry in self.logit_bias:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise SamplingError(f"logit_bias entries must be (token id, bias), got {entry!r}")
+            tok, bias = entry
+            _check_int("logit_bias", tok)
+            _check_real("logit_bias", bias)
+            if tok < 0 or not -100.0 <= bias <= 100.0:
+                raise SamplingError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], "
+                                    f"got {tok!r}: {bias!r}")
 
 
 def _check_real(name: str, value: object, lo: float | None = None) -> None:
@@ -110,7 +138,10 @@ request leaves out, and `Engine.stream`'s arguments all read it, so one prompt s
 
 
 class Sampler:
-    """Stateful sampler: owns the RNG, so one Sampler per request keeps seeds reproducible.
+    """Stateful sampler: owns the RNG and the counts of the tokens it drew (for the presence and
+    frequency penalties), so one Sampler per sequence keeps seeds reproducible.
+
+    `last_token` is the id the latest `sample` returned (None before the first).
 
     Example:
         >>> s = Sampler(SamplingParams(seed=0))
@@ -122,6 +153,11 @@ class Sampler:
         self.params = params if params is not None else SamplingParams()
         self.params.validate()
         self._rng = np.random.Generator(np.random.PCG64(self.params.seed))
+        self._counts: dict[int, int] = {}      # token id -> times drawn
+        bias = self.params.logit_bias
+        self._bias_ids = np.array([t for t, _ in bias], dtype=np.int64)
+        self._bias = np.array([b for _, b in bias], dtype=np.float32)
+        self.last_token: int | None = None
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """Return the next token id.
@@ -130,7 +166,6 @@ class Sampler:
             logits: shape (vocab,), any float dtype; not modified.
             history: token ids seen so far (prompt + generated), for the repetition penalty.
         """
-        p = self.params
         x = np.asarray(logits)
         if x.ndim != 1 or x.size == 0:
             raise SamplingError(f"logits must be a non-empty 1-D array, got shape {x.shape}")
@@ -138,8 +173,17 @@ class Sampler:
             x = x.astype(np.float32)
         if np.isnan(x).any():
             raise SamplingError("logits contain NaN")
+        x = self._bias_logits(x)
         x = self._penalize(x, history)
+        x = self._penalize_drawn(x)
+        tok = self._pick(x)
+        self._counts[tok] = self._counts.get(tok, 0) + 1
+        self.last_token = tok
+        return tok
 
+    def _pick(self, x: np.ndarray) -> int:
+        """Greedy, or the truncations and a draw, over adjusted logits."""
+        p = self.params
         if p.temperature == 0.0 or p.top_k == 1:
             return int(np.argmax(x))
         if not np.isfinite(x.max()):
@@ -186,6 +230,27 @@ class Sampler:
         r = self._rng.random() * cdf[-1]
         i = min(int(np.searchsorted(cdf, r, side="right")), len(ids) - 1)
         return int(ids[i])
+
+    def _bias_logits(self, x: np.ndarray) -> np.ndarray:
+        """OpenAI's logit_bias: the bias added to each listed token's logit."""
+        if not self._bias_ids.size:
+            return x
+        if self._bias_ids[-1] >= x.size:  # sorted ids: the last is the largest
+            raise SamplingError(f"logit_bias token id {int(self._bias_ids[-1])} outside vocab of size {x.size}")
+        x = x.copy()
+        x[self._bias_ids] += self._bias
+        return x
+
+    def _penalize_drawn(self, x: np.ndarray) -> np.ndarray:
+        """OpenAI's presence and frequency penalties over the tokens this sampler drew."""
+        p = self.params
+        if not self._counts or (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0):
+            return x
+        ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+        counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+        x = x.copy()
+        x[ids] -= counts * np.float32(p.frequency_penalty) + np.float32(p.presence_penalty)
+        return x
 
     def _penalize(self, x: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """llama.cpp's penalty: logit / rp if positive else logit * rp, once per distinct id."""

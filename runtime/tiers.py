@@ -186,22 +186,30 @@ class BudgetPlan:
     evict_batch: int
 
 
-def kv_bytes(kv_cache: dict[str, int], n_ctx: int) -> int:
-    """One sequence's K and V caches over `n_ctx` positions (float32)."""
-    return 2 * kv_cache["n_layers"] * n_ctx * kv_cache["n_kv_heads"] * kv_cache["head_dim"] * 4
+def kv_bytes(kv_cache: dict[str, int], n_ctx: int, windows: dict[int, int] | None = None,
+             pass_tokens: int | None = None) -> int:
+    """One sequence's K and V caches over `n_ctx` positions (float32); with `windows` (layer -> sliding
+    window), those layers' rings for passes of up to `pass_tokens` tokens (runtime/kv.py's ring_rows)."""
+    from .kv import ring_rows   # kv.py imports this module
+
+    t = n_ctx if pass_tokens is None else pass_tokens
+    rows = sum(ring_rows(n_ctx, (windows or {}).get(i), t) for i in range(kv_cache["n_layers"]))
+    return 2 * rows * kv_cache["n_kv_heads"] * kv_cache["head_dim"] * 4
 
 
 def plan_budgets(pack_sizes: list[int], backend: Any, kv_cache: dict[str, int], context: int,
-                 vram_gb: float | None, ram_gb: float | None) -> BudgetPlan:
+                 vram_gb: float | None, ram_gb: float | None, windows: dict[int, int] | None = None,
+                 pass_tokens: int | None = None) -> BudgetPlan:
     """Budgets from the user's limits (None: unlimited), the packs' sizes in the backend's compute
-    form, the KV cache shape and the longest sequence the engine accepts."""
+    form, the KV cache shape and the longest sequence the engine accepts (windowed layers counted as
+    the rings the engine's sessions keep: `windows`, `pass_tokens`)."""
     model = sum(pack_sizes)
     largest = max(pack_sizes)
     weight_room = 2 * largest
     minimum = weight_room + kv_bytes(kv_cache, 64) + backend.activation_bytes(16, 64) + backend.reserved_bytes
     if vram_gb is None:  # everything resident: weights, a full-context KV cache, activations twice
         # over, and 10 % slack so that reservations never fragment their way into evicting packs
-        device = align_up(model * 11 // 10 + kv_bytes(kv_cache, context)
+        device = align_up(model * 11 // 10 + kv_bytes(kv_cache, context, windows, pass_tokens)
                           + 2 * backend.activation_bytes(min(context, 2048), context) + UNLIMITED_SLACK, 256)
     else:
         device = int(vram_gb * GIB)
@@ -210,7 +218,7 @@ def plan_budgets(pack_sizes: list[int], backend: Any, kv_cache: dict[str, int], 
                               f"at minimum: {minimum / 2**20:.1f} MiB ({minimum / GIB:.3f} GiB)")
         device -= backend.reserved_bytes  # staging and io buffers live outside the tier
         device = device // 256 * 256  # rounded down: the user's limit is a hard one
-    streaming = device < model + kv_bytes(kv_cache, context)
+    streaming = device < model + kv_bytes(kv_cache, context, windows, pass_tokens)
     # a backend loading from several threads evicts for nearly every load when streaming: planning
     # one window for several loads cuts the planning (Python, under the GIL) several times over
     evict_batch = min(4 * largest, device // 16) if streaming and backend.load_workers > 1 else 0

@@ -2,7 +2,8 @@
 // Causal grouped-query attention of T queries (rows t0..t0+T-1 of q, pos and o) over one sequence's
 // cache: query t (at position pos[t]) attends to
 // cache rows 0..pos[t] (pos[t] - window + 1..pos[t] with a window); head h reads kv head h / (n_heads /
-// n_kv_heads); scores scaled by `scale`, then soft-capped where softcap > 0.
+// n_kv_heads); scores scaled by `scale`, then soft-capped where softcap > 0. ring > 0: the cache is a ring
+// of `ring` rows (a sliding-window layer's), position j at row j % ring; positions are not bounded by n_ctx.
 // One workgroup per (head, token): it walks the rows in chunks of WG (one row per invocation for the
 // scores), keeps a running max and sum (online softmax), and each invocation accumulates the output
 // dims d = lid, lid + WG, ... Grid: x = n_heads, y = T.
@@ -34,6 +35,7 @@ layout(push_constant) uniform PC {
     uint t0;        // first token row (several sequences share the batch buffers)
     uint window;    // > 0: query at position p sees rows p - window + 1 .. p only (sliding-window layers)
     float softcap;  // > 0: scores s become softcap * tanh(s / softcap) (gemma2)
+    uint ring;      // > 0: rows in the ring cache (row = position % ring); 0: row = position < n_ctx
 } pc;
 
 shared vec4 qs[HD / 4];
@@ -66,7 +68,7 @@ void main() {
         qs[i] = vec4(q[b], q[b + 1], q[b + 2], q[b + 3]) * pc.scale;
     }
     barrier();
-    uint L = min(pos[t] + 1u, pc.n_ctx);
+    uint L = pc.ring > 0u ? pos[t] + 1u : min(pos[t] + 1u, pc.n_ctx);   // positions LO..L-1 are seen
     uint LO = pc.window > 0u && L > pc.window ? L - pc.window : 0u;
     uint kb = (kvh * HD) >> 2;               // head offset in vec4s
     float m = -1.0 / 0.0, l = 0.0;
@@ -78,7 +80,8 @@ void main() {
         float s = -1.0 / 0.0;
         if (j < L) {
             s = 0.0;
-            for (uint i = 0; i < HD / 4; i++) s += dot(qs[i], k4(j, kb + i));
+            uint row = pc.ring > 0u ? j % pc.ring : j;
+            for (uint i = 0; i < HD / 4; i++) s += dot(qs[i], k4(row, kb + i));
             if (pc.softcap > 0.0) s = pc.softcap * tanh(clamp(s / pc.softcap, -15.0, 15.0));
         }
         float mn = max(m, wg_max(s));
@@ -92,8 +95,12 @@ void main() {
             uint d = lid + a * WG;
             if (d >= HD) break;
             float s2 = acc[a] * alpha;
-            uint e = c * kv_dim + kvh * HD + d;
-            for (uint r = 0; r < n; r++) s2 += ps[r] * v1(e + r * kv_dim);
+            if (pc.ring == 0u) {
+                uint e = c * kv_dim + kvh * HD + d;
+                for (uint r = 0; r < n; r++) s2 += ps[r] * v1(e + r * kv_dim);
+            } else {
+                for (uint r = 0; r < n; r++) s2 += ps[r] * v1((c + r) % pc.ring * kv_dim + kvh * HD + d);
+            }
             acc[a] = s2;
         }
         m = mn;

@@ -1,7 +1,8 @@
 #version 450
 // Split-K attention, pass 2 of 2: combine the partials of attention_split.comp for each (head, token):
 // out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s, over the splits that hold
-// rows (the same R as pass 1, from pos[t]). Invocations over (split group, head_dim unit); partials
+// rows (the same R as pass 1, from pos[t]; a ring cache, rows >= window, needs nothing more: its live
+// rows are min(pos[t] + 1, window) either way). Invocations over (split group, head_dim unit); partials
 // are loaded 8 at a time (L2 latency, not bandwidth, bounds this pass). Grid: x = n_heads, y = T.
 #extension GL_GOOGLE_include_directive : require
 layout(local_size_x_id = 0) in;

@@ -1,7 +1,8 @@
 #version 450
 // Split-K ("flash-decoding") attention for few tokens, pass 1 of 2 (attention_merge.comp is pass 2).
-// Query t (row t0 + z of q and pos) attends to cache rows LO..L-1, L = min(pos[t] + 1, n_ctx), LO = 0 or
-// L - window (sliding-window layers). Those rows
+// Query t (row t0 + z of q and pos) attends to positions LO..L-1, L = min(pos[t] + 1, n_ctx), LO = 0 or
+// L - window (sliding-window layers); ring > 0: the cache is a ring of `ring` rows, position j at row
+// j % ring, and L = pos[t] + 1 (the ring holds the window and the pass's new rows). Those rows
 // are cut into n_splits splits of R = max(rows, ceil((L - LO) / n_splits)) rows, read at run time, so one
 // recording serves every position; splits starting at or past L write an empty partial (-inf, 0).
 // One workgroup per (kv head and block of up to GB of its query heads, split, token): every K/V row
@@ -80,6 +81,7 @@ layout(push_constant) uniform PC {
     float freq_scale;
     uint window;    // > 0: query at position p sees rows p - window + 1 .. p only (sliding-window layers)
     float softcap;  // > 0: scores s become softcap * tanh(s / softcap) (gemma2)
+    uint ring;      // > 0: rows in the ring cache (row = position % ring); 0: row = position < n_ctx
 } pc;
 
 shared bool last_one;
@@ -151,6 +153,8 @@ float rope_elem(float x, float y, uint d, uint p) {
     return first ? rope_rotate(x, y, theta).x : rope_rotate(y, x, theta).y;
 }
 
+uint kv_row(uint j) { return pc.ring > 0u ? j % pc.ring : j; }   // the cache row of position j
+
 uint rope_partner(uint d) {
     uint hr = pc.n_rot / 2u;
     if (d >= pc.n_rot) return d;
@@ -175,8 +179,8 @@ void main() {
     uint kvh = gl_WorkGroupID.y / HB, g0 = gl_WorkGroupID.y % HB * GB;
     uint ng = min(GB, G - g0), h0 = kvh * G + g0;           // heads h0..h0+ng-1
     uint split = gl_WorkGroupID.x, tl = gl_WorkGroupID.z, t = tl + pc.t0;
-    uint L = min(pos[t] + 1u, pc.n_ctx);
-    uint LO = pc.window > 0u && L > pc.window ? L - pc.window : 0u;   // first live row
+    uint L = pc.ring > 0u ? pos[t] + 1u : min(pos[t] + 1u, pc.n_ctx);
+    uint LO = pc.window > 0u && L > pc.window ? L - pc.window : 0u;   // first live position
     uint R = max(pc.rows, (L - LO + pc.n_splits - 1u) / pc.n_splits);
     uint j0 = LO + split * R, j1 = min(j0 + R, L);
     uint pidx = (tl * pc.n_heads + h0) * pc.n_splits + split;   // head g: pidx + g * n_splits
@@ -202,9 +206,9 @@ void main() {
     }
     barrier();
     // the token's own row (the last of the last live split) goes into the caches: one workgroup writes it
-    if (FUSE != 0u && pos[t] < pc.n_ctx && split == (L - 1u - LO) / R && g0 == 0u) {
+    if (FUSE != 0u && (pc.ring > 0u || pos[t] < pc.n_ctx) && split == (L - 1u - LO) / R && g0 == 0u) {
         for (uint u = lid; u < VU; u += WG) {
-            uint vb = pc.v_off + t * kvd + kvh * HD + 4u * u, o = pos[t] * rowu + kb + u;
+            uint vb = pc.v_off + t * kvd + kvh * HD + 4u * u, o = kv_row(pos[t]) * rowu + kb + u;
             kw[o] = kv_pack(kns[tl * VU + u]);
             vw[o] = kv_pack(vec4(act[vb], act[vb + 1], act[vb + 2], act[vb + 3]));
         }
@@ -231,7 +235,7 @@ void main() {
                     uint u = ln + i * LPR;
                     uint j = c0 + r;
                     kr[k * UPL + i] = r >= n || u >= VU ? vec4(0.0)
-                                    : FUSE != 0u && j >= P0 ? kns[(j - P0) * VU + u] : k4(j * rowu + kb + u);
+                                    : FUSE != 0u && j >= P0 ? kns[(j - P0) * VU + u] : k4(kv_row(j) * rowu + kb + u);
                 }
             }
             for (uint k = 0; k < RPI; k++) {
@@ -276,7 +280,7 @@ void main() {
                         uint j = c0 + r, b = pc.v_off + (pc.t0 + j - P0) * kvd + kvh * HD + 4u * u;
                         vr[k * UPI + i] = r >= n || u >= VU ? vec4(0.0)
                                         : FUSE != 0u && j >= P0 ? kv_round(vec4(act[b], act[b + 1], act[b + 2], act[b + 3]))
-                                        : v4(j * rowu + kb + u);
+                                        : v4(kv_row(j) * rowu + kb + u);
                     }
                 }
                 for (uint k = 0; k < VB; k++) {

@@ -1,6 +1,7 @@
 #version 450
 // Write the new keys/values of tokens t0..t0+T-1 (rows of k, v and pos) into row pos[t] of the caches.
-// t0 lets one batch buffer serve several sequences, each with its own cache.
+// t0 lets one batch buffer serve several sequences, each with its own cache. ring > 0: the cache is a
+// ring of `ring` rows (a sliding-window layer's, runtime/kv.py), position p at row p % ring.
 // KV_F16 defined: caches hold f16 pairs packed in uints, else f32. Grid: x = ceil(kv_dim/2 / WG), y = T.
 layout(local_size_x_id = 0) in;
 
@@ -22,6 +23,7 @@ layout(push_constant) uniform PC {
     uint k_stride;  // floats between tokens in k (even)
     uint v_stride;
     uint t0;        // first token row
+    uint ring;      // > 0: rows in the ring cache (row = position % ring); 0: row = position < n_ctx
 } pc;
 
 void main() {
@@ -29,9 +31,9 @@ void main() {
     if (2u * i >= pc.kv_dim || t >= pc.T) return;
     t += pc.t0;
     uint p = pos[t];
-    if (p >= pc.n_ctx) return;                  // the host checks positions; never write out of bounds
+    if (pc.ring == 0u && p >= pc.n_ctx) return;   // the host checks positions; never write out of bounds
     vec2 kk = k2[(t * pc.k_stride >> 1) + i], vv = v2[(t * pc.v_stride >> 1) + i];
-    uint o = (p * pc.kv_dim >> 1) + i;
+    uint o = ((pc.ring > 0u ? p % pc.ring : p) * pc.kv_dim >> 1) + i;
 #ifdef KV_F16
     kc[o] = packHalf2x16(kk);
     vc[o] = packHalf2x16(vv);

@@ -1,7 +1,7 @@
 #version 450
 // kv_store with the rotary embedding of the keys folded in (decode: one dispatch and one barrier
 // fewer per layer): k_cache[pos[t]] = rope(k[t], pos[t]), v_cache[pos[t]] = v[t]. The rotation is
-// rope.comp's, element for element. Invocation i of a token owns one pair of one kv head: slots
+// rope.comp's, element for element. ring > 0: a ring cache of `ring` rows, position p at row p % ring. Invocation i of a token owns one pair of one kv head: slots
 // s < n_rot/2 are the rotated pairs ("norm": 2s, 2s+1; "neox": s, s + n_rot/2), the rest copy the
 // unrotated tail two elements at a time. Grid: x = ceil(kv_dim / 2 / WG), y = T.
 #extension GL_GOOGLE_include_directive : require
@@ -35,6 +35,7 @@ layout(push_constant) uniform PC {
     uint flags;       // 1: divide frequencies by ff
     float base;
     float freq_scale;
+    uint ring;        // > 0: rows in the ring cache (row = position % ring); 0: row = position < n_ctx
 } pc;
 
 #ifdef KV_F16
@@ -49,7 +50,7 @@ void main() {
     if (i >= pc.kv_dim / 2u || t >= pc.T) return;
     t += pc.t0;
     uint p = pos[t];
-    if (p >= pc.n_ctx) return;                  // the host checks positions; never write out of bounds
+    if (pc.ring == 0u && p >= pc.n_ctx) return;   // the host checks positions; never write out of bounds
     uint h = i / half_hd, s = i % half_hd, hb = h * pc.head_dim;
     uint i0, i1;
     if (s < half_rot) {
@@ -59,7 +60,7 @@ void main() {
         i0 = pc.n_rot + 2u * (s - half_rot);
         i1 = i0 + 1u;
     }
-    uint kb = t * pc.k_stride + hb, vb = t * pc.v_stride + hb, o = p * pc.kv_dim + hb;
+    uint kb = t * pc.k_stride + hb, vb = t * pc.v_stride + hb, o = (pc.ring > 0u ? p % pc.ring : p) * pc.kv_dim + hb;
     float a = k[kb + i0], b = k[kb + i1];
     if (s < half_rot) {
         vec2 r = rope_rotate(a, b, rope_theta(s, p, pc.n_rot, pc.base, pc.freq_scale,

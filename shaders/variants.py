@@ -46,6 +46,7 @@ VARIANTS.update({
     "add": {"source": "add.comp", "defines": {}, "reduce": False},
     "stream_read": {"source": "stream_read.comp", "defines": {}, "reduce": False},
     "argmax": {"source": "argmax.comp", "defines": {}, "reduce": True},
+    "moe_rows": {"source": "moe_rows.comp", "defines": {}, "reduce": False},
 })
 
 

@@ -103,6 +103,11 @@ class CountingBackend:
     def kv_view(self, mem, n_ctx: int, width: int):
         return mem[:4 * n_ctx * width].view(np.float32).reshape(n_ctx, width)
 
+    def copy_kv(self, src, dst, n: int) -> None:
+        self.calls["copy_kv"] += 1
+        for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
+            dk[:n], dv[:n] = sk[:n], sv[:n]
+
     def host_steps(self, tokens: int) -> frozenset[int]:
         return frozenset()
 

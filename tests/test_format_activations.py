@@ -55,8 +55,8 @@ def test_compiler_writes_activations(tmp_path, arch, tied, source):
     out = tmp_path / "m.vkpack"
     build(src, out, progress=False)
     with Archive(out) as a:
-        assert a.version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 2)
-        assert a.index["format"] == [1, 2]
+        assert a.version == (FORMAT_MAJOR, FORMAT_MINOR) == (1, 3)
+        assert a.index["format"] == [1, 3]
         acts = a.graph["activations"]
         assert acts == activation_widths(a.graph, a.tensors)
         assert acts == {"x": 64, "h": 64, "q": 96, "k": 48, "v": 48, "o": 96, "a": 64, "g": 160, "u": 160,

@@ -1,4 +1,5 @@
-"""Sampler: greedy, seeded draws, top-k/top-p/min-p filtering, repetition penalty, validation."""
+"""Sampler: greedy, seeded draws, top-k/top-p/min-p filtering, repetition, presence and frequency penalties,
+logit bias, validation."""
 
 from __future__ import annotations
 
@@ -124,6 +125,15 @@ def test_masked_logits_never_drawn():
     ({"seed": -1}, "seed"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"stop": ("",)}, "stop"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"presence_penalty": float("inf")}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"logit_bias": {3: 100.5}}, "logit_bias"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+    ({"logit_bias": {2.0: 1.0}}, "logit_bias"),
+    ({"logit_bias": ((1, float("nan")),)}, "logit_bias"),
+    ({"logit_bias": [(1, 1.0)]}, "logit_bias"),
 ])
 def test_validation_names_the_field(kwargs, field):
     with pytest.raises(SamplingError) as ei:
@@ -181,3 +191,69 @@ def test_matches_full_sort_reference(scale):
     p = SamplingParams(temperature=0.9, top_k=0, top_p=0.9, min_p=0.0, seed=11)
     s, rng = Sampler(p), np.random.Generator(np.random.PCG64(11))
     assert [s.sample(x, []) for _ in range(200)] == [_reference_sample(x, p, rng) for _ in range(200)]
+
+
+# ---- OpenAI's presence and frequency penalties, and logit_bias ----
+
+
+def _greedy_run(params: SamplingParams, x: np.ndarray, n: int, history=()) -> list[int]:
+    s = Sampler(params)
+    return [s.sample(x, history) for _ in range(n)]
+
+
+def test_frequency_penalty_subtracts_per_draw():
+    # logit0 = 5 - 0.3 * count: 5, 4.7 beat 4.5; at 4.4 token 1 wins; then 1 at 4.2 loses to 4.4
+    x = np.array([5.0, 4.5, 0.0], np.float32)
+    assert _greedy_run(SamplingParams(temperature=0, frequency_penalty=0.3), x, 4) == [0, 0, 1, 0]
+    # a negative penalty makes a drawn token ever more likely
+    assert _greedy_run(SamplingParams(temperature=0, frequency_penalty=-2.0), np.array([4.5, 5.0], np.float32), 5) \
+        == [1] * 5
+
+
+def test_presence_penalty_subtracts_once():
+    # after one draw of 0: 5 - 0.6 = 4.4 < 4.5 -> 1; then both drawn: 4.4 vs 3.9 -> 0, and so on, never lower
+    x = np.array([5.0, 4.5, 0.0], np.float32)
+    assert _greedy_run(SamplingParams(temperature=0, presence_penalty=0.6), x, 5) == [0, 1, 0, 0, 0]
+
+
+def test_presence_and_frequency_count_drawn_tokens_not_the_history():
+    # vLLM's rule: the prompt (history) is not penalised by these two, only by repeat_penalty
+    x = np.array([5.0, 4.5], np.float32)
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=2.0))
+    assert s.sample(x, [0] * 50) == 0
+    assert s.sample(x, [0] * 50) == 1
+    assert s.last_token == 1
+
+
+def test_penalties_apply_before_temperature_sampling():
+    # equal logits; once a token is drawn, a presence penalty of 2 leaves it p = e^-2 / (e^-2 + 1) ~ 0.119
+    # of being drawn again at temperature 1 (0.5 without the penalty)
+    x = np.zeros(2, np.float32)
+    again = 0
+    for seed in range(600):
+        s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=2.0, seed=seed))
+        again += s.sample(x) == s.sample(x)
+    assert 0.08 < again / 600 < 0.16
+
+
+def test_logit_bias_forces_and_bans():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(500).astype(np.float32)
+    low = int(np.argmin(x))
+    forced = _draws(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1, logit_bias={low: 100}), x, 300)
+    assert forced == Counter({low: 300})
+    best = int(np.argmax(x))
+    banned = Sampler(SamplingParams(temperature=0, logit_bias={best: -100})).sample(x)
+    assert banned != best and banned == int(np.argsort(x)[-2])
+    # a small bias shifts the argmax exactly by its amount
+    gap = float(x[best] - x[banned])
+    assert Sampler(SamplingParams(temperature=0, logit_bias={banned: gap + 1e-3})).sample(x) == banned
+    assert Sampler(SamplingParams(temperature=0, logit_bias={banned: gap - 1e-3})).sample(x) == best
+    assert x[best] == float(np.max(x))  # the caller's logits untouched
+
+
+def test_logit_bias_is_stored_sorted_and_checked_against_the_logits():
+    p = SamplingParams(logit_bias={9: 1.0, 2: -3})
+    assert p.logit_bias == ((2, -3), (9, 1.0))
+    with pytest.raises(SamplingError, match="logit_bias token id 9 outside vocab of size 5"):
+        Sampler(p).sample(np.zeros(5, np.float32))

@@ -75,7 +75,7 @@ class FakeEngine:
         self.raise_next: Exception | None = None
         self.step_delay = 0.0  # seconds per step, for tests that must act while a request still runs
 
-    def kv_session(self, n):
+    def kv_session(self, n, max_pass_tokens=None):
         return FakeSession(self, n)
 
     def token_stream(self, prompt_ids, params, max_tokens, stop=(), ignore_eos=False):

@@ -11,7 +11,13 @@ first fills the RAM tier, so every row measures the steady state, not the first 
 Models: SmolLM2-135M-Instruct (Q4_1, the default model) and a synthetic llama in F16 of about
 `--synthetic-mb` MB (random weights, built once into the vkpack cache).
 
+With `--system-prompt-tokens N`, every client's prompt instead starts with the same ~N-token system
+prompt, and each row runs twice, on a server with `--prefix-cache` and one with `--no-prefix-cache`:
+the mean time to first token shows what reusing the prompt's KV saves (issue 16). The warm-up request
+carries the system prompt too, so the cached rows measure a server that has seen it before.
+
 Usage: python tools/bench_serve.py [--tokens 32] [--clients 1,4,8] [--vram-frac 0.25] [--write-docs]
+       python tools/bench_serve.py --models smollm2 --device cpu --system-prompt-tokens 1000 --clients 1,8
        python tools/bench_serve.py --models "" --archive /tmp/bench/8b-Q4_K_M.vkpack --device vulkan \
            --vram-gb 4 --clients 1,8,32      # batched streaming on a GPU (issue 12)
 Not part of the test suite (a full run takes a few minutes).
@@ -52,6 +58,7 @@ class Result:
     seconds: float
     ttft: float          # mean time to first token, s
     bytes_read: float    # archive bytes read during the run (0 once the RAM tier holds everything)
+    cached: float = 0.0  # mean usage.prompt_tokens_details.cached_tokens per client
 
     @property
     def tps(self) -> float:
@@ -85,9 +92,11 @@ def synthetic_archive(mb: int) -> Path:
 class Server:
     """`python -m vkpack serve` on a free port, stopped on exit."""
 
-    def __init__(self, archive: Path, vram_gb: float, max_batch: int, device: str = "auto"):
-        self.cmd = [sys.executable, "-m", "vkpack", "serve", str(archive), "--port", "0", "--vram-gb",
-                    f"{vram_gb:.4f}", "--max-batch", str(max_batch), "--model-name", "bench", "--device", device]
+    def __init__(self, archive: Path, vram_gb: float | None, max_batch: int, device: str = "auto",
+                 extra: tuple[str, ...] = ()):
+        budget = [] if vram_gb is None else ["--vram-gb", f"{vram_gb:.4f}"]
+        self.cmd = [sys.executable, "-m", "vkpack", "serve", str(archive), "--port", "0", *budget,
+                    "--max-batch", str(max_batch), "--model-name", "bench", "--device", device, *extra]
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
         m = re.search(r"on (http://\S+)/v1 ", line)
@@ -114,8 +123,8 @@ class Server:
             self.proc.kill()
 
 
-def stream_one(srv: Server, i: int, tokens: int, start: threading.Barrier, out: dict) -> None:
-    body = json.dumps({"model": "bench", "prompt": PROMPT.format(i=i), "max_tokens": tokens, "temperature": 0,
+def stream_one(srv: Server, i: int, tokens: int, start: threading.Barrier, out: dict, system: str = "") -> None:
+    body = json.dumps({"model": "bench", "prompt": system + PROMPT.format(i=i), "max_tokens": tokens, "temperature": 0,
                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
     c = http.client.HTTPConnection(srv.host, srv.port, timeout=600)
     start.wait()
@@ -137,14 +146,17 @@ def stream_one(srv: Server, i: int, tokens: int, start: threading.Barrier, out: 
             usage = ev["usage"]
     end = time.perf_counter()
     c.close()
-    out[i] = (t0, first or end, end, usage["completion_tokens"] if usage else 0)
+    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    out[i] = (t0, first or end, end, usage["completion_tokens"] if usage else 0, cached)
 
 
-def run_clients(srv: Server, n: int, tokens: int) -> Result:
-    out: dict[int, tuple[float, float, float, int]] = {}
+def run_clients(srv: Server, n: int, tokens: int, system: str = "", first: int = 0) -> Result:
+    """`n` clients at once (client ids first.., so each round can ask new questions); `system` opens every prompt."""
+    out: dict[int, tuple[float, float, float, int, int]] = {}
     barrier = threading.Barrier(n)
     read0 = srv.metric("vkpack_bytes_read_total")
-    threads = [threading.Thread(target=stream_one, args=(srv, i, tokens, barrier, out)) for i in range(n)]
+    threads = [threading.Thread(target=stream_one, args=(srv, first + i, tokens, barrier, out, system))
+               for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -154,7 +166,7 @@ def run_clients(srv: Server, n: int, tokens: int) -> Result:
     t0 = min(v[0] for v in out.values())
     t1 = max(v[2] for v in out.values())
     return Result(n, sum(v[3] for v in out.values()), t1 - t0, sum(v[1] - v[0] for v in out.values()) / n,
-                  srv.metric("vkpack_bytes_read_total") - read0)
+                  srv.metric("vkpack_bytes_read_total") - read0, sum(v[4] for v in out.values()) / n)
 
 
 def bench_model(label: str, archive: Path, clients: list[int], tokens: int, frac: float, repeat: int,
@@ -187,6 +199,58 @@ def bench_model(label: str, archive: Path, clients: list[int], tokens: int, frac
         srv.close()
     return {"label": label, "archive_mb": archive.stat().st_size / 1e6, "resident_mib": resident / 2**20,
             "budget_mib": vram_gb * 1024, "rows": rows, "runs": runs, "steps": steps, "waits": preempted, "context": ctx_note, "banner": srv.banner}
+
+
+def system_prompt(archive: Path, n_tokens: int) -> tuple[str, int]:
+    """A system prompt of about `n_tokens` tokens of this model's tokenizer, and its length in tokens."""
+    line = ("System: you are the help desk of a bicycle shop. Be brief, name the part a customer needs, never "
+            "invent prices, and send anything about brakes to the workshop. ")
+    with Engine(archive, device="numpy") as eng:
+        per = len(eng.encode(line, add_bos=False))
+        text = line * max(1, round(n_tokens / per))
+        return text, len(eng.encode(text))
+
+
+def bench_prefix(label: str, archive: Path, clients: list[int], tokens: int, n_system: int, repeat: int,
+                 device: str, vram_gb: float | None) -> dict:
+    """Mean TTFT of `clients` concurrent requests sharing a ~n_system-token system prompt, on a server with
+    the prefix cache and on one without; each row's best of `repeat` rounds."""
+    system, n_sys = system_prompt(archive, n_system)
+    rows: dict[tuple[int, bool], list[Result]] = {}
+    for cache in (True, False):
+        srv = Server(archive, vram_gb, max(clients), device, ("--prefix-cache" if cache else "--no-prefix-cache",))
+        asked = 1000   # client ids: a new question every request
+        try:
+            run_clients(srv, 1, 4, system, first=asked)   # warm-up: the system prompt has been seen once
+            asked += 1
+            for _ in range(repeat):
+                for n in clients:
+                    r = run_clients(srv, n, tokens, system, first=asked)
+                    asked += n
+                    print(f"[bench_serve]   prefix cache {'on' if cache else 'off'}, {n} clients: mean TTFT "
+                          f"{r.ttft:.2f} s, {r.cached:.0f} cached prompt tokens per request", file=sys.stderr)
+                    rows.setdefault((n, cache), []).append(r)
+        finally:
+            srv.close()
+    return {"label": label, "system_tokens": n_sys, "rows": rows, "banner": srv.banner}
+
+
+def render_prefix(res: dict, clients: list[int], tokens: int, repeat: int) -> str:
+    cmd = "python tools/bench_serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [f"Command: `{cmd.strip()}`", "",
+             (f"{res['label']}, a {res['system_tokens']}-token system prompt before every client's own ~25-token "
+              f"question, {tokens} tokens generated each (greedy, `ignore_eos`); mean TTFT over the clients, the "
+              f"best of {repeat} rounds; server: `{res['banner']}`."), "",
+             "| clients | prefix cache | mean TTFT s | all rounds, s | cached prompt tokens / request | TTFT off / on |",
+             "|---:|---|---:|---|---:|---:|"]
+    for n in clients:
+        best = {c: min(res["rows"][(n, c)], key=lambda r: r.ttft) for c in (True, False)}
+        for c in (True, False):
+            runs = ", ".join(f"{r.ttft:.2f}" for r in res["rows"][(n, c)])
+            ratio = f"{best[False].ttft / best[True].ttft:.1f}×" if c else ""
+            lines.append(f"| {n} | {'on' if c else 'off'} | {best[c].ttft:.2f} | {runs} | {best[c].cached:.0f} | "
+                         f"{ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---- report ----
@@ -246,9 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vram-gb", type=float, default=None, help="a fixed device budget in GiB instead of --vram-frac")
     p.add_argument("--archive", action="append", default=[], metavar="PATH",
                    help="serve this archive too (e.g. a GPU-sized model from tools/bench_gpu.py's --work folder)")
+    p.add_argument("--system-prompt-tokens", type=int, default=0, metavar="N",
+                   help="prefix-cache mode: every prompt starts with the same ~N-token system prompt; mean TTFT with "
+                        "--prefix-cache and --no-prefix-cache (default 0: off)")
     p.add_argument("--write-docs", action="store_true", help="replace this tool's section of docs/benchmarks.md")
     args = p.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
+    if args.system_prompt_tokens > 0:
+        archives = [("SmolLM2-135M Q4_1", default_archive(progress=False)) if n == "smollm2" else
+                    (f"synthetic llama F16 ({args.synthetic_mb} MB)", synthetic_archive(args.synthetic_mb))
+                    for n in args.models.split(",") if n]
+        archives += [(Path(a).stem, Path(a)) for a in args.archive]
+        for label, path in archives:
+            res = bench_prefix(label, path, clients, args.tokens, args.system_prompt_tokens, args.repeat,
+                               args.device, args.vram_gb)
+            print(render_prefix(res, clients, args.tokens, args.repeat))
+        return 0
     host = machine()
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Tiny random models of every supported family, made by transformers itself, as HF folders and GGUFs.
+"""Tiny random models of every supported family (dense and mixtures of experts), made by transformers itself,
+as HF folders and GGUFs.
 
 `make_hf(family, folder)` builds the family's model offline from a config (`from_config`), draws random
 weights, and saves it with `save_pretrained` (safetensors, transformers 5's config.json) next to the
@@ -64,6 +65,22 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 GEMMA_LIKE = ("gemma2", "gemma3")   # norms stored as w - 1
 
+# Mixtures of experts: 8 experts of 256, top 2, 4 layers (each expert its own pack; a quarter of them is 8 packs).
+# The top-k renormalization is what llama.cpp assumes for each GGUF architecture (mixtral and qwen3moe: yes,
+# qwen2moe and olmoe: no), so that the HF folder and its GGUF are the same model.
+_MOE = {"num_hidden_layers": 4, "num_experts_per_tok": 2}
+MOE_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", {**_MOE, "num_local_experts": 8, "intermediate_size": 256,
+                                  "rope_parameters": _default_rope(1e6)}),
+    "qwen2moe": ("Qwen2MoeConfig", {**_MOE, "num_experts": 8, "moe_intermediate_size": 256,
+                                    "shared_expert_intermediate_size": 512, "norm_topk_prob": False,
+                                    "rope_parameters": _default_rope(1e6)}),
+    "qwen3moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 8, "moe_intermediate_size": 256, "norm_topk_prob": True,
+                                    "rope_parameters": _default_rope(1e6)}),
+    "olmoe": ("OlmoeConfig", {**_MOE, "num_experts": 8, "intermediate_size": 256, "norm_topk_prob": False,
+                              "rope_parameters": _default_rope(10000.0)}),
+}
+
 
 def make_hf(family: str, folder: Path | str, seed: int = 0, std: float = 0.08) -> Path:
     """Write a tiny random `family` model as an HF folder (F32 safetensors, config, tokenizer)."""
@@ -71,7 +88,7 @@ def make_hf(family: str, folder: Path | str, seed: int = 0, std: float = 0.08) -
     import transformers
     from transformers import AutoModelForCausalLM
 
-    cls_name, extra = FAMILIES[family]
+    cls_name, extra = FAMILIES[family] if family in FAMILIES else MOE_FAMILIES[family]
     cfg = getattr(transformers, cls_name)(**{**_COMMON, **extra})
     cfg.attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -122,7 +139,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("family", choices=sorted(FAMILIES))
+    ap.add_argument("family", choices=sorted({**FAMILIES, **MOE_FAMILIES}))
     ap.add_argument("folder")
     ap.add_argument("--transformers4", action="store_true", help="write config.json as transformers 4 did")
     args = ap.parse_args()

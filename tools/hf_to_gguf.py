@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ GT = gguf.GGMLQuantizationType
 TYPES = {"F32": GT.F32, "F16": GT.F16, "BF16": GT.BF16, "Q8_0": GT.Q8_0, "Q4_K": GT.Q4_K}
 # HF model_type -> GGUF architecture
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-        "gemma3_text": "gemma3", "olmo2": "olmo2", "granite": "granite", "phi3": "phi3"}
+        "gemma3_text": "gemma3", "olmo2": "olmo2", "granite": "granite", "phi3": "phi3",
+        "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 PERMUTED = ("llama", "granite")      # GGUF architectures whose q/k rows the converter permutes
 GEMMA = ("gemma2", "gemma3")
 _LAYER = {  # HF name after "model.layers.N." -> GGUF name after "blk.N."
@@ -53,7 +55,18 @@ _LAYER = {  # HF name after "model.layers.N." -> GGUF name after "blk.N."
     "mlp.down_proj.weight": "ffn_down.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    # mixtures of experts: the router, the shared expert (qwen2moe) and its sigmoid gate, stored [E] (llama.cpp
+    # declares it {n_embd}); the experts themselves go through EXPERT below
+    "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
+# one expert's matrix, HF -> the 3-D GGUF tensor it is a slice of (llama.cpp's converter stacks them by expert)
+EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                    r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_EXPERT_MATRIX = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 _POST_ATTN = "post_attention_norm.weight"   # gemma and olmo2: post_attention_layernorm is the attention's post-norm
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -69,6 +82,25 @@ def gguf_name(hf: str, model_type: str) -> str:
     if parts[3] == "post_attention_layernorm.weight" and ARCH[model_type] in (*GEMMA, "olmo2"):
         tail = _POST_ATTN
     return f"blk.{parts[2]}.{tail}"
+
+
+def _gguf_tensors(weights: dict[str, np.ndarray], model_type: str) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, array) in the source's order, each layer's experts stacked into `ffn_*_exps` [n, rows, cols]
+    where its first expert tensor was, and the shared expert's gate [1, E] as [E]."""
+    out: list[tuple[str, Any]] = []
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for hf, x in weights.items():
+        m = EXPERT.match(hf)
+        if m is None:
+            name = gguf_name(hf, model_type)
+            out.append((name, x.reshape(-1) if name.endswith("ffn_gate_inp_shexp.weight") else x))
+            continue
+        name = f"blk.{m.group(1)}.ffn_{_EXPERT_MATRIX[m.group(3)]}_exps.weight"
+        if name not in stacks:
+            stacks[name] = {}
+            out.append((name, stacks[name]))
+        stacks[name][int(m.group(2))] = x
+    return [(n, np.stack([x[e] for e in range(len(x))]) if isinstance(x, dict) else x) for n, x in out]
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -95,8 +127,7 @@ def write_gguf(folder: Path | str, out: Path | str, dtype: str = "F32") -> Path:
     _metadata(w, cfg, arch, dtype)
     add_gguf_tokenizer(w, cfg["vocab_size"])
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    for hf, x in weights.items():
-        name = gguf_name(hf, mt)
+    for name, x in _gguf_tensors(weights, mt):
         x = x.astype(np.float32)
         if arch in PERMUTED and name.endswith("attn_q.weight"):
             x = permute(x, heads)
@@ -157,6 +188,17 @@ def _metadata(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: str, dtype: str) ->
             w.add_array(K.Attention.SLIDING_WINDOW_PATTERN.format(arch=a),
                         [t == "sliding_attention" for t in cfg["layer_types"]])
             w.add_float32(K.Rope.FREQ_BASE_SWA.format(arch=a), cfg["rope_parameters"]["sliding_attention"]["rope_theta"])
+    n_experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if n_experts:   # as llama.cpp's converter writes them; the top-k renormalization is llama.cpp's per architecture
+        if arch == "qwen3moe" and not cfg.get("norm_topk_prob") or arch in ("qwen2moe", "olmoe") and cfg.get("norm_topk_prob"):
+            log.warning("%s: norm_topk_prob %s differs from what llama.cpp assumes for %s GGUFs",
+                        cfg["model_type"], cfg.get("norm_topk_prob"), arch)
+        w.add_uint32(K.LLM.EXPERT_COUNT.format(arch=a), n_experts)
+        w.add_uint32(K.LLM.EXPERT_USED_COUNT.format(arch=a), cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            w.add_uint32(K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_uint32(K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH.format(arch=a), cfg["shared_expert_intermediate_size"])
     if arch == "granite":
         w.add_float32(K.LLM.EMBEDDING_SCALE.format(arch=a), cfg["embedding_multiplier"])
         w.add_float32(K.Attention.SCALE.format(arch=a), cfg["attention_multiplier"])
@@ -206,7 +248,7 @@ def _encode(x: np.ndarray, qt: GT) -> np.ndarray:
     if qt == GT.F16:
         return x.astype(np.float16)
     if qt == GT.Q4_K:
-        return quantize_q4_k(x)
+        return quantize_q4_k(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
     return gguf.quants.quantize(x, qt)
 
 
@@ -250,8 +292,15 @@ def reference_state_dict(path: Path | str, cfg: dict[str, Any], hf_names: list[s
     arch, heads, kv = ARCH[cfg["model_type"]], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     out = {}
     for hf in hf_names:
+        m = EXPERT.match(hf)
+        if m is not None:  # one expert's slice of the stacked tensor
+            out[hf] = np.asarray(stored[f"blk.{m.group(1)}.ffn_{_EXPERT_MATRIX[m.group(3)]}_exps.weight"][int(m.group(2))],
+                                 dtype=np.float32)
+            continue
         name = gguf_name(hf, cfg["model_type"])
         x = np.asarray(stored[name], dtype=np.float32)
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            x = x.reshape(1, -1)
         if arch in GEMMA and name.endswith("norm.weight"):
             x = x - np.float32(1.0)
         if arch in PERMUTED and name.endswith("attn_q.weight"):

@@ -8,7 +8,7 @@ from typing import Any
 from ...pack_format.errors import ArchNotSupported
 
 _FAMILIES: list[Any] = []
-_MODULES = ("llama", "qwen2", "qwen3", "gemma", "olmo2", "granite", "phi3")
+_MODULES = ("llama", "qwen2", "qwen3", "gemma", "olmo2", "granite", "phi3", "mixtral", "qwen_moe", "olmoe")
 
 
 def register(cls: type) -> type:

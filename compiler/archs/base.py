@@ -52,6 +52,8 @@ class Family:
     hf_norm_offset = 0.0      # gemma's HF weights store w - 1; GGUF converters add the 1 back
     hf_rename: ClassVar[dict[str, str | None]] = {}    # a family's HF names that differ from HF_RENAME
     hf_default_theta = 10000.0
+    gguf_moe_norm = True      # MoE GGUFs: renormalize the top-k weights (llama.cpp fixes this per architecture)
+    hf_moe_norm: bool | None = None   # MoE HF configs: None reads norm_topk_prob; a family may fix it (mixtral)
 
     # ---- hyperparameters ----
     def hparams(self, source: Any) -> dict[str, Any]:
@@ -66,6 +68,12 @@ class Family:
             hp["rope_mode"] = "neox"
             hp["norm_offset"] = self.hf_norm_offset
             hp.update(self.hf_extras(source.meta, hp))
+        from .moe import moe_hparams
+
+        moe = moe_hparams(source, self)
+        if moe:
+            moe["expert_ffn"] = moe["expert_ffn"] or hp["ffn"]
+        hp.update(moe)
         hp["qkv_bias"] = self.qkv_bias
         hp["qk_norm"] = bool(self.qk_norm)
         hp["act"] = self.act
@@ -135,18 +143,23 @@ class Family:
 
     # ---- tensors ----
     def source_tensors(self, source: Any, hp: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        """(normalized name, tensor) for every tensor the archive keeps; a family splits fused ones here."""
+        """(normalized name, tensor) for every tensor the archive keeps; a family splits fused ones here, and
+        GGUF's 3-D expert tensors become one per expert (archs/moe.py)."""
+        from .moe import split_experts
+
         for t in source.tensors:
             name = t.name if source.format == "gguf" else self.normalize_hf_name(t.name)
             if name is not None:
-                yield name, t
+                yield from split_experts(name, t)
 
     def normalize_hf_name(self, name: str) -> str | None:
         """HF name -> normalized name, None for tensors to drop; unknown names raise SourceError."""
         for pat, target in self._patterns():
             m = pat.match(name)
             if m:
-                return None if target is None else target.replace("{}", m.group(1)) if m.groups() else target
+                for g in m.groups() if target is not None else ():  # the layer, then (experts) the expert
+                    target = target.replace("{}", g, 1)
+                return target
         raise SourceError(f"tensor {name!r} is not part of the {self.name} layout")
 
     def _patterns(self) -> list[tuple[re.Pattern, str | None]]:
@@ -210,10 +223,15 @@ class Family:
             if self.pre_norms:
                 ops.append(norm(["x"], "h", b + "ffn_norm.weight"))
                 src = "h"
-            ops += [_linear([src], "g", b + "ffn_gate", tensor_names),
-                    _linear([src], "u", b + "ffn_up", tensor_names),
-                    op(glu, ["g", "u"], "m"),
-                    _linear(["m"], "a", b + "ffn_down", tensor_names)]
+            if b + "ffn_gate_inp.weight" in tensor_names:  # a mixture of experts (archs/moe.py)
+                from .moe import moe_ops
+
+                ops += moe_ops(hp, i, src, tensor_names)
+            else:
+                ops += [_linear([src], "g", b + "ffn_gate", tensor_names),
+                        _linear([src], "u", b + "ffn_up", tensor_names),
+                        op(glu, ["g", "u"], "m"),
+                        _linear(["m"], "a", b + "ffn_down", tensor_names)]
             ops += self._residual(hp, norm, b + "post_ffw_norm.weight")
             steps.append({"name": f"blk.{i}.mlp", "kind": "mlp", "layer": i, "gather": False, "ops": ops})
         head = "token_embd.weight" if tied else "output.weight"
@@ -242,6 +260,9 @@ class Family:
             return "embed", None
         if name.startswith(("output_norm.", "output.")):
             return "head", None
+        m = re.match(r"^blk\.(\d+)\.ffn_(?:gate|up|down)\.\d+\.weight$", name)
+        if m:  # one expert's matrix: its own pack (archs/moe.py)
+            return "expert", int(m.group(1))
         m = re.match(r"^blk\.(\d+)\.(attn|ffn|post_attention|post_ffw)_", name)
         if m:
             return ("attn" if m.group(2) in ("attn", "post_attention") else "mlp"), int(m.group(1))

@@ -42,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="most prompt tokens prefilled per batch step, so long prompts do not stall "
                         "running streams")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt blocks a running or recently finished request holds, so a "
+                        "shared system prompt is prefilled once (finished requests' caches are kept only while "
+                        "the device budget has room; default: on)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let browser pages from ORIGIN (e.g. http://localhost:3000, or * for any) call the API: "
                         "answers preflight OPTIONS and sends Access-Control-Allow-Origin; repeatable; none by default")
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         with Engine(path, **s.engine_kwargs()) as eng:
             app = create_app(eng, model_name=name, api_key=key, max_batch=s.max_batch, max_queue=args.max_queue,
                              default_max_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk,
-                             cors_origins=args.cors_origin)
+                             cors_origins=args.cors_origin, prefix_cache=args.prefix_cache)
             sock.listen(2048)  # connections queue from now on, so the banner below is true when printed
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host

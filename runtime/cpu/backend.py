@@ -24,7 +24,7 @@ from ...pack_format.constants import align_up
 from ...pack_format.errors import VkpackError
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
-from ..backend import PassInputs, Placement
+from ..backend import PassInputs, Placement, copy_spans
 from ..graph import OpWeights, WeightAccess, run_ops, seq_row_activations
 from . import ops
 from .dequant import dequantize
@@ -119,7 +119,7 @@ class CpuBackend:
                        for pid, sl in self.slices.items()}
         widths = archive.activation_widths
         per_seq = seq_row_activations(self.steps)
-        self._token_width = sum(w for n, w in widths.items() if n not in per_seq)
+        self._token_width = sum(w for n, w in widths.items() if n not in per_seq) + moe_scratch_width(self.steps, archive.tensors)
         self._seq_width = sum(w for n, w in widths.items() if n in per_seq)
         self._max_heads = max((op["attrs"]["n_heads"] for s in self.steps for op in s["ops"]
                                if op["op"] == "attention"), default=0)
@@ -178,6 +178,13 @@ class CpuBackend:
 
     def kv_view(self, mem: np.ndarray, n_ctx: int, width: int) -> np.ndarray:
         return mem[:n_ctx * width * 4].view(np.float32).reshape(n_ctx, width)
+
+    def copy_kv(self, src: list[tuple[Any, Any]], dst: list[tuple[Any, Any]], n: int) -> None:
+        """Row copies between host arrays (the native backend's views are the same arrays)."""
+        for pair_src, pair_dst in zip(src, dst, strict=True):
+            for s, d in zip(pair_src, pair_dst, strict=True):
+                for a, b, k in copy_spans(n, s.shape[0], d.shape[0]):
+                    d[b:b + k] = s[a:a + k]
 
     def close(self) -> None:
         if self.backing is not None:
@@ -247,6 +254,46 @@ class CpuBackend:
                 y += b
         env[op["out"]] = y
 
+    def matmul(self, w: Any, x: np.ndarray, y: np.ndarray) -> None:
+        """y = x @ W.T for one weight part in this backend's form (the native backend's takes it as stored)."""
+        self.blas.use(self.threads_few_rows if x.shape[0] < FEW_ROWS else self.threads_many_rows)
+        np.matmul(x, w.T, out=y)
+
+    def product(self, name: str, x: np.ndarray, weights: OpWeights) -> np.ndarray:
+        """x @ W.T over every row-part of the weight `name`, each part pinned only while it is read."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        parts = self.archive.tensors[name].parts
+        y = np.empty((x.shape[0], self.archive.tensors[name].shape[0]), dtype=np.float32)
+        for part_idx, p in enumerate(parts):
+            with weights.part(name, part_idx) as w:
+                self.matmul(w, x, y[:, p.row_start:p.row_end])
+        return y
+
+    def op_moe(self, op, env, weights) -> None:
+        """Router, top-k experts, optional gated shared expert (docs/FORMAT.md, op moe). Each chosen expert's
+        weights are acquired once per pass for all the rows that chose it, and only the chosen ones."""
+        a, w = op["attrs"], op["w"]
+        x = env[op["in"][0]]                                                      # [T, E]
+        idx, gate = ops.route(self.product(w[0], x, weights), a["k"], a["router"], a["norm"])  # [T, k] each
+        chosen = np.unique(idx).tolist()
+        weights.choose(chosen)
+        out = np.zeros(x.shape, dtype=np.float32)
+        for e in chosen:  # in expert order, as transformers adds them
+            rows, slot = np.nonzero(idx == e)
+            out[rows] += self._glu(a["experts"][e], x[rows], weights) * gate[rows, slot][:, None]
+        if len(w) >= 4:
+            shared = self._glu(w[1:4], x, weights)
+            if len(w) == 5:
+                shared *= ops.sigmoid(self.product(w[4], x, weights))
+            out += shared
+        env[op["out"]] = out
+
+    def _glu(self, names: list[str], x: np.ndarray, weights: OpWeights) -> np.ndarray:
+        """down(silu(gate(x)) * up(x)): one expert."""
+        g = self.product(names[0], x, weights)
+        u = self.product(names[1], x, weights)
+        return self.product(names[2], ops.swiglu(g, u), weights)
+
     def op_rope(self, op, env, weights) -> None:
         a = op["attrs"]
         key = ("rope", a["rope_dim"], a["theta"], id(a.get("freq_factors")))
@@ -264,8 +311,7 @@ class CpuBackend:
         out = np.empty_like(q) if len(seqs) > 1 else None
         for r0, r1, pos0, kv in seqs:
             kc, vc = kv[a["layer"]]
-            kc[pos0:pos0 + r1 - r0] = k[r0:r1]
-            vc[pos0:pos0 + r1 - r0] = v[r0:r1]
+            ops.kv_store(kc, vc, k[r0:r1], v[r0:r1], pos0, a.get("window"))   # a ring wraps (runtime/kv.py)
             o = ops.attention(q[r0:r1], kc, vc, pos0, a["n_heads"], a["n_kv_heads"], a["head_dim"], a["scale"],
                               a.get("softcap"), a.get("window"))
             if out is None:
@@ -298,6 +344,20 @@ class CpuBackend:
     def op_last_token(self, op, env, weights) -> None:
         x = env[op["in"][0]]
         env[op["out"]] = x[[r1 - 1 for _, r1, _, _ in self._seqs]]
+
+
+def moe_scratch_width(steps: list[dict[str, Any]], tensors: dict[str, TensorRecord]) -> int:
+    """Floats per token a moe op allocates besides its output (router scores and choice, one expert's gate,
+    up, product and result, the sum): room each pass reserves beside the graph's own activations."""
+    width = 0
+    for s in steps:
+        for op in s["ops"]:
+            if op["op"] == "moe":
+                names = [*op["attrs"]["experts"], op["w"][1:4] if len(op["w"]) >= 4 else []]
+                ffn = max(tensors[n[0]].shape[0] for n in names if n)
+                width = max(width, 2 * len(op["attrs"]["experts"]) + 2 * op["attrs"]["k"] + 3 * ffn
+                            + 2 * tensors[op["w"][0]].shape[1])
+    return width
 
 
 def check_token_ids(tokens: np.ndarray, table: TensorRecord) -> None:

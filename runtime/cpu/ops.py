@@ -1,7 +1,8 @@
 """The graph's ops in numpy, float32 throughout: the numeric reference for every backend.
 
 Shapes: activations are [T, features] for the T tokens of one call; the KV cache of a layer
-is [n_ctx, n_kv_heads * head_dim] for K and for V.
+is [rows, n_kv_heads * head_dim] for K and for V, position p at row p % rows (rows = n_ctx for a
+full layer; a sliding-window layer may keep a ring of fewer, runtime/kv.py).
 
 Decode calls these with T = 1 several hundred times per token, so each op is written as few
 numpy calls as it can be (in place where the buffer is ours): at T = 1 the cost of an op is its
@@ -86,20 +87,51 @@ def rope_rotation(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return rot
 
 
+def live_rows(rows: int, pos0: int, t: int, window: int | None) -> tuple[int, int]:
+    """[lo, n): the positions some query of a pass of t tokens at pos0 sees; ValueError unless they fit
+    the cache's `rows` at once (a ring too small for the pass: a query's keys would be overwritten)."""
+    n = pos0 + t
+    lo = max(0, pos0 - window + 1) if window else 0
+    if n - lo > rows:
+        raise ValueError(f"a pass of {t} tokens at position {pos0} reads {n - lo} KV rows at once; the cache "
+                         f"holds {rows} (feed fewer tokens per pass: the session's max_pass_tokens)")
+    return lo, n
+
+
+def kv_store(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int,
+             window: int | None = None) -> None:
+    """Write the keys and values of positions pos0.. at rows position % rows (in two slices where the
+    ring wraps), after checking that the pass's live rows fit (`live_rows`)."""
+    rows, t = k_cache.shape[0], k.shape[0]
+    live_rows(rows, pos0, t, window)
+    a = pos0 % rows
+    b = min(rows, a + t)
+    k_cache[a:b], v_cache[a:b] = k[:b - a], v[:b - a]
+    if b - a < t:   # wrapped: the rest from row 0
+        k_cache[:t - (b - a)], v_cache[:t - (b - a)] = k[b - a:], v[b - a:]
+
+
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int, n_kv_heads: int,
               head_dim: int, scale: float, softcap: float | None = None, window: int | None = None) -> np.ndarray:
-    """Causal grouped-query attention of T queries at positions pos0.. over cache rows [0, pos0 + T).
+    """Causal grouped-query attention of T queries at positions pos0.. over the cache's positions
+    [0, pos0 + T) (position p at row p % rows: a ring keeps only the last rows).
 
     `softcap` caps the scaled scores at +-softcap with tanh (gemma2); `window` lets each query see only
     itself and the window - 1 positions before it (sliding-window layers).
     """
     t = q.shape[0]
-    n = pos0 + t
-    lo = max(0, pos0 - window + 1) if window else 0                             # first row any query sees
+    rows = k_cache.shape[0]
+    lo, n = live_rows(rows, pos0, t, window)                                    # positions any query sees
     group = n_heads // n_kv_heads
     qh = np.multiply(q.reshape(t, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3), np.float32(scale))  # [kv, g, T, d]
-    kh = k_cache[lo:n].reshape(n - lo, n_kv_heads, head_dim).transpose(1, 2, 0)[:, None]  # [kv, 1, d, n - lo]
-    vh = v_cache[lo:n].reshape(n - lo, n_kv_heads, head_dim).transpose(1, 0, 2)[:, None]  # [kv, 1, n - lo, d]
+    a = lo % rows
+    if a + n - lo <= rows:   # no wrap: views, no copy (every full layer)
+        ks, vs = k_cache[a:a + n - lo], v_cache[a:a + n - lo]
+    else:                    # the ring wraps inside [lo, n): gather its rows in position order
+        idx = np.arange(lo, n) % rows
+        ks, vs = k_cache[idx], v_cache[idx]
+    kh = ks.reshape(n - lo, n_kv_heads, head_dim).transpose(1, 2, 0)[:, None]  # [kv, 1, d, n - lo]
+    vh = vs.reshape(n - lo, n_kv_heads, head_dim).transpose(1, 0, 2)[:, None]  # [kv, 1, n - lo, d]
     scores = np.matmul(qh, kh)                                                    # [kv, g, T, n - lo]
     if softcap:
         scores *= np.float32(1.0 / softcap)
@@ -154,3 +186,31 @@ def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     np.divide(g, e, out=e)
     e *= u
     return e
+
+
+def route(logits: np.ndarray, k: int, router: str, norm: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A moe op's choice: for each row of router logits [T, n], the k experts of highest score and their
+    weights, both [T, k]. Scores are softmax(logits) or sigmoid(logits); with `norm` the k weights are
+    divided by their sum. Ties go to the lower expert index (a stable sort)."""
+    if router == "softmax":
+        scores = logits - logits.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+    elif router == "sigmoid":
+        scores = sigmoid(logits)
+    else:
+        raise ValueError(f"unknown moe router {router!r}")
+    idx = np.argsort(-scores, axis=-1, kind="stable")[:, :k]                     # [T, k]
+    weights = np.take_along_axis(scores, idx, axis=-1)                          # [T, k]
+    if norm:
+        weights /= weights.sum(axis=-1, keepdims=True)
+    return idx, weights
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x), without overflow for very negative x."""
+    e = np.negative(x)
+    np.clip(e, -80, 80, out=e)
+    np.exp(e, out=e)
+    e += np.float32(1.0)
+    return np.reciprocal(e, out=e)

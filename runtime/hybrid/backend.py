@@ -145,6 +145,22 @@ class HybridBackend:
         kv = self.gpu.kv_view(mem, n_ctx, width)
         return HybridKv(kv, n_ctx, width) if self.held_steps else kv
 
+    def copy_kv(self, src: list[tuple[Any, Any]], dst: list[tuple[Any, Any]], n: int) -> None:
+        """Each cache from the side that holds positions [0, n) current (the GPU's where both do: a
+        prefill ran there), in one device submission for all the GPU-side ones; `dst` then holds them
+        on that side only (kv.py brings the other side up to date when a pass needs it)."""
+        pairs = [(s, d) for ps, pd in zip(src, dst, strict=True) for s, d in zip(ps, pd, strict=True)]
+        if not self.held_steps:   # plain device caches (kv_view wraps nothing)
+            self.gpu.copy_caches(pairs, n)
+            return
+        on_gpu = [(s, d) for s, d in pairs if s.device_rows >= n]
+        self.gpu.copy_caches([(s.device, d.device) for s, d in on_gpu], n)
+        for s, d in on_gpu:
+            d.copied(False, n)
+        for s, d in pairs:
+            if s.device_rows < n:
+                s.copy_host_to(d, n)
+
     def load(self, pack: int, source: PackSource, dest: Any) -> Any:
         return self.gpu.load(pack, source, dest)
 

@@ -13,18 +13,22 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import copy_spans
+
 
 class HybridKv:
-    """A device KvCache and, once the CPU needs it, a host array [n_ctx, width] float32."""
+    """A device KvCache and, once the CPU needs it, a host array [n_ctx, width] float32. Both sides put
+    position p at row p % n_ctx: a windowed layer's cache may be a ring of fewer rows than the session's
+    positions (runtime/kv.py); for a full layer that is row p."""
 
     __slots__ = ("device", "device_rows", "host", "host_rows", "n_ctx", "width")
 
     def __init__(self, device: Any, n_ctx: int, width: int):
         self.device = device
-        self.n_ctx, self.width = n_ctx, width
+        self.n_ctx, self.width = n_ctx, width   # n_ctx: the rows of either copy
         self.host: np.ndarray | None = None
-        self.device_rows = 0   # leading rows current on the device
-        self.host_rows = 0     # leading rows current in host memory
+        self.device_rows = 0   # positions [0, device_rows) current on the device (their last n_ctx held)
+        self.host_rows = 0     # positions [0, host_rows) current in host memory
 
     def host_array(self) -> np.ndarray:
         if self.host is None:
@@ -32,24 +36,27 @@ class HybridKv:
         return self.host
 
     def ready_on(self, on_host: bool, pos0: int, dev: Any) -> None:
-        """Bring rows [0, pos0) up to date on one side before a pass there reads them."""
+        """Bring positions [0, pos0) up to date on one side before a pass there reads them: only the last
+        n_ctx of them, the rows a ring still holds."""
+        have, other = (self.host_rows, self.device_rows) if on_host else (self.device_rows, self.host_rows)
+        if have >= pos0:
+            return
+        lo = max(have, pos0 - self.n_ctx)
+        self._need(other, lo, pos0)
+        sl, w = self.device.slice, self.width
+        for a, b in self._row_spans(lo, pos0):
+            if on_host:
+                raw = dev.download(sl.buffer, (b - a) * w * 4, sl.offset + a * w * 4)
+                self.host_array()[a:b] = np.frombuffer(raw, dtype=np.float32).reshape(b - a, w)
+            else:
+                dev.upload(sl.buffer, self.host_array()[a:b], sl.offset + a * w * 4)
         if on_host:
-            if self.host_rows < pos0:
-                a, b = self.host_rows, pos0
-                self._need(self.device_rows, b)
-                sl = self.device.slice
-                raw = dev.download(sl.buffer, (b - a) * self.width * 4, sl.offset + a * self.width * 4)
-                self.host_array()[a:b] = np.frombuffer(raw, dtype=np.float32).reshape(b - a, self.width)
-                self.host_rows = b
-        elif self.device_rows < pos0:
-            a, b = self.device_rows, pos0
-            self._need(self.host_rows, b)
-            sl = self.device.slice
-            dev.upload(sl.buffer, self.host_array()[a:b], sl.offset + a * self.width * 4)
-            self.device_rows = b
+            self.host_rows = pos0
+        else:
+            self.device_rows = pos0
 
     def written(self, on_host: bool, pos0: int, n: int) -> None:
-        """A pass on one side wrote rows [pos0, pos0 + n): the other side's rows from pos0 on are stale."""
+        """A pass on one side wrote positions [pos0, pos0 + n): the other side's from pos0 on are stale."""
         if on_host:
             self.host_rows = pos0 + n
             self.device_rows = min(self.device_rows, pos0)
@@ -57,7 +64,28 @@ class HybridKv:
             self.device_rows = pos0 + n
             self.host_rows = min(self.host_rows, pos0)
 
-    @staticmethod
-    def _need(have: int, rows: int) -> None:
-        if have < rows:  # a pass read rows no pass wrote: a caller's bug, never a silent zero
-            raise RuntimeError(f"KV rows [{have}, {rows}) are current on neither side")
+    def copied(self, on_host: bool, n: int) -> None:
+        """Positions [0, n) were copied into this (fresh) cache's copy on one side, from another cache."""
+        self.host_rows, self.device_rows = (n, 0) if on_host else (0, n)
+
+    def copy_host_to(self, dst: HybridKv, n: int) -> None:
+        """Give `dst` this cache's host rows of positions [0, n) (a sequence sharing a prompt's KV)."""
+        if self.host_rows < n:   # a ring's rows of positions below n - window may be newer ones: never read
+            raise RuntimeError(f"KV positions [0, {n}) are not current in host memory")
+        src, out = self.host_array(), dst.host_array()
+        for a, b, k in copy_spans(n, self.n_ctx, dst.n_ctx):
+            out[b:b + k] = src[a:a + k]
+        dst.copied(True, n)
+
+    def _row_spans(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The rows of positions [lo, hi) (at most n_ctx of them) as one or two [a, b) ranges."""
+        a = lo % self.n_ctx
+        if a + hi - lo <= self.n_ctx:
+            return [(a, a + hi - lo)] if hi > lo else []
+        return [(a, self.n_ctx), (0, hi - lo - (self.n_ctx - a))]
+
+    def _need(self, have: int, lo: int, hi: int) -> None:
+        # the other side holds positions [have - n_ctx, have): a pass would read rows no pass wrote (or a
+        # ring already overwrote): a caller's bug, never a silent zero
+        if have < hi or have - self.n_ctx > lo:
+            raise RuntimeError(f"KV positions [{lo}, {hi}) are current on neither side")

@@ -162,7 +162,8 @@ class NativeCpuBackend(CpuBackend):
     # ---- prefill ops in the kernels (ops.h) ----
     def op_attention(self, op, env, weights) -> None:
         """As the numpy backend's, each sequence's rows by `vkp_attention` on all threads (prefill only;
-        softcap and sliding windows, and builds without the kernel, keep numpy's)."""
+        softcap and sliding windows, and builds without the kernel, keep numpy's: a windowed layer's
+        cache may be a ring, runtime/kv.py, which only numpy's path indexes)."""
         a = op["attrs"]
         q, k, v = (env[n] for n in op["in"])
         if q.shape[0] < NATIVE_OPS_MIN_TOKENS or a.get("softcap") or a.get("window"):

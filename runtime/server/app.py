@@ -2,11 +2,12 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as
 server-sent events or not), llama-server's POST /tokenize, POST /detokenize and GET /props,
-GET /health, GET /metrics (Prometheus text); CORS only for the origins given. Requests are
-untrusted: the body is capped, every field is type-checked (parse.py), and every failure is an
-OpenAI-style JSON error `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
-status, after which the server keeps serving. Model work happens only on the scheduler
-thread (batch.py); the handlers tokenize, validate, and relay events (jobs.py).
+GET /health, GET /metrics (Prometheus text), GET / (the chat page, static/chat.html); CORS only
+for the origins given. Requests are untrusted: the body is capped, every field is type-checked
+(parse.py), and every failure is an OpenAI-style JSON error `{"error": {"message", "type",
+"param", "code"}}` with a 4xx/5xx status, after which the server keeps serving. Model work
+happens only on the scheduler thread (batch.py); the handlers tokenize, validate, and relay
+events (jobs.py).
 
 Example:
     app = create_app(Engine("smol.vkpack"), model_name="smol")
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.resources
 import logging
 import math
 import threading
@@ -31,34 +33,56 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ... import __version__
+from ..constrain import ConstraintCompiler
 from ..sampler import DEFAULT_PARAMS, SamplingParams
-from .batch import Event, Failed, Finished, Piece, Scheduler
-from .jobs import Job, SseResponse, collect, failed_response
+from .batch import Event, Failed, Finished, Piece, PromptLogprobs, Scheduler
+from .jobs import Collected, Job, SseResponse, collect, failed_response
+from .logprobs import TokenText
 from .parse import (
-    ApiError, chat_messages, chat_prompt_ids, check_model, detokenize_ids, error_body, gen_args, prompt_ids, read_json,
-    sampling, stream_flags, tokenize_args,
+    ApiError, chat_messages, chat_prompt_ids, check_model, choices, detokenize_ids, error_body, gen_args, prompt_ids,
+    read_json, sampling, stream_flags, tokenize_args,
 )
-from .prometheus import prometheus_text
+from .render import LegacyLogprobs, chat_logprobs, merge
+from .prometheus import exposition, server_registry
+from .structured import OutputPlan, ToolRelay, output_plan
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20          # bytes of one request body (413 beyond)
 DEFAULT_MAX_TOKENS = 512    # generation cap when a request gives none (OpenAI's completions default is 16)
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/props",
-             "/health", "/metrics")
+             "/health", "/metrics", "/")
+OPEN_PATHS = ("/health", "/")   # no API key: the chat page asks for it and sends it with each call
 
 
 def error_response(e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(e.status, e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
 
 
-def _usage(ev: Finished) -> dict[str, int]:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage: the prompt once, however many choices; the completion tokens of all of them;
+    the prompt tokens whose KV came from the prefix cache (batch.py) as `cached_tokens`."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class _Ends:
+    """A stream's finished choices: the usage chunk goes out after the last one."""
+
+    def __init__(self, n: int):
+        self.n, self.count, self.completion_tokens, self.cached_tokens = n, 0, 0, 0
+
+    def add(self, ev: Finished) -> bool:
+        """Count `ev`; whether every choice has now finished."""
+        self.count += 1
+        self.completion_tokens += ev.completion_tokens
+        self.cached_tokens = ev.cached_tokens
+        return self.count == self.n
 
 
 # ---- what the handlers share ----
@@ -74,6 +98,9 @@ class _State:
         self.default_max_tokens, self.max_body = default_max_tokens, max_body
         self.created = int(time.time())
         self.meta = model_meta(engine)
+        self.token_text = TokenText(engine.tokenizer, engine.archive.tokenizer["json"])  # logprobs' strings, bytes
+        self.compiler = ConstraintCompiler.for_engine(engine)  # grammars; builds its tables on first use
+        self.template = engine.archive.tokenizer.get("chat_template")
         self.requests: dict[tuple[str, int], int] = {}
         self.finish: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -93,11 +120,14 @@ class _State:
             return sorted(self.requests.items())
 
     def start_job(self, body: dict[str, Any], ids: list[int], params: SamplingParams, receive: Any,
-                  label: str) -> Job:
+                  label: str, opts: dict[str, Any], plan: OutputPlan) -> Job:
         """Submit one generation to the scheduler (ApiError 400 if it cannot fit, 503 if the queue is full);
-        `label` (the response id) names it in the per-request log line."""
+        `label` (the response id) names it in the per-request log line; `opts` is `parse.choices`'s,
+        `plan` the output's grammar and tool-call markers (structured.py)."""
         args = gen_args(body, ids, params, self.engine.context, self.default_max_tokens)
-        job = Job(self.scheduler, {**args, "label": label}, receive, self.count_finish)
+        extra = {k: opts[k] for k in ("n", "logprobs", "prompt_logprobs")}
+        extra.update(logits_mask=plan.mask_factory(), keep_special=plan.keep)
+        job = Job(self.scheduler, {**args, **extra, "label": label}, receive, self.count_finish)
         job.start()
         return job
 
@@ -113,33 +143,69 @@ async def completions(request: Request) -> Response:
         raise ApiError(400, "missing required field 'prompt'", param="prompt", code="missing_required_parameter")
     if body.get("suffix") not in (None, ""):
         raise ApiError(400, "suffix is not supported", param="suffix")
-    params = sampling(body)
+    params = sampling(body, state.engine.n_token_ids)
+    opts = choices(body, chat=False)
     stream, include_usage = stream_flags(body)
+    plan = await asyncio.to_thread(output_plan, body, opts["n"], state.compiler, None, False)
     ids = await asyncio.to_thread(prompt_ids, state.engine, body["prompt"])
+    echo = await asyncio.to_thread(_echo_text, state.engine, body["prompt"], ids) if opts["echo"] else ""
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    job = state.start_job(body, ids, params, request.receive, rid)
+    job = state.start_job(body, ids, params, request.receive, rid, opts, plan)
     make = _chunk_maker(state, rid, created, "text_completion", include_usage)
+    n, want_lp = opts["n"], opts["logprobs"] is not None
+    lps = [LegacyLogprobs(state.token_text) for _ in range(n)]
 
-    def chunk(text: str, reason: str | None) -> dict[str, Any]:
-        return make({"text": text}, reason)
+    def choice(i: int, text: str, logprobs: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
     if stream:
+        ends = _Ends(n)
+
         def render(ev: Event | None) -> list[dict[str, Any]]:
+            if ev is None:  # the echoed prompt opens each choice (with its logprobs: when they come)
+                return [make([choice(i, echo, None, None)]) for i in range(n)] if echo and not want_lp else []
+            if isinstance(ev, PromptLogprobs):
+                return [make([choice(i, echo, lps[i].prompt(ids, ev.entries, echo), None)]) for i in range(n)]
             if isinstance(ev, Piece):
-                return [chunk(ev.text, None)]
+                return [make([choice(ev.index, ev.text, lps[ev.index].part(ev.logprobs) if want_lp else None, None)])]
             if isinstance(ev, Finished):
-                out = [chunk("", ev.reason)]
-                if include_usage:
-                    out.append({**chunk("", None), "choices": [], "usage": _usage(ev)})
+                out = [make([choice(ev.index, "", None, ev.reason)])]
+                if ends.add(ev) and include_usage:
+                    out.append({**make([]), "usage": _usage(len(ids), ends.completion_tokens, ends.cached_tokens)})
                 return out
             return []
         return SseResponse(job, render)  # type: ignore[return-value]
-    text, end = await collect(job)
-    if not isinstance(end, Finished):
-        return failed_response(end) if end else Response(status_code=499)
-    out = chunk(text, end.reason)
-    out["usage"] = _usage(end)
+    res = await collect(job)
+    if not res.complete:
+        return _incomplete(res)
+    out_choices = []
+    for i, c in enumerate(res.choices):
+        lp = None
+        if want_lp:
+            head = lps[i].prompt(ids, res.prompt or (), echo) if echo else None
+            lp = lps[i].part(c.logprobs)
+            lp = merge(head, lp) if head is not None else lp
+        out_choices.append(choice(i, echo + c.text, lp, c.end.reason if c.end else None))
+    out = make(out_choices)
+    out["usage"] = _usage(len(ids), sum(c.end.completion_tokens for c in res.choices if c.end), _cached(res))
     return JSONResponse(out)
+
+
+def _cached(res: Collected) -> int:
+    """The request's prompt tokens taken from the prefix cache (every choice's Finished carries them)."""
+    return max((c.end.cached_tokens for c in res.choices if c.end), default=0)
+
+
+def _echo_text(engine: Any, prompt: Any, ids: list[int]) -> str:
+    """The prompt as `echo` returns it: the string sent, or token ids decoded (special tokens kept)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else engine.decode(ids, False)
+
+
+def _incomplete(res: Collected) -> Response:
+    """The answer when a generation did not finish: its failure, or 499 for a client that left."""
+    return failed_response(res.failed) if res.failed else Response(status_code=499)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -147,44 +213,56 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, state.max_body)
     check_model(state.model_name, body)
     messages = chat_messages(body)
-    params = sampling(body)
+    params = sampling(body, state.engine.n_token_ids)
+    opts = choices(body, chat=True)
     stream, include_usage = stream_flags(body)
-    ids = await asyncio.to_thread(chat_prompt_ids, state.engine, messages)
+    plan = await asyncio.to_thread(output_plan, body, opts["n"], state.compiler, state.template, True)
+    ids = await asyncio.to_thread(chat_prompt_ids, state.engine, messages, plan.tools)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    job = state.start_job(body, ids, params, request.receive, rid)
-    make = _chunk_maker(state, rid, created, "chat.completion.chunk", include_usage)
+    job = state.start_job(body, ids, params, request.receive, rid, opts, plan)
+    n, want_lp = opts["n"], opts["logprobs"] is not None
+    relay = ToolRelay(plan.fmt if plan.parse_calls else None, n)  # each choice's text, tool calls parsed out
 
-    def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
-        return make({"delta": delta}, reason)
+    def lp(entries: Any) -> dict[str, Any] | None:
+        return chat_logprobs(entries, state.token_text) if want_lp else None
 
     if stream:
+        make = _chunk_maker(state, rid, created, "chat.completion.chunk", include_usage)
+        ends = _Ends(n)
+
+        def delta(i: int, d: dict[str, Any], logprobs: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+            return make([{"index": i, "delta": d, "logprobs": logprobs, "finish_reason": reason}])
+
         def render(ev: Event | None) -> list[dict[str, Any]]:
             if ev is None:
-                return [chunk({"role": "assistant", "content": ""}, None)]
+                return [delta(i, {"role": "assistant", "content": ""}, None, None) for i in range(n)]
             if isinstance(ev, Piece):
-                return [chunk({"content": ev.text}, None)]
+                parts = relay.feed(ev.index, ev.text) or ([{"content": ""}] if ev.logprobs else [])
+                return [delta(ev.index, d, lp(ev.logprobs) if j == 0 else None, None) for j, d in enumerate(parts)]
             if isinstance(ev, Finished):
-                out = [chunk({}, ev.reason)]
-                if include_usage:
-                    out.append({**chunk({}, None), "choices": [], "usage": _usage(ev)})
+                rest, reason = relay.finish(ev.index, ev.reason)
+                out = [delta(ev.index, d, None, None) for d in rest] + [delta(ev.index, {}, None, reason)]
+                if ends.add(ev) and include_usage:
+                    out.append({**make([]), "usage": _usage(len(ids), ends.completion_tokens, ends.cached_tokens)})
                 return out
             return []
         return SseResponse(job, render)  # type: ignore[return-value]
-    text, end = await collect(job)
-    if not isinstance(end, Finished):
-        return failed_response(end) if end else Response(status_code=499)
-    out = _chunk_maker(state, rid, created, "chat.completion", False)(
-        {"message": {"role": "assistant", "content": text}}, end.reason)
-    out["usage"] = _usage(end)
+    res = await collect(job)
+    if not res.complete:
+        return _incomplete(res)
+    answers = [relay.message(c.text, c.end.reason if c.end else "stop") for c in res.choices]
+    out = _chunk_maker(state, rid, created, "chat.completion", False)([
+        {"index": i, "message": msg, "logprobs": lp(c.logprobs), "finish_reason": reason}
+        for i, (c, (msg, reason)) in enumerate(zip(res.choices, answers, strict=True))])
+    out["usage"] = _usage(len(ids), sum(c.end.completion_tokens for c in res.choices if c.end), _cached(res))
     return JSONResponse(out)
 
 
 def _chunk_maker(state: _State, rid: str, created: int, obj: str, include_usage: bool) -> Any:
     """Builds one response object (a stream chunk, or the body without a stream) of the given
-    OpenAI `object` type around a choice's content (`{"text": ...}` or `{"delta": ...}`)."""
-    def make(content: dict[str, Any], reason: str | None) -> dict[str, Any]:
-        c = {"id": rid, "object": obj, "created": created, "model": state.model_name,
-             "choices": [{"index": 0, **content, "logprobs": None, "finish_reason": reason}]}
+    OpenAI `object` type around its choices."""
+    def make(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        c = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices}
         if include_usage:
             c["usage"] = None
         return c
@@ -265,8 +343,23 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     s: _State = request.app.state.vk
-    return PlainTextResponse(prometheus_text(s.scheduler, s.engine, s.request_counts()),
-                             media_type="text/plain; version=0.0.4")
+    if not hasattr(request.app.state, "prometheus"):  # this app's own registry, built once (prometheus.py)
+        request.app.state.prometheus = server_registry(s.scheduler, s.engine, s.request_counts)
+    body, media_type = exposition(request.app.state.prometheus, request.headers.get("accept"))
+    return Response(body, media_type=media_type)
+
+
+CHAT_PAGE = importlib.resources.files(__package__).joinpath("static", "chat.html")
+# The page loads nothing from elsewhere; the policy makes the browser hold it to that.
+CHAT_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src "
+                                                "'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; "
+                                                "form-action 'none'; frame-ancestors 'none'"}
+
+
+async def chat_page(request: Request) -> Response:
+    """The chat page (static/chat.html), open like /health: it holds no secret and asks for the API key itself."""
+    return HTMLResponse(CHAT_PAGE.read_bytes(), headers=CHAT_PAGE_HEADERS)
 
 
 
@@ -321,7 +414,7 @@ class _Gate:
     def _precheck(self, scope: Any, path: str) -> ApiError | None:
         headers = dict(scope.get("headers") or [])
         key = self.state.api_key
-        if key and path != "/health":
+        if key and path not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -360,7 +453,8 @@ async def _internal(request: Request, exc: Exception) -> Response:
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, max_body: int = MAX_BODY,
-               prefill_chunk: int = 512, cors_origins: tuple[str, ...] | list[str] = ()) -> Any:
+               prefill_chunk: int = 512, cors_origins: tuple[str, ...] | list[str] = (),
+               prefix_cache: bool = True) -> Any:
     """The ASGI app serving `engine` under the name `model_name`.
 
     The batch scheduler thread starts with the app's lifespan and stops with it; close the
@@ -374,10 +468,12 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
         default_max_tokens: generation cap when a request sets none.
         max_body: largest request body in bytes (413 past it).
         cors_origins: origins a browser page may call from (`*` for any); none: no CORS headers at all.
+        prefix_cache: reuse cached prompt-prefix KV across requests (batch.py, prefix.py).
     """
     from starlette.exceptions import HTTPException
 
-    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                          prefix_cache=prefix_cache)
     state = _State(engine, scheduler, model_name, api_key, default_max_tokens, max_body)
 
     @contextlib.asynccontextmanager
@@ -398,6 +494,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
         Route("/props", props, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/", chat_page, methods=["GET"]),
     ], exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _disconnect,
                         Exception: _internal},
         lifespan=lifespan)

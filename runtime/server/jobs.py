@@ -1,8 +1,8 @@
 """The bridge between one HTTP request and the scheduler thread: submit, relay events, cancel on disconnect.
 
-A `Job` submits a `GenRequest` and receives its events (`Piece`s, then one `Finished` or
-`Failed`) on an asyncio queue; the handler either collects them (`collect`) or streams them as
-server-sent events (`SseResponse`). A client that goes away cancels its sequence, so its batch
+A `Job` submits a `GenRequest` and receives its events (`Piece`s, then one `Finished` per choice,
+or one `Failed`) on an asyncio queue; the handler either collects them (`collect`) or streams them
+as server-sent events (`SseResponse`). A client that goes away cancels its sequence, so its batch
 slot and KV cache are freed at the next step.
 """
 
@@ -12,18 +12,21 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.responses import JSONResponse
 
-from .batch import Event, Failed, Finished, GenRequest, Piece, QueueFull, Scheduler, SchedulerStopped
+from .batch import Event, Failed, Finished, GenRequest, Piece, PromptLogprobs, QueueFull, Scheduler, SchedulerStopped
+from .logprobs import TokenLogprob
 from .parse import ApiError, error_body
 
 
 class Job:
     """One submitted generation: events arrive on an asyncio queue; a client disconnect cancels it.
 
-    `on_end` sees the terminal event (`Finished` or `Failed`) once, on the event loop.
+    `on_end` sees each choice's `Finished`, or the one `Failed`, on the event loop. The job is done
+    when every choice has finished or the request failed.
     """
 
     def __init__(self, scheduler: Scheduler, req_args: dict[str, Any], receive: Callable[[], Any],
@@ -32,6 +35,7 @@ class Job:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.req = GenRequest(emit=self._emit, **req_args)
+        self.ended = 0                      # choices finished
         self.receive = receive
         self.watcher: asyncio.Task | None = None
         self.done = False
@@ -64,13 +68,17 @@ class Job:
                 return
 
     async def events(self) -> AsyncIterator[Event]:
-        """Pieces, then one Finished or Failed; stops early (no terminal event) on disconnect."""
+        """Pieces, then a Finished per choice or one Failed; stops early (without them) on disconnect."""
         try:
             while True:
                 ev = await self.queue.get()
                 if ev is None:
                     return
-                if isinstance(ev, (Finished, Failed)):
+                if isinstance(ev, Finished):
+                    self.ended += 1
+                    self.done = self.ended == self.req.n
+                    self.on_end(ev)
+                elif isinstance(ev, Failed):
                     self.done = True
                     self.on_end(ev)
                 yield ev
@@ -134,12 +142,44 @@ def failed_response(ev: Failed) -> JSONResponse:
     return JSONResponse(error_body(ev.status, ev.message, ev.type, None, ev.code), status_code=ev.status)
 
 
-async def collect(job: Job) -> tuple[str, Finished | Failed | None]:
-    parts: list[str] = []
+@dataclass
+class Choice:
+    """One choice as collected: its text, its tokens' logprobs (when asked for) and how it ended."""
+
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    end: Finished | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass
+class Collected:
+    """A whole non-streamed generation: every choice, the prompt's logprobs (echo), or the failure."""
+
+    choices: list[Choice]
+    prompt: tuple[TokenLogprob | None, ...] | None = None
+    failed: Failed | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.failed is None and all(c.end is not None for c in self.choices)
+
+
+async def collect(job: Job) -> Collected:
+    """Every event of `job` until it is done (or the client left: then `complete` is False)."""
+    out = Collected([Choice() for _ in range(job.req.n)])
     async with contextlib.aclosing(job.events()) as events:
         async for ev in events:
             if isinstance(ev, Piece):
-                parts.append(ev.text)
+                out.choices[ev.index].parts.append(ev.text)
+                out.choices[ev.index].logprobs.extend(ev.logprobs)
+            elif isinstance(ev, PromptLogprobs):
+                out.prompt = ev.entries
+            elif isinstance(ev, Finished):
+                out.choices[ev.index].end = ev
             else:
-                return "".join(parts), ev
-    return "".join(parts), None
+                out.failed = ev
+    return out

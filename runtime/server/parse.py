@@ -14,6 +14,8 @@ from starlette.requests import Request
 
 from ..chat import TemplateError
 from ..sampler import DEFAULT_PARAMS, SamplingError, SamplingParams
+from ..toolcalls import ToolCallError, ToolRequest, render_prompt, template_messages
+from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETIONS
 
 MAX_STOPS = 16              # stop strings per request
 MAX_STOP_CHARS = 512        # characters per stop string (matching holds back up to this much text)
@@ -22,15 +24,10 @@ MAX_STOP_CHARS = 512        # characters per stop string (matching holds back up
 # silent 200 that ignored it. Implementing a field means removing its row here (and parsing it below).
 # A field counts as set unless it is absent, null, or its "off" value listed here.
 UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
-    "tools": ([],),                 # function calling
-    "tool_choice": ("none",),
-    "functions": ([],),             # the deprecated form of tools
+    "functions": ([],),             # the deprecated form of `tools` (answered as `function_call`, not tool_calls)
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),   # JSON mode and JSON schemas
-    "logit_bias": ({},),
-    "presence_penalty": (0, 0.0),   # use repeat_penalty
-    "frequency_penalty": (0, 0.0),
 }
+MAX_N = 16                  # choices per request (each is a sequence of the batch, with its own KV cache)
 
 
 class ApiError(Exception):
@@ -115,19 +112,12 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
             raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
 
 
-def sampling(body: dict[str, Any]) -> SamplingParams:
+def sampling(body: dict[str, Any], vocab: int) -> SamplingParams:
     """The request's sampling fields; those it leaves out take the defaults `vkpack run` uses
-    (`DEFAULT_PARAMS`, llama-server's), so a bare curl samples as the command line does."""
+    (`DEFAULT_PARAMS`, llama-server's), so a bare curl samples as the command line does.
+    `vocab`: token ids below it are valid `logit_bias` keys."""
     d = DEFAULT_PARAMS
     refuse_unsupported(body)
-    if _field(body, "n", int, 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if _field(body, "best_of", int, 1) != 1:
-        raise ApiError(400, "only best_of=1 is supported", param="best_of")
-    if body.get("echo") not in (None, False):
-        raise ApiError(400, "echo is not supported", param="echo")
-    if body.get("logprobs") not in (None, False):
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
     try:
         return SamplingParams(
             temperature=_float(body, "temperature", d.temperature),
@@ -136,10 +126,60 @@ def sampling(body: dict[str, Any]) -> SamplingParams:
             min_p=_float(body, "min_p", d.min_p),
             repeat_penalty=_float(body, "repeat_penalty", d.repeat_penalty),
             repeat_last_n=_bounded_int(body, "repeat_last_n", d.repeat_last_n),
-            seed=_bounded_int(body, "seed", None))
+            seed=_bounded_int(body, "seed", None),
+            presence_penalty=_float(body, "presence_penalty", 0.0),
+            frequency_penalty=_float(body, "frequency_penalty", 0.0),
+            logit_bias=_logit_bias(body, vocab))
     except SamplingError as e:
         param = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param=param if param in body else None) from None
+
+
+def _logit_bias(body: dict[str, Any], vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}`: ids as decimal strings below `vocab`, biases in [-100, 100]."""
+    bias = _field(body, "logit_bias", dict, {})
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:
+            raise ApiError(400, f"'logit_bias' keys must be token ids written as decimal strings, got {key[:40]!r}",
+                           param="logit_bias", code="invalid_type")
+        tok = int(key)
+        if tok >= vocab:
+            raise ApiError(400, f"'logit_bias' token id {tok} outside the vocabulary (0..{vocab - 1})",
+                           param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(400, f"'logit_bias' values must be numbers in [-100, 100], got {json.dumps(value)[:40]} "
+                                f"for token {tok}", param="logit_bias")
+        out[tok] = float(value)
+    return tuple(sorted(out.items()))
+
+
+def choices(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """`n`, the logprobs fields and `echo`: the `GenRequest` arguments `n`, `logprobs`, `prompt_logprobs`,
+    and `echo` (for the handler). Chat takes `logprobs: bool` + `top_logprobs` 0..20 and no echo; the
+    completions API `logprobs` 0..5 (the top count) and `echo: bool`."""
+    n = _field(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"'n' must be in 1..{MAX_N}, got {n}", param="n")
+    best_of = _field(body, "best_of", int, None)
+    if best_of is not None and best_of != n:
+        raise ApiError(400, f"'best_of' must equal n ({n}): choosing the best of more is not supported",
+                       param="best_of")
+    if chat:
+        if body.get("echo") not in (None, False):
+            raise ApiError(400, "'echo' is only supported on /v1/completions", param="echo")
+        want = _field(body, "logprobs", bool, False)
+        top = _field(body, "top_logprobs", int, 0)
+        if not 0 <= top <= MAX_TOP_CHAT:
+            raise ApiError(400, f"'top_logprobs' must be in 0..{MAX_TOP_CHAT}, got {top}", param="top_logprobs")
+        if top and not want:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return {"n": n, "logprobs": top if want else None, "prompt_logprobs": None, "echo": False}
+    k = _field(body, "logprobs", int, None)
+    if k is not None and not 0 <= k <= MAX_TOP_COMPLETIONS:
+        raise ApiError(400, f"'logprobs' must be in 0..{MAX_TOP_COMPLETIONS}, got {k}", param="logprobs")
+    echo = _field(body, "echo", bool, False)
+    return {"n": n, "logprobs": k, "prompt_logprobs": k if echo else None, "echo": echo}
 
 
 def _max_tokens(body: dict[str, Any], default: int) -> int:
@@ -150,34 +190,15 @@ def _max_tokens(body: dict[str, Any], default: int) -> int:
     return n
 
 
-def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    msgs = body.get("messages")
-    if msgs is None:
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """`messages` as chat templates take them (runtime/toolcalls.py): text content, assistant `tool_calls`,
+    `tool` results with their `tool_call_id`."""
+    if body.get("messages") is None:
         raise ApiError(400, "missing required field 'messages'", param="messages", code="missing_required_parameter")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"'{where}' must be an object", param=where)
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not role:
-            raise ApiError(400, f"'{where}.role' must be a non-empty string", param=f"{where}.role")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise ApiError(400, f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": str}}",
-                                   param=f"{where}.content")
-                parts.append(part["text"])
-            content = "".join(parts)
-        elif not isinstance(content, str):
-            raise ApiError(400, f"'{where}.content' must be a string or an array of text parts", param=f"{where}.content")
-        out.append({"role": role, "content": content})  # only plain strings reach the template
-    return out
+    try:
+        return template_messages(body["messages"])
+    except ToolCallError as e:
+        raise ApiError(400, str(e), param=e.param) from None
 
 
 # ---- whole requests ----
@@ -238,10 +259,10 @@ def _check_ids(engine: Any, ids: list[int], param: str) -> None:
         raise ApiError(400, f"token id {bad} outside the vocabulary (0..{limit - 1})", param=param)
 
 
-def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation through the archive's chat template, tokenized."""
+def chat_prompt_ids(engine: Any, messages: list[dict[str, Any]], tools: ToolRequest | None = None) -> list[int]:
+    """The conversation through the archive's chat template (with `tools`, when active), tokenized."""
     try:
-        ids = engine.encode(engine.apply_chat_template(messages, add_generation_prompt=True))
+        ids = engine.encode(render_prompt(engine.archive.tokenizer, messages, tools))
     except TemplateError as e:
         # the conversation, rejected by raise_exception() or too costly to render: one 400 either way
         raise ApiError(400, str(e), param="messages", code="chat_template_error") from None

@@ -5,6 +5,7 @@
     replay.py    steps recorded once and replayed; a stable pass as ONE command buffer
     inflight.py  steps submitted without waiting, their packs pinned until their fence signals
     streamed.py  steps too big to pin at once, in chunks
+    moe.py       steps holding moe ops: the router's logits read back mid-pass, the chosen experts applied
     graph_ops.py the graph's ops as dispatches (fusion.py folds some into their neighbours)
 """
 
@@ -18,14 +19,15 @@ import numpy as np
 
 from ...pack_format.constants import align_up
 from ...pack_format.errors import VkpackError
-from ..backend import PassInputs, Placement
+from ..backend import PassInputs, Placement, copy_spans
 from .device import Device
 from .errors import UnsupportedWeightType, VulkanError
-from .graph_ops import GraphOps, Payload
+from .graph_ops import GraphOps, Payload, moe_scratch_widths
 from .inflight import InFlight
 from .kernels import BufferSlice, Kernel
 from .layout import READBACK_ROWS, ActivationLayout, KvCache, PassState
 from .ops import Ops, unreadable_types, unsupported_message
+from .recorder import Recorder
 from .replay import FastPass, PassRunner
 from .uploads import DeviceBacking, PackUploads
 
@@ -66,12 +68,14 @@ class VulkanBackend:
         self.max_block = min(1 << 30, info.max_memory_allocation_size, info.main_heap.size // 2) // ALIGN * ALIGN
         self.steps = archive.graph["steps"]
         self.uploads = PackUploads(self.dev, archive)
-        self.layout = ActivationLayout(self.dev, self.ops, archive.graph, archive.activation_widths)
+        # moe ops (vk/moe.py): their rows besides the graph's activations, laid out with them
+        self.layout = ActivationLayout(self.dev, self.ops, archive.graph,
+                                       {**archive.activation_widths, **moe_scratch_widths(self.steps, archive.tensors)})
         self._ff: dict[tuple, Any] = {}   # rope frequency factors, f32 on the device
         self._upload_freq_factors()
         self.graph_ops = GraphOps(self.ops, archive.tensors, self._freq_factors)
         self.inflight = InFlight(self.pack_bytes)
-        self.runner = PassRunner(self.dev, self.graph_ops, self.inflight, self.pack_bytes)
+        self.runner = PassRunner(self.dev, self.graph_ops, self.inflight, self.pack_bytes, self.steps)
         self.tier: DeviceTier | None = None
         self.backing: DeviceBacking | None = None
         self.resident = False
@@ -82,9 +86,10 @@ class VulkanBackend:
     def reserved_bytes(self) -> int:
         """Device memory outside the tier, counted against the budget: the io and readback buffers and
         staging slots, each only where it lives in device-local memory (system-memory staging is not
-        VRAM), the rope frequency factors and the split-K attention's counters."""
+        VRAM), the rope frequency factors, the split-K attention's counters and the moe ops' route and
+        router readback buffers."""
         return (self.dev.staging_vram_bytes() + self.ops.split_counter_bytes + self.layout.device_bytes
-                + sum(b.size for b in self._ff.values() if b.block.device_local))
+                + sum(b.size for b in self._ff.values() if b.block.device_local) + self.runner.moe.device_bytes)
 
     def make_backing(self, block_sizes: list[int]) -> DeviceBacking:
         self.backing = DeviceBacking(self.dev, block_sizes)
@@ -133,6 +138,26 @@ class VulkanBackend:
 
     def kv_view(self, mem: BufferSlice, n_ctx: int, width: int) -> KvCache:
         return KvCache(BufferSlice(mem.buffer, mem.offset, n_ctx * width * 4), n_ctx, width)
+
+    def copy_kv(self, src: list[tuple[KvCache, KvCache]], dst: list[tuple[KvCache, KvCache]], n: int) -> None:
+        self.copy_caches([(s, d) for ps, pd in zip(src, dst, strict=True) for s, d in zip(ps, pd, strict=True)], n)
+
+    def copy_caches(self, pairs: list[tuple[KvCache, KvCache]], n: int) -> None:
+        """Positions [0, n) from each pair's first cache to its second, device to device: one
+        vkCmdCopyBuffer per cache (one more where a ring wraps), ONE submission, waited for. The
+        passes that wrote the sources went to the same queue before; the recording's leading barrier
+        makes their writes visible, and the next pass's makes the copies visible to it."""
+        rec = Recorder(self.dev, "kv copy")
+        try:
+            for s, d in pairs:
+                w = 4 * s.width
+                for a, b, k in copy_spans(n, s.n_ctx, d.n_ctx):
+                    rec.copy(BufferSlice(s.slice.buffer, s.slice.offset + a * w, k * w),
+                             BufferSlice(d.slice.buffer, d.slice.offset + b * w, k * w))
+            if rec.n_dispatches:
+                rec.run()
+        finally:
+            rec.destroy()
 
     # ---- one pass ----
     def host_steps(self, tokens: int) -> frozenset[int]:

@@ -43,10 +43,12 @@ class KvCache:
 
 
 def kv_layout(kv: list[tuple[KvCache, KvCache]]) -> tuple:
-    """(n_ctx, where each layer's K and V caches are), computed once per session."""
+    """(the most rows of any layer's cache, where each layer's K and V caches are), computed once per
+    session (a windowed layer's ring may have fewer rows than the first layer's, runtime/kv.py)."""
     first = kv[0][0]
     if first.layout is None:
-        first.layout = (first.n_ctx, tuple((id(kc.slice.buffer), kc.slice.offset, vc.slice.offset) for kc, vc in kv))
+        first.layout = (max(kc.n_ctx for kc, _ in kv),
+                        tuple((id(kc.slice.buffer), kc.slice.offset, vc.slice.offset, kc.n_ctx) for kc, vc in kv))
     return first.layout
 
 
@@ -146,7 +148,7 @@ class ActivationLayout:
         # what a recording depends on besides its packs: row ranges and where each KV cache lives
         # (positions are read from the io buffer, so a decode step replays at every position)
         kv_places = tuple((r0, r1) + kv_layout(kv) for r0, r1, _p0, kv in seqs)
-        attn = tuple(self.attention_partials(r1 - r0, kv[0][0].n_ctx) for r0, r1, _p0, kv in seqs)
+        attn = tuple(self.attention_partials(r1 - r0, kv_layout(kv)[0]) for r0, r1, _p0, kv in seqs)
         scratch = self._scratch_slice(self.scratch_bytes(t, nseq, attn))
         key = (t, nseq, attn, id(scratch.buffer), scratch.offset)
         laid = self._layouts.get(key)

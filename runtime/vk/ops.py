@@ -93,6 +93,11 @@ class Weight:
         return self.rows * self.row_bytes
 
 
+def live_rows(n_ctx: int, window: int) -> int:
+    """Cache rows one query may read: all n_ctx, or the last `window` (what the split plan covers)."""
+    return min(n_ctx, window) if window else n_ctx
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -417,13 +422,35 @@ class Ops:
         for i, r in enumerate(rows):
             rec.copy(_sub(x, r * n * 4, n * 4), _sub(out, i * n * 4, n * 4), n * 4)
 
+    def _moe_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, idx_off: int, w_off: int,
+                  mode: int, src_stride: int | None, dst_stride: int | None) -> None:
+        ss, ds = n if src_stride is None else src_stride, n if dst_stride is None else dst_stride
+        k = self._k("moe_rows", 3, 28, (1,), {0: self.ew_wg})
+        rec.dispatch(k, [src, dst, route], (-(-n // self.ew_wg), m, 1),
+                     struct.pack("<7I", m, n, ss, ds, idx_off, w_off, mode))
+
+    def gather_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, idx_off: int, *,
+                    src_stride: int | None = None, dst_stride: int | None = None) -> None:
+        """dst[i, :n] = src[idx[i], :n] for i < m, idx: m uint32 at uint offset idx_off of `route`
+        (the rows that chose one expert, packed)."""
+        self._moe_rows(rec, src, dst, route, m, n, idx_off, 0, 0, src_stride, dst_stride)
+
+    def scatter_add_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, idx_off: int,
+                         w_off: int, *, src_stride: int | None = None, dst_stride: int | None = None) -> None:
+        """dst[idx[i], :n] += w[i] * src[i, :n] for i < m; idx (uint32) and w (f32) at uint offsets idx_off
+        and w_off of `route`. The idx must be distinct (one expert's rows)."""
+        self._moe_rows(rec, src, dst, route, m, n, idx_off, w_off, 1, src_stride, dst_stride)
+
     # ---- attention ----
 
     def kv_store(self, rec: Recorder, k: Any, v: Any, k_cache: Any, v_cache: Any, pos: Any, T: int,
                  kv_dim: int, n_ctx: int, *, f16: bool = False, k_stride: int | None = None,
-                 v_stride: int | None = None, t0: int = 0, rope: dict[str, Any] | None = None) -> None:
+                 v_stride: int | None = None, t0: int = 0, rope: dict[str, Any] | None = None,
+                 ring: int = 0) -> None:
         """k_cache[pos[t], :] = k[t, :], v_cache[pos[t], :] = v[t, :] for rows t0..t0+T-1 of k, v, pos;
         caches (n_ctx, kv_dim) f32 or f16. Positions >= n_ctx are skipped (the engine must check them).
+        ring > 0: the caches are rings of `ring` rows (sliding-window layers, runtime/kv.py), position p
+        at row p % ring, and no position is skipped.
 
         rope: rotate the keys on the way in, as rope() would (keys: head_dim, n_rot, mode, base, and
         optionally freq_scale, freq_factors): the decode fusion of rope(k) and the store."""
@@ -436,15 +463,15 @@ class Ops:
             if kv_dim % hd:
                 raise VulkanError(f"kv_store: rope head_dim {hd} does not divide kv_dim {kv_dim}")
             n_rot, neox, ff, base, fscale = _rope_args(rope, hd, "kv_store")
-            kern = self._k("kv_store_rope_f16" if f16 else "kv_store_rope_f32", 6, 48, (2, 3), {0: self.ew_wg})
-            push = struct.pack("<10I2f", T, kv_dim, n_ctx, ks, vs, t0, hd, n_rot, neox,
-                               1 if ff is not None else 0, base, fscale)
+            kern = self._k("kv_store_rope_f16" if f16 else "kv_store_rope_f32", 6, 52, (2, 3), {0: self.ew_wg})
+            push = struct.pack("<10I2fI", T, kv_dim, n_ctx, ks, vs, t0, hd, n_rot, neox,
+                               1 if ff is not None else 0, base, fscale, ring)
             rec.dispatch(kern, [k, v, k_cache, v_cache, pos, ff if ff is not None else pos],
                          (-(-(kv_dim // 2) // self.ew_wg), T, 1), push)
             return
-        kern = self._k("kv_store_f16" if f16 else "kv_store_f32", 5, 24, (2, 3), {0: self.ew_wg})
+        kern = self._k("kv_store_f16" if f16 else "kv_store_f32", 5, 28, (2, 3), {0: self.ew_wg})
         rec.dispatch(kern, [k, v, k_cache, v_cache, pos], (-(-(kv_dim // 2) // self.ew_wg), T, 1),
-                     struct.pack("<6I", T, kv_dim, n_ctx, ks, vs, t0))
+                     struct.pack("<7I", T, kv_dim, n_ctx, ks, vs, t0, ring))
 
     def attention_splits(self, T: int, n_ctx: int) -> tuple[int, int] | None:
         """(rows per split at least, n_splits) when attention() takes the split kernels for T tokens, else
@@ -458,9 +485,9 @@ class Ops:
         """Device bytes of the split kernel's finished-split counters (none where it never runs)."""
         return 0 if self.attention_splits(1, 1) is None else SPLIT_COUNTER_BYTES
 
-    def attention_scratch_bytes(self, T: int, n_heads: int, head_dim: int, n_ctx: int) -> int:
+    def attention_scratch_bytes(self, T: int, n_heads: int, head_dim: int, n_ctx: int, window: int = 0) -> int:
         """Bytes of the `scratch` that attention() needs for these sizes (0: it needs none)."""
-        plan = self.attention_splits(T, n_ctx)
+        plan = self.attention_splits(T, live_rows(n_ctx, window))
         if plan is None:
             return 0
         n, acc_bytes = self._split_partials(T, n_heads, head_dim, plan[1])
@@ -491,7 +518,8 @@ class Ops:
                   n_heads: int, n_kv_heads: int, head_dim: int, n_ctx: int, *, f16: bool = False,
                   scale: float | None = None, q_stride: int | None = None, o_stride: int | None = None,
                   t0: int = 0, scratch: Any = None, new_kv: tuple[Any, Any] | None = None,
-                  rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0) -> None:
+                  rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0,
+                  ring: int = 0) -> None:
         """out[t, h] = softmax(q[t, h] . K[0..pos[t]] * scale) @ V[0..pos[t]] for rows t0..t0+T-1 of q, pos,
         out (one sequence of a batch; its cache holds rows 0..max pos); grouped-query heads.
 
@@ -505,33 +533,41 @@ class Ops:
         kv_store() would; rope (kv_store's dict) rotates q and the new keys as rope() would. The decode
         fusion: no rope or kv_store dispatch, no barrier before attention. Needs the split kernel
         (attention_splits, scratch). window > 0: query t sees rows pos[t] - window + 1 .. pos[t] only;
-        softcap > 0: each scaled score s becomes softcap * tanh(s / softcap)."""
+        softcap > 0: each scaled score s becomes softcap * tanh(s / softcap). ring > 0 (with a window): the
+        caches are rings of `ring` rows, position j at row j % ring (kv_store's), which must hold the
+        live rows of the pass at once (window + T - 1 once positions pass the ring's rows); the splits
+        cover the live rows, min(n_ctx, window)."""
         if n_heads % n_kv_heads or head_dim % 4:
             raise VulkanError(f"attention: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} "
                               f"and head_dim {head_dim} a multiple of 4")
         qs = n_heads * head_dim if q_stride is None else q_stride
         os_ = n_heads * head_dim if o_stride is None else o_stride
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        plan = self.attention_splits(T, n_ctx) if scratch is not None else None
+        if ring and (not window or T > ring):   # (the session keeps passes within its ring: runtime/kv.py)
+            raise VulkanError(f"attention: a ring of {ring} rows needs a window and at most {ring} new rows, "
+                              f"not window {window} and {T}")
+        plan = self.attention_splits(T, live_rows(n_ctx, window)) if scratch is not None else None
         if (new_kv is not None or rope is not None) and (plan is None or new_kv is None):
             raise VulkanError("attention: new_kv and rope need the split kernel (scratch, attention_splits) "
                               "and rope needs new_kv")
         if plan is not None:
-            need = self.attention_scratch_bytes(T, n_heads, head_dim, n_ctx)
+            need = self.attention_scratch_bytes(T, n_heads, head_dim, n_ctx, window)
             if _nbytes(scratch) < need:
                 raise VulkanError(f"attention: scratch of {_nbytes(scratch)} B < {need} B")
             self._attention_split(rec, q, k_cache, v_cache, pos, out, T, n_heads, n_kv_heads, head_dim, n_ctx,
-                                  f16, scale, qs, os_, t0, scratch, plan, new_kv, rope, window, softcap)
+                                  f16, scale, qs, os_, t0, scratch, plan, new_kv, rope, window, softcap, ring)
             return
-        kern = self._k("attention_f16" if f16 else "attention_f32", 5, 40, (4,),
+        kern = self._k("attention_f16" if f16 else "attention_f32", 5, 44, (4,),
                        {0: self.attn_wg, 1: head_dim}, reduce=True)
         rec.dispatch(kern, [q, k_cache, v_cache, pos, out], (n_heads, T, 1),
-                     struct.pack("<6IfIIf", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale, t0, window, softcap))
+                     struct.pack("<6IfIIfI", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale, t0, window, softcap,
+                                 ring))
 
     def _attention_split(self, rec: Recorder, q: Any, kc: Any, vc: Any, pos: Any, out: Any, T: int, n_heads: int,
                          n_kv: int, hd: int, n_ctx: int, f16: bool, scale: float, qs: int, os_: int, t0: int,
                          scratch: Any, plan: tuple[int, int], new_kv: tuple[Any, Any] | None = None,
-                         rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0) -> None:
+                         rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0,
+                         ring: int = 0) -> None:
         """attention_split (partials into scratch) + attention_merge. Cost, Llama-3-8B layer (32 heads,
         8 kv heads, head_dim 128), one token, n_ctx 8192: K/V are read once per kv head, 2 * L * 1024 * (2 B
         f16, 4 B f32). Measured on an H200 (both dispatches, barriers included; an empty dispatch + barrier
@@ -560,7 +596,7 @@ class Ops:
         ny = n_kv * -(-g // gb)
         fuse = 1 if new_kv is not None else 0
         # fused: the kernel also writes the caches (bindings 1, 2)
-        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 80,
+        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 84,
                      (1, 2, 4, 5, 6) if fuse else (4, 5, 6),
                      {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc, 5: merge, 6: fuse, 7: nr})
         counters = self._split_counters((t0 + T) * ny)
@@ -571,8 +607,8 @@ class Ops:
             flags = neox | (2 if ff is not None else 0)
         rec.dispatch(k1, [act, kc, vc, pos, _sub(scratch, 0, acc_bytes + n * 8), out, counters,
                           ff if ff is not None else pos], (ns, ny, T),
-                     struct.pack("<8If7I2fIf", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
-                                 v_off, acc_bytes // 8, n_rot, flags, base, fscale, window, softcap),
+                     struct.pack("<8If7I2fIfI", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
+                                 v_off, acc_bytes // 8, n_rot, flags, base, fscale, window, softcap, ring),
                      # rows t0.. only: the sequences of a batch run without barriers between them
                      {5: (4 * t0 * os_, 4 * (t0 + T) * os_), 6: (4 * t0 * ny, 4 * (t0 + T) * ny)})
         if merge:

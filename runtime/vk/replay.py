@@ -6,7 +6,8 @@ pass of the same shape is *fast*: the next time it is recorded whole, every step
 gather in ONE command buffer (the gather too where the whole table is resident back to back), and
 from then on replayed as one submission, with no per-step Python and no gaps between command
 buffers. Steps are submitted without waiting; the packs they read stay pinned until their fence
-signals (inflight.py).
+signals (inflight.py). A pass over a step with a `moe` op is never fast: its experts are chosen per
+pass (moe.py), so such passes run step by step, each step's recording reused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 from .graph_ops import GraphOps, Payload, merged_parts
 from .inflight import InFlight
 from .layout import PassState
+from .moe import MoeSteps
 from .recorder import Recorder
 from .streamed import run_streamed
 
@@ -37,7 +39,8 @@ class FastPass(NamedTuple):
 class PassRunner:
     """Runs a pass's steps on the device, recording or replaying them."""
 
-    def __init__(self, dev: Any, graph_ops: GraphOps, inflight: InFlight, pack_bytes: Any):
+    def __init__(self, dev: Any, graph_ops: GraphOps, inflight: InFlight, pack_bytes: Any,
+                 steps: list[dict[str, Any]] | None = None):
         self.dev = dev
         self.graph_ops = graph_ops
         self.tensors = graph_ops.tensors
@@ -54,6 +57,7 @@ class PassRunner:
         self._pass_recs: dict[int, Recorder] = {}
         self._step_bytes: dict[int, int] = {}    # pack bytes each step pins
         self.host_seconds = 0.0   # Python time recording/keying steps
+        self.moe = MoeSteps(dev, graph_ops, inflight, steps or [])   # the steps holding moe ops
 
     @property
     def pin_limit(self) -> int:
@@ -65,6 +69,9 @@ class PassRunner:
         """The steps `order` of one pass (default: all): replayed as one command buffer when fast,
         else step by step. A hybrid plan runs a pass's steps in a few such ranges."""
         order = range(len(steps)) if order is None else order
+        if self.moe.steps and not self.moe.steps.isdisjoint(order):
+            self._run_moe_pass(steps, ps, weights, order)
+            return
         tier = self.tier
         shape = (ps.T, ps.layout, order.start, order.stop)
         fast = self._fast.get(shape)
@@ -103,6 +110,18 @@ class PassRunner:
             self._fast[shape] = FastPass(tier.version, recs, None, False)
             while len(self._fast) > MAX_FAST_SHAPES:
                 self._drop_fast(next(iter(self._fast)))
+
+    def _run_moe_pass(self, steps: list[dict[str, Any]], ps: PassState, weights: Any, order: range) -> None:
+        """Step by step, never made fast: a moe step waits for its router mid-pass (moe.py); the
+        other steps' recordings are reused as usual."""
+        self.last_fast = None
+        self._pass_recs = {}
+        for si in order:
+            if si in self.moe.steps:
+                self.moe.run_step(si, steps[si], ps, weights, self.pin_limit, self.resident)
+            else:
+                self.run_step(si, steps[si], ps, weights)
+        self.inflight.flush(weights, wait=False)
 
     def run_step(self, si: int, step: dict[str, Any], ps: PassState, weights: Any) -> None:
         """Record (or reuse the recording of) one step; queue it, its packs pinned until it is done."""
@@ -241,6 +260,7 @@ class PassRunner:
 
     def close(self) -> None:
         """Destroy every recording (the device must be idle)."""
+        self.moe.close()
         self._drop_fast()
         for rec in self._cache.values():
             rec.destroy()

@@ -1,0 +1,26 @@
+#version 450
+// A mixture of experts' rows (runtime/vk/moe.py): the rows that chose one expert, gathered and added back.
+//   mode 0, gather:      dst[i, :n] = src[idx[i], :n]                 (the expert's input rows, packed)
+//   mode 1, scatter-add: dst[idx[i], :n] += w[i] * src[i, :n]         (its output, scaled by each row's weight)
+// for i < m. One expert's rows are distinct (a row chooses an expert once): no two invocations write one
+// element. Grid: x covers n / WG, y the m rows.
+layout(local_size_x_id = 0) in;
+layout(binding = 0) readonly buffer SB { float src[]; };   // (rows, src_stride) f32
+layout(binding = 1) buffer DB { float dst[]; };            // (rows, dst_stride) f32
+layout(binding = 2) readonly buffer RB { uint route[]; };  // idx (m) uint32 at idx_off, w (m) f32 bits at w_off
+layout(push_constant) uniform PC {
+    uint m; uint n; uint src_stride; uint dst_stride; uint idx_off; uint w_off; uint mode;
+} pc;
+
+void main() {
+    uint c = gl_GlobalInvocationID.x;
+    uint i = gl_WorkGroupID.y;
+    if (c >= pc.n || i >= pc.m) return;
+    uint r = route[pc.idx_off + i];
+    if (pc.mode == 0u) {
+        dst[i * pc.dst_stride + c] = src[r * pc.src_stride + c];
+    } else {
+        uint o = r * pc.dst_stride + c;
+        dst[o] = dst[o] + uintBitsToFloat(route[pc.w_off + i]) * src[i * pc.src_stride + c];
+    }
+}
