@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backend import Backend, PassInputs
-from .policy import AccessSchedule
+from .policy import AccessSchedule, ExpertHeat
 
 if TYPE_CHECKING:
     from ..pack_format.reader import Archive
@@ -67,6 +67,17 @@ class ExpertCounts:
                 "expert_hit_rate": self.hits / uses if uses else 1.0}
 
 
+def expert_heat(graph: dict[str, Any], where: dict[tuple[int, int, str, int], int], length: int) -> ExpertHeat | None:
+    """The heat of the graph's moe ops' experts (None without any): their packs and each op's position."""
+    options, k, positions = {}, {}, {}
+    for si, step in enumerate(graph["steps"]):
+        for c in step.get("choices", ()):
+            key = (si, c["op"])
+            options[key], k[key] = c["options"], c["k"]
+            positions[key] = where[(si, c["op"], step["ops"][c["op"]]["attrs"]["experts"][0][0], 0)]
+    return ExpertHeat(options, k, positions, length) if options else None
+
+
 def seq_row_activations(steps: list[dict[str, Any]]) -> set[str]:
     """Activations with one row per sequence rather than per token: those written only after a
     `last_token` op (the head's normed rows and the logits). Widths come from the archive
@@ -96,6 +107,11 @@ class WeightAccess:
         self.where = where
         self.last_position = 0
         self.experts = ExpertCounts(loader.archive.graph)
+        self.heat = expert_heat(loader.archive.graph, where, loader.schedule.length)
+        loader.schedule.experts = self.heat   # eviction ranks expert packs by how often they are chosen
+        # load the experts expected at the next moe op when one chooses (None, "last" or "popular"): off, as
+        # measured on the tiny models (docs/ARCHITECTURE.md, "Experts in the tiers")
+        self.expert_prefetch: str | None = None
         self._starts: dict[str, np.ndarray] = {}
         self._skips: dict[frozenset[int], frozenset[int]] = {frozenset(): frozenset()}
 
@@ -121,8 +137,16 @@ class WeightAccess:
 
     def choose(self, si: int, oi: int, experts: list[int]) -> None:
         """A moe op chose `experts` for this pass (each is read once, for every row that chose it): counted
-        as hits or misses. Nothing is loaded ahead: their next use is unknown until the router runs."""
+        as hits or misses, and in the experts' heat (their eviction order); with `expert_prefetch`, the
+        experts expected at the next moe op start loading."""
         self.experts.count(si, oi, experts, self.loader.tier.entries)
+        heat = self.heat
+        if heat is None:
+            return
+        heat.chose((si, oi), experts)
+        if self.expert_prefetch:
+            pos = heat.position[(si, oi)]
+            self.loader.prefetch_now([(p, pos) for p in heat.predict(heat.next_op((si, oi)), self.expert_prefetch)])
 
     def release(self, entries: list[Entry]) -> None:
         for e in entries:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 
+NEVER = 1 << 60   # the distance of a pack never used again: the best victim
+
 
 class AccessSchedule:
     """The cyclic sequence of pack uses of one forward pass; positions index into it.
@@ -32,6 +34,7 @@ class AccessSchedule:
         self._modes: dict[frozenset[int], tuple[dict[int, list[int]], set[int]]] = {}
         self.skipped: frozenset[int] = frozenset()
         self._positions = self._mode(self.skipped)[0]
+        self.experts: ExpertHeat | None = None   # next uses of the packs a moe op chooses at run time
 
     def _mode(self, skipped: frozenset[int]) -> tuple[dict[int, list[int]], set[int]]:
         mode = self._modes.get(skipped)
@@ -53,7 +56,9 @@ class AccessSchedule:
         """Distance from `cursor` to the next use of `pack` at or after it (wrapping to the next token)."""
         pos = self._positions.get(pack)
         if not pos:
-            return 1 << 60  # never used again: the best victim
+            if self.experts is not None and pack in self.experts.op_of:
+                return self.experts.next_use(pack, cursor)
+            return NEVER
         c = cursor % self.length
         i = bisect.bisect_left(pos, c)
         return pos[i] - c if i < len(pos) else pos[0] + self.length - c
@@ -78,6 +83,77 @@ class AccessSchedule:
                 if len(out) == n:
                     break
         return out
+
+
+class ExpertHeat:
+    """Expected next uses of expert packs, which the access sequence cannot state (a router picks them).
+
+    Each moe op keeps, per expert, a decayed share of the recent passes that chose it (`q`, an exponential
+    moving average of 0/1 per pass). An expert chosen with probability q per pass is next used, on average,
+    1/q passes on: the distance to its op plus (1/q - 1) whole passes. So hot experts rank with the packs
+    Belady keeps and cold ones go first, in the same units as the schedule's own distances. Packs the op
+    has just chosen (and those `predict` expects at the next moe op) count as used at their op."""
+
+    def __init__(self, options: dict[tuple[int, int], list[list[int]]], k: dict[tuple[int, int], int],
+                 positions: dict[tuple[int, int], int], length: int, decay: float = 0.9):
+        self.length = length
+        self.decay = decay
+        self.options = options                         # (step, op) -> each expert's packs
+        self.k = k                                     # (step, op) -> experts chosen per row
+        self.position = positions                      # (step, op) -> the op's position in the pass
+        self.order = sorted(options, key=lambda k: positions[k])   # moe ops in pass order
+        self.op_of: dict[int, tuple[tuple[int, int], int]] = {}    # pack -> ((step, op), expert)
+        for key, opts in options.items():
+            for e, packs in enumerate(opts):
+                for p in packs:
+                    self.op_of[p] = (key, e)
+        self.q = {key: [0.0] * len(opts) for key, opts in options.items()}
+        self.last: dict[tuple[int, int], list[int]] = {}   # each op's latest choice
+        # (pack -> position where it is used next: chosen now, or predicted; where that was set): an entry
+        # holds until the cursor passes its position. One tuple, swapped in whole: loading threads read it.
+        self.soon: tuple[dict[int, int], int] = ({}, 0)
+
+    def chose(self, key: tuple[int, int], experts: list[int]) -> None:
+        """Op `key` chose `experts` in this pass: decay every expert's share, raise the chosen ones'."""
+        q, d = self.q[key], self.decay
+        chosen = set(experts)
+        for e in range(len(q)):
+            q[e] = q[e] * d + (1.0 - d) * (e in chosen)
+        self.last[key] = sorted(chosen)
+        pos = self.position[key]
+        self.soon = ({p: pos for e in chosen for p in self.options[key][e]}, pos)
+
+    def predict(self, key: tuple[int, int], how: str) -> list[int]:
+        """The packs op `key` is expected to choose next: its previous choice ("last") or its k most chosen
+        experts so far ("popular"); they count as used at that op from now on."""
+        if how == "last":
+            experts = self.last.get(key, [])
+        else:
+            q = self.q[key]
+            experts = [e for e in sorted(range(len(q)), key=lambda e: -q[e])[:self.k[key]] if q[e] > 0]
+        pos = self.position[key]
+        packs = [p for e in experts for p in self.options[key][e]]
+        soon, since = self.soon
+        self.soon = ({**soon, **{p: pos for p in packs}}, since)
+        return packs
+
+    def next_op(self, key: tuple[int, int]) -> tuple[int, int]:
+        """The moe op after `key` in pass order (the first one after the last)."""
+        i = self.order.index(key)
+        return self.order[(i + 1) % len(self.order)]
+
+    def next_use(self, pack: int, cursor: int) -> int:
+        key, e = self.op_of[pack]
+        pos, c = self.position[key], cursor % self.length
+        soon, since = self.soon
+        at = soon.get(pack)
+        if at is not None and (at - c) % self.length <= (at - since) % self.length:
+            return (at - c) % self.length
+        q = self.q[key][e]
+        if q <= 0.0:
+            return NEVER
+        d = (pos - c) % self.length or self.length   # at its op and not chosen: a pass away at least
+        return d + int(self.length * (1.0 / q - 1.0))
 
 
 class BeladyPolicy:

@@ -129,6 +129,11 @@ class _Snapshot:
         yield _one(CounterMetricFamily, "bytes_uploaded_total", "bytes placed into the device tier", m.bytes_uploaded)
         yield _one(CounterMetricFamily, "stall_seconds_total", "seconds the executor waited for packs",
                    m.stall_seconds)
+        stats = eng.stats()   # the moe ops' choices (0 for an archive without experts)
+        yield _one(CounterMetricFamily, "expert_hits_total", "chosen experts already in the device tier",
+                   stats["expert_hits"])
+        yield _one(CounterMetricFamily, "expert_misses_total", "chosen experts that had to be loaded",
+                   stats["expert_misses"])
         yield from _placement(eng.backend.placement())
 
 
