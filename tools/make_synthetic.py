@@ -1,4 +1,4 @@
-"""Write llama/qwen2/qwen3-shaped models with random weights, as GGUF or as a HF folder.
+"""Write llama/qwen2/qwen3(moe)-shaped models with random weights, as GGUF or as a HF folder.
 
 Why: tests and benchmarks need models of any shape and size (tiny ones that
 build in milliseconds, multi-GB ones to exercise streaming) without network.
@@ -27,12 +27,24 @@ GGUF storage types (`gguf_types` gives the type of every tensor):
 - Rows that are not a whole number of the type's blocks fall back as llama.cpp does
   (`_FALLBACK`), then to F16 if not whole 32-blocks either.
 
+Mixtures of experts (`qwen3moe`, GGUF only; presets `moe_tiny` and `qwen3_30b_a3b`, Qwen3-30B-A3B's
+shapes): each layer's MLP is a router `ffn_gate_inp` [experts, hidden] (F32, as llama.cpp's converter
+forces it) and the experts stacked 3-D as the converter writes them, `ffn_{gate,up}_exps`
+[experts, expert_ffn, hidden] and `ffn_down_exps` [experts, hidden, expert_ffn] (numpy order; GGUF's ne is
+the reverse), with `{arch}.expert_count`, `expert_used_count` and `expert_feed_forward_length`. Random
+weights route near-uniformly (every expert about equally likely for every token): the worst case for
+any expert cache, so hit rates measured on these files are lower bounds for trained models. Q4_0/Q8_0
+tensors of a MoE spec are random blocks written directly (`_random_sym_blocks`: uniform codes, f16
+scales of random sign as ggml's quantizer gives them, std ~`spec.std`), since gguf-py's quantizer would
+take an hour for 30B weights; they are not an HF model's weights, and there is no HF model of a MoE spec.
+
 Writers stream tensor by tensor, in row blocks of at most CHUNK_ELEMS values, so
 peak memory stays far below the model size. The tokenizer they carry: synthetic_tokenizer.py.
 
 CLI examples:
     python tools/make_synthetic.py --arch qwen3 --format gguf --dtype Q8_0 --preset tiny -o m.gguf
     python tools/make_synthetic.py --preset llama_1b --dtype Q4_K_M -o m-q4km.gguf
+    python tools/make_synthetic.py --preset qwen3_30b_a3b --dtype Q4_0 -o qwen3moe-q4_0.gguf   # ~17.2 GB
 """
 
 from __future__ import annotations
@@ -66,7 +78,10 @@ ARCHS = {  # arch -> (HF class, default rope_theta, default rms_norm_eps)
     "llama": ("LlamaForCausalLM", 10000.0, 1e-5),
     "qwen2": ("Qwen2ForCausalLM", 1000000.0, 1e-6),
     "qwen3": ("Qwen3ForCausalLM", 1000000.0, 1e-6),
+    "qwen3moe": ("Qwen3MoeForCausalLM", 1000000.0, 1e-6),
 }
+MOE_ARCHS = frozenset({"qwen3moe"})  # GGUF only: experts stacked 3-D (see the module doc)
+QK_NORM_ARCHS = frozenset({"qwen3", "qwen3moe"})
 GT, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
 DTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
@@ -104,10 +119,19 @@ class Spec:
     rope_theta: float | None = None
     rms_eps: float | None = None
     std: float = 0.02
+    experts: int = 0       # MoE only: experts per layer, how many each token uses, their ffn width
+    experts_used: int = 0
+    expert_ffn: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch {self.arch!r} not supported; expected one of {sorted(ARCHS)}")
+        if (self.arch in MOE_ARCHS) != (self.experts > 0):
+            raise ValueError(f"arch {self.arch!r} with {self.experts} experts: experts are for "
+                             f"{', '.join(sorted(MOE_ARCHS))} only, and required there")
+        if self.experts and not (1 <= self.experts_used <= self.experts and self.expert_ffn > 0):
+            raise ValueError(f"experts_used {self.experts_used} must be 1..{self.experts} and "
+                             f"expert_ffn {self.expert_ffn} positive")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
         if self.hd % 2:
@@ -144,8 +168,20 @@ class Spec:
         return cls(arch=arch, layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336,
                    vocab=49152)
 
+    @classmethod
+    def moe_tiny(cls, arch: str = "qwen3moe") -> Spec:
+        """2 layers, hidden 64, 8 experts of ffn 32 (2 used): a MoE that builds in well under a second."""
+        return cls(arch=arch, experts=8, experts_used=2, expert_ffn=32)
+
+    @classmethod
+    def qwen3_30b_a3b(cls, arch: str = "qwen3moe") -> Spec:
+        """Qwen3-30B-A3B's shapes: 48 layers, 128 experts of ffn 768 (8 used), 30.5B params, ~17.2 GB in Q4_0."""
+        return cls(arch=arch, layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, ffn=6144,
+                   vocab=151936, context=40960, experts=128, experts_used=8, expert_ffn=768)
+
     def tensors(self) -> list[TensorDef]:
-        """All tensors in file order, with HF and GGUF names and HF (numpy) shapes."""
+        """All tensors in file order, with HF and GGUF names and HF (numpy) shapes (a MoE's experts
+        as the 3-D tensors llama.cpp's converter stacks, under its merged HF name)."""
         h, q, kv = self.hidden, self.heads * self.hd, self.kv_heads * self.hd
         perm = self.arch == "llama"
         out = [TensorDef("model.embed_tokens.weight", "token_embd.weight", (self.vocab, h))]
@@ -162,13 +198,24 @@ class Spec:
                 out += [TensorDef(p + f"self_attn.{n}_proj.bias", g + f"attn_{n}.bias", (d,), "bias")
                         for n, d in (("q", q), ("k", kv), ("v", kv))]
             out.append(TensorDef(p + "self_attn.o_proj.weight", g + "attn_output.weight", (h, q)))
-            if self.arch == "qwen3":
+            if self.arch in QK_NORM_ARCHS:
                 out += [TensorDef(p + f"self_attn.{n}_norm.weight", g + f"attn_{n}_norm.weight",
                                   (self.hd,), "norm") for n in ("q", "k")]
+            if self.experts:  # the converter's order: router, then down, gate, up stacked by expert
+                e, f = self.experts, self.expert_ffn
+                out += [
+                    TensorDef(p + "mlp.gate.weight", g + "ffn_gate_inp.weight", (e, h)),
+                    TensorDef(p + "mlp.experts.down_proj.weight", g + "ffn_down_exps.weight", (e, h, f)),
+                    TensorDef(p + "mlp.experts.gate_proj.weight", g + "ffn_gate_exps.weight", (e, f, h)),
+                    TensorDef(p + "mlp.experts.up_proj.weight", g + "ffn_up_exps.weight", (e, f, h)),
+                ]
+            else:
+                out += [
+                    TensorDef(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", (self.ffn, h)),
+                    TensorDef(p + "mlp.up_proj.weight", g + "ffn_up.weight", (self.ffn, h)),
+                    TensorDef(p + "mlp.down_proj.weight", g + "ffn_down.weight", (h, self.ffn)),
+                ]
             out += [
-                TensorDef(p + "mlp.gate_proj.weight", g + "ffn_gate.weight", (self.ffn, h)),
-                TensorDef(p + "mlp.up_proj.weight", g + "ffn_up.weight", (self.ffn, h)),
-                TensorDef(p + "mlp.down_proj.weight", g + "ffn_down.weight", (h, self.ffn)),
                 TensorDef(p + "input_layernorm.weight", g + "attn_norm.weight", (h,), "norm"),
                 TensorDef(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", (h,), "norm"),
             ]
@@ -241,16 +288,18 @@ def _gguf_blocks(t: TensorDef, seed: int, std: float) -> Iterator[np.ndarray]:
 
 
 def _encoded_gguf_tensors(tensors: list[TensorDef], types: dict[str, gguf.GGMLQuantizationType],
-                          seed: int, std: float):
+                          seed: int, std: float, random_types: frozenset = K_QUANTS):
     """Yield (tensor, [future of encoded bytes per block]) in file order; blocks are drawn and
     encoded on a thread pool (numpy's RNG and casts release the GIL), a bounded window ahead of
     the writer, so an 8B model is generated on all cores with bounded memory. Same bytes as serial."""
     workers = max(1, min(8, os.cpu_count() or 1))
     window: collections.deque = collections.deque()
 
-    def encode_block(t: TensorDef, k: int, rows: int) -> bytes:
+    def encode_block(t: TensorDef, k: int, rows: int) -> bytes | np.ndarray:
         qt = types[t.gguf]
-        if qt in K_QUANTS:
+        if qt in random_types:
+            if qt in _SYM_CODES:  # a contiguous array: written as it is, no copy
+                return _random_sym_blocks(t, qt, seed, std, k, rows)
             return _random_k_blocks(t, qt, seed, std, k, rows).tobytes()
         return _encode(_block(t, seed, std, k, rows), qt).tobytes()
 
@@ -259,7 +308,7 @@ def _encoded_gguf_tensors(tensors: list[TensorDef], types: dict[str, gguf.GGMLQu
 
     def jobs():
         for t in tensors:
-            if t.permute and types[t.gguf] not in K_QUANTS:  # the permutation needs the whole tensor
+            if t.permute and types[t.gguf] not in random_types:  # the permutation needs the whole tensor
                 yield t, [pool.submit(encode_whole, t)]
             else:
                 yield t, [pool.submit(encode_block, t, k, rows) for k, (_r0, rows) in enumerate(_block_rows(t))]
@@ -296,8 +345,10 @@ def _wanted_types(tensors: list[TensorDef], dtype: str) -> Iterator[tuple[Tensor
         raise ValueError(f"dtype {dtype!r} not supported for GGUF; expected one of {DTYPES}")
     n_layers = len({t.gguf.split(".")[1] for t in tensors if t.gguf.startswith("blk.")})
     has_output = any(t.gguf == "output.weight" for t in tensors)
+    if dtype in MIXES and any(len(t.shape) == 3 for t in tensors):
+        raise ValueError(f"dtype {dtype} is a dense model's mix; store experts as one type (Q4_0, Q8_0, ...)")
     for t in tensors:
-        if len(t.shape) == 1:
+        if len(t.shape) == 1 or t.gguf.endswith(".ffn_gate_inp.weight"):  # routers: F32, as the converter
             yield t, GT.F32
         elif dtype == "Q4_K_M":
             yield t, _q4_k_m_type(t.gguf, n_layers, has_output)
@@ -392,6 +443,30 @@ def _random_k_blocks(t: TensorDef, qt: gguf.GGMLQuantizationType, seed: int, std
     return b
 
 
+# Symmetric legacy types written as random blocks for MoE specs: type -> (lowest, highest) code of q, where a
+# value is d * q (Q4_0: a nibble minus 8; Q8_0: an int8), d the block's leading f16.
+_SYM_CODES = {GT.Q4_0: (-8, 7), GT.Q8_0: (-128, 127)}
+
+
+def _random_sym_blocks(t: TensorDef, qt: gguf.GGMLQuantizationType, seed: int, std: float,
+                       k: int, rows: int) -> np.ndarray:
+    """Row block k of `t` as (n_blocks * type_size,) random Q4_0/Q8_0 block bytes: uniform codes and
+    d = +-d0 * U(0.5, 1.5), d0 so the values' std is ~`std`; the sign is random per block, as ggml's
+    quantizer gives it (d = signed max / -8 or / 127), so Q4_0's code mean of -0.5 d cancels over blocks.
+    All from random_raw (the generator's fastest path, ~3x rng.bytes) with no per-block Python work: the
+    blocks are whole u16 words (18 and 34 bytes), so d is one strided u16 column."""
+    rng = np.random.default_rng([seed, zlib.crc32(t.hf.encode()), k])
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    n = rows * math.prod(t.shape[1:]) // block
+    words = rng.bit_generator.random_raw(-(-n * size // 8) + -(-n // 4)).view("<u2")
+    blocks, bits = words[:n * size // 2].reshape(n, size // 2), words[-n:]
+    eu2 = 1 + (_U[1] - _U[0]) ** 2 / 12
+    d0 = std / math.sqrt(_moments(*_SYM_CODES[qt])[1] * eu2)
+    u = (bits & 0x3FF).astype(np.float32) * np.float32((_U[1] - _U[0]) / 1024) + np.float32(_U[0])
+    blocks[:, 0] = (u * np.float32(d0)).astype("<f2").view("<u2") | (bits & 0x8000)
+    return blocks.reshape(-1).view(np.uint8)
+
+
 def _tensor_nbytes(t: TensorDef, qtype: gguf.GGMLQuantizationType) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(t.shape) // block * size
@@ -453,7 +528,8 @@ def write_gguf(path: Path | str, spec: Spec, dtype: str = "F16", seed: int = 0) 
         # Tensor data is streamed by hand: GGUFWriter.write_tensor_data wants whole tensors.
         fout = w.fout[0]
         _pad(fout, w.data_alignment)
-        for t, chunks in _encoded_gguf_tensors(tensors, types, seed, spec.std):
+        random_types = K_QUANTS | (frozenset(_SYM_CODES) if spec.experts else frozenset())
+        for t, chunks in _encoded_gguf_tensors(tensors, types, seed, spec.std, random_types):
             start = fout.tell()
             for chunk in chunks:
                 fout.write(chunk.result())
@@ -486,7 +562,11 @@ def _add_gguf_metadata(w: gguf.GGUFWriter, spec: Spec, dtype: str, seed: int) ->
     w.add_float32(K.Attention.LAYERNORM_RMS_EPS.format(arch=a), spec.eps)
     if a == "llama":
         w.add_uint32(K.Rope.DIMENSION_COUNT.format(arch=a), spec.hd)
-    if a == "qwen3" or spec.hd != spec.hidden // spec.heads:
+    if spec.experts:  # as convert_hf_to_gguf.py's Qwen2MoeModel/TextModel write them
+        w.add_uint32(K.LLM.EXPERT_COUNT.format(arch=a), spec.experts)
+        w.add_uint32(K.LLM.EXPERT_USED_COUNT.format(arch=a), spec.experts_used)
+        w.add_uint32(K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), spec.expert_ffn)
+    if a in QK_NORM_ARCHS or spec.hd != spec.hidden // spec.heads:
         w.add_uint32(K.Attention.KEY_LENGTH.format(arch=a), spec.hd)
         w.add_uint32(K.Attention.VALUE_LENGTH.format(arch=a), spec.hd)
     add_gguf_tokenizer(w, spec.vocab)
@@ -530,6 +610,8 @@ def write_hf(folder: Path | str, spec: Spec, dtype: str = "F16", seed: int = 0,
     """
     if dtype not in HF_DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported for HF; expected one of {sorted(HF_DTYPES)}")
+    if spec.experts:
+        raise ValueError(f"{spec.arch}: mixtures of experts are written as GGUF only (see the module doc)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     qt = gguf.GGMLQuantizationType[dtype]
@@ -639,18 +721,20 @@ def _write_text(path: Path, text: str) -> None:
 
 # ---- CLI ----
 
-PRESETS = {"tiny": Spec.tiny, "llama_1b": Spec.llama_1b, "llama_8b": Spec.llama_8b}
+PRESETS = {"tiny": Spec.tiny, "llama_1b": Spec.llama_1b, "llama_8b": Spec.llama_8b,
+           "moe_tiny": Spec.moe_tiny, "qwen3_30b_a3b": Spec.qwen3_30b_a3b}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=sorted(ARCHS), default="llama")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="default: the preset's (llama; qwen3moe for MoE presets)")
     p.add_argument("--format", choices=("gguf", "hf"), default="gguf")
     p.add_argument("--dtype", choices=DTYPES, default="F16",
                    help="F32/F16/BF16 for hf; all for gguf (Q4_K_M: llama.cpp's mix)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="starting shape; the flags below override it")
-    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab", "head-dim", "context"):
+    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab", "head-dim", "context",
+                 "experts", "experts-used", "expert-ffn"):
         p.add_argument(f"--{flag}", type=int)
     p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
                    help="tie lm_head to the embeddings")
@@ -663,9 +747,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
-    base = PRESETS[args.preset](args.arch)
+    base = PRESETS[args.preset](args.arch) if args.arch else PRESETS[args.preset]()
     over = {f: getattr(args, f) for f in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab",
-                                          "head_dim", "context", "tied", "std")
+                                          "head_dim", "context", "tied", "std", "experts", "experts_used",
+                                          "expert_ffn")
             if getattr(args, f) is not None}
     spec = dataclasses.replace(base, **over)
     if args.target_gb:

@@ -1,0 +1,337 @@
+"""Mixture of experts on the GPU (issue 14): vkpack at a VRAM budget against llama.cpp's expert offload, one call.
+
+The model is tools/make_synthetic.py's `qwen3_30b_a3b` (Qwen3-30B-A3B's shapes: 48 layers, 128 experts of
+ffn 768, 8 used; ~17.2 GB as Q4_0), generated on the machine. Its random weights route near-uniformly, the
+worst case for an expert cache: the hit rates here are lower bounds for a trained model.
+
+vkpack, per `--budgets` (GiB; `--vram-gb`), each in a fresh engine: a `--prompt`-token prefill (its second
+pass timed; the first records and loads) and greedy decode (the median of `--decode` tokens after 4
+untimed ones), with the expert hit rate of `Engine.stats()` over the timed decode and over the whole run.
+
+llama.cpp (`--llama-bench`, built on the machine from the sources llama-cpp-python vendors), same GGUF:
+`-ngl 99 --n-cpu-moe K` (the experts of the first K layers on the CPU) for K from the smallest that fits
+each budget upward (the bytes counted from the GGUF: non-expert weights + the GPU layers' experts + KV),
+`-ngl 99 -ot exps=CPU` (every expert on the CPU) and `-ngl 0`. The GPU memory each run really used is
+sampled with nvidia-smi where present. Ratios are against llama.cpp's best that fits the same budget.
+Results are saved after each configuration to OUT/bench_moe.json and OUT/bench_moe.md.
+
+    python tools/bench_moe.py --work /tmp/bench --out $OUT --device vulkan [--llama-bench PATH --threads 16]
+    python tools/bench_moe.py --quick --device cpu --out /tmp/o          # a seconds-long check of the tool
+    python tools/bench_moe.py --from-json bench_moe.json --write-docs --note "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu
+import make_synthetic as ms
+from bench_docs import cpu_and_memory, write_section
+from vkpack.compiler.build import build
+from vkpack.runtime.engine import Engine
+
+WARM = 4
+SECTION = "Mixture of experts on the GPU (issue 14)"
+QUICK = ms.Spec(arch="qwen3moe", layers=4, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=2048,
+                experts=16, experts_used=4, expert_ffn=128)
+QUICK_BUDGETS = "0.003,0.004"  # GiB: about 2/3 and 9/10 of the quick model's 4.6 MB
+_EXPS = re.compile(r"^blk\.(\d+)\.ffn_(?:gate|up|down)_exps\.weight$")
+
+
+def model_files(work: Path, dtype: str, quick: bool) -> tuple[Path, Path]:
+    """The GGUF (kept: llama.cpp reads it) and its archive (`--codec none`), each made once."""
+    stem = f"qwen3moe-{'quick' if quick else '30b-a3b'}-{dtype}"
+    src, arch = work / f"{stem}.gguf", work / f"{stem}.vkpack"
+    if not src.exists():
+        t = time.perf_counter()
+        ms.write_gguf(src, QUICK if quick else ms.Spec.qwen3_30b_a3b(), dtype=dtype, seed=0)
+        print(f"[{stem}] generated {src.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
+    if not arch.exists():
+        t = time.perf_counter()
+        build(src, arch, codec="none", threads=os.cpu_count(), progress=False)
+        print(f"[{stem}] built in {time.perf_counter() - t:.0f} s", flush=True)
+    return src, arch
+
+
+def gguf_split(path: Path) -> dict[str, Any]:
+    """Bytes of the GGUF's tensors: the non-expert ones, each layer's experts, and the KV shape."""
+    r = gguf.GGUFReader(path)
+    per_layer: dict[int, int] = {}
+    other = 0
+    for t in r.tensors:
+        m = _EXPS.match(t.name)
+        if m:
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + int(t.n_bytes)
+        else:
+            other += int(t.n_bytes)
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+
+    def num(key: str) -> int:
+        return int(r.fields[f"{arch}.{key}"].parts[-1][0])
+
+    kv_per_token = 2 * num("block_count") * num("attention.head_count_kv") * num("attention.key_length") * 2  # f16 K, V
+    return {"non_expert_bytes": other, "expert_bytes_per_layer": [per_layer[i] for i in sorted(per_layer)],
+            "kv_bytes_per_token": kv_per_token}
+
+
+def ncmoe_bytes(split: dict[str, Any], k: int, n_ctx: int) -> int:
+    """GPU bytes of `-ngl 99 --n-cpu-moe k` (llama.cpp keeps the experts of layers 0..k-1 on the CPU)."""
+    return split["non_expert_bytes"] + sum(split["expert_bytes_per_layer"][k:]) + split["kv_bytes_per_token"] * n_ctx
+
+
+def fitting_ncmoe(split: dict[str, Any], budget_bytes: float, n_ctx: int) -> int | None:
+    """The smallest --n-cpu-moe whose counted bytes fit the budget (None: not even all experts on the CPU)."""
+    n = len(split["expert_bytes_per_layer"])
+    return next((k for k in range(n + 1) if ncmoe_bytes(split, k, n_ctx) <= budget_bytes), None)
+
+
+class GpuMemory:
+    """Peak GPU memory in use (nvidia-smi, every 0.2 s) minus what was in use at the start; None without it."""
+
+    def __init__(self) -> None:
+        self.exe = shutil.which("nvidia-smi")
+        self.base = self.peak = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _used(self) -> int | None:
+        if not self.exe:
+            return None
+        try:
+            out = subprocess.run([self.exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return int(out.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            used = self._used()
+            if used is not None and self.peak is not None:
+                self.peak = max(self.peak, used)
+
+    def __enter__(self) -> GpuMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> int | None:
+        return None if self.base is None or self.peak is None else self.peak - self.base
+
+
+def _expert_counts(eng: Engine) -> tuple[int, int]:
+    s = eng.stats()
+    return s["expert_hits"], s["expert_misses"]
+
+
+def run_ours(arch: Path, device: str, vram_gb: float, prompt_len: int, n_decode: int,
+             threads: int | None) -> dict[str, Any]:
+    """One fresh engine at `vram_gb`: timed prefill (second pass) and median greedy decode, with expert hits."""
+    n_ctx = prompt_len + WARM + n_decode + 8
+    with GpuMemory() as mem:
+        t0 = time.perf_counter()
+        eng = Engine(arch, device=device, vram_gb=vram_gb, context=n_ctx, prefetch_lookahead=32, threads=threads)
+        out: dict[str, Any] = {"engine": "vkpack", "device": device, "backend": eng.backend.name, "vram_gb": vram_gb,
+                               "start_s": time.perf_counter() - t0, "model_bytes": eng.model_bytes,
+                               "budget": eng.tier.budget}
+        try:
+            prompt = [int(t) for t in np.random.default_rng(1).integers(3, eng.hp["vocab"], prompt_len)]
+            with eng.kv_session(prompt_len + WARM + n_decode + 1) as kv:
+                times = []
+                for _ in range(2):  # the first pass records its steps and loads
+                    h0 = _expert_counts(eng)
+                    t = time.perf_counter()
+                    logits = eng.forward_batch([(prompt, 0, kv)])
+                    times.append(time.perf_counter() - t)
+                h1 = _expert_counts(eng)
+                out.update(prefill_tokens=prompt_len, prefill_s=times, prefill_tps=prompt_len / times[-1],
+                           prefill_expert_hit_rate=_rate(h0, h1))
+                tok = int(np.argmax(logits[0]))
+                steps = []
+                for i in range(WARM + n_decode):
+                    if i == WARM:
+                        h0, up0 = _expert_counts(eng), eng.metrics.bytes_uploaded
+                    t = time.perf_counter()
+                    tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
+                    steps.append(time.perf_counter() - t)
+                timed = steps[WARM:]
+                out.update(decode_tokens=n_decode, decode_ms=[round(s * 1e3, 2) for s in timed],
+                           decode_tps=1 / statistics.median(timed), decode_tps_mean=len(timed) / sum(timed),
+                           decode_expert_hit_rate=_rate(h0, _expert_counts(eng)),
+                           uploaded_gb_per_token=(eng.metrics.bytes_uploaded - up0) / n_decode / 1e9)
+            stats = eng.stats()
+            out.update({k: stats[k] for k in ("expert_hits", "expert_misses", "expert_hit_rate", "stall_seconds",
+                                              "bytes_uploaded", "peak_device_bytes")})
+        finally:
+            eng.close()
+    out["gpu_mib"] = mem.mib
+    return out
+
+
+def _rate(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    return hits / (hits + misses) if hits + misses else None
+
+
+def run_llama(exe: str, src: Path, label: str, flags: list[str], counted: int | None, prompt_len: int,
+              n_decode: int, threads: int) -> dict[str, Any]:
+    """llama-bench with `flags`: prefill and decode tok/s, the bytes we counted for it, the GPU memory it used."""
+    with GpuMemory() as mem:
+        try:
+            r = bench_gpu.llama_bench(exe, src, *flags, "-t", str(threads), "-p", str(prompt_len),
+                                      "-n", str(n_decode), "-r", "2")
+        except subprocess.TimeoutExpired as e:
+            r = {"cmd": " ".join(map(str, e.cmd)), "error": f"timed out after {e.timeout} s"}
+    rows = r.get("results", [])
+    r.update(engine="llama.cpp", label=label, flags=flags, counted_gpu_bytes=counted, gpu_mib=mem.mib,
+             prefill_tps=next((x["avg_ts"] for x in rows if x.get("n_prompt") and not x.get("n_gen")), None),
+             decode_tps=next((x["avg_ts"] for x in rows if x.get("n_gen")), None))
+    return r
+
+
+def llama_configs(split: dict[str, Any], budgets: list[float], n_ctx: int, extra: list[int]) -> list[tuple]:
+    """(label, flags, counted GPU bytes): --n-cpu-moe from each budget's fit upward by `extra`, all experts
+    on the CPU, and -ngl 0 (weights in RAM; a CUDA build still runs large prefill matmuls on the GPU)."""
+    n = len(split["expert_bytes_per_layer"])
+    ks = sorted({k + e for b in budgets if (k := fitting_ncmoe(split, b * 2**30, n_ctx)) is not None
+                 for e in [0, *extra] if k + e < n})  # n: every expert on the CPU, the -ot row below
+    out = [(f"-ngl 99 --n-cpu-moe {k}", ["-ngl", "99", "-ncmoe", str(k)], ncmoe_bytes(split, k, n_ctx)) for k in ks]
+    out.append(("-ngl 99 -ot exps=CPU", ["-ngl", "99", "-ot", "exps=CPU"], ncmoe_bytes(split, n, n_ctx)))
+    out.append(("-ngl 0", ["-ngl", "0"], 0))
+    return out
+
+
+def best_llama(report: dict[str, Any], vram_gb: float, key: str) -> dict[str, Any] | None:
+    """llama.cpp's fastest run (by `key`) among those whose counted GPU bytes fit `vram_gb`."""
+    fits = [r for r in report.get("llama_cpp", []) if r.get(key) and r["counted_gpu_bytes"] <= vram_gb * 2**30]
+    return max(fits, key=lambda r: r[key], default=None)
+
+
+def _f(x: float | None, fmt: str = ".1f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def render(report: dict[str, Any], note: str = "") -> str:
+    """A markdown table: our runs with ratios against llama.cpp's best within the same budget, then llama.cpp's."""
+    rows = [("| engine | budget / placement | GPU MiB used | prefill tok/s | decode tok/s | expert hit rate (decode) "
+             "| prefill vs llama.cpp best | decode vs llama.cpp best |"), "|---|---|---|---|---|---|---|---|"]
+    for r in report.get("runs", []):
+        if "error" in r:
+            rows.append(f"| vkpack {r['device']} | {r['vram_gb']} GiB | | error: {r['error'][:100]} | | | | |")
+            continue
+        ratios = []
+        for key in ("prefill_tps", "decode_tps"):
+            b = best_llama(report, r["vram_gb"], key)
+            ratios.append(f"{r[key] / b[key]:.2f}x (`{b['label']}`)" if b else "")
+        rows.append(f"| vkpack {r['device']} | `--vram-gb {r['vram_gb']:g}` | {_f(r.get('gpu_mib'), 'd')} | "
+                    f"{r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | {_f(r.get('decode_expert_hit_rate'), '.1%')} | "
+                    f"{ratios[0]} | {ratios[1]} |")
+    for r in report.get("llama_cpp", []):
+        if r.get("decode_tps") is None:
+            rows.append(f"| llama.cpp | `{r['label']}` | | error: {r.get('error', '')[-100:]!r} | | | | |")
+            continue
+        counted = f"`{r['label']}` ({r['counted_gpu_bytes'] / 2**30:.2f} GiB counted)"
+        rows.append(f"| llama.cpp | {counted} | {_f(r.get('gpu_mib'), 'd')} | {_f(r['prefill_tps'])} | "
+                    f"{r['decode_tps']:.2f} | | | |")
+    m = report.get("model", {})
+    head = (f"{note}\n\nModel: {m.get('name')} as {m.get('dtype')} ({m.get('gguf_bytes', 0) / 1e9:.2f} GB; experts "
+            f"{m.get('expert_bytes', 0) / 1e9:.2f} GB, the rest {m.get('non_expert_bytes', 0) / 1e9:.2f} GB), random "
+            "weights: near-uniform routing, the worst case for the expert cache. Prefill "
+            f"{report.get('prompt')} tokens; decode the median of {report.get('decode')} greedy tokens (llama-bench: "
+            "its mean of 2 repetitions). llama.cpp's best is its fastest run whose counted GPU bytes fit the budget.")
+    return "\n".join([head.strip(), "", *rows]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--dtype", default="Q4_0", choices=("Q4_0", "Q8_0"))
+    ap.add_argument("--device", default="vulkan", help="Engine's device: vulkan on the GPU, cpu for a check")
+    ap.add_argument("--budgets", help="--vram-gb values, GiB (default 4,8; with --quick a fraction of its model)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--llama-bench", default="", help="llama.cpp's llama-bench (a CUDA build for the GPU rows)")
+    ap.add_argument("--ncmoe-extra", default="4,12", help="--n-cpu-moe steps above each budget's fit to sweep")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="a 4-layer MoE of 4.6 MB, short prompt (checks the tool)")
+    ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
+    ap.add_argument("--from-json", type=Path, help="render a saved report instead of measuring")
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument("--note", default="", help="the paragraph above the table (machine, command, commit)")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        text = render(json.loads(args.from_json.read_text()), args.note)
+        print(text)
+        if args.write_docs:
+            write_section("bench_moe", f"## {SECTION}", text)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for noisy in ("vkpack.runtime.vk", "gguf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quick:
+        args.prompt, args.decode = min(args.prompt, 64), min(args.decode, 8)
+    budgets = [float(b) for b in (args.budgets or (QUICK_BUDGETS if args.quick else "4,8")).split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    src, arch = model_files(args.work, args.dtype, args.quick)
+    if args.only_files:
+        return 0
+    split = gguf_split(src)
+    cpu, ram = cpu_and_memory()
+    report: dict[str, Any] = {
+        "machine": {"cpu": cpu, "ram": ram, "platform": platform.platform()},
+        "model": {"name": "quick" if args.quick else "qwen3_30b_a3b", "dtype": args.dtype,
+                  "gguf_bytes": src.stat().st_size, "expert_bytes": sum(split["expert_bytes_per_layer"]),
+                  "non_expert_bytes": split["non_expert_bytes"]},
+        "split": split, "prompt": args.prompt, "decode": args.decode, "budgets": budgets, "runs": [], "llama_cpp": []}
+
+    def save() -> None:
+        (args.out / "bench_moe.json").write_text(json.dumps(report, indent=1))
+        (args.out / "bench_moe.md").write_text(render(report))
+
+    for b in budgets:
+        try:
+            r = run_ours(arch, args.device, b, args.prompt, args.decode,
+                         args.threads if args.device == "cpu" else None)
+        except Exception as e:  # one failed configuration must not lose the others' numbers
+            r = {"engine": "vkpack", "device": args.device, "vram_gb": b, "error": f"{type(e).__name__}: {e}"}
+        report["runs"].append(r)
+        save()
+        print(json.dumps({k: v for k, v in r.items() if k != "decode_ms"}, default=str), flush=True)
+    if args.llama_bench:
+        n_ctx = args.prompt + args.decode
+        extra = [int(x) for x in args.ncmoe_extra.split(",") if x]
+        for label, flags, counted in llama_configs(split, budgets, n_ctx, extra):
+            report["llama_cpp"].append(run_llama(args.llama_bench, src, label, flags, counted, args.prompt,
+                                                 args.decode, args.threads))
+            save()
+            print(json.dumps(report["llama_cpp"][-1], default=str)[:600], flush=True)
+    save()
+    print(render(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
