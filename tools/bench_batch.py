@@ -40,6 +40,10 @@ def run_batches(arch: Path, batches: list[int], prompt_len: int, n_decode: int, 
     """Aggregate decode tok/s per batch size, in one engine (KV sessions made per batch size)."""
     ctx = prompt_len + WARM_STEPS + n_decode + 8
     out = []
+    if vram_gb is None:  # resident: the engine's own unlimited budget holds one sequence's KV, not 32
+        with Engine(arch, device=device, context=ctx) as probe:
+            need = probe.model_bytes * 1.1 + max(batches) * probe.session_bytes(ctx, prompt_len) + 2**30
+        vram_gb = need / 2**30
     with Engine(arch, device=device, vram_gb=vram_gb, context=ctx) as eng:
         rng = np.random.default_rng(0)
         for b in batches:
@@ -123,7 +127,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--vram-gb", type=float, default=None, help="stream under this budget (default resident)")
+    ap.add_argument("--vram-gb", type=float, default=None,
+                    help="stream under this budget (default: resident, a budget that holds the model and every KV cache)")
     ap.add_argument("--device", default="vulkan")
     ap.add_argument("--llama-batched", action="append", default=[], metavar="NAME=PATH",
                     help="llama.cpp's llama-batched-bench built for a backend (e.g. cuda=/tmp/llb-cuda/...)")

@@ -321,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
                     (f"synthetic llama F16 ({args.synthetic_mb} MB)", synthetic_archive(args.synthetic_mb))
                     for n in args.models.split(",") if n]
         archives += [(Path(a).stem, Path(a)) for a in args.archive]
+        parts = [f"Run {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}.", ""]
         for label, path in archives:
             res = bench_prefix(label, path, clients, args.tokens, args.system_prompt_tokens, args.repeat,
                                args.device, args.vram_gb)
-            print(render_prefix(res, clients, args.tokens, args.repeat))
+            parts.append(render_prefix(res, clients, args.tokens, args.repeat))
+            print(parts[-1])
+        if args.write_docs:
+            write_section("bench_serve_prefix", "## Prefix caching (vkpack serve)", "\n".join(parts) + "\n")
         return 0
     host = machine()
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

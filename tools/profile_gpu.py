@@ -5,7 +5,7 @@ one prefill pass are broken down by kernel (total, count, mean) plus the gaps be
 buffers; a cProfile of a few decode tokens shows where the host time goes. Not a benchmark (the
 timestamps themselves cost a little): use tools/bench_gpu.py for the numbers we report.
 
-    python tools/profile_gpu.py --work /tmp/bench --out $OUT --models 1b,8b [--prompt 512]
+    python tools/profile_gpu.py --work /tmp/bench --out $OUT --models 1b,8b [--prompt 512] [--batch 1,8,32]
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def pass_profile(backend) -> dict:
     by_kernel: dict[str, list[float]] = defaultdict(list)
     busy = gaps = 0.0
     end = None
-    for si in sorted(backend._pass_recs):
-        rec = backend._pass_recs[si]
+    recs = backend.runner._pass_recs   # the recordings the last pass ran (runtime/vk/replay.py)
+    for si in sorted(recs):
+        rec = recs[si]
         start, cmds = rec.command_times()
         if end is not None:
             gaps += max(0.0, start - end)
@@ -50,33 +51,46 @@ def pass_profile(backend) -> dict:
     return {"gpu_ms": busy * 1e3, "gaps_ms": gaps * 1e3, "kernels": kernels}
 
 
-def profile_model(arch: Path, prompt_len: int, n_decode: int) -> dict:
+def profile_model(arch: Path, prompt_len: int, n_decode: int, batch: int = 1) -> dict:
+    """A prefill pass and decode passes of `batch` sequences (one token each per pass), profiled."""
     Recorder.profile_all = True
-    eng = Engine(arch, device="vulkan", context=prompt_len + n_decode + 8)
+    ctx = prompt_len + n_decode + 8
+    probe = Engine(arch, device="vulkan", context=ctx)
+    vram_gb = (probe.model_bytes * 1.1 + batch * probe.session_bytes(ctx, prompt_len) + 2**30) / 2**30
+    probe.close()
+    eng = Engine(arch, device="vulkan", context=ctx, vram_gb=vram_gb)
     try:
         be = eng.backend
         rng = np.random.default_rng(1)
         prompt = [int(t) for t in rng.integers(3, eng.hp["vocab"], prompt_len)]
         eng.generate(prompt[:8], max_tokens=4, temperature=0, ignore_eos=True)
-        out: dict = {"model_bytes": eng.model_bytes}
-        with eng.kv_session(prompt_len + n_decode + 1) as kv:
-            t = time.perf_counter()
-            logits = eng.forward_batch([(prompt, 0, kv)])
-            out["prefill_s"] = time.perf_counter() - t
+        out: dict = {"model_bytes": eng.model_bytes, "batch": batch}
+        sessions = [eng.kv_session(prompt_len + n_decode + 1, prompt_len) for _ in range(batch)]
+        kvs = [s.__enter__() for s in sessions]
+        try:
+            toks = []
+            for kv in kvs:
+                t = time.perf_counter()
+                logits = eng.forward_batch([(prompt, 0, kv)])
+                out["prefill_s"] = time.perf_counter() - t
+                toks.append(int(np.argmax(logits[0])))
             out["prefill"] = pass_profile(be)
-            tok = int(np.argmax(logits[0]))
             prof = cProfile.Profile()
             t = time.perf_counter()
             h0 = be.wait_seconds
             for i in range(n_decode):
                 if i == n_decode // 2:
                     prof.enable()
-                tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
+                logits = eng.forward_batch([([tk], prompt_len + i, kv) for tk, kv in zip(toks, kvs)])
+                toks = [int(x) for x in np.argmax(logits, axis=1)]
             prof.disable()
             dt = time.perf_counter() - t
-            out["decode_ms_per_token"] = dt / n_decode * 1e3
-            out["decode_wait_ms_per_token"] = (be.wait_seconds - h0) / n_decode * 1e3
-            out["decode"] = pass_profile(be)
+        finally:
+            for s in sessions:
+                s.__exit__()
+        out["decode_ms_per_token"] = dt / n_decode * 1e3
+        out["decode_wait_ms_per_token"] = (be.wait_seconds - h0) / n_decode * 1e3
+        out["decode"] = pass_profile(be)
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
         out["host_profile"] = s.getvalue()
@@ -87,8 +101,8 @@ def profile_model(arch: Path, prompt_len: int, n_decode: int) -> dict:
 
 
 def report(name: str, r: dict) -> str:
-    lines = [(f"## {name}: {r['model_bytes'] / 1e9:.2f} GB; prefill {r['prefill_s'] * 1e3:.1f} ms; decode "
-              f"{r['decode_ms_per_token']:.2f} ms/token (blocked on fences {r['decode_wait_ms_per_token']:.2f})")]
+    lines = [(f"## {name}: {r['model_bytes'] / 1e9:.2f} GB; prefill {r['prefill_s'] * 1e3:.1f} ms; decode of "
+              f"{r['batch']} sequence(s) {r['decode_ms_per_token']:.2f} ms/step (blocked on fences {r['decode_wait_ms_per_token']:.2f})")]
     for what in ("decode", "prefill"):
         p = r[what]
         lines.append(f"### {what}: GPU busy {p['gpu_ms']:.2f} ms, gaps between command buffers {p['gaps_ms']:.2f} ms")
@@ -107,16 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="1b,8b")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--batch", default="1", help="sequences per decode pass, comma-separated (e.g. 1,8,32)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, to check the script on lavapipe")
     args = ap.parse_args(argv)
     work, out = prepare(args)
     res, text = {}, []
     for name in args.models.split(","):
-        res[name] = profile_model(model_archive(name, work), args.prompt, args.decode)
-        text.append(report(name, res[name]))
-        print(text[-1], flush=True)
-        (out / "profile_gpu.json").write_text(json.dumps(res, indent=1))
-        (out / "profile_gpu.md").write_text("\n\n".join(text) + "\n")
+        for b in map(int, args.batch.split(",")):
+            key = name if b == 1 else f"{name} x{b}"
+            res[key] = profile_model(model_archive(name, work), args.prompt, args.decode, b)
+            text.append(report(key, res[key]))
+            print(text[-1], flush=True)
+            (out / "profile_gpu.json").write_text(json.dumps(res, indent=1))
+            (out / "profile_gpu.md").write_text("\n\n".join(text) + "\n")
     return 0
 
 

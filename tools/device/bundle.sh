@@ -24,7 +24,16 @@ mkdir -p /tmp/amd64/partial
 apt-get $apt_opts update >/dev/null
 (cd .gl && apt-get $apt_opts download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)   # the NVIDIA ICD needs libglvnd
 mkdir -p .gl/dev   # for building llama.cpp's Vulkan backend there (tools/device/gpu_kernels.sh): headers, glslc
-(cd .gl/dev && apt-get $apt_opts download libvulkan-dev glslc libshaderc1 spirv-headers)
+rm -f .gl/dev/*.deb
+(cd .gl/dev && apt-get $apt_opts download glslc libshaderc1)
+# llama.cpp's Vulkan backend needs headers newer than bookworm's 1.3.239 (VK_EXT_layer_settings): trixie's
+# (headers only; the loader stays bookworm's libvulkan1)
+mkdir -p /tmp/trixie/partial
+mirror=$(awk '/^URIs:/ {u = $2} /^Suites:/ && / bookworm( |$)/ {print u; exit}' /etc/apt/sources.list.d/*.sources)
+echo "deb $mirror trixie main" > /tmp/trixie.list   # the machine's own Debian mirror, the next release
+trixie_opts="$apt_opts -oDir::State::Lists=/tmp/trixie -oDir::Etc::SourceList=/tmp/trixie.list -oDir::Etc::SourceParts=/dev/null"
+apt-get $trixie_opts update >/dev/null
+(cd .gl/dev && apt-get $trixie_opts download libvulkan-dev spirv-headers)
 if [ ! -f .bench/llamacpp.tar.xz ]; then
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_PYTHON:-0.3.36}" -d "$tmp"
