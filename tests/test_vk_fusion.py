@@ -166,3 +166,18 @@ def test_engine_decode_with_per_fusion_matvec_configs(tmp_path):
         specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in g.backend.last_replay()[1]
                  if k.name.startswith("matmul_")}
         assert {(0, sg, 1, 2), (1, 2 * sg, 8, 1), (2, 2 * sg, 4, 2)} <= specs, specs
+
+
+def test_engine_decode_leaves_unfused_weight_types_to_their_own_config(tmp_path):
+    """Ops.mv_unfused: a weight type listed there runs its decode products unfused with its own
+    (workgroup, rows, units), so the norms and SwiGLU come back as dispatches; tokens still match numpy."""
+    with cpu_and_vulkan(tmp_path, 9) as (c, g, _spec):
+        sg = g.backend.dev.info.subgroup_size
+        g.backend.ops.mv_unfused = {"F16": (sg, 1, 1)}
+        ids = c.encode("weight types that run unfused")
+        assert greedy(g, ids, 8) == greedy(c, ids, 8)
+        kernels = g.backend.last_replay()[1]
+        names = [k.name for k in kernels]
+        assert any(n.startswith("rms_norm") for n in names) and any(n.startswith("swiglu") for n in names)
+        specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in kernels if k.name.startswith("matmul_")}
+        assert specs == {(0, sg, 1, 1)}, specs

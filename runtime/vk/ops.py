@@ -150,6 +150,13 @@ class Ops:
         # H100, `tools/sweep_matvec.py --by-role`: two units in flight won 1-4 % on the 1B and 8B shapes
         # except under SwiGLU (8B down projection); decode 675.6 -> 701.9 tok/s (1B), 151.0 -> 153.2 (8B).
         self.mv_config: dict[int, tuple[int, int, int]] = {} if self.cpu else {0: (128, 2, 2), 1: (128, 2, 2)}
+        # T = 1 weight types that run faster unfused, with their own (workgroup, rows, units): their decoders,
+        # not memory, bound them, and loading the norm (or u) in every workgroup costs them more than the norm's
+        # and SwiGLU's own dispatches. H100, `tools/sweep_matvec.py --shape 8b --dtype T --layers 4`, fused
+        # default -> unfused below: Q4_K 467 -> 713 GB/s, Q8_0 1470 -> 1946, Q4_0 802 -> 997, Q6_K 822 -> 945
+        # (F16: 2489 -> 2650, less than the extra dispatches cost; it stays fused).
+        self.mv_unfused: dict[str, tuple[int, int, int]] = {} if self.cpu else {
+            "Q4_K": (128, 1, 1), "Q6_K": (128, 2, 1), "Q8_0": (128, 2, 2), "Q4_0": (128, 2, 1)}
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
@@ -306,7 +313,8 @@ class Ops:
             nt = 1 if T == 1 else min(self.mm_max_tokens, _pow2_at_least(T))
             wg, nr, nu = self.mm_wg, self.mm_rows, self.mm_units
             if T == 1:
-                wg, nr, nu = self.mv_config.get(fuse, (wg, nr, nu))
+                wg, nr, nu = (self.mv_unfused[w.dtype] if not fuse and w.dtype in self.mv_unfused
+                              else self.mv_config.get(fuse, (wg, nr, nu)))
             k = self._k(f"matmul_{w.dtype.lower()}", 6, 40, (3,), {0: wg, 1: nr, 2: nt, 3: nu, 4: fuse}, reduce=True)
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
         for r0, rows in self._row_parts(w):
@@ -333,8 +341,9 @@ class Ops:
         return "matmul"
 
     def fuses(self, T: int, dtype: str) -> bool:
-        """Whether linear() runs matmul.comp for T tokens (the kernel with the norm/GLU fusions)."""
-        return self._linear_kernel(T, dtype) == "matmul"
+        """Whether linear() runs matmul.comp for T tokens (the kernel with the norm/GLU fusions) and the
+        fusions pay for this weight type (not the `mv_unfused` ones at T = 1)."""
+        return self._linear_kernel(T, dtype) == "matmul" and not (T == 1 and dtype in self.mv_unfused)
 
     def embed(self, rec: Recorder, w: Weight, ids: Any, out: Any, T: int, *, out_stride: int | None = None,
               id_off: int = 0, keep_outside: bool = False) -> None:
