@@ -36,7 +36,7 @@ WARM_STEPS = 4
 
 
 def run_batches(arch: Path, batches: list[int], prompt_len: int, n_decode: int, vram_gb: float | None,
-                device: str) -> list[dict[str, Any]]:
+                device: str, ops_attrs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Aggregate decode tok/s per batch size, in one engine (KV sessions made per batch size)."""
     ctx = prompt_len + WARM_STEPS + n_decode + 8
     out = []
@@ -45,6 +45,10 @@ def run_batches(arch: Path, batches: list[int], prompt_len: int, n_decode: int, 
             need = probe.model_bytes * 1.1 + max(batches) * probe.session_bytes(ctx, prompt_len) + 2**30
         vram_gb = need / 2**30
     with Engine(arch, device=device, vram_gb=vram_gb, context=ctx) as eng:
+        for k, v in (ops_attrs or {}).items():  # kernel choices, before anything is recorded
+            if not hasattr(eng.backend.ops, k):
+                raise SystemExit(f"--ops: Ops has no attribute {k!r}")
+            setattr(eng.backend.ops, k, v)
         rng = np.random.default_rng(0)
         for b in batches:
             sessions = [eng.kv_session(ctx, prompt_len) for _ in range(b)]
@@ -134,6 +138,7 @@ def main() -> int:
                     help="llama.cpp's llama-batched-bench built for a backend (e.g. cuda=/tmp/llb-cuda/...)")
     ap.add_argument("--work", default="/tmp/bench")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--ops", default="", help="Ops attributes for an A/B, as tools/bench_gpu.py's --ops")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a check of the tool)")
     args = ap.parse_args()
     work, out = bench_gpu.prepare(args)
@@ -147,7 +152,8 @@ def main() -> int:
         res["models"][name] = m
         try:
             arch = bench_gpu.model_archive(name, work, keep_gguf=bool(benches))
-            m["rows"] = run_batches(arch, batches, prompt, decode, args.vram_gb, args.device)
+            m["rows"] = run_batches(arch, batches, prompt, decode, args.vram_gb, args.device,
+                                    bench_gpu._ops_attrs(args.ops))
         except Exception as e:  # keep going: the other models' and llama.cpp's numbers still come back
             m["error"] = f"{type(e).__name__}: {e}"
             print(m["error"], flush=True)

@@ -157,6 +157,7 @@ class Ops:
         # (F16: 2489 -> 2650, less than the extra dispatches cost; it stays fused).
         self.mv_unfused: dict[str, tuple[int, int, int]] = {} if self.cpu else {
             "Q4_K": (128, 1, 1), "Q6_K": (128, 2, 1), "Q8_0": (128, 2, 2), "Q4_0": (128, 2, 1)}
+        self.unfused_max_tokens = 1             # up to this T the mv_unfused types skip the fusions
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
@@ -342,8 +343,9 @@ class Ops:
 
     def fuses(self, T: int, dtype: str) -> bool:
         """Whether linear() runs matmul.comp for T tokens (the kernel with the norm/GLU fusions) and the
-        fusions pay for this weight type (not the `mv_unfused` ones at T = 1)."""
-        return self._linear_kernel(T, dtype) == "matmul" and not (T == 1 and dtype in self.mv_unfused)
+        fusions pay for this weight type (not the `mv_unfused` ones up to `unfused_max_tokens`)."""
+        return self._linear_kernel(T, dtype) == "matmul" and not (T <= self.unfused_max_tokens
+                                                                   and dtype in self.mv_unfused)
 
     def embed(self, rec: Recorder, w: Weight, ids: Any, out: Any, T: int, *, out_stride: int | None = None,
               id_off: int = 0, keep_outside: bool = False) -> None:
