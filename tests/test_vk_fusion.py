@@ -181,3 +181,12 @@ def test_engine_decode_leaves_unfused_weight_types_to_their_own_config(tmp_path)
         assert any(n.startswith("rms_norm") for n in names) and any(n.startswith("swiglu") for n in names)
         specs = {(k.spec[4], k.spec[0], k.spec[1], k.spec[3]) for k in kernels if k.name.startswith("matmul_")}
         assert specs == {(0, sg, 1, 1)}, specs
+        # a step of two sequences (up to Ops.unfused_max_tokens rows) runs unfused too
+        assert g.backend.ops.unfused_max_tokens >= 2 and not g.backend.ops.fuses(2, "F16")
+        a, b = ids, c.encode("another one")
+        with g.kv_session(64) as ka, g.kv_session(64) as kb, c.kv_session(64) as kc, c.kv_session(64) as kd:
+            for e, (k1, k2) in ((g, (ka, kb)), (c, (kc, kd))):
+                e.forward_batch([(a, 0, k1), (b, 0, k2)])
+            got = g.forward_batch([(a[-1:], len(a), ka), (b[-1:], len(b), kb)])
+            ref = c.forward_batch([(a[-1:], len(a), kc), (b[-1:], len(b), kd)])
+        assert rel_err(got, ref) < 1e-3

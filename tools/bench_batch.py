@@ -114,8 +114,9 @@ def table(res: dict[str, Any]) -> str:
         for b, r in ours.items():
             vs = ", ".join(f"{r['aggregate_tps'] / rows[b]['speed_tg']:.2f}x {k}" for k, rows in llama.items()
                            if b in rows)
+            ratio = f"{r['aggregate_tps'] / one:.2f}x" if one else ""
             lines.append(f"| {name} | {budget} | vkpack vulkan | {b} | {r['aggregate_tps']:.1f} | "
-                         f"{r['ms_per_step']:.2f} | {r['aggregate_tps'] / one:.2f}x | {vs} |" if one else "")
+                         f"{r['ms_per_step']:.2f} | {ratio} | {vs} |")
         for k, rows in llama.items():
             for b, r in sorted(rows.items()):
                 lines.append(f"| {name} | all layers | llama.cpp {k} | {b} | {r['speed_tg']:.1f} | "
