@@ -114,7 +114,8 @@ class Backend(Protocol):
         {(tensor name, first row): what the backend's ops read}."""
 
     def kv_view(self, mem: Any, n_ctx: int, width: int) -> Any:
-        """One layer's K or V cache, [n_ctx, width] float32, in the tier memory `mem`."""
+        """One layer's K or V cache, [n_ctx, width] float32, in the tier memory `mem` (`n_ctx` rows: the
+        session's, or a windowed layer's ring, runtime/kv.py)."""
 
     def copy_kv(self, src: list[tuple[Any, Any]], dst: list[tuple[Any, Any]], n: int) -> None:
         """Give the session `dst` what the session `src` holds for positions [0, n): per layer and
