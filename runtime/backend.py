@@ -147,15 +147,15 @@ class Backend(Protocol):
 BackendFactory = Callable[["Archive"], Backend]
 
 
-def copy_spans(n: int, src_rows: int, dst_rows: int) -> list[tuple[int, int, int]]:
-    """(source row, destination row, rows) runs that carry positions [0, n) from a cache of `src_rows`
+def copy_spans(n: int, src_rows: int, dst_rows: int, lo: int = 0) -> list[tuple[int, int, int]]:
+    """(source row, destination row, rows) runs that carry positions [lo, n) from a cache of `src_rows`
     rows to one of `dst_rows`, position p living at row p % rows on each side: only the last
     min(n, src_rows, dst_rows) positions, the ones both can hold, cut where either side wraps.
 
     Example: copy_spans(10, 4, 6) -> [(2, 0, 2), (0, 2, 2)] (positions 6, 7 then 8, 9).
     """
     out: list[tuple[int, int, int]] = []
-    p = max(0, n - min(src_rows, dst_rows))
+    p = max(lo, n - min(src_rows, dst_rows))
     while p < n:
         s, d = p % src_rows, p % dst_rows
         k = min(n - p, src_rows - s, dst_rows - d)

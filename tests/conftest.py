@@ -48,3 +48,17 @@ def ops(dev):
     from vkpack.runtime import vk
 
     return vk.Ops(dev)
+
+
+@pytest.fixture(scope="module")
+def tiny_q8_archive(tmp_path_factory) -> Path:
+    """A 2-layer, 384-token llama in Q8_0 with 1 MB packs: servers that need a model, not its answers."""
+    import make_synthetic as ms
+    from vkpack.compiler.build import build
+
+    folder = tmp_path_factory.mktemp("tiny_q8")
+    src = ms.write_gguf(folder / "m.gguf", ms.Spec(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=384,
+                                                   std=0.3), dtype="Q8_0", seed=5)
+    out = folder / "m.vkpack"
+    build(src, out, max_pack_mb=1, progress=False)
+    return out

@@ -16,17 +16,15 @@ import threading
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
+from server_helpers import LiveServer
 from vkpack.runtime import native, vk
 from vkpack.runtime.backend import copy_spans
 from vkpack.runtime.engine import Engine
 from vkpack.runtime.sampler import SamplingParams
-from vkpack.runtime.server.app import create_app
 from vkpack.runtime.server.batch import Failed, Finished, GenRequest, Scheduler
 from vkpack.runtime.server.prefix import BLOCK
-from vkpack.runtime.server.runner import BackgroundServer
 
 NAME = "smol"
 SYSTEM = ("You are the support assistant of a bicycle shop. Answer in one short sentence, name the part a "
@@ -36,20 +34,13 @@ ok_native, why_native = native.available()
 needs_vk = pytest.mark.skipif(not ok_vk, reason=f"no Vulkan: {why_vk}")
 
 
-class Served:
+class Served(LiveServer):
     def __init__(self, archive, device: str = "numpy", prefix_cache: bool = True, **engine_kw):
-        self.engine = Engine(archive, device=device, **engine_kw)
-        self.app = create_app(self.engine, model_name=NAME, prefix_cache=prefix_cache)
-        self.srv = BackgroundServer(self.app).__enter__()
-        self.url = self.srv.url
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
+        super().__init__(Engine(archive, device=device, **engine_kw), timeout=600, model_name=NAME,
+                         prefix_cache=prefix_cache)
         self.fed: list[tuple[int, int]] = []   # (tokens, first position) of every batch entry
         forward = self.engine.forward_batch
         self.engine.forward_batch = lambda seqs: (self.fed.extend((len(t), p) for t, p, _ in seqs), forward(seqs))[1]
-
-    @property
-    def scheduler(self) -> Scheduler:
-        return self.app.state.scheduler
 
     def chat(self, question: str, max_tokens: int = 6, **kw):
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
@@ -69,10 +60,6 @@ class Served:
                 k, v = line.rsplit(" ", 1)
                 out[k] = float(v)
         return out
-
-    def close(self) -> None:
-        self.srv.__exit__()
-        self.engine.close()
 
 
 def _prompt_positions(fed: list[tuple[int, int]], n_prompt: int) -> int:

@@ -13,11 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import make_synthetic as ms
 import openai
 import pytest
 
-from vkpack.compiler.build import build
 from vkpack.pack_format.reader import Archive
 from vkpack.runtime.cli import make_parser
 from vkpack.runtime.engine import Engine
@@ -31,19 +29,9 @@ ORIGIN = "http://app.example:3000"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("api")
-    src = ms.write_gguf(folder / "m.gguf", ms.Spec(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=384,
-                                                   std=0.3), dtype="Q8_0", seed=5)
-    out = folder / "m.vkpack"
-    build(src, out, max_pack_mb=1, progress=False)
-    return out
-
-
 class Served:
-    def __init__(self, archive: Path, **kw):
-        self.engine = Engine(archive, device="cpu")
+    def __init__(self, tiny_q8_archive: Path, **kw):
+        self.engine = Engine(tiny_q8_archive, device="cpu")
         self.srv = BackgroundServer(create_app(self.engine, model_name="m", api_key=KEY, **kw)).__enter__()
         self.url = self.srv.url
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -60,15 +48,15 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(archive):
-    s = Served(archive)
+def served(tiny_q8_archive):
+    s = Served(tiny_q8_archive)
     yield s
     s.close()
 
 
 @pytest.fixture(scope="module")
-def served_cors(archive):
-    s = Served(archive, cors_origins=[ORIGIN])
+def served_cors(tiny_q8_archive):
+    s = Served(tiny_q8_archive, cors_origins=[ORIGIN])
     yield s
     s.close()
 
@@ -123,8 +111,8 @@ def test_tokenize_needs_the_key(served):
 # ---- /props and /v1/models ----
 
 
-def _expected_meta(archive: Path) -> dict:
-    with Archive(archive) as a:
+def _expected_meta(tiny_q8_archive: Path) -> dict:
+    with Archive(tiny_q8_archive) as a:
         params = Counter()
         for r in a.tensors.values():
             params[r.dtype] += math.prod(r.shape)
@@ -132,10 +120,10 @@ def _expected_meta(archive: Path) -> dict:
                 "n_layers": a.hparams["n_layers"], "n_vocab": a.hparams["vocab"], "size": a.size}
 
 
-def test_models_meta_through_openai(served, archive):
+def test_models_meta_through_openai(served, tiny_q8_archive):
     (card,) = served.client.models.list().data
     meta = card.model_extra["meta"]
-    exp = _expected_meta(archive)
+    exp = _expected_meta(tiny_q8_archive)
     for k, v in exp.items():
         assert meta[k] == v, k
     assert set(meta["quantization"]) == {"Q8_0", "F32"}
@@ -144,7 +132,7 @@ def test_models_meta_through_openai(served, archive):
     assert served.client.models.retrieve("m").model_extra["meta"] == meta
 
 
-def test_props(served, archive):
+def test_props(served, tiny_q8_archive):
     r = served.get("/props")
     assert r.status_code == 200
     p = r.json()
@@ -154,7 +142,7 @@ def test_props(served, archive):
     assert (params["temperature"], params["top_k"], params["top_p"], params["min_p"], params["repeat_penalty"]) == \
         (d.temperature, d.top_k, d.top_p, d.min_p, d.repeat_penalty)
     assert params["n_predict"] == 512 and p["total_slots"] == 8 and p["model_alias"] == "m"
-    assert p["chat_template"] and p["meta"]["n_params"] == _expected_meta(archive)["n_params"]
+    assert p["chat_template"] and p["meta"]["n_params"] == _expected_meta(tiny_q8_archive)["n_params"]
 
 
 # ---- CORS ----
@@ -194,14 +182,14 @@ def test_cors_preflight_and_simple_requests(served_cors):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_cli_cors_origin_is_checked(archive):
-    r = subprocess.run([sys.executable, "-m", "vkpack", "serve", str(archive), "--port", "0", "--cors-origin",
+def test_cli_cors_origin_is_checked(tiny_q8_archive):
+    r = subprocess.run([sys.executable, "-m", "vkpack", "serve", str(tiny_q8_archive), "--port", "0", "--cors-origin",
                         "example.com"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--cors-origin" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_cli_serve_sends_cors_headers(archive):
-    proc = subprocess.Popen([sys.executable, "-m", "vkpack", "serve", str(archive), "--port", "0", "--device", "cpu",
+def test_cli_serve_sends_cors_headers(tiny_q8_archive):
+    proc = subprocess.Popen([sys.executable, "-m", "vkpack", "serve", str(tiny_q8_archive), "--port", "0", "--device", "cpu",
                              "--cors-origin", ORIGIN], stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()

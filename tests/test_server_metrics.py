@@ -9,13 +9,11 @@ import time
 from pathlib import Path
 
 import httpx
-import make_synthetic as ms
 import openai
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from vkpack.compiler.build import build
 from vkpack.runtime.engine import Engine
 from vkpack.runtime.server.app import create_app
 from vkpack.runtime.server.runner import BackgroundServer
@@ -28,19 +26,9 @@ HISTOGRAMS = ("time_to_first_token_seconds", "inter_token_latency_seconds", "req
 STEP = 0.02   # seconds each batch step sleeps in the latency test: every token takes at least this long
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("metrics")
-    src = ms.write_gguf(folder / "m.gguf", ms.Spec(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=384,
-                                                   std=0.3), dtype="Q8_0", seed=5)
-    out = folder / "m.vkpack"
-    build(src, out, max_pack_mb=1, progress=False)
-    return out
-
-
 class Served:
-    def __init__(self, archive: Path, device: object = "cpu", **engine_kw):
-        self.engine = Engine(archive, device=device, **engine_kw)
+    def __init__(self, tiny_q8_archive: Path, device: object = "cpu", **engine_kw):
+        self.engine = Engine(tiny_q8_archive, device=device, **engine_kw)
         self.srv = BackgroundServer(create_app(self.engine, model_name="m", api_key=KEY)).__enter__()
         self.url = self.srv.url
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -77,8 +65,8 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(archive):
-    s = Served(archive, ram_gb=1)   # a RAM budget, so that vkpack_ram_budget_bytes is exposed too
+def served(tiny_q8_archive):
+    s = Served(tiny_q8_archive, ram_gb=1)   # a RAM budget, so that vkpack_ram_budget_bytes is exposed too
     yield s
     s.close()
 
@@ -191,8 +179,8 @@ def test_a_cancelled_request_counts_its_tokens_but_no_duration(served, monkeypat
     assert after[("vkpack_request_duration_seconds_count", ())] == before[("vkpack_request_duration_seconds_count", ())]
 
 
-def test_two_servers_in_one_process_keep_their_own_metrics(archive, served):
-    other = Served(archive)
+def test_two_servers_in_one_process_keep_their_own_metrics(tiny_q8_archive, served):
+    other = Served(tiny_q8_archive)
     try:
         served.wait_idle()
         mine, theirs = served.samples(), other.samples()

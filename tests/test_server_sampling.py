@@ -12,15 +12,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
+from server_helpers import LiveServer
 from vkpack.runtime.engine import Engine
 from vkpack.runtime.sampler import SamplingParams
-from vkpack.runtime.server.app import create_app
 from vkpack.runtime.server.batch import Finished, GenRequest, Piece, Scheduler
 from vkpack.runtime.server.logprobs import TokenText
-from vkpack.runtime.server.runner import BackgroundServer
 
 NAME = "smol"
 TOL = 1e-4          # logprobs vs a numpy log-softmax of the reference engine's logits
@@ -28,29 +26,9 @@ HI = [{"role": "user", "content": "What is the capital of France?"}]
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-class Served:
-    def __init__(self, archive: Path):
-        self.engine = Engine(archive, device="numpy")
-        self.app = create_app(self.engine, model_name=NAME)
-        self.srv = BackgroundServer(self.app).__enter__()
-        self.url = self.srv.url
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-    @property
-    def scheduler(self) -> Scheduler:
-        return self.app.state.scheduler
-
-    def post(self, path: str, body: dict) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=120)
-
-    def close(self) -> None:
-        self.srv.__exit__()
-        self.engine.close()
-
-
 @pytest.fixture(scope="module")
 def served(smollm2_archive):
-    s = Served(smollm2_archive)
+    s = LiveServer(Engine(smollm2_archive, device="numpy"), model_name=NAME)
     yield s
     s.close()
 

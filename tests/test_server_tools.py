@@ -6,19 +6,17 @@ and 400s naming the field for bad schemas, grammars and tools."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
+from server_helpers import LiveServer
 from vkpack.runtime.constrain import closed_objects
 from vkpack.runtime.engine import Engine
 from vkpack.runtime.sampler import SamplingParams
 from vkpack.runtime.server import structured
-from vkpack.runtime.server.app import create_app
-from vkpack.runtime.server.runner import BackgroundServer
 from vkpack.runtime.toolcalls import ToolFormat, parse_tool_request, render_prompt, template_messages
 
 NAME = "smol"
@@ -35,25 +33,9 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-class Served:
-    def __init__(self, archive: Path):
-        self.engine = Engine(archive, device="numpy")
-        self.app = create_app(self.engine, model_name=NAME)
-        self.srv = BackgroundServer(self.app).__enter__()
-        self.url = self.srv.url
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-    def post(self, path: str, body: dict) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=120)
-
-    def close(self) -> None:
-        self.srv.__exit__()
-        self.engine.close()
-
-
 @pytest.fixture(scope="module")
 def served(smollm2_archive):
-    s = Served(smollm2_archive)
+    s = LiveServer(Engine(smollm2_archive, device="numpy"), model_name=NAME)
     yield s
     s.close()
 

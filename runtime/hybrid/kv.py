@@ -79,10 +79,7 @@ class HybridKv:
 
     def _row_spans(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """The rows of positions [lo, hi) (at most n_ctx of them) as one or two [a, b) ranges."""
-        a = lo % self.n_ctx
-        if a + hi - lo <= self.n_ctx:
-            return [(a, a + hi - lo)] if hi > lo else []
-        return [(a, self.n_ctx), (0, hi - lo - (self.n_ctx - a))]
+        return [(a, a + k) for a, _, k in copy_spans(hi, self.n_ctx, self.n_ctx, lo)]
 
     def _need(self, have: int, lo: int, hi: int) -> None:
         # the other side holds positions [have - n_ctx, have): a pass would read rows no pass wrote (or a
