@@ -27,7 +27,7 @@ import hf_reference
 import hf_to_gguf
 from vkpack.compiler.build import build
 from vkpack.pack_format import validate
-from vkpack.pack_format.errors import FormatError, SourceError, VkpackError
+from vkpack.pack_format.errors import FormatError, SourceError
 from vkpack.pack_format.reader import Archive
 from vkpack.runtime.cpu import ops
 from vkpack.runtime.engine import Engine
@@ -273,13 +273,10 @@ def test_a_missing_expert_is_refused(made, tmp_path):
         build(bad, tmp_path / "bad.vkpack", progress=False)
 
 
-def test_hybrid_refuses_and_auto_picks_a_backend(moe_archive):
-    """The hybrid planner knows layers, not experts chosen per pass: it refuses a mixture of experts with
-    one line. `auto` runs it (lavapipe is a CPU driver: on the CPU; on a GPU: the Vulkan backend alone)."""
-    with pytest.raises(VkpackError, match="--device hybrid: mixtures of experts"):
-        Engine(moe_archive, device="hybrid")
+def test_auto_picks_a_backend(moe_archive):
+    """`auto` runs a mixture of experts (lavapipe is a CPU driver: on the CPU; on a GPU: the hybrid backend)."""
     with Engine(moe_archive) as eng:
-        assert eng.backend.name in ("cpu", "numpy", "vulkan")
+        assert eng.backend.name in ("cpu", "numpy", "hybrid")
 
 
 def test_routers_table_matches_the_code():
@@ -304,10 +301,11 @@ VK_OK, VK_WHY = _vulkan()
 needs_vulkan = pytest.mark.skipif(not VK_OK, reason=f"no Vulkan: {VK_WHY}")
 
 
-def vk_quarter_of_experts(archive) -> float:
-    """As `quarter_of_experts`, for the Vulkan backend: its packs as stored, one session, the activation room
-    of the 64-token prefill and the buffers it keeps outside the tier (the moe route and readback among them)."""
-    with Engine(archive, device="vulkan") as eng:
+def vk_quarter_of_experts(archive, hybrid: bool = False) -> float:
+    """As `quarter_of_experts`, for the Vulkan backend (or the hybrid one over it): its packs as stored, one
+    session, the activation room of the 64-token prefill and the buffers it keeps outside the tier (the moe
+    route and readback among them)."""
+    with Engine(archive, device="hybrid" if hybrid else "vulkan") as eng:
         b = eng.backend
         sizes = {p.id: b.pack_bytes(p.id) for p in eng.archive.packs}
         experts = sum(n for p, n in sizes.items() if eng.archive.packs[p].kind == "expert")
@@ -437,3 +435,96 @@ def test_vulkan_moe_rows_kernels(dev, ops):
     np.testing.assert_allclose(from_dev(dev, ob, np.float32, (t, n)), want, rtol=1e-6, atol=1e-6)
     for x in (sb, rb, gb, ob):
         x.destroy()
+
+
+# ---- the hybrid backend: missing experts computed on the CPU (runtime/hybrid/experts.py) ----
+def _native_ok() -> tuple[bool, str]:
+    from vkpack.runtime import native
+
+    return native.available()
+
+
+NATIVE_OK, NATIVE_WHY = _native_ok()
+needs_hybrid = pytest.mark.skipif(not (VK_OK and NATIVE_OK), reason=f"Vulkan: {VK_WHY or 'ok'}; native: {NATIVE_WHY or 'ok'}")
+GB = 1e9
+
+
+def _rates(link_gbs: float):
+    """Rates as if measured: the CPU at 10 GB/s a token; the link as given."""
+    from vkpack.runtime.hybrid.rates import Rates
+
+    return Rates(link=link_gbs * GB, gpu_read=100 * GB, sync=1e-5,
+                 cpu={dt: {1: 10 * GB, 8: 5 * GB, 32: 2 * GB} for dt in ("F32", "Q8_0", "Q4_0", "Q4_K", "Q6_K")})
+
+
+@pytest.fixture(scope="module")
+def raw_moe_archive(made, tmp_path_factory):
+    """qwen2moe stored raw: lavapipe's device memory is system memory (no pinned cache of streamed packs),
+    so the CPU reads experts from the archive's mapping."""
+    folder, _, _, _ = made("qwen2moe")
+    path = tmp_path_factory.mktemp("raw") / "m.vkpack"
+    build(folder, path, codec="none", progress=False)
+    return path
+
+
+@needs_hybrid
+@pytest.mark.parametrize("link_gbs", [0.001, 3.0], ids=["slow-link", "balanced"])
+def test_hybrid_computes_missing_experts_on_the_cpu(raw_moe_archive, link_gbs):
+    """At the budget holding a quarter of the experts, with rates that make the CPU worth it for all the
+    misses (slow link) or some (balanced): logits at every position within REL_TOL of the numpy backend,
+    32 greedy tokens equal, the same choices, the device budget kept, and the split counted."""
+    from vk_helpers import assert_device_peak_within
+
+    from vkpack.runtime.hybrid.backend import HybridBackend
+    from vkpack.runtime.native.backend import NativeCpuBackend
+    from vkpack.runtime.vk.backend import VulkanBackend
+
+    ref, tokens, cpu = numpy_run(raw_moe_archive)
+    vram = vk_quarter_of_experts(raw_moe_archive, hybrid=True)
+    make = lambda a: HybridBackend(a, VulkanBackend(a), NativeCpuBackend(a), rates=_rates(link_gbs))
+    with Engine(raw_moe_archive, device=make, vram_gb=vram) as eng:
+        with eng.kv_session(N_CTX) as kv:
+            for t in range(len(PROMPT)):
+                got = eng.executor.forward(np.asarray(PROMPT[t:t + 1]), t, kv)[-1]
+                assert rel_err(got, ref[t]) < REL_TOL, f"position {t}: {rel_err(got, ref[t]):.2e}"
+        eng.generate(PROMPT, max_tokens=32, temperature=0, ignore_eos=True)
+        assert list(eng.last_ids) == tokens
+        stats, info = eng.stats(), eng.backend.placement()
+        assert stats["expert_hits"] + stats["expert_misses"] == cpu["expert_hits"] + cpu["expert_misses"]
+        assert_device_peak_within(eng, vram)
+        on_cpu, over_link = info["experts_on_cpu"], info["experts_over_link"]
+        assert on_cpu + over_link == stats["expert_misses"]
+        if link_gbs < 0.01:
+            assert over_link == 0 and on_cpu > 0
+        else:
+            assert on_cpu > 0 and over_link > 0
+        assert any("the CPU computed" in line for line in info["lines"])
+
+
+@needs_hybrid
+def test_expert_split_balances_cpu_and_link(raw_moe_archive, moe_archive):
+    """The CPU takes the misses that bring max(CPU, link) down, cheapest first, and only those readable
+    from system memory: a compressed pack outside the pinned cache goes over the link."""
+    from vkpack.runtime.hybrid.experts import ExpertOffload
+    from vkpack.runtime.native.backend import NativeCpuBackend
+
+    with Archive(raw_moe_archive) as a:
+        op = next(op for st in a.graph["steps"] for op in st["ops"] if op["op"] == "moe")
+        experts = {e: tuple(names) for e, names in enumerate(op["attrs"]["experts"])}
+        packs = {e: sorted({p.pack for n in names for p in a.tensors[n].parts}) for e, names in experts.items()}
+        cpu = NativeCpuBackend(a)
+        off = ExpertOffload(a, cpu, _rates(10.0), lambda pack: None)   # CPU and link alike for one row
+        ones = dict.fromkeys(experts, 1)
+        assert len(off.split(experts, ones, packs)) == len(experts) // 2
+        many = {e: 1 if e < 2 else 32 for e in experts}   # 32 rows cost the CPU 6.4x: it takes the 1-row ones
+        assert off.split(experts, many, packs) == [0, 1]
+        off = ExpertOffload(a, cpu, _rates(0.001), lambda pack: None)
+        assert off.split(experts, ones, packs) == sorted(experts)
+    with Archive(moe_archive) as a:   # compressed packs: readable only where the pinned cache holds them
+        assert any(p.codec != "none" for p in a.packs if p.kind == "expert")
+        op = next(op for st in a.graph["steps"] for op in st["ops"] if op["op"] == "moe")
+        experts = {e: tuple(names) for e, names in enumerate(op["attrs"]["experts"])}
+        packs = {e: sorted({p.pack for n in names for p in a.tensors[n].parts}) for e, names in experts.items()}
+        compressed = {e for e in experts if any(a.packs[p].codec != "none" for p in packs[e])}
+        off = ExpertOffload(a, NativeCpuBackend(a), _rates(0.001), lambda pack: None)
+        assert not set(off.split(experts, dict.fromkeys(experts, 1), packs)) & compressed

@@ -236,6 +236,49 @@ def test_swiglu_matches_numpy(kern):
         kern.swiglu(g, u, g, 1)
 
 
+@pytest.mark.parametrize("dtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0"])
+def test_experts_match_numpy(kern, dtype):
+    """vkp_experts (experts.h) against the numpy backend's formula, expert by expert in the given order:
+    one row (decode), several rows of a few tokens, every row of a 20-token pass past the fast paths'
+    token limits, none; rows in any order; the result overwrites out. Tolerance: the products' (TOL
+    of the sum of |terms|, here bounded through the f64 reference's magnitude) and SwiGLU's exp."""
+    from vkpack.runtime.cpu import ops
+
+    rng = np.random.default_rng(9)
+    ffn, width = (256, 512) if DTYPES[dtype][0] == 256 else (96, 160)
+    for n_tok, n_exp, m in ((1, 3, 1), (5, 4, 3), (20, 2, 20), (7, 0, 0)):
+        x = rng.standard_normal((n_tok, width)).astype(np.float32)
+        want = np.zeros((n_tok, width), np.float64)
+        table = []
+        for _ in range(n_exp):
+            stored = [random_rows(dtype, ffn, width, rng), random_rows(dtype, ffn, width, rng),
+                      random_rows(dtype, width, ffn, rng)]
+            dense = [ref_dequantize(dtype, memoryview(w), shape).reshape(shape).astype(np.float64)
+                     for w, shape in zip(stored, [(ffn, width), (ffn, width), (width, ffn)])]
+            rows = rng.permutation(n_tok)[:m].astype(np.int32)
+            wt = rng.random(m).astype(np.float32)
+            bound = [kern.bind(dtype, w, *d.shape) for w, d in zip(stored, dense)]
+            table.append((*bound, rows, wt))
+            xr = x[rows].astype(np.float64)
+            h = ops.swiglu((xr @ dense[0].T).astype(np.float32), (xr @ dense[1].T).astype(np.float32))
+            want[rows] += (h.astype(np.float64) @ dense[2].T) * wt[:, None]
+        for threads in (1, 2):
+            out = np.full((n_tok, width), np.nan, np.float32)
+            kern.experts(table, x, out, threads)
+            scale = max(np.abs(want).max(), 1e-30)
+            assert np.abs(out - want).max() <= 1e-4 * scale, (n_tok, n_exp, m, threads)
+        if table:
+            kept, kept_x = table, x
+    table, x, n_tok = kept, kept_x, kept_x.shape[0]
+    with pytest.raises(ValueError, match="overlaps"):
+        kern.experts(table, x, x, 1)
+    bad = (table[0][0], table[0][1], table[0][2], np.array([n_tok], np.int32), np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="rejected"):   # a row outside x: refused in C before any read
+        kern.experts([bad], x, np.empty_like(x), 1)
+    with pytest.raises(ValueError, match="gate/up must be"):
+        kern.experts([(table[0][2], table[0][1], table[0][0], table[0][3], table[0][4])], x, np.empty_like(x), 1)
+
+
 def test_empty_products(kern):
     w = random_rows("F32", 3, 0, np.random.default_rng(0))
     y = np.full((2, 3), 5.0, np.float32)

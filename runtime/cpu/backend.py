@@ -280,16 +280,16 @@ class CpuBackend:
         out = np.zeros(x.shape, dtype=np.float32)
         for e in chosen:  # in expert order, as transformers adds them
             rows, slot = np.nonzero(idx == e)
-            out[rows] += self._glu(a["experts"][e], x[rows], weights) * gate[rows, slot][:, None]
+            out[rows] += self.glu(a["experts"][e], x[rows], weights) * gate[rows, slot][:, None]
         if len(w) >= 4:
-            shared = self._glu(w[1:4], x, weights)
+            shared = self.glu(w[1:4], x, weights)
             if len(w) == 5:
                 shared *= ops.sigmoid(self.product(w[4], x, weights))
             out += shared
         env[op["out"]] = out
 
-    def _glu(self, names: list[str], x: np.ndarray, weights: OpWeights) -> np.ndarray:
-        """down(silu(gate(x)) * up(x)): one expert."""
+    def glu(self, names: list[str], x: np.ndarray, weights: Any) -> np.ndarray:
+        """down(silu(gate(x)) * up(x)): one expert (`weights`: anything with `part(name, i)`, as OpWeights)."""
         g = self.product(names[0], x, weights)
         u = self.product(names[1], x, weights)
         return self.product(names[2], ops.swiglu(g, u), weights)

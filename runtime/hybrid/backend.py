@@ -11,6 +11,10 @@ that does not fit on the CPU while the link streams the rest; a prefill streams 
 Activations cross only where the pass changes sides, through host-visible memory: the activations the
 next run of steps reads that the other side wrote (the residual stream). Each layer's KV cache lives
 on the side that computes it, brought up to date when that changes (kv.py).
+
+A mixture of experts is placed per expert, not per layer: which experts a pass reads is known only
+once its router has chosen, so the GPU runs every step and, where the model does not fit, the CPU
+computes some of the chosen experts the device tier misses, from system memory (experts.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from ...pack_format.reader import pread_into
 from ..backend import PassInputs, Placement
 from ..tiers import kv_bytes
+from .experts import ExpertOffload
 from .kv import HybridKv
 from .plan import Plan, StepCost, plan_pass, step_costs
 from ..vk.host_cache import default_budget
@@ -111,6 +116,11 @@ class HybridBackend:
         self._reads = [self._live_in(st) for st in self.steps]
         self._writes = [{op["out"] for op in st["ops"]} for st in self.steps]
         self.passes = {"gpu_only": 0, "split": 0}
+        moe = [op for st in self.steps for op in st["ops"] if op["op"] == "moe"]
+        self.moe = bool(moe)
+        self.offload: ExpertOffload | None = None
+        if moe:   # before the engine sizes the device tier from reserved_bytes
+            gpu.runner.moe.reserve_offload(max(archive.tensors[op["w"][0]].shape[1] for op in moe))
         self.handover_seconds = 0.0   # hand-overs, waiting for the GPU's steps before them included
         self.cpu_seconds = 0.0        # the CPU's steps
 
@@ -183,18 +193,34 @@ class HybridBackend:
         self.weight_room = max(0, tier.budget - reserved - window)
         ram = placement.ram_budget
         self.host_room = default_budget(placement.model_bytes) if ram is None else ram
-        if self.fixed is not None:
+        if self.moe:
+            # experts, not layers: the CPU computes chosen experts the tier misses (experts.py)
+            self.held_steps = frozenset()
+            if not placement.resident:
+                self.offload = ExpertOffload(self.archive, self.cpu, self._rates(), self._host_view)
+                self.gpu.runner.moe.enable_offload(self.offload)
+        elif self.fixed is not None:
             self.held_steps = frozenset().union(*(self.fixed(b) for b in PLAN_BUCKETS))
         elif placement.resident:
             self.held_steps = frozenset()   # the GPU holds the whole model: nothing to gain on the CPU
         else:
-            if self.rates is None:
-                dtypes = {t.dtype for t in self.archive.tensors.values() if len(t.shape) == 2}
-                self.rates = measure_rates(self.gpu.dev, self.cpu, dtypes)
-            decode = plan_pass(self.costs, self.rates, 1, self.weight_room, self.host_room)
+            decode = plan_pass(self.costs, self._rates(), 1, self.weight_room, self.host_room)
             self.held_steps = decode.host
         plain = self._hold(self.held_steps)
         return None if ram_left is None else max(0, ram_left - plain)
+
+    def _rates(self) -> Rates:
+        """The machine's rates (measured now, or read from their cache, unless given)."""
+        if self.rates is None:
+            dtypes = {t.dtype for t in self.archive.tensors.values() if len(t.shape) == 2}
+            self.rates = measure_rates(self.gpu.dev, self.cpu, dtypes)
+        return self.rates
+
+    def _host_view(self, pack: int) -> np.ndarray | None:
+        """The pack's bytes in the GPU's pinned cache of streamed packs, if it holds them."""
+        hc = self.gpu.host_cache
+        at = hc.lookup(pack) if hc is not None else None
+        return None if at is None else hc.host_view(*at)
 
     def _hold(self, steps: frozenset[int]) -> int:
         """Load the weights of `steps` in the CPU backend's form, once; returns the bytes held
@@ -348,7 +374,10 @@ class HybridBackend:
     def describe(self) -> list[str]:
         """The measured rates and the plans made so far, one line each."""
         lines = [] if self.rates is None else [f"rates: {self.rates.describe()}"]
-        if self.fixed is not None:
+        if self.moe:
+            lines.append(self.offload.describe() if self.offload is not None
+                         else "GPU computes every step and expert (the model fits)")
+        elif self.fixed is not None:
             lines.append(f"CPU steps set by hand; for one token: {sorted(self.held_steps)}")
         elif not self.held_steps:
             lines.append("GPU computes every step (the model fits, or the CPU would not gain)")
@@ -361,6 +390,8 @@ class HybridBackend:
                  for b, p in sorted(self._plans.items())]
         return {"rates": None if self.rates is None else asdict(self.rates), "plans": plans,
                 "held_steps": sorted(self.held_steps), "passes": dict(self.passes),
+                "experts_on_cpu": self.offload.cpu_experts if self.offload else 0,
+                "experts_over_link": self.offload.link_experts if self.offload else 0,
                 "handover_seconds": self.handover_seconds, "cpu_seconds": self.cpu_seconds, "lines": self.describe()}
 
     def close(self) -> None:

@@ -112,13 +112,21 @@ class NativeCpuBackend(CpuBackend):
         raw_size = self.archive.packs[pack].raw_size
         if not source.read_into(dest[:raw_size]):
             dest[:raw_size] = np.frombuffer(memoryview(source.decoded()).cast("B"), dtype=np.uint8)
-        raw = dest[:raw_size]
+        return self.describe(pack, dest[:raw_size], dest)
+
+    def describe(self, pack: int, raw: np.ndarray, dest: np.ndarray | None = None) -> dict[tuple[str, int], Any]:
+        """The pack's parts over its bytes `raw` (uint8, wherever they are: nothing is copied), as stored
+        matrices and f32 vectors; vectors stored in another type are converted into `dest` after its
+        first `raw_size` bytes (`pack_bytes` counts that room), which a pack holding such vectors needs."""
+        raw_size = self.archive.packs[pack].raw_size
         out: dict[tuple[str, int], Any] = {}
         extra = align_up(raw_size, ALIGN)
         for t, p in self.slices.get(pack, []):
             part = raw[p.offset:p.offset + p.nbytes]
             if len(t.shape) == 1:
                 if _vector_needs_f32(t):
+                    if dest is None:
+                        raise ValueError(f"pack {pack}: {t.name} needs an f32 copy, and no room was given")
                     vec = dest[extra:extra + 4 * t.shape[0]].view(np.float32)
                     dequantize_reference(t.dtype, memoryview(part), t.shape, out=vec)
                     extra += align_up(4 * t.shape[0], ALIGN)

@@ -36,7 +36,7 @@ from ...pack_format.constants import GGML_TYPE_IDS, row_bytes
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off keeps the decoders bit-equal to GGML (kernels.c says why); -march=native picks the
 # host's SIMD at compile time.
@@ -103,7 +103,7 @@ def build(extra_flags: tuple[str, ...] = (), directory: Path | None = None) -> P
     except OSError as e:
         raise NativeUnavailable(f"cache folder {directory} is not writable: {e}") from e
     try:
-        cmd = [*cc, *flags, "-o", tmp, str(SOURCE)]
+        cmd = [*cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
         if r.returncode != 0:
             tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-8:])
@@ -211,6 +211,8 @@ class Kernels:
         lib.vkp_attention.restype = c_int
         lib.vkp_swiglu.argtypes = [vp, vp, vp, i64, c_int]
         lib.vkp_swiglu.restype = c_int
+        lib.vkp_experts.argtypes = [c_int, vp, i64, i64, vp, i64, vp, c_int]
+        lib.vkp_experts.restype = c_int
         lib.vkp_simd.argtypes = []
         lib.vkp_simd.restype = c_int
         self.simd = {2: "avx512", 1: "avx2"}.get(lib.vkp_simd(), "portable")   # the SIMD path compiled in
@@ -308,6 +310,40 @@ class Kernels:
             raise ValueError("out overlaps g or u")
         return self._lib.vkp_swiglu(_addr(g), _addr(u), po, out.size, _threads(threads)) == 0
 
+    def experts(self, experts: list[tuple[BoundWeight, BoundWeight, BoundWeight, np.ndarray, np.ndarray]],
+                x: np.ndarray, out: np.ndarray, threads: int) -> None:
+        """out = sum over `experts` (gate, up, down, rows, weights) of weights[:, None] * down(silu(gate(x[rows])) *
+        up(x[rows])) scattered to `rows`, in the order given, in one parallel region (experts.h). x and
+        out: C-contiguous float32 (n_tok, width); gate and up: (ffn, width), down: (width, ffn)."""
+        for name, a in (("x", x), ("out", out)):
+            if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2 or not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be a C-contiguous 2-D float32 array")
+        if out.shape != x.shape or not out.flags.writeable:
+            raise ValueError(f"out must be writeable and of x's shape {x.shape}")
+        n_tok, width = x.shape
+        if _overlap(_addr(out), 4 * out.size, _addr(x), 4 * x.size):
+            raise ValueError("out overlaps x")
+        ffn = experts[0][0].rows if experts else 1
+        table = (_Expert * max(1, len(experts)))()
+        keep = []
+        for i, (g, u, d, rows, wts) in enumerate(experts):
+            if (g.rows, g.cols, u.rows, u.cols, d.rows, d.cols) != (ffn, width, ffn, width, width, ffn):
+                raise ValueError(f"expert {i}: gate/up must be ({ffn}, {width}) and down ({width}, {ffn})")
+            rows = np.ascontiguousarray(rows, dtype=np.int32)
+            wts = np.ascontiguousarray(wts, dtype=np.float32)
+            if rows.ndim != 1 or wts.shape != rows.shape:
+                raise ValueError(f"expert {i}: rows and weights must be 1-D of one length")
+            keep += [rows, wts]
+            t = table[i]
+            for j, bw in enumerate((g, u, d)):
+                t.type[j], t.w[j], t.row_bytes[j] = bw._type, bw._pw, bw._rb
+            t.n_rows, t.rows, t.weight = len(rows), _addr(rows), _addr(wts)
+        rc = self._lib.vkp_experts(len(experts), ctypes.addressof(table), ffn, width, _addr(x), n_tok, _addr(out),
+                                   _threads(threads))
+        if rc != 0:
+            raise ValueError(f"vkp_experts rejected {len(experts)} experts of ({ffn}, {width}) over {n_tok} rows "
+                             f"(rc {rc})")
+
     def bench_read(self, buf: np.ndarray, threads: int) -> int:
         """Read all of `buf` (C-contiguous uint8, a multiple of 8 bytes) on `threads` threads: the
         memory-bandwidth yardstick of tools/bench_native.py. Returns a checksum."""
@@ -316,6 +352,13 @@ class Kernels:
                 or buf.size % 8):
             raise ValueError("buf must be a C-contiguous uint8 array of a multiple of 8 bytes")
         return int(self._lib.vkp_bench_read(_addr(buf), buf.size, nth))
+
+
+class _Expert(ctypes.Structure):
+    """struct vkp_expert (experts.h)."""
+
+    _fields_ = [("type", ctypes.c_int32 * 3), ("w", ctypes.c_void_p * 3), ("row_bytes", ctypes.c_int64 * 3),
+                ("n_rows", ctypes.c_int64), ("rows", ctypes.c_void_p), ("weight", ctypes.c_void_p)]
 
 
 class BoundWeight:

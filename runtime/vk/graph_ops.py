@@ -191,9 +191,11 @@ class GraphOps:
         `moe_expert` (runtime/vk/moe.py)."""
         raise VulkanError("a moe op is recorded in pieces around its router's readback (runtime/vk/moe.py)")
 
-    def moe_router(self, rec, op, ps: PassState, payload: Payload, readback: BufferSlice) -> None:
+    def moe_router(self, rec, op, ps: PassState, payload: Payload, readback: BufferSlice,
+                   xback: BufferSlice | None = None) -> None:
         """The router's logits (T, n), and the shared expert's gate logit as column n, copied to `readback`
-        for the host's top-k; the shared expert's output into MOE_SHARED; the op's output zeroed."""
+        for the host's top-k (and the op's input rows to `xback`, for experts the CPU computes); the
+        shared expert's output into MOE_SHARED; the op's output zeroed."""
         w, t = op["w"], ps.rows()
         n = self.tensors[w[0]].shape[0]
         x, logits = ps.buf(op["in"][0]), ps.buf(MOE_LOGITS)
@@ -201,6 +203,8 @@ class GraphOps:
         if len(w) == 5:
             self._product(rec, w[4], payload, x, logits, t, y_stride=n + 1, y_col=n)
         rec.copy(logits, readback, 4 * t * (n + 1))
+        if xback is not None:
+            rec.copy(x, xback, 4 * t * ps.width(op["in"][0]))
         rec.host_barrier()
         out = ps.buf(op["out"])
         rec.fill(BufferSlice(out.buffer, out.offset, 4 * t * ps.width(op["out"])))
@@ -221,14 +225,19 @@ class GraphOps:
         self._swiglu_ffn(rec, ps, op["attrs"]["experts"][e], payload, x, y, m)
         self.ops.scatter_add_rows(rec, y, ps.buf(op["out"]), route, m, width, idx_off, w_off)
 
-    def moe_combine(self, rec, op, ps: PassState, route: Any, idx_off: int, w_off: int) -> None:
+    def moe_combine(self, rec, op, ps: PassState, route: Any, idx_off: int, w_off: int,
+                    host_part: Any = None) -> None:
         """The shared expert's output added to the op's output, scaled by sigmoid of its gate (the routing
-        weights at w_off, written by the host) where the op has one."""
+        weights at w_off, written by the host) where the op has one; and `host_part` (the experts the
+        CPU computed, written by the host) where given."""
         w, out, t = op["w"], ps.buf(op["out"]), ps.rows()
         if len(w) == 5:
             self.ops.scatter_add_rows(rec, ps.buf(MOE_SHARED), out, route, t, ps.width(op["out"]), idx_off, w_off)
         elif len(w) == 4:
             self.ops.add(rec, out, ps.buf(MOE_SHARED), out, t * ps.width(op["out"]))
+        if host_part is not None:
+            n = t * ps.width(op["out"])
+            self.ops.add(rec, out, BufferSlice(host_part, 0, 4 * n), out, n)
 
     def _swiglu_ffn(self, rec, ps: PassState, names: list[str], payload: Payload, x: Any, y: Any, rows: int) -> None:
         """y = down(silu(gate(x)) * up(x)) for `rows` rows, packed (strides: the weights' widths), through

@@ -19,6 +19,12 @@ in pieces, each recording cached like any step's (keyed by the pass shape and th
 
 Pieces 3 and 4 are queued without waiting; the next step's submission carries them. The route and
 readback buffers are rewritten only after a fence wait, when nothing queued reads them any more.
+
+The experts the device tier holds are queued first, so that the device computes them while the missing
+ones load (side by side, on the loader's threads). With an `offload` (the hybrid backend's
+runtime/hybrid/experts.py), piece 1 also reads back the op's input rows, some missing experts are
+computed on the CPU meanwhile, and their weighted sum, written to a host-visible buffer, is added to
+the op's output with the shared expert (piece 4).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class MoeSteps:
         self.router_waits = 0             # fence waits for a router's logits
         self.router_wait_seconds = 0.0    # time blocked in them (the device finishing what came before)
         self.readback = self.route = None
+        self.offload: Any = None           # runtime/hybrid/experts.py (`enable_offload`)
+        self.xback = self.cpu_out = None   # the op's input rows read back, and the CPU's share of its output
         if not moe:
             return
         n = max(len(op["attrs"]["experts"]) for op in moe) + 1    # the experts, then the shared expert
@@ -59,10 +67,24 @@ class MoeSteps:
         self._idx = np.frombuffer(self.route.view(), dtype=np.uint32)
         self._w = np.frombuffer(self.route.view(), dtype=np.float32)
 
+    def reserve_offload(self, width: int) -> None:
+        """The buffers an offload needs (ops whose rows are `width` floats wide), allocated before the
+        device tier is sized: where they are device memory (a CPU driver) the budget counts them."""
+        if self.xback is None and self.readback is not None:
+            self.xback = self.dev.alloc(4 * MAX_TOKENS_PER_PASS * width, "readback")
+            self.cpu_out = self.dev.alloc(4 * MAX_TOKENS_PER_PASS * width, "upload")
+
+    def enable_offload(self, offload: Any) -> None:
+        """Let `offload` compute some missing experts on the CPU (after `reserve_offload`, before any pass)."""
+        if self.xback is None:
+            raise ValueError("reserve_offload first")
+        self.offload = offload
+
     @property
     def device_bytes(self) -> int:
         """Device-local bytes of the route and readback buffers (counted in the backend's reserved bytes)."""
-        return sum(b.size for b in (self.readback, self.route) if b is not None and b.block.device_local)
+        return sum(b.size for b in (self.readback, self.route, self.xback, self.cpu_out)
+                   if b is not None and b.block.device_local)
 
     # ---- a step ----
     def run_step(self, si: int, step: dict[str, Any], ps: PassState, weights: Any, pin_limit: int,
@@ -83,30 +105,31 @@ class MoeSteps:
         payload = {k: v for e in held for k, v in e.payload.items()}
         shape = (ps.T, ps.layout, places)
         queued = False
+        xback = self.xback if self.offload is not None else None
         try:
-            prev = None
+            prev, on_cpu = None, False
             for i, (ops_before, op) in enumerate(pieces):
-                def record_piece(rec: Recorder, prev=prev, ops_before=ops_before, op=op) -> None:
+                def record_piece(rec: Recorder, prev=prev, on_cpu=on_cpu, ops_before=ops_before, op=op) -> None:
                     if prev is not None:
-                        self._combine(rec, prev, ps)
+                        self._combine(rec, prev, ps, on_cpu)
                     for o in ops_before:
                         go.record_op(rec, o, ps, payload)
-                    go.moe_router(rec, op, ps, payload, self.readback)
-                rec = self._cached((si, i) + shape, f"{step['name']}.router", record_piece)
+                    go.moe_router(rec, op, ps, payload, self.readback, xback)
+                rec = self._cached((si, i, on_cpu, xback is not None) + shape, f"{step['name']}.router", record_piece)
                 self.inflight.add(rec)
                 t0 = time.perf_counter()
                 self.inflight.flush(weights)   # everything queued, then the router's logits are here
                 self.router_wait_seconds += time.perf_counter() - t0
                 self.router_waits += 1
                 oi = next(j for j, o in enumerate(step["ops"]) if o is op)
-                self._experts(si, oi, op, ps, weights, pin_limit, resident)
+                on_cpu = self._experts(si, oi, op, ps, weights, pin_limit, resident)
                 prev = op
 
             def record_tail(rec: Recorder) -> None:
-                self._combine(rec, prev, ps)
+                self._combine(rec, prev, ps, on_cpu)
                 for o in before:
                     go.record_op(rec, o, ps, payload)
-            tail = self._cached((si, "tail") + shape, f"{step['name']}.tail", record_tail)
+            tail = self._cached((si, "tail", on_cpu) + shape, f"{step['name']}.tail", record_tail)
             self.inflight.add(tail, held)   # the step's packs stay pinned until its last piece is done
             queued = True
         finally:
@@ -116,8 +139,10 @@ class MoeSteps:
             weights.prefetch_ahead()
 
     def _experts(self, si: int, oi: int, op: dict[str, Any], ps: PassState, weights: Any, pin_limit: int,
-                 resident: bool) -> None:
-        """Route the pass's rows (the logits just read back), then queue each chosen expert's work."""
+                 resident: bool) -> bool:
+        """Route the pass's rows (the logits just read back), then queue each chosen expert's work: the
+        ones the tier holds first, the missing ones loading side by side meanwhile (with an offload, some
+        of those computed on the CPU instead). True when the CPU's share waits in `cpu_out`."""
         a = op["attrs"]
         t, n = ps.rows(), len(a["experts"])
         logits = np.frombuffer(self.readback.view(0, 4 * t * (n + 1)), dtype=np.float32).reshape(t, n + 1)
@@ -128,38 +153,67 @@ class MoeSteps:
         if len(op["w"]) == 5:   # the shared expert's rows: all of them, weighted by sigmoid(its gate logit)
             self._idx[n * t:(n + 1) * t] = np.arange(t, dtype=np.uint32)
             self._w[wbase + n * t:wbase + (n + 1) * t] = cpu_ops.sigmoid(logits[:, n].copy())
-        tensors, inflight = self.graph_ops.tensors, self.inflight
-        for e in chosen:
-            rows, slot = np.nonzero(idx == e)
-            m = len(rows)
-            self._idx[e * t:e * t + m] = rows
-            self._w[wbase + e * t:wbase + e * t + m] = gate[rows, slot]
-            held, seen = [], set()
-            try:
-                for name in a["experts"][e]:
-                    for pi, p in enumerate(tensors[name].parts):
-                        if p.pack not in seen:
-                            seen.add(p.pack)
-                            held.append(weights.acquire(si, oi, name, pi))
-            except BaseException:
-                weights.release(held)
-                raise
-            payload = {k: v for h in held for k, v in h.payload.items()}
-            places = tuple((h.pack, h.alloc.block, h.alloc.offset) for h in held)
-            rec = self._cached((si, oi, e, m, ps.T, ps.layout, places), f"expert {e}",
-                               lambda rec, e=e, m=m, payload=payload: self.graph_ops.moe_expert(
-                                   rec, op, ps, payload, e, m, self.route, e * t, wbase + e * t))
-            inflight.add(rec, held)
-            if not resident:   # as PassRunner.run_step: queued work keeps the device busy, pins stay bounded
-                if inflight.pinned(pending_only=True) > pin_limit // 4:
-                    inflight.flush(weights, wait=False)
-                if inflight.pinned() > pin_limit:
-                    inflight.flush(weights, wait=False)
-                    inflight.release_oldest(weights, pin_limit // 2)
+        options = weights.experts.options[(si, oi)]
+        tier = weights.loader.tier.entries
+        held = [e for e in chosen if all(p in tier for p in options[e])]
+        missing = [e for e in chosen if e not in held]
+        cpu: list[int] = []
+        if missing and self.offload is not None:
+            cpu = self.offload.split({e: tuple(a["experts"][e]) for e in missing},
+                                     {e: int(np.count_nonzero(idx == e)) for e in missing},
+                                     {e: options[e] for e in missing})
+            missing = [e for e in missing if e not in cpu]
+        if len(missing) > 1 or (missing and (held or cpu)):
+            weights.load_side_by_side([(si, oi, name, pi) for e in missing for name in a["experts"][e]
+                                       for pi in range(len(self.graph_ops.tensors[name].parts))])
+        for e in held:
+            self._queue_expert(si, oi, op, e, idx, gate, t, wbase, ps, weights, pin_limit, resident)
+        if cpu:
+            self.inflight.flush(weights, wait=False)   # the device computes the held experts meanwhile
+            width = ps.width(op["in"][0])
+            x = np.frombuffer(self.xback.view(0, 4 * t * width), dtype=np.float32).reshape(t, width)
+            out = np.frombuffer(self.cpu_out.view(0, 4 * t * width), dtype=np.float32).reshape(t, width)
+            self.offload.compute({e: tuple(a["experts"][e]) for e in cpu}, {e: options[e] for e in cpu},
+                                 idx, gate, x, out)
+        for e in missing:
+            self._queue_expert(si, oi, op, e, idx, gate, t, wbase, ps, weights, pin_limit, resident)
+        return bool(cpu)
 
-    def _combine(self, rec: Recorder, op: dict[str, Any], ps: PassState) -> None:
+    def _queue_expert(self, si: int, oi: int, op: dict[str, Any], e: int, idx: np.ndarray, gate: np.ndarray,
+                      t: int, wbase: int, ps: PassState, weights: Any, pin_limit: int, resident: bool) -> None:
+        """Expert e's rows and routing weights into the route buffer, its packs acquired, its work queued."""
+        rows, slot = np.nonzero(idx == e)
+        m = len(rows)
+        self._idx[e * t:e * t + m] = rows
+        self._w[wbase + e * t:wbase + e * t + m] = gate[rows, slot]
+        tensors, inflight = self.graph_ops.tensors, self.inflight
+        held, seen = [], set()
+        try:
+            for name in op["attrs"]["experts"][e]:
+                for pi, p in enumerate(tensors[name].parts):
+                    if p.pack not in seen:
+                        seen.add(p.pack)
+                        held.append(weights.acquire(si, oi, name, pi))
+        except BaseException:
+            weights.release(held)
+            raise
+        payload = {k: v for h in held for k, v in h.payload.items()}
+        places = tuple((h.pack, h.alloc.block, h.alloc.offset) for h in held)
+        rec = self._cached((si, oi, e, m, ps.T, ps.layout, places), f"expert {e}",
+                           lambda rec: self.graph_ops.moe_expert(rec, op, ps, payload, e, m, self.route, e * t,
+                                                                 wbase + e * t))
+        inflight.add(rec, held)
+        if not resident:   # as PassRunner.run_step: queued work keeps the device busy, pins stay bounded
+            if inflight.pinned(pending_only=True) > pin_limit // 4:
+                inflight.flush(weights, wait=False)
+            if inflight.pinned() > pin_limit:
+                inflight.flush(weights, wait=False)
+                inflight.release_oldest(weights, pin_limit // 2)
+
+    def _combine(self, rec: Recorder, op: dict[str, Any], ps: PassState, on_cpu: bool) -> None:
         t, n = ps.rows(), len(op["attrs"]["experts"])
-        self.graph_ops.moe_combine(rec, op, ps, self.route, n * t, (n + 1) * t + n * t)
+        self.graph_ops.moe_combine(rec, op, ps, self.route, n * t, (n + 1) * t + n * t,
+                                   self.cpu_out if on_cpu else None)
 
     # ---- recordings ----
     def _cached(self, key: tuple, label: str, record: Callable[[Recorder], None]) -> Recorder:
@@ -184,7 +238,7 @@ class MoeSteps:
         for rec in self._cache.values():
             rec.destroy()
         self._cache.clear()
-        for b in (self.readback, self.route):
+        for b in (self.readback, self.route, self.xback, self.cpu_out):
             if b is not None:
                 b.destroy()
-        self.readback = self.route = None
+        self.readback = self.route = self.xback = self.cpu_out = None
