@@ -171,7 +171,7 @@ def run_ours(arch: Path, device: str, vram_gb: float, prompt_len: int, n_decode:
                 steps = []
                 for i in range(WARM + n_decode):
                     if i == WARM:
-                        h0, up0 = _expert_counts(eng), eng.metrics.bytes_uploaded
+                        h0, up0, side0 = _expert_counts(eng), eng.metrics.bytes_uploaded, _sides(eng)
                     t = time.perf_counter()
                     tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
                     steps.append(time.perf_counter() - t)
@@ -179,14 +179,28 @@ def run_ours(arch: Path, device: str, vram_gb: float, prompt_len: int, n_decode:
                 out.update(decode_tokens=n_decode, decode_ms=[round(s * 1e3, 2) for s in timed],
                            decode_tps=1 / statistics.median(timed), decode_tps_mean=len(timed) / sum(timed),
                            decode_expert_hit_rate=_rate(h0, _expert_counts(eng)),
-                           uploaded_gb_per_token=(eng.metrics.bytes_uploaded - up0) / n_decode / 1e9)
+                           uploaded_gb_per_token=(eng.metrics.bytes_uploaded - up0) / n_decode / 1e9,
+                           **{f"decode_{k}_per_token": (v - side0[k]) / n_decode for k, v in _sides(eng).items()})
             stats = eng.stats()
             out.update({k: stats[k] for k in ("expert_hits", "expert_misses", "expert_hit_rate", "stall_seconds",
                                               "bytes_uploaded", "peak_device_bytes")})
+            if hasattr(eng.backend, "placement"):
+                out["placement"] = eng.backend.placement().get("lines")
         finally:
             eng.close()
     out["gpu_mib"] = mem.mib
     return out
+
+
+def _sides(eng: Engine) -> dict[str, float]:
+    """Where the missing experts went (the hybrid backend) and the time spent waiting for routers."""
+    b = eng.backend
+    gpu = getattr(b, "gpu", b)
+    moe = gpu.runner.moe if hasattr(gpu, "runner") else None
+    off = getattr(b, "offload", None)
+    return {"router_wait_s": moe.router_wait_seconds if moe else 0.0,
+            "experts_on_cpu": off.cpu_experts if off else 0, "experts_over_link": off.link_experts if off else 0,
+            "cpu_s": off.cpu_seconds if off else 0.0}
 
 
 def _rate(before: tuple[int, int], after: tuple[int, int]) -> float | None:
@@ -268,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--dtype", default="Q4_0", choices=("Q4_0", "Q8_0"))
-    ap.add_argument("--device", default="vulkan", help="Engine's device: vulkan on the GPU, cpu for a check")
+    ap.add_argument("--device", default="vulkan,hybrid",
+                    help="Engine devices, comma-separated: vulkan and hybrid on the GPU, cpu for a check")
     ap.add_argument("--budgets", help="--vram-gb values, GiB (default 4,8; with --quick a fraction of its model)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--llama-bench", default="", help="llama.cpp's llama-bench (a CUDA build for the GPU rows)")
-    ap.add_argument("--ncmoe-extra", default="4,12", help="--n-cpu-moe steps above each budget's fit to sweep")
+    ap.add_argument("--ncmoe-extra", default="4", help="--n-cpu-moe steps above each budget's fit to sweep")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="a 4-layer MoE of 4.6 MB, short prompt (checks the tool)")
     ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
@@ -312,14 +327,15 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "bench_moe.md").write_text(render(report))
 
     for b in budgets:
-        try:
-            r = run_ours(arch, args.device, b, args.prompt, args.decode,
-                         args.threads if args.device == "cpu" else None)
-        except Exception as e:  # one failed configuration must not lose the others' numbers
-            r = {"engine": "vkpack", "device": args.device, "vram_gb": b, "error": f"{type(e).__name__}: {e}"}
-        report["runs"].append(r)
-        save()
-        print(json.dumps({k: v for k, v in r.items() if k != "decode_ms"}, default=str), flush=True)
+        for device in args.device.split(","):
+            try:
+                r = run_ours(arch, device, b, args.prompt, args.decode,
+                             args.threads if device in ("cpu", "hybrid") else None)
+            except Exception as e:  # one failed configuration must not lose the others' numbers
+                r = {"engine": "vkpack", "device": device, "vram_gb": b, "error": f"{type(e).__name__}: {e}"}
+            report["runs"].append(r)
+            save()
+            print(json.dumps({k: v for k, v in r.items() if k != "decode_ms"}, default=str), flush=True)
     if args.llama_bench:
         n_ctx = args.prompt + args.decode
         extra = [int(x) for x in args.ncmoe_extra.split(",") if x]

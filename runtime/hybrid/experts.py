@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 CALIBRATION = 0.2          # weight of the latest pass in the CPU's measured/predicted ratio
 SCALE_RANGE = (0.25, 50.0)  # bounds of that ratio (a descheduled thread can make one pass very slow)
+RECOVERY = 0.05           # per pass the CPU takes nothing, the ratio's step back toward 1
 FUSED_MAX_ROWS = 32        # experts with up to this many rows go to the kernels' one-call path
 
 
@@ -100,6 +101,8 @@ class ExpertOffload:
             out.append(e)
             cpu_total += cpu
             link_total -= lk
+        if not out:   # no measurement this pass: drift back toward the rates, so one slow pass is not forever
+            self.scale += RECOVERY * (1.0 - self.scale)
         self.cpu_experts += len(out)
         self.link_experts += len(experts) - len(out)
         return sorted(out)
