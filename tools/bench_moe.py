@@ -23,11 +23,14 @@ Results are saved after each configuration to OUT/bench_moe.json and OUT/bench_m
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
 import os
 import platform
+import pstats
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -146,8 +149,10 @@ def _expert_counts(eng: Engine) -> tuple[int, int]:
 
 
 def run_ours(arch: Path, device: str, vram_gb: float, prompt_len: int, n_decode: int,
-             threads: int | None) -> dict[str, Any]:
-    """One fresh engine at `vram_gb`: timed prefill (second pass) and median greedy decode, with expert hits."""
+             threads: int | None, profile: Path | None = None) -> dict[str, Any]:
+    """One fresh engine at `vram_gb`: timed prefill (second pass) and median decode of random tokens (as
+    llama-bench's tg feeds them: a random model's greedy tokens repeat, and so would its experts), with
+    expert hits; with `profile`, the timed decode under cProfile (its top functions written there)."""
     n_ctx = prompt_len + WARM + n_decode + 8
     with GpuMemory() as mem:
         t0 = time.perf_counter()
@@ -162,19 +167,26 @@ def run_ours(arch: Path, device: str, vram_gb: float, prompt_len: int, n_decode:
                 for _ in range(2):  # the first pass records its steps and loads
                     h0 = _expert_counts(eng)
                     t = time.perf_counter()
-                    logits = eng.forward_batch([(prompt, 0, kv)])
+                    eng.forward_batch([(prompt, 0, kv)])
                     times.append(time.perf_counter() - t)
                 h1 = _expert_counts(eng)
                 out.update(prefill_tokens=prompt_len, prefill_s=times, prefill_tps=prompt_len / times[-1],
                            prefill_expert_hit_rate=_rate(h0, h1))
-                tok = int(np.argmax(logits[0]))
+                feed = np.random.default_rng(2).integers(3, eng.hp["vocab"], WARM + n_decode)
                 steps = []
+                prof = cProfile.Profile() if profile else None
                 for i in range(WARM + n_decode):
                     if i == WARM:
                         h0, up0, side0 = _expert_counts(eng), eng.metrics.bytes_uploaded, _sides(eng)
+                        if prof:
+                            prof.enable()
                     t = time.perf_counter()
-                    tok = int(np.argmax(eng.forward_batch([([tok], prompt_len + i, kv)])[0]))
+                    eng.forward_batch([([int(feed[i])], prompt_len + i, kv)])
                     steps.append(time.perf_counter() - t)
+                if prof:
+                    prof.disable()
+                    with open(profile, "w") as f:
+                        pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(30)
                 timed = steps[WARM:]
                 out.update(decode_tokens=n_decode, decode_ms=[round(s * 1e3, 2) for s in timed],
                            decode_tps=1 / statistics.median(timed), decode_tps_mean=len(timed) / sum(timed),
@@ -189,6 +201,7 @@ def run_ours(arch: Path, device: str, vram_gb: float, prompt_len: int, n_decode:
         finally:
             eng.close()
     out["gpu_mib"] = mem.mib
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # so far in this process
     return out
 
 
@@ -258,7 +271,8 @@ def render(report: dict[str, Any], note: str = "") -> str:
         for key in ("prefill_tps", "decode_tps"):
             b = best_llama(report, r["vram_gb"], key)
             ratios.append(f"{r[key] / b[key]:.2f}x (`{b['label']}`)" if b else "")
-        rows.append(f"| vkpack {r['device']} | `--vram-gb {r['vram_gb']:g}` | {_f(r.get('gpu_mib'), 'd')} | "
+        rec = f" ({r['moe_recordings']} recordings)" if len({x.get("moe_recordings") for x in report["runs"]}) > 1 else ""
+        rows.append(f"| vkpack {r['device']}{rec} | `--vram-gb {r['vram_gb']:g}` | {_f(r.get('gpu_mib'), 'd')} | "
                     f"{r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | {_f(r.get('decode_expert_hit_rate'), '.1%')} | "
                     f"{ratios[0]} | {ratios[1]} |")
     for r in report.get("llama_cpp", []):
@@ -272,8 +286,8 @@ def render(report: dict[str, Any], note: str = "") -> str:
     head = (f"{note}\n\nModel: {m.get('name')} as {m.get('dtype')} ({m.get('gguf_bytes', 0) / 1e9:.2f} GB; experts "
             f"{m.get('expert_bytes', 0) / 1e9:.2f} GB, the rest {m.get('non_expert_bytes', 0) / 1e9:.2f} GB), random "
             "weights: near-uniform routing, the worst case for the expert cache. Prefill "
-            f"{report.get('prompt')} tokens; decode the median of {report.get('decode')} greedy tokens (llama-bench: "
-            "its mean of 2 repetitions). llama.cpp's best is its fastest run whose counted GPU bytes fit the budget.")
+            f"{report.get('prompt')} tokens; decode the median of {report.get('decode')} random tokens fed one at a time (llama-bench: "
+            "its mean of 2 repetitions of the same). llama.cpp's best is its fastest run whose counted GPU bytes fit the budget.")
     return "\n".join([head.strip(), "", *rows]) + "\n"
 
 
@@ -292,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="a 4-layer MoE of 4.6 MB, short prompt (checks the tool)")
     ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
+    ap.add_argument("--profile", action="store_true", help="cProfile each timed decode: OUT/profile-DEVICE-BUDGET.txt")
+    ap.add_argument("--moe-recordings", default="",
+                    help="A/B: comma-separated sizes of the Vulkan backend's cache of expert recordings "
+                         "(runtime/vk/moe.py MAX_CACHED_RECORDINGS), each run per device and budget")
     ap.add_argument("--from-json", type=Path, help="render a saved report instead of measuring")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     ap.add_argument("--note", default="", help="the paragraph above the table (machine, command, commit)")
@@ -326,16 +344,24 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "bench_moe.json").write_text(json.dumps(report, indent=1))
         (args.out / "bench_moe.md").write_text(render(report))
 
+    from vkpack.runtime.vk import moe
+
+    sizes = [int(n) for n in args.moe_recordings.split(",") if n] or [moe.MAX_CACHED_RECORDINGS]
     for b in budgets:
         for device in args.device.split(","):
-            try:
-                r = run_ours(arch, device, b, args.prompt, args.decode,
-                             args.threads if device in ("cpu", "hybrid") else None)
-            except Exception as e:  # one failed configuration must not lose the others' numbers
-                r = {"engine": "vkpack", "device": device, "vram_gb": b, "error": f"{type(e).__name__}: {e}"}
-            report["runs"].append(r)
-            save()
-            print(json.dumps({k: v for k, v in r.items() if k != "decode_ms"}, default=str), flush=True)
+            for size in sizes:
+                moe.MAX_CACHED_RECORDINGS = size
+                tag = f"{device}-{b:g}" + (f"-rec{size}" if len(sizes) > 1 else "")
+                try:
+                    r = run_ours(arch, device, b, args.prompt, args.decode,
+                                 args.threads if device in ("cpu", "hybrid") else None,
+                                 args.out / f"profile-{tag}.txt" if args.profile else None)
+                except Exception as e:  # one failed configuration must not lose the others' numbers
+                    r = {"engine": "vkpack", "device": device, "vram_gb": b, "error": f"{type(e).__name__}: {e}"}
+                r["moe_recordings"] = size
+                report["runs"].append(r)
+                save()
+                print(json.dumps({k: v for k, v in r.items() if k != "decode_ms"}, default=str), flush=True)
     if args.llama_bench:
         n_ctx = args.prompt + args.decode
         extra = [int(x) for x in args.ncmoe_extra.split(",") if x]
