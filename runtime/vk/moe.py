@@ -53,6 +53,7 @@ class MoeSteps:
         moe = [op for s in steps for op in s["ops"] if op["op"] == "moe"]
         self.steps = frozenset(si for si, s in enumerate(steps) if any(op["op"] == "moe" for op in s["ops"]))
         self._cache: OrderedDict[tuple, Recorder] = OrderedDict()
+        self._expert_uses: dict[tuple[int, int, int], list[tuple[str, int]]] = {}
         self.router_waits = 0             # fence waits for a router's logits
         self.router_wait_seconds = 0.0    # time blocked in them (the device finishing what came before)
         self.readback = self.route = None
@@ -186,22 +187,19 @@ class MoeSteps:
         m = len(rows)
         self._idx[e * t:e * t + m] = rows
         self._w[wbase + e * t:wbase + e * t + m] = gate[rows, slot]
-        tensors, inflight = self.graph_ops.tensors, self.inflight
-        held, seen = [], set()
+        inflight = self.inflight
+        held = []
         try:
-            for name in op["attrs"]["experts"][e]:
-                for pi, p in enumerate(tensors[name].parts):
-                    if p.pack not in seen:
-                        seen.add(p.pack)
-                        held.append(weights.acquire(si, oi, name, pi))
+            for name, pi in self._uses(si, oi, op, e):
+                held.append(weights.acquire(si, oi, name, pi))
         except BaseException:
             weights.release(held)
             raise
-        payload = {k: v for h in held for k, v in h.payload.items()}
         places = tuple((h.pack, h.alloc.block, h.alloc.offset) for h in held)
         rec = self._cached((si, oi, e, m, ps.T, ps.layout, places), f"expert {e}",
-                           lambda rec: self.graph_ops.moe_expert(rec, op, ps, payload, e, m, self.route, e * t,
-                                                                 wbase + e * t))
+                           lambda rec: self.graph_ops.moe_expert(
+                               rec, op, ps, {k: v for h in held for k, v in h.payload.items()}, e, m, self.route,
+                               e * t, wbase + e * t))
         inflight.add(rec, held)
         if not resident:   # as PassRunner.run_step: queued work keeps the device busy, pins stay bounded
             if inflight.pinned(pending_only=True) > pin_limit // 4:
@@ -209,6 +207,20 @@ class MoeSteps:
             if inflight.pinned() > pin_limit:
                 inflight.flush(weights, wait=False)
                 inflight.release_oldest(weights, pin_limit // 2)
+
+    def _uses(self, si: int, oi: int, op: dict[str, Any], e: int) -> list[tuple[str, int]]:
+        """Expert e's (tensor, part) uses, one per pack, in order (worked out once)."""
+        key = (si, oi, e)
+        uses = self._expert_uses.get(key)
+        if uses is None:
+            uses, seen = [], set()
+            for name in op["attrs"]["experts"][e]:
+                for pi, p in enumerate(self.graph_ops.tensors[name].parts):
+                    if p.pack not in seen:
+                        seen.add(p.pack)
+                        uses.append((name, pi))
+            self._expert_uses[key] = uses
+        return uses
 
     def _combine(self, rec: Recorder, op: dict[str, Any], ps: PassState, on_cpu: bool) -> None:
         t, n = ps.rows(), len(op["attrs"]["experts"])
