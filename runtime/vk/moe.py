@@ -43,6 +43,9 @@ from .layout import MAX_TOKENS_PER_PASS, PassState
 from .recorder import Recorder
 
 MAX_CACHED_RECORDINGS = 2048  # pieces and experts: decode records (layer, expert) once while it fits
+# submit the held experts' work as soon as it is queued, so that the device computes it while the host queues
+# the rest of the step and the next one (off: it waits for the next router's submission)
+EARLY_SUBMIT = True
 
 
 class MoeSteps:
@@ -58,6 +61,7 @@ class MoeSteps:
         self.router_wait_seconds = 0.0    # time blocked in them (the device finishing what came before)
         self.readback = self.route = None
         self.offload: Any = None           # runtime/hybrid/experts.py (`enable_offload`)
+        self.early_submit = EARLY_SUBMIT
         self.xback = self.cpu_out = None   # the op's input rows read back, and the CPU's share of its output
         if not moe:
             return
@@ -169,8 +173,9 @@ class MoeSteps:
                                        for pi in range(len(self.graph_ops.tensors[name].parts))])
         for e in held:
             self._queue_expert(si, oi, op, e, idx, gate, t, wbase, ps, weights, pin_limit, resident)
-        if cpu:
+        if held and (cpu or self.early_submit):
             self.inflight.flush(weights, wait=False)   # the device computes the held experts meanwhile
+        if cpu:
             width = ps.width(op["in"][0])
             x = np.frombuffer(self.xback.view(0, 4 * t * width), dtype=np.float32).reshape(t, width)
             out = np.frombuffer(self.cpu_out.view(0, 4 * t * width), dtype=np.float32).reshape(t, width)
