@@ -35,6 +35,9 @@ class AccessSchedule:
         self.skipped: frozenset[int] = frozenset()
         self._positions = self._mode(self.skipped)[0]
         self.experts: ExpertHeat | None = None   # next uses of the packs a moe op chooses at run time
+        # prefetch windows already worked out: (skipped, position, n) -> packs (a MoE pass asks for the
+        # window at each of its ~600 acquires a token, mostly at the same few positions)
+        self._windows: dict[tuple[frozenset[int], int, int], list[int]] = {}
 
     def _mode(self, skipped: frozenset[int]) -> tuple[dict[int, list[int]], set[int]]:
         mode = self._modes.get(skipped)
@@ -68,7 +71,11 @@ class AccessSchedule:
         return {p: pos[0] for p, pos in self._mode(frozenset())[0].items()}
 
     def upcoming(self, cursor: int, n: int) -> list[int]:
-        """The next `n` distinct packs from `cursor` on (the prefetch window)."""
+        """The next `n` distinct packs from `cursor` on (the prefetch window; not to be modified)."""
+        key = (self.skipped, cursor % self.length, n)
+        got = self._windows.get(key)
+        if got is not None:
+            return got
         out: list[int] = []
         seen: set[int] = set()
         seq, gathered, length = self.sequence, self.gathered, self.length
@@ -82,6 +89,7 @@ class AccessSchedule:
                 out.append(p)
                 if len(out) == n:
                     break
+        self._windows[key] = out
         return out
 
 

@@ -23,17 +23,22 @@ class InFlight:
         self.pending: list[tuple[Recorder, list[Any]]] = []   # recorded, not yet submitted
         self.inflight: list[tuple[Recorder, list[Any]]] = []  # submitted, packs pinned until done
         self._retired: list[Recorder] = []
+        self._pending_bytes = 0   # pack bytes the pending steps pin (kept as they come and go: asked per expert)
+        self._inflight_bytes = 0
         self.submits = 0
         self.wait_seconds = 0.0   # time blocked on fences (the device working, or uploads pending)
 
     def add(self, rec: Recorder, held: list[Any] | tuple = ()) -> None:
         """Queue a recorded step; `held` are the entries it pins until it is done."""
         self.pending.append((rec, list(held)))
+        self._pending_bytes += self._bytes(held)
+
+    def _bytes(self, held: list[Any] | tuple) -> int:
+        return sum(self.pack_bytes(e.pack) for e in held)
 
     def pinned(self, pending_only: bool = False) -> int:
         """Pack bytes that pending (and, unless `pending_only`, submitted) steps keep pinned."""
-        batches = (self.pending,) if pending_only else (self.pending, self.inflight)
-        return sum(self.pack_bytes(e.pack) for batch in batches for _, held in batch for e in held)
+        return self._pending_bytes if pending_only else self._pending_bytes + self._inflight_bytes
 
     def flush(self, weights: Any, wait: bool = True) -> None:
         """Submit every pending step in ONE queue submission; with `wait`, wait and release their packs."""
@@ -42,6 +47,8 @@ class InFlight:
             self.submits += 1
             self.inflight += self.pending
             self.pending = []
+            self._inflight_bytes += self._pending_bytes
+            self._pending_bytes = 0
         if wait:
             self.wait_all(weights)
 
@@ -53,6 +60,7 @@ class InFlight:
             if weights is not None:
                 weights.release(held)
         self.inflight.clear()
+        self._inflight_bytes = 0
         self.wait_seconds += time.perf_counter() - t0
         self._destroy_retired()
 
@@ -60,12 +68,11 @@ class InFlight:
         """Wait for the oldest submitted steps, releasing their packs, until at most `target` bytes
         stay pinned (the newer ones keep the device busy meanwhile)."""
         t0 = time.perf_counter()
-        pinned = self.pinned()
-        while self.inflight and pinned > target:
+        while self.inflight and self.pinned() > target:
             rec, held = self.inflight.pop(0)
             rec.wait()
             weights.release(held)
-            pinned -= sum(self.pack_bytes(e.pack) for e in held)
+            self._inflight_bytes -= self._bytes(held)
         self.wait_seconds += time.perf_counter() - t0
         self._destroy_retired()
 
