@@ -1,10 +1,11 @@
 """Which backend runs an archive: Vulkan where a real GPU works; else the native CPU kernels; numpy as the fallback.
 
 device: "auto" (the above: on a GPU, the hybrid backend, which is the Vulkan backend while the model
-fits and computes part of the model on the CPU when it does not: some layers, or for a mixture of
-experts some of the chosen experts; the CPU, with one warning, when the archive stores weights in a
-type no shader reads), "vulkan" (a Vulkan device alone, or an error), "hybrid" (Vulkan and the native
-CPU kernels, or an error), "cpu" (the native CPU backend, or numpy with
+fits and computes some layers on the CPU when it does not, or the Vulkan backend alone for a mixture of
+experts (the hybrid's CPU experts measured slower on the H100 host so far: docs/benchmarks.md); the CPU,
+with one warning, when the archive stores weights in a type no shader reads), "vulkan" (a Vulkan device
+alone, or an error), "hybrid" (Vulkan and the native CPU kernels, or an error; for a mixture of experts,
+some missing experts computed on the CPU), "cpu" (the native CPU backend, or numpy with
 one warning where the native kernels cannot be built or loaded), "numpy" (the numpy backend, the
 numeric reference).
 """
@@ -60,6 +61,9 @@ def make_backend(device: str, archive: Archive, threads: int | None = None, devi
 
                 spirv.set_shader_dir(shader_dir)
                 backend = VulkanBackend(archive, device_index, **(kernel_options or {}))
+                if device == "auto" and backend.dev.info.type != "cpu" and _has_moe(archive):
+                    log.info("a mixture of experts: the Vulkan backend alone (--device hybrid adds CPU experts)")
+                    return backend
                 if device == "hybrid" or (device == "auto" and backend.dev.info.type != "cpu"):
                     return _with_cpu(backend, archive, threads, required=device == "hybrid")
                 if device == "vulkan":
@@ -99,6 +103,10 @@ def _ops_without_vulkan(archive: Archive) -> list[str]:
 
     return sorted({op["op"] for s in archive.graph["steps"] for op in s["ops"]
                    if not hasattr(GraphOps, "op_" + op["op"])})
+
+
+def _has_moe(archive: Archive) -> bool:
+    return any(op["op"] == "moe" for s in archive.graph["steps"] for op in s["ops"])
 
 
 def _with_cpu(gpu: Backend, archive: Archive, threads: int | None, required: bool) -> Backend:

@@ -1,12 +1,14 @@
 """Mixture of experts on the GPU (issue 14): vkpack at a VRAM budget against llama.cpp's expert offload, one call.
 
 The model is tools/make_synthetic.py's `qwen3_30b_a3b` (Qwen3-30B-A3B's shapes: 48 layers, 128 experts of
-ffn 768, 8 used; ~17.2 GB as Q4_0), generated on the machine. Its random weights route near-uniformly, the
-worst case for an expert cache: the hit rates here are lower bounds for a trained model.
+ffn 768, 8 used; ~17.2 GB as Q4_0), generated on the machine. Its random weights route almost the same
+experts for every decode token (make_synthetic.py's docstring): decode hit rates here are upper bounds for a
+trained model, prefill (every expert chosen) is representative.
 
-vkpack, per `--budgets` (GiB; `--vram-gb`), each in a fresh engine: a `--prompt`-token prefill (its second
-pass timed; the first records and loads) and greedy decode (the median of `--decode` tokens after 4
-untimed ones), with the expert hit rate of `Engine.stats()` over the timed decode and over the whole run.
+vkpack, per `--budgets` (GiB; `--vram-gb`) and `--device`, each in a fresh engine: a `--prompt`-token prefill
+(its second pass timed; the first records and loads) and decode of random token ids fed one at a time, as
+llama-bench's tg does (the median of `--decode` tokens after 4 untimed ones), with the expert hit rate of
+`Engine.stats()` over the timed decode and over the whole run, and where the missing experts went (hybrid).
 
 llama.cpp (`--llama-bench`, built on the machine from the sources llama-cpp-python vendors), same GGUF:
 `-ngl 99 --n-cpu-moe K` (the experts of the first K layers on the CPU) for K from the smallest that fits
@@ -286,7 +288,8 @@ def render(report: dict[str, Any], note: str = "") -> str:
     m = report.get("model", {})
     head = (f"{note}\n\nModel: {m.get('name')} as {m.get('dtype')} ({m.get('gguf_bytes', 0) / 1e9:.2f} GB; experts "
             f"{m.get('expert_bytes', 0) / 1e9:.2f} GB, the rest {m.get('non_expert_bytes', 0) / 1e9:.2f} GB), random "
-            "weights: near-uniform routing, the worst case for the expert cache. Prefill "
+            "weights (their routers pick nearly the same experts for every decode token: decode hit rates are "
+            "upper bounds for a trained model). Prefill "
             f"{report.get('prompt')} tokens; decode the median of {report.get('decode')} random tokens fed one at a time (llama-bench: "
             "its mean of 2 repetitions of the same). llama.cpp's best is its fastest run whose counted GPU bytes fit the budget.")
     return "\n".join([head.strip(), "", *rows]) + "\n"
