@@ -2,8 +2,10 @@
 // A mixture of experts' rows (runtime/vk/moe.py): the rows that chose one expert, gathered and added back.
 //   mode 0, gather:      dst[i, :n] = src[idx[i], :n]                 (the expert's input rows, packed)
 //   mode 1, scatter-add: dst[idx[i], :n] += w[i] * src[i, :n]         (its output, scaled by each row's weight)
-// for i < m. One expert's rows are distinct (a row chooses an expert once): no two invocations write one
-// element. Grid: x covers n / WG, y the m rows.
+//   mode 2, sum:         dst[r, :n] += sum over i < m with idx[i] == r, in order, of w[i] * src[i, :n]
+//                        (the batched path's slots, several per row; grid y: the rows r of dst)
+// for i < m (modes 0 and 1). One expert's rows are distinct (a row chooses an expert once): no two
+// invocations write one element. Grid: x covers n / WG, y the m rows (mode 2: dst's rows).
 layout(local_size_x_id = 0) in;
 layout(binding = 0) readonly buffer SB { float src[]; };   // (rows, src_stride) f32
 layout(binding = 1) buffer DB { float dst[]; };            // (rows, dst_stride) f32
@@ -15,6 +17,14 @@ layout(push_constant) uniform PC {
 void main() {
     uint c = gl_GlobalInvocationID.x;
     uint i = gl_WorkGroupID.y;
+    if (pc.mode == 2u) {
+        if (c >= pc.n) return;
+        float acc = dst[i * pc.dst_stride + c];
+        for (uint j = 0; j < pc.m; j++)
+            if (route[pc.idx_off + j] == i) acc += uintBitsToFloat(route[pc.w_off + j]) * src[j * pc.src_stride + c];
+        dst[i * pc.dst_stride + c] = acc;
+        return;
+    }
     if (c >= pc.n || i >= pc.m) return;
     uint r = route[pc.idx_off + i];
     if (pc.mode == 0u) {

@@ -22,6 +22,9 @@ for _name, _code in WEIGHT_TYPES.items():
     VARIANTS[f"embed_{_name.lower()}"] = {"source": "embed.comp", "defines": {"WTYPE": _code}, "reduce": False}
     # decode matvec, one subgroup per row group (subgroup arithmetic required: no _nosg twin)
     VARIANTS[f"matvec_{_name.lower()}"] = {"source": "matvec.comp", "defines": {"WTYPE": _code}, "reduce": False}
+    # a mixture's chosen experts in one dispatch, weights anywhere in the tier's blocks (subgroups required)
+    VARIANTS[f"moe_matvec_{_name.lower()}"] = {"source": "moe_matvec.comp", "defines": {"WTYPE": _code},
+                                               "reduce": False}
 # tensor-core prefill matmul (VK_NV_cooperative_matrix; F32 and BF16 stay on matmul_tiled)
 COOP_TYPES = ("F16", *QUANT_TYPES)
 for _name in COOP_TYPES:

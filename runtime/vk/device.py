@@ -239,7 +239,10 @@ class Device(MemoryMixin):
                          "storageBuffer8BitAccess": bool(f12.storageBuffer8BitAccess),
                          "shaderInt8": bool(f12.shaderInt8), "shaderFloat16": bool(f12.shaderFloat16),
                          "timelineSemaphore": bool(f12.timelineSemaphore),
-                         "shaderInt16": bool(f2.features.shaderInt16)}
+                         "shaderInt16": bool(f2.features.shaderInt16),
+                         # moe_matvec.comp indexes an array of buffers by a workgroup-uniform value
+                         "shaderStorageBufferArrayDynamicIndexing":
+                             bool(f2.features.shaderStorageBufferArrayDynamicIndexing)}
         # tensor-core matmuls (matmul_coop.comp): the NV extension, its feature, f16 arithmetic and the
         # Vulkan memory model (glslang emits it for cooperative-matrix shaders)
         self.features["cooperativeMatrix"] = bool(
@@ -254,7 +257,9 @@ class Device(MemoryMixin):
             storageBuffer8BitAccess=self.features["storageBuffer8BitAccess"],
             shaderInt8=self.features["shaderInt8"], shaderFloat16=self.features["shaderFloat16"],
             vulkanMemoryModel=self.features["vulkanMemoryModel"])
-        base = vk.VkPhysicalDeviceFeatures(shaderInt16=self.features["shaderInt16"])
+        base = vk.VkPhysicalDeviceFeatures(shaderInt16=self.features["shaderInt16"],
+                                           shaderStorageBufferArrayDynamicIndexing=self.features[
+                                               "shaderStorageBufferArrayDynamicIndexing"])
         e2 = vk.VkPhysicalDeviceFeatures2(pNext=e12, features=base)
         prio = [1.0, 1.0]
         if self.transfer_family == self.compute_family:

@@ -49,14 +49,16 @@ class Kernel:
     """One compute pipeline: SPIR-V variant `name` + specialization constants.
 
     Args:
-        n_bindings: storage buffers at bindings 0..n-1 (set 0).
+        n_bindings: storage buffer descriptors, bound in order: binding 0, 1, ... (set 0), an array binding
+            (`arrays`) taking as many as its length (a dispatch's buffers are flattened the same way).
         push_size: bytes of push constants (0 for none).
         writes: binding indices the shader writes (for barrier placement).
         spec: {constant_id: value}; constant 0 is the workgroup size by convention.
+        arrays: {binding: length} for bindings that are arrays of buffers (moe_matvec.comp's weights).
     """
 
     def __init__(self, dev: Any, name: str, n_bindings: int, push_size: int, writes: Sequence[int],
-                 spec: dict[int, SpecValue] | None = None):
+                 spec: dict[int, SpecValue] | None = None, arrays: dict[int, int] | None = None):
         vk, ffi = _lib.vk, _lib.ffi
         self.device, self.name, self.n_bindings, self.push_size = dev, name, n_bindings, push_size
         self.writes = frozenset(writes)
@@ -68,9 +70,15 @@ class Kernel:
         code = load_spirv(name)
         stage_bit = vk.VK_SHADER_STAGE_COMPUTE_BIT
         try:
+            counts, left = [], n_bindings   # descriptors per binding: 1, or an array's length
+            while left > 0:
+                counts.append((arrays or {}).get(len(counts), 1))
+                left -= counts[-1]
+            if left:
+                raise VulkanError(f"{name}: {n_bindings} descriptors do not end at a binding ({arrays})")
             binds = [vk.VkDescriptorSetLayoutBinding(binding=i, descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
-                                                     descriptorCount=1, stageFlags=stage_bit)
-                     for i in range(n_bindings)]
+                                                     descriptorCount=n, stageFlags=stage_bit)
+                     for i, n in enumerate(counts)]
             self._dsl = call(vk.vkCreateDescriptorSetLayout, dev._dev,
                              vk.VkDescriptorSetLayoutCreateInfo(pBindings=binds), None, context=name)
             track("descriptor_set_layout")
@@ -123,12 +131,12 @@ class Kernel:
 
 
 def get_kernel(dev: Any, name: str, n_bindings: int, push_size: int, writes: Sequence[int],
-               spec: dict[int, SpecValue] | None = None) -> Kernel:
+               spec: dict[int, SpecValue] | None = None, arrays: dict[int, int] | None = None) -> Kernel:
     """A cached Kernel per (name, spec) on `dev`; destroyed by `dev.close()`."""
     key = (name, tuple(sorted((spec or {}).items())))
     k = dev._kernels.get(key)
     if k is None:
-        k = dev._kernels[key] = Kernel(dev, name, n_bindings, push_size, writes, spec)
+        k = dev._kernels[key] = Kernel(dev, name, n_bindings, push_size, writes, spec, arrays)
     return k
 
 

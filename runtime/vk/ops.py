@@ -24,6 +24,8 @@ from .kernels import BufferSlice, Kernel, as_slice, get_kernel
 from .memory import Buffer
 from .recorder import Recorder
 
+MOE_MAX_BLOCKS = 16   # moe_matvec.comp's MAX_BLOCKS: the tier blocks one dispatch can read experts from
+
 if TYPE_CHECKING:
     from vkpack.pack_format.records import TensorRecord
 
@@ -216,8 +218,8 @@ class Ops:
             self.coop = False
 
     def _k(self, name: str, n_bind: int, push: int, writes: tuple[int, ...], spec: dict[int, Any],
-           reduce: bool = False) -> Kernel:
-        return get_kernel(self.dev, name + (self.suffix if reduce else ""), n_bind, push, writes, spec)
+           reduce: bool = False, arrays: dict[int, int] | None = None) -> Kernel:
+        return get_kernel(self.dev, name + (self.suffix if reduce else ""), n_bind, push, writes, spec, arrays)
 
     def _grid(self, n: int) -> tuple[int, int]:
         """Split n workgroups into (x, z) with x <= the device limit (65535 at least)."""
@@ -436,11 +438,31 @@ class Ops:
             rec.copy(_sub(x, r * n * 4, n * 4), _sub(out, i * n * 4, n * 4), n * 4)
 
     def _moe_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, idx_off: int, w_off: int,
-                  mode: int, src_stride: int | None, dst_stride: int | None) -> None:
+                  mode: int, src_stride: int | None, dst_stride: int | None, rows: int | None = None) -> None:
         ss, ds = n if src_stride is None else src_stride, n if dst_stride is None else dst_stride
         k = self._k("moe_rows", 3, 28, (1,), {0: self.ew_wg})
-        rec.dispatch(k, [src, dst, route], (-(-n // self.ew_wg), m, 1),
+        rec.dispatch(k, [src, dst, route], (-(-n // self.ew_wg), m if rows is None else rows, 1),
                      struct.pack("<7I", m, n, ss, ds, idx_off, w_off, mode))
+
+    def sum_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, rows: int, idx_off: int,
+                 w_off: int) -> None:
+        """dst[r, :n] += sum over i < m with idx[i] == r (in order) of w[i] * src[i, :n], for r < rows: the
+        batched experts' slots added to their rows (several slots per row)."""
+        self._moe_rows(rec, src, dst, route, m, n, idx_off, w_off, 2, None, None, rows)
+
+    def moe_matvec(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
+                   cols: int, slots: int, x_stride: int, y_stride: int, tbl_off: int) -> None:
+        """y[yrow(s), r] = x[xrow(s), :] @ W_s[r, :] for every slot s < slots, each W_s (rows, cols) of `dtype`
+        at (tier block, byte offset) given by `table` (4 uint32 a slot from uint tbl_off: block, offset, x row,
+        y row), `blocks` the tier's buffers (at most MOE_MAX_BLOCKS; unused slots of the array bind the first)."""
+        if len(blocks) > MOE_MAX_BLOCKS:
+            raise VulkanError(f"moe_matvec: {len(blocks)} tier blocks > {MOE_MAX_BLOCKS}")
+        nr = self.mv_rows * max(1, self.mv_wg // max(1, self.dev.info.subgroup_size))
+        k = self._k(f"moe_matvec_{dtype.lower()}", MOE_MAX_BLOCKS + 3, 20, (MOE_MAX_BLOCKS + 2,),
+                    {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units}, arrays={0: MOE_MAX_BLOCKS})
+        binds = [*blocks, *[blocks[0]] * (MOE_MAX_BLOCKS - len(blocks)), x, table, y]
+        gx, gz = self._grid(-(-rows // nr))
+        rec.dispatch(k, binds, (gx, slots, gz), struct.pack("<5I", rows, cols, x_stride, y_stride, tbl_off))
 
     def gather_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, idx_off: int, *,
                     src_stride: int | None = None, dst_stride: int | None = None) -> None:

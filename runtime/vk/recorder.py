@@ -107,7 +107,7 @@ def recycler(dev: Any) -> Recycler:
 class _DescriptorPools:
     """Descriptor pools that grow by one pool of SETS sets at a time (all storage buffers)."""
 
-    SETS, PER_SET = 128, 8
+    SETS, PER_SET = 128, 24   # moe_matvec.comp: an array of 16 tier blocks and 3 more buffers
 
     def __init__(self, dev: Any):
         self.device, self.pools, self.left = dev, [], 0

@@ -8,9 +8,11 @@
 // of every row whose weight starts 16-aligned) and of 2 for the rest.
 #extension GL_EXT_shader_16bit_storage : require
 
+#ifndef W_ARRAY   // moe_matvec.comp declares w16/w32/w128 itself, over an array of buffers
 layout(binding = W_BINDING) readonly buffer WU16 { uint16_t w16[]; };   // raw bytes, 2 at a time
 layout(binding = W_BINDING) readonly buffer WU32 { uint w32[]; };       // raw bytes, 4 at a time
 layout(binding = W_BINDING) readonly buffer WU128 { uvec4 w128[]; };    // raw bytes, 16 at a time
+#endif
 
 // UNIT: elements one load_unit() call yields, as U4 vec4s; wv[k] holds elements unit_x(u, k) .. +3 of
 // the row. Units are small (8-16 elements for blocks) so that neighbouring invocations read neighbouring
