@@ -344,6 +344,10 @@ def check_vulkan(archive, vram_gb: float | None = None) -> dict:
         assert list(eng.last_ids) == tokens
         fast, _ = eng.backend.last_replay()
         assert fast is None   # the experts change per pass: no replay of a fixed whole-pass recording
+        moe = eng.backend.runner.moe
+        if moe.table is not None:   # decode steps ran the chosen experts batched: one recording per layer
+            batched = {k[:2] for k in moe._cache if len(k) > 2 and k[2] == "batched"}
+            assert len(batched) == 4, batched
         stats = eng.stats()
         # the same choices as the numpy backend's: as many expert uses; resident, the same hits and misses
         assert stats["expert_hits"] + stats["expert_misses"] == cpu["expert_hits"] + cpu["expert_misses"]

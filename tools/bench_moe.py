@@ -273,8 +273,10 @@ def render(report: dict[str, Any], note: str = "") -> str:
         for key in ("prefill_tps", "decode_tps"):
             b = best_llama(report, r["vram_gb"], key)
             ratios.append(f"{r[key] / b[key]:.2f}x (`{b['label']}`)" if b else "")
-        rec = (f" ({r['moe_recordings']} recordings, early submit {'on' if r.get('early_submit') else 'off'})"
-               if len({(x.get("moe_recordings"), x.get("early_submit")) for x in report["runs"]}) > 1 else "")
+        knobs = ("moe_recordings", "early_submit", "batched")
+        rec = (f" ({r['moe_recordings']} recordings, early submit {'on' if r.get('early_submit') else 'off'}, "
+               f"batched {'on' if r.get('batched', True) else 'off'})"
+               if len({tuple(x.get(k) for k in knobs) for x in report["runs"]}) > 1 else "")
         rows.append(f"| vkpack {r['device']}{rec} | `--vram-gb {r['vram_gb']:g}` | {_f(r.get('gpu_mib'), 'd')} | "
                     f"{r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | {_f(r.get('decode_expert_hit_rate'), '.1%')} | "
                     f"{ratios[0]} | {ratios[1]} |")
@@ -312,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
     ap.add_argument("--profile", action="store_true", help="cProfile each timed decode: OUT/profile-DEVICE-BUDGET.txt")
     ap.add_argument("--moe-variants", default="",
-                    help="A/B: comma-separated RECORDINGS:EARLY pairs, each run per device and budget: the size of "
-                         "the Vulkan backend's cache of expert recordings (runtime/vk/moe.py MAX_CACHED_RECORDINGS) "
-                         "and whether held experts are submitted early (MoeSteps.early_submit, 0 or 1)")
+                    help="A/B: comma-separated RECORDINGS:EARLY[:BATCHED], each run per device and budget: the "
+                         "size of the Vulkan backend's cache of expert recordings (runtime/vk/moe.py "
+                         "MAX_CACHED_RECORDINGS; 0: its default), whether held experts are submitted early "
+                         "(EARLY_SUBMIT) and whether a decode's experts run batched (BATCHED), 0 or 1")
     ap.add_argument("--from-json", type=Path, help="render a saved report instead of measuring")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     ap.add_argument("--note", default="", help="the paragraph above the table (machine, command, commit)")
@@ -351,22 +354,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from vkpack.runtime.vk import moe
 
-    variants = [tuple(int(x) for x in v.split(":")) for v in args.moe_variants.split(",") if v] or [(0, 1)]
+    variants = [(*(int(x) for x in v.split(":")), 1, 1)[:3] for v in args.moe_variants.split(",") if v] or [(0, 1, 1)]
     default_size = moe.MAX_CACHED_RECORDINGS
     for b in budgets:
         for device in args.device.split(","):
-            for size, early in variants:
+            for size, early, batched in variants:
                 size = size or default_size
                 moe.MAX_CACHED_RECORDINGS = size
-                moe.EARLY_SUBMIT = bool(early)
-                tag = f"{device}-{b:g}" + (f"-rec{size}-early{early}" if len(variants) > 1 else "")
+                moe.EARLY_SUBMIT, moe.BATCHED = bool(early), bool(batched)
+                tag = f"{device}-{b:g}" + (f"-rec{size}-early{early}-batched{batched}" if len(variants) > 1 else "")
                 try:
                     r = run_ours(arch, device, b, args.prompt, args.decode,
                                  args.threads if device in ("cpu", "hybrid") else None,
                                  args.out / f"profile-{tag}.txt" if args.profile else None)
                 except Exception as e:  # one failed configuration must not lose the others' numbers
                     r = {"engine": "vkpack", "device": device, "vram_gb": b, "error": f"{type(e).__name__}: {e}"}
-                r["moe_recordings"], r["early_submit"] = size, bool(early)
+                r["moe_recordings"], r["early_submit"], r["batched"] = size, bool(early), bool(batched)
                 report["runs"].append(r)
                 save()
                 print(json.dumps({k: v for k, v in r.items() if k != "decode_ms"}, default=str), flush=True)

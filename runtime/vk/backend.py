@@ -119,6 +119,8 @@ class VulkanBackend:
         self.resident = self.runner.resident = placement.resident
         self.runner.tier = tier
         self.layout.attach(tier, placement.pass_tokens)
+        if self.backing is not None:
+            self.runner.moe.use_tier(self.backing.buffers)
         if placement.resident:
             return 0
         keeps = self.uploads.enable_host_cache(placement.ram_budget, placement.model_bytes)

@@ -36,16 +36,23 @@ from typing import Any
 
 import numpy as np
 
+from ...shaders.variants import WEIGHT_TYPES
 from ..cpu import ops as cpu_ops
 from .graph_ops import GraphOps
 from .inflight import InFlight
 from .layout import MAX_TOKENS_PER_PASS, PassState
+from .ops import MOE_MAX_BLOCKS
 from .recorder import Recorder
 
 MAX_CACHED_RECORDINGS = 2048  # pieces and experts: decode records (layer, expert) once while it fits
 # submit the held experts' work as soon as it is queued, so that the device computes it while the host queues
 # the rest of the step and the next one (off: it waits for the next router's submission)
 EARLY_SUBMIT = True
+# a pass of up to this many (row, expert) slots runs the chosen experts batched: moe_matvec.comp reads every
+# expert's weights through a table, so a layer is one cached recording of 4 dispatches whatever the choice
+# (off, or beyond: one recording per expert, 4 dispatches each)
+BATCHED = True
+MAX_SLOTS = 64
 
 
 class MoeSteps:
@@ -63,6 +70,10 @@ class MoeSteps:
         self.offload: Any = None           # runtime/hybrid/experts.py (`enable_offload`)
         self.early_submit = EARLY_SUBMIT
         self.xback = self.cpu_out = None   # the op's input rows read back, and the CPU's share of its output
+        self.blocks: list[Any] = []        # the device tier's buffers (`use_tier`), for the batched path
+        self.batched = BATCHED
+        self._batch_ok: dict[tuple[int, int], tuple[str, str, str, int, int] | None] = {}
+        self.table = self._g = self._u = self._y = None
         if not moe:
             return
         n = max(len(op["attrs"]["experts"]) for op in moe) + 1    # the experts, then the shared expert
@@ -71,6 +82,15 @@ class MoeSteps:
         self.route = dev.alloc(8 * MAX_TOKENS_PER_PASS * n, "upload")
         self._idx = np.frombuffer(self.route.view(), dtype=np.uint32)
         self._w = np.frombuffer(self.route.view(), dtype=np.float32)
+        if self.batched and dev.features.get("shaderStorageBufferArrayDynamicIndexing") and not graph_ops.ops.suffix:
+            tensors = graph_ops.tensors
+            ffn = max(tensors[e[0]].shape[0] for op in moe for e in op["attrs"]["experts"])
+            width = max(tensors[e[0]].shape[1] for op in moe for e in op["attrs"]["experts"])
+            # per slot: gate, up and down entries (4 uint32 each), then the slots' rows and weights
+            self.table = dev.alloc(4 * 14 * MAX_SLOTS, "upload")
+            self._tbl = np.frombuffer(self.table.view(), dtype=np.uint32)
+            self._g, self._u = dev.alloc(4 * MAX_SLOTS * ffn, "device"), dev.alloc(4 * MAX_SLOTS * ffn, "device")
+            self._y = dev.alloc(4 * MAX_SLOTS * width, "device")
 
     def reserve_offload(self, width: int) -> None:
         """The buffers an offload needs (ops whose rows are `width` floats wide), allocated before the
@@ -85,11 +105,34 @@ class MoeSteps:
             raise ValueError("reserve_offload first")
         self.offload = offload
 
+    def use_tier(self, buffers: list[Any]) -> None:
+        """The device tier's buffers: the batched path binds them all (at most MOE_MAX_BLOCKS, each within
+        one binding's range; else experts run one recording each)."""
+        rng = self.dev.info.max_storage_buffer_range
+        self.blocks = list(buffers) if len(buffers) <= MOE_MAX_BLOCKS and all(b.size <= rng for b in buffers) else []
+        self._block_of = {id(b): i for i, b in enumerate(self.blocks)}
+
     @property
     def device_bytes(self) -> int:
-        """Device-local bytes of the route and readback buffers (counted in the backend's reserved bytes)."""
-        return sum(b.size for b in (self.readback, self.route, self.xback, self.cpu_out)
+        """Device-local bytes of the route, readback and batched buffers (counted in the backend's reserved bytes)."""
+        return sum(b.size for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g,
+                                    self._u, self._y)
                    if b is not None and b.block.device_local)
+
+    def _batchable(self, si: int, oi: int, op: dict[str, Any]) -> tuple[str, str, str, int, int] | None:
+        """(gate, up and down types, expert ffn, width) where the op's experts can run batched: each
+        matrix one part, one type per role across its experts, a kernel for each; else None."""
+        key = (si, oi)
+        if key not in self._batch_ok:
+            tensors, got = self.graph_ops.tensors, None
+            roles = list(zip(*op["attrs"]["experts"]))   # (gate names), (up names), (down names)
+            if len(roles) == 3 and all(len(tensors[n].parts) == 1 for r in roles for n in r):
+                types = [{tensors[n].dtype for n in r} for r in roles]
+                if all(len(t) == 1 for t in types) and all(next(iter(t)) in WEIGHT_TYPES for t in types):
+                    ffn, width = tensors[roles[0][0]].shape
+                    got = (*(next(iter(t)) for t in types), ffn, width)
+            self._batch_ok[key] = got
+        return self._batch_ok[key]
 
     # ---- a step ----
     def run_step(self, si: int, step: dict[str, Any], ps: PassState, weights: Any, pin_limit: int,
@@ -171,6 +214,12 @@ class MoeSteps:
         if len(missing) > 1 or (missing and (held or cpu)):
             weights.load_side_by_side([(si, oi, name, pi) for e in missing for name in a["experts"][e]
                                        for pi in range(len(self.graph_ops.tensors[name].parts))])
+        info = self._batchable(si, oi, op) if self.table is not None and self.blocks else None
+        if info is not None and t * a["k"] <= MAX_SLOTS and (held or missing):
+            self._queue_batched(si, oi, op, held, missing, idx, gate, ps, weights, info, pin_limit, resident)
+            held, missing = [], []
+            if cpu or self.early_submit:
+                self.inflight.flush(weights, wait=False)
         for e in held:
             self._queue_expert(si, oi, op, e, idx, gate, t, wbase, ps, weights, pin_limit, resident)
         if held and (cpu or self.early_submit):
@@ -184,6 +233,48 @@ class MoeSteps:
         for e in missing:
             self._queue_expert(si, oi, op, e, idx, gate, t, wbase, ps, weights, pin_limit, resident)
         return bool(cpu)
+
+    def _queue_batched(self, si: int, oi: int, op: dict[str, Any], held: list[int], missing: list[int],
+                       idx: np.ndarray, gate: np.ndarray, ps: PassState, weights: Any,
+                       info: tuple[str, str, str, int, int], pin_limit: int, resident: bool) -> None:
+        """The experts `held` and `missing` (loaded now, side by side) as one recording: a slot per (row,
+        expert) pair in expert order, gate and up of every slot in one dispatch (two where their types
+        differ), SwiGLU, down, then each row's slots added to it in order (the numpy backend's order)."""
+        experts = sorted(held + missing)
+        entries: list[Any] = []
+        try:
+            for e in experts:
+                entries += [weights.acquire(si, oi, name, pi) for name, pi in self._uses(si, oi, op, e)]
+        except BaseException:
+            weights.release(entries)
+            raise
+        payload = {k: v for h in entries for k, v in h.payload.items()}
+        names = op["attrs"]["experts"]
+        slots = [(e, int(r), float(gate[r, j])) for e in experts for r, j in zip(*np.nonzero(idx == e))]
+        n = len(slots)
+        tbl, fl = self._tbl, self._tbl.view(np.float32)
+        for j, (e, r, w) in enumerate(slots):
+            for role, (x_row, y_row) in enumerate(((r, j), (r, j), (j, j))):
+                wt = payload[(names[e][role], 0)]
+                tbl[4 * (role * n + j):4 * (role * n + j) + 4] = (self._block_of[id(wt.buffer)], wt.offset, x_row, y_row)
+            tbl[12 * n + j] = r
+            fl[13 * n + j] = w
+        gdt, udt, ddt, ffn, width = info
+        x, out, t = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.rows()
+        xs = ps.width(op["in"][0])
+
+        def record(rec: Recorder) -> None:
+            o = self.graph_ops.ops
+            o.moe_matvec(rec, gdt, self.blocks, x, self.table, self._g, ffn, width, n, xs, ffn, 0)
+            o.moe_matvec(rec, udt, self.blocks, x, self.table, self._u, ffn, width, n, xs, ffn, 4 * n)
+            o.swiglu(rec, self._g, self._u, self._g, n * ffn)
+            o.moe_matvec(rec, ddt, self.blocks, self._g, self.table, self._y, width, ffn, n, ffn, width, 8 * n)
+            o.sum_rows(rec, self._y, out, self.table, n, width, t, 12 * n, 13 * n)
+        rec = self._cached((si, oi, "batched", n, ps.T, ps.layout, len(self.blocks)), "experts", record)
+        self.inflight.add(rec, entries)
+        if not resident and self.inflight.pinned() > pin_limit:
+            self.inflight.flush(weights, wait=False)
+            self.inflight.release_oldest(weights, pin_limit // 2)
 
     def _queue_expert(self, si: int, oi: int, op: dict[str, Any], e: int, idx: np.ndarray, gate: np.ndarray,
                       t: int, wbase: int, ps: PassState, weights: Any, pin_limit: int, resident: bool) -> None:
@@ -255,7 +346,7 @@ class MoeSteps:
         for rec in self._cache.values():
             rec.destroy()
         self._cache.clear()
-        for b in (self.readback, self.route, self.xback, self.cpu_out):
+        for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g, self._u, self._y):
             if b is not None:
                 b.destroy()
-        self.readback = self.route = self.xback = self.cpu_out = None
+        self.readback = self.route = self.xback = self.cpu_out = self.table = self._g = self._u = self._y = None
