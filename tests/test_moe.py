@@ -528,6 +528,16 @@ def test_expert_split_balances_cpu_and_link(raw_moe_archive, moe_archive):
         assert off.split(experts, many, packs) == [0, 1]
         off = ExpertOffload(a, cpu, _rates(0.001), lambda pack: None)
         assert off.split(experts, ones, packs) == sorted(experts)
+        # the CPU's measured slowness is kept per bucket of rows: slow 40-row experts leave 1-row ones alone
+        off = ExpertOffload(a, cpu, _rates(10.0), lambda pack: None)
+        off.scales[-1] = 40.0
+        assert off.split(experts, dict.fromkeys(experts, 40), packs) == []
+        assert len(off.split(experts, ones, packs)) == len(experts) // 2
+        x = np.random.default_rng(0).standard_normal((1, a.tensors[experts[0][0]].shape[1])).astype(np.float32)
+        out = np.empty_like(x)
+        before = list(off.scales)
+        off.compute({0: experts[0]}, {0: packs[0]}, np.array([[0]]), np.ones((1, 1), np.float32), x, out)
+        assert off.scales[0] != before[0] and off.scales[1:] == before[1:]
     with Archive(moe_archive) as a:   # compressed packs: readable only where the pinned cache holds them
         assert any(p.codec != "none" for p in a.packs if p.kind == "expert")
         op = next(op for st in a.graph["steps"] for op in st["ops"] if op["op"] == "moe")

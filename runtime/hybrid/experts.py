@@ -7,9 +7,10 @@ instead read those bytes from RAM at its own rate, at the same time as the link 
 misses and the GPU computes the experts it holds. So, per moe op and pass, once the router has chosen
 (runtime/vk/moe.py), the misses are split between the two: the CPU takes those that make
 max(CPU seconds, link seconds) smallest, cheapest (fewest rows) first. The CPU's seconds come from the
-machine's measured rates (rates.py), scaled by what the CPU really took in the passes so far (an
-expert is a few MB: the threads' start and the bytes shared with the link's DMA count, which the rates'
-large probes leave out); the link's from its measured rate.
+machine's measured rates (rates.py), scaled by what the CPU really took in the passes so far, per bucket
+of rows an expert has (an expert is a few MB: the threads' start and the bytes shared with the link's DMA
+count, which the rates' large probes leave out, and a prefill's experts run other kernels than a
+decode's); the link's from its measured rate.
 
 The CPU reads an expert where its bytes already are in system memory, never copying them: the GPU's
 pinned cache of streamed packs (vk/host_cache.py, within the RAM budget), else the archive's own
@@ -34,7 +35,11 @@ if TYPE_CHECKING:
 CALIBRATION = 0.2          # weight of the latest pass in the CPU's measured/predicted ratio
 SCALE_RANGE = (0.25, 50.0)  # bounds of that ratio (a descheduled thread can make one pass very slow)
 RECOVERY = 0.05           # per pass the CPU takes nothing, the ratio's step back toward 1
-FUSED_MAX_ROWS = 32        # experts with up to this many rows go to the kernels' one-call path
+FUSED_MAX_ROWS = 8         # experts with up to this many rows go to the kernels' one-call path (more: each
+                           # product on its own, where the kernels' GEMM takes over from 16 rows)
+ROW_BUCKETS = (1, 8, 32)   # the CPU's measured/predicted ratio is kept per bucket of rows an expert has:
+                           # decode and prefill run different kernels (on the H100 host a prefill's experts
+                           # took x6.9 their rates while decode's took ~x1)
 
 
 class _Parts:
@@ -60,7 +65,7 @@ class ExpertOffload:
         self.tensors = archive.tensors
         self._payloads: dict[int, dict[tuple[str, int], Any]] = {}
         self._bytes: dict[tuple[str, ...], tuple[int, tuple[tuple[str, int], ...]]] = {}
-        self.scale = 1.0           # the CPU's measured seconds over its predicted ones (calibrated per pass)
+        self.scales = [1.0] * (len(ROW_BUCKETS) + 1)   # the CPU's measured/predicted seconds, per row bucket
         self.cpu_experts = 0       # experts computed on the CPU
         self.link_experts = 0      # misses the link copied (besides the hits the GPU held)
         self.cpu_seconds = 0.0
@@ -88,7 +93,7 @@ class ExpertOffload:
         costs = []
         for e, names in experts.items():
             nbytes = self._cost(names)[0]
-            cpu = self.scale * self.cpu_estimate(names, rows[e])
+            cpu = self.scales[_bucket(rows[e])] * self.cpu_estimate(names, rows[e])
             costs.append((cpu / max(nbytes / link, 1e-12), e, cpu, nbytes / link))
         link_total = sum(c[3] for c in costs)
         cpu_total = 0.0
@@ -102,7 +107,8 @@ class ExpertOffload:
             cpu_total += cpu
             link_total -= lk
         if not out:   # no measurement this pass: drift back toward the rates, so one slow pass is not forever
-            self.scale += RECOVERY * (1.0 - self.scale)
+            b = _bucket(max(rows.values(), default=1))
+            self.scales[b] += RECOVERY * (1.0 - self.scales[b])
         self.cpu_experts += len(out)
         self.link_experts += len(experts) - len(out)
         return sorted(out)
@@ -149,12 +155,21 @@ class ExpertOffload:
         predicted = sum(self.cpu_estimate(names, len(rows)) for names, rows, _w, _p in work)
         took = time.perf_counter() - t0
         self.cpu_seconds += took
-        if predicted > 0:
+        if predicted > 0:   # the pass's time, credited to the bucket of its largest expert
+            b = _bucket(max(len(rows) for _n, rows, _w, _p in work))
             ratio = min(max(took / predicted, SCALE_RANGE[0]), SCALE_RANGE[1])
-            self.scale += CALIBRATION * (ratio - self.scale)
+            self.scales[b] += CALIBRATION * (ratio - self.scales[b])
 
     def describe(self) -> str:
         uses = self.cpu_experts + self.link_experts
         share = f"{self.cpu_experts / uses:.0%}" if uses else "none yet"
+        scales = ", ".join(f"{lo}-{hi}: x{s:.2f}" for lo, hi, s in zip((1, *(b + 1 for b in ROW_BUCKETS)),
+                                                                       (*ROW_BUCKETS, "more"), self.scales))
         return (f"experts missing on the device: the CPU computed {self.cpu_experts} ({share}) in "
-                f"{self.cpu_seconds:.2f} s, the link copied {self.link_experts}; CPU time x{self.scale:.2f} of its rates")
+                f"{self.cpu_seconds:.2f} s, the link copied {self.link_experts}; CPU time of its rates by rows "
+                f"{scales}")
+
+
+def _bucket(rows: int) -> int:
+    """The index of the row bucket (ROW_BUCKETS) `rows` falls in."""
+    return next((i for i, b in enumerate(ROW_BUCKETS) if rows <= b), len(ROW_BUCKETS))
