@@ -77,16 +77,22 @@ def quarter_of_experts(archive) -> float:
     return (fixed + experts // 4 + session) / 2**30
 
 
+def matches(eng, ref: np.ndarray, tokens: list[int]) -> None:
+    """Logits at every position of PROMPT (one decode step each) within REL_TOL of `ref`; 32 greedy tokens
+    equal to `tokens`."""
+    with eng.kv_session(N_CTX) as kv:
+        for t in range(len(PROMPT)):
+            got = eng.executor.forward(np.asarray(PROMPT[t:t + 1]), t, kv)[-1]
+            assert rel_err(got, ref[t]) < REL_TOL, f"position {t}: {rel_err(got, ref[t]):.2e}"
+    eng.generate(PROMPT, max_tokens=32, temperature=0, ignore_eos=True)
+    assert list(eng.last_ids) == tokens
+
+
 def check_engine(archive, ref: np.ndarray, hf_tokens: list[int], device: str = "numpy",
                  vram_gb: float | None = None) -> dict:
     """Logits at every position within REL_TOL of `ref`, 32 greedy tokens equal to transformers'; the stats."""
     with Engine(archive, device=device, vram_gb=vram_gb) as eng:
-        with eng.kv_session(N_CTX) as kv:
-            for t in range(len(PROMPT)):
-                got = eng.executor.forward(np.asarray(PROMPT[t:t + 1]), t, kv)[-1]
-                assert rel_err(got, ref[t]) < REL_TOL, f"position {t}: {rel_err(got, ref[t]):.2e}"
-        eng.generate(PROMPT, max_tokens=32, temperature=0, ignore_eos=True)
-        assert list(eng.last_ids) == hf_tokens
+        matches(eng, ref, hf_tokens)
         stats = eng.stats()
         if vram_gb is not None:  # the tier's real memory, and its peak, within the budget
             assert sum(b.nbytes for b in eng.tier.backing.blocks) <= vram_gb * 2**30
@@ -336,12 +342,7 @@ def check_vulkan(archive, vram_gb: float | None = None) -> dict:
     ref, tokens, cpu = numpy_run(archive)
     with Engine(archive, device="vulkan", vram_gb=vram_gb) as eng:
         assert eng.backend.name == "vulkan"
-        with eng.kv_session(N_CTX) as kv:
-            for t in range(len(PROMPT)):
-                got = eng.executor.forward(np.asarray(PROMPT[t:t + 1]), t, kv)[-1]
-                assert rel_err(got, ref[t]) < REL_TOL, f"position {t}: {rel_err(got, ref[t]):.2e}"
-        eng.generate(PROMPT, max_tokens=32, temperature=0, ignore_eos=True)
-        assert list(eng.last_ids) == tokens
+        matches(eng, ref, tokens)
         fast, _ = eng.backend.last_replay()
         assert fast is None   # the experts change per pass: no replay of a fixed whole-pass recording
         moe = eng.backend.runner.moe
@@ -491,12 +492,7 @@ def test_hybrid_computes_missing_experts_on_the_cpu(raw_moe_archive, link_gbs):
     vram = vk_quarter_of_experts(raw_moe_archive, hybrid=True)
     make = lambda a: HybridBackend(a, VulkanBackend(a), NativeCpuBackend(a), rates=_rates(link_gbs))
     with Engine(raw_moe_archive, device=make, vram_gb=vram) as eng:
-        with eng.kv_session(N_CTX) as kv:
-            for t in range(len(PROMPT)):
-                got = eng.executor.forward(np.asarray(PROMPT[t:t + 1]), t, kv)[-1]
-                assert rel_err(got, ref[t]) < REL_TOL, f"position {t}: {rel_err(got, ref[t]):.2e}"
-        eng.generate(PROMPT, max_tokens=32, temperature=0, ignore_eos=True)
-        assert list(eng.last_ids) == tokens
+        matches(eng, ref, tokens)
         stats, info = eng.stats(), eng.backend.placement()
         assert stats["expert_hits"] + stats["expert_misses"] == cpu["expert_hits"] + cpu["expert_misses"]
         assert_device_peak_within(eng, vram)
