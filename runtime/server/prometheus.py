@@ -155,6 +155,9 @@ def _placement(info: dict[str, Any]) -> Iterator[Metric]:
                       ["tokens"], [((str(p["tokens"]),), p["expected_seconds"]) for p in plans])
         yield _family(CounterMetricFamily, "hybrid_passes_total", "passes by where they ran", ["kind"],
                       [((k,), v) for k, v in sorted(info["passes"].items())])
+        yield _family(CounterMetricFamily, "expert_misses_by_side_total", "chosen experts missing on the device, "
+                      "by where they were computed (a mixture of experts on the hybrid backend)", ["side"],
+                      [(("cpu",), info["experts_on_cpu"]), (("link",), info["experts_over_link"])])
 
 
 def _one(kind: Any, name: str, doc: str, value: float) -> Metric:
