@@ -53,13 +53,13 @@ class ExpertCounts:
         self.hits = 0
         self.misses = 0
 
-    def count(self, si: int, oi: int, experts: list[int], resident: Any) -> None:
+    def count(self, si: int, oi: int, experts: list[int], resident: Any) -> list[int]:
+        """Count `experts` as hits or misses; returns the hits (every pack of theirs in `resident`)."""
         options = self.options[(si, oi)]
-        for e in experts:
-            if all(p in resident for p in options[e]):
-                self.hits += 1
-            else:
-                self.misses += 1
+        hits = [e for e in experts if all(p in resident for p in options[e])]
+        self.hits += len(hits)
+        self.misses += len(experts) - len(hits)
+        return hits
 
     def as_dict(self) -> dict[str, Any]:
         uses = self.hits + self.misses
@@ -135,18 +135,19 @@ class WeightAccess:
         self.last_position = pos
         return e
 
-    def choose(self, si: int, oi: int, experts: list[int]) -> None:
+    def choose(self, si: int, oi: int, experts: list[int]) -> list[int]:
         """A moe op chose `experts` for this pass (each is read once, for every row that chose it): counted
         as hits or misses, and in the experts' heat (their eviction order); with `expert_prefetch`, the
-        experts expected at the next moe op start loading."""
-        self.experts.count(si, oi, experts, self.loader.tier.entries)
+        experts expected at the next moe op start loading. Returns the hits: the experts the tier holds."""
+        hits = self.experts.count(si, oi, experts, self.loader.tier.entries)
         heat = self.heat
-        if heat is None:
-            return
-        heat.chose((si, oi), experts)
-        if self.expert_prefetch:
-            pos = heat.position[(si, oi)]
-            self.loader.prefetch_now([(p, pos) for p in heat.predict(heat.next_op((si, oi)), self.expert_prefetch)])
+        if heat is not None:
+            heat.chose((si, oi), experts)
+            if self.expert_prefetch:
+                pos = heat.position[(si, oi)]
+                self.loader.prefetch_now([(p, pos) for p in heat.predict(heat.next_op((si, oi)),
+                                                                           self.expert_prefetch)])
+        return hits
 
     def release(self, entries: list[Entry]) -> None:
         for e in entries:

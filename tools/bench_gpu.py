@@ -79,21 +79,28 @@ def limits(quick: bool) -> dict:
     return out
 
 
+def synthetic_files(stem: str, work: Path, spec: ms.Spec, dtype: str, keep_gguf: bool = True) -> tuple[Path, Path]:
+    """`work/stem.gguf` (random weights of `spec` stored as `dtype`) and its archive `work/stem.vkpack`
+    (`--codec none`), each made once; keep_gguf=False: the GGUF only while the archive is built."""
+    src, arch = work / f"{stem}.gguf", work / f"{stem}.vkpack"
+    if not src.exists() and (keep_gguf or not arch.exists()):
+        t = time.perf_counter()
+        ms.write_gguf(src, spec, dtype=dtype, seed=0)
+        print(f"[{stem}] generated {src.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
+    if not arch.exists():
+        t = time.perf_counter()
+        build(src, arch, codec="none", threads=os.cpu_count(), progress=False)
+        print(f"[{stem}] built in {time.perf_counter() - t:.0f} s", flush=True)
+    if not keep_gguf:
+        src.unlink(missing_ok=True)
+    return src, arch
+
+
 def model_archive(name: str, work: Path, keep_gguf: bool = False) -> Path:
     """The archive of model `name`: a SHAPES key, optionally with a weight type, "8b:Q4_K_M" (default F16),
     generated and built in `work` on first use; keep_gguf leaves the GGUF beside it (for llama.cpp)."""
     shape, _, dtype = name.partition(":")
-    stem = name.replace(":", "-")
-    arch, src = work / f"{stem}.vkpack", work / f"{stem}.gguf"
-    if not arch.exists():
-        t = time.perf_counter()
-        ms.write_gguf(src, SHAPES[shape], dtype=dtype or "F16", seed=0)
-        t1 = time.perf_counter()
-        build(src, arch, codec="none", threads=os.cpu_count(), progress=False)
-        print(f"[{name}] generated in {t1 - t:.0f} s, built in {time.perf_counter() - t1:.0f} s", flush=True)
-    if not keep_gguf:
-        src.unlink(missing_ok=True)
-    return arch
+    return synthetic_files(name.replace(":", "-"), work, SHAPES[shape], dtype or "F16", keep_gguf)[1]
 
 
 def llama_bench(exe: str, gguf: Path, *flags: str) -> dict:

@@ -33,7 +33,6 @@ import make_synthetic as ms
 from bench_docs import write_section
 import bench_gpu
 from bench_gpu import SHAPES
-from vkpack.compiler.build import build
 from vkpack.runtime.engine import Engine
 
 WARM = 4
@@ -42,16 +41,7 @@ WARM = 4
 def model_files(name: str, work: Path, quick: bool) -> tuple[Path, Path]:
     """The model's GGUF (kept: llama.cpp reads it) and its archive (`--codec none`), made once."""
     spec = ms.Spec(layers=4, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=2048) if quick else SHAPES[name]
-    gguf, arch = work / f"{name}{'-quick' if quick else ''}.gguf", work / f"{name}{'-quick' if quick else ''}.vkpack"
-    if not gguf.exists():
-        t = time.perf_counter()
-        ms.write_gguf(gguf, spec, dtype="F16", seed=0)
-        print(f"[{name}] generated in {time.perf_counter() - t:.0f} s", flush=True)
-    if not arch.exists():
-        t = time.perf_counter()
-        build(gguf, arch, codec="none", threads=os.cpu_count(), progress=False)
-        print(f"[{name}] built in {time.perf_counter() - t:.0f} s", flush=True)
-    return gguf, arch
+    return bench_gpu.synthetic_files(f"{name}{'-quick' if quick else ''}", work, spec, "F16")
 
 
 def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, n_decode: int,

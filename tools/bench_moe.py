@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu
 import make_synthetic as ms
 from bench_docs import cpu_and_memory, write_section
-from vkpack.compiler.build import build
 from vkpack.runtime.engine import Engine
 
 WARM = 4
@@ -62,17 +61,8 @@ _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(?:gate|up|down)_exps\.weight$")
 
 def model_files(work: Path, dtype: str, quick: bool) -> tuple[Path, Path]:
     """The GGUF (kept: llama.cpp reads it) and its archive (`--codec none`), each made once."""
-    stem = f"qwen3moe-{'quick' if quick else '30b-a3b'}-{dtype}"
-    src, arch = work / f"{stem}.gguf", work / f"{stem}.vkpack"
-    if not src.exists():
-        t = time.perf_counter()
-        ms.write_gguf(src, QUICK if quick else ms.Spec.qwen3_30b_a3b(), dtype=dtype, seed=0)
-        print(f"[{stem}] generated {src.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
-    if not arch.exists():
-        t = time.perf_counter()
-        build(src, arch, codec="none", threads=os.cpu_count(), progress=False)
-        print(f"[{stem}] built in {time.perf_counter() - t:.0f} s", flush=True)
-    return src, arch
+    return bench_gpu.synthetic_files(f"qwen3moe-{'quick' if quick else '30b-a3b'}-{dtype}", work,
+                                     QUICK if quick else ms.Spec.qwen3_30b_a3b(), dtype)
 
 
 def gguf_split(path: Path) -> dict[str, Any]:

@@ -140,13 +140,12 @@ class ExpertOffload:
         for e, names in experts.items():
             rows, slot = np.nonzero(idx == e)
             work.append((names, rows, gate[rows, slot], {k: v for p in packs[e] for k, v in self._payload(p).items()}))
-        mats = [[payload.get((n, 0)) for n in names] for names, _r, _w, payload in work]
-        if all(len(rows) <= FUSED_MAX_ROWS and all(m is not None and m.rows == self.tensors[n].shape[0]
-                                                   for m, n in zip(ms, names))
-               for (names, rows, _w, _p), ms in zip(work, mats)):
+        if all(len(rows) <= FUSED_MAX_ROWS and all(len(self.tensors[n].parts) == 1 for n in names)
+               for names, rows, _w, _p in work):
             # whole matrices and few rows (decode): one call for all of them (native/experts.h)
-            self.cpu.kernels.experts([(*(m.product for m in ms), rows, wts) for (_n, rows, wts, _p), ms in zip(work, mats)],
-                                     np.ascontiguousarray(x), out, self.cpu.threads)
+            self.cpu.kernels.experts([(*(payload[(n, 0)].product for n in names), rows, wts)
+                                      for names, rows, wts, payload in work], np.ascontiguousarray(x), out,
+                                     self.cpu.threads)
         else:
             out[:] = 0.0
             for names, rows, wts, payload in work:

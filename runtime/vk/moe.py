@@ -71,7 +71,6 @@ class MoeSteps:
         self.early_submit = EARLY_SUBMIT
         self.xback = self.cpu_out = None   # the op's input rows read back, and the CPU's share of its output
         self.blocks: list[Any] = []        # the device tier's buffers (`use_tier`), for the batched path
-        self.batched = BATCHED
         self._batch_ok: dict[tuple[int, int], tuple[str, str, str, int, int] | None] = {}
         self.table = self._g = self._u = self._y = None
         if not moe:
@@ -82,7 +81,7 @@ class MoeSteps:
         self.route = dev.alloc(8 * MAX_TOKENS_PER_PASS * n, "upload")
         self._idx = np.frombuffer(self.route.view(), dtype=np.uint32)
         self._w = np.frombuffer(self.route.view(), dtype=np.float32)
-        if self.batched and dev.features.get("shaderStorageBufferArrayDynamicIndexing") and not graph_ops.ops.suffix:
+        if BATCHED and dev.features.get("shaderStorageBufferArrayDynamicIndexing") and not graph_ops.ops.suffix:
             tensors = graph_ops.tensors
             ffn = max(tensors[e[0]].shape[0] for op in moe for e in op["attrs"]["experts"])
             width = max(tensors[e[0]].shape[1] for op in moe for e in op["attrs"]["experts"])
@@ -112,12 +111,14 @@ class MoeSteps:
         self.blocks = list(buffers) if len(buffers) <= MOE_MAX_BLOCKS and all(b.size <= rng for b in buffers) else []
         self._block_of = {id(b): i for i, b in enumerate(self.blocks)}
 
+    def _buffers(self) -> list[Any]:
+        return [b for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g, self._u, self._y)
+                if b is not None]
+
     @property
     def device_bytes(self) -> int:
         """Device-local bytes of the route, readback and batched buffers (counted in the backend's reserved bytes)."""
-        return sum(b.size for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g,
-                                    self._u, self._y)
-                   if b is not None and b.block.device_local)
+        return sum(b.size for b in self._buffers() if b.block.device_local)
 
     def _batchable(self, si: int, oi: int, op: dict[str, Any]) -> tuple[str, str, str, int, int] | None:
         """(gate, up and down types, expert ffn, width) where the op's experts can run batched: each
@@ -196,14 +197,12 @@ class MoeSteps:
         logits = np.frombuffer(self.readback.view(0, 4 * t * (n + 1)), dtype=np.float32).reshape(t, n + 1)
         idx, gate = cpu_ops.route(logits[:, :n].copy(), a["k"], a["router"], a["norm"])   # [t, k] each
         chosen = np.unique(idx).tolist()
-        weights.choose(si, oi, chosen)
+        held = weights.choose(si, oi, chosen)   # those the device tier holds
         wbase = (n + 1) * t
         if len(op["w"]) == 5:   # the shared expert's rows: all of them, weighted by sigmoid(its gate logit)
             self._idx[n * t:(n + 1) * t] = np.arange(t, dtype=np.uint32)
             self._w[wbase + n * t:wbase + (n + 1) * t] = cpu_ops.sigmoid(logits[:, n].copy())
         options = weights.experts.options[(si, oi)]
-        tier = weights.loader.tier.entries
-        held = [e for e in chosen if all(p in tier for p in options[e])]
         missing = [e for e in chosen if e not in held]
         cpu: list[int] = []
         if missing and self.offload is not None:
@@ -212,8 +211,7 @@ class MoeSteps:
                                      {e: options[e] for e in missing})
             missing = [e for e in missing if e not in cpu]
         if len(missing) > 1 or (missing and (held or cpu)):
-            weights.load_side_by_side([(si, oi, name, pi) for e in missing for name in a["experts"][e]
-                                       for pi in range(len(self.graph_ops.tensors[name].parts))])
+            weights.load_side_by_side([(si, oi, name, pi) for e in missing for name, pi in self._uses(si, oi, op, e)])
         info = self._batchable(si, oi, op) if self.table is not None and self.blocks else None
         if info is not None and t * a["k"] <= MAX_SLOTS and (held or missing):
             self._queue_batched(si, oi, op, held, missing, idx, gate, ps, weights, info, pin_limit, resident)
@@ -238,8 +236,8 @@ class MoeSteps:
                        idx: np.ndarray, gate: np.ndarray, ps: PassState, weights: Any,
                        info: tuple[str, str, str, int, int], pin_limit: int, resident: bool) -> None:
         """The experts `held` and `missing` (loaded now, side by side) as one recording: a slot per (row,
-        expert) pair in expert order, gate and up of every slot in one dispatch (two where their types
-        differ), SwiGLU, down, then each row's slots added to it in order (the numpy backend's order)."""
+        expert) pair in expert order; gate of every slot in one dispatch, up in another, SwiGLU, down, then
+        each row's slots added to it in order (the numpy backend's order)."""
         experts = sorted(held + missing)
         entries: list[Any] = []
         try:
@@ -346,7 +344,6 @@ class MoeSteps:
         for rec in self._cache.values():
             rec.destroy()
         self._cache.clear()
-        for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g, self._u, self._y):
-            if b is not None:
-                b.destroy()
+        for b in self._buffers():
+            b.destroy()
         self.readback = self.route = self.xback = self.cpu_out = self.table = self._g = self._u = self._y = None
