@@ -82,8 +82,20 @@ vec4 iq4_values(uint a) {
 }
 #endif
 
-vec4 lo_nibbles(uint a) { return vec4(a & 15u, (a >> 8) & 15u, (a >> 16) & 15u, (a >> 24) & 15u); }
-vec4 hi_nibbles(uint a) { return vec4((a >> 4) & 15u, (a >> 12) & 15u, (a >> 20) & 15u, a >> 28); }
+// Codes to floats without int->float conversions, which GPUs issue at a fraction of the FMA rate
+// (NVIDIA: 16 a clock per SM against 128 FMAs): 2^23 + v is v's bits under the exponent of 2^23, so
+// or-ing v in and subtracting 2^23 is exact for every v < 2^23 (one logic op and one add). `bias` is
+// subtracted in the same add (exact: the codes' biases are small integers).
+const uint MAGIC_BITS = 0x4B000000u;   // 2^23 as f32
+const float MAGIC = 8388608.0;
+float code_f(uint v, float bias) { return uintBitsToFloat(v | MAGIC_BITS) - (MAGIC + bias); }
+vec4 codes_f(uvec4 v, float bias) { return uintBitsToFloat(v | MAGIC_BITS) - (MAGIC + bias); }
+// the four bytes of a as signed int8 (flipping bit 7 makes b + 128 unsigned)
+vec4 int8s_f(uint a) { return codes_f((uvec4(a, a >> 8, a >> 16, a >> 24) & 0xFFu) ^ 0x80u, 128.0); }
+float int8_f(uint b) { return code_f((b & 0xFFu) ^ 0x80u, 128.0); }
+
+vec4 lo_nibbles(uint a) { return codes_f(bytes_bits(a, 0u, 15u), 0.0); }
+vec4 hi_nibbles(uint a) { return codes_f(bytes_bits(a, 4u, 15u), 0.0); }
 
 // Row element of wv[k]'s first value.
 uint unit_x(uint u, uint k) {
@@ -98,20 +110,17 @@ uint unit_x(uint u, uint k) {
 
 #if WTYPE == T_Q4_K || WTYPE == T_Q5_K
 // Q4_K/Q5_K: d * scale and dmin * min of sub-blocks 2p and 2p+1 of the super-block at byte sb (ggml's
-// get_scale_min_k4 on the 12 bytes after d and dmin).
+// get_scale_min_k4 on the 12 bytes s0 s1 s2 after d and dmin), from one 16-byte load and without
+// branches (a branch on p splits a subgroup's lanes): sub-block j < 4 has scale s0[j] & 63, min s1[j] & 63;
+// j >= 4 takes 4 bits from s2[j - 4] and its 2 high bits from the top of s0[j - 4] (scale), s1[j - 4] (min).
 void k4_scales(uint sb, uint p, out float d0, out float o0, out float d1, out float o1) {
-    vec2 dd = unpackHalf2x16(w32[sb >> 2]);
-    uint j0 = 2u * p, j1 = j0 + 1u, sc0, m0, sc1, m1;
-    if (p < 2u) {   // sub-blocks 0..3: 6 low bits of bytes j and j + 4
-        sc0 = byte_of(sb + 4u, j0) & 63u; m0 = byte_of(sb + 4u, j0 + 4u) & 63u;
-        sc1 = byte_of(sb + 4u, j1) & 63u; m1 = byte_of(sb + 4u, j1 + 4u) & 63u;
-    } else {        // sub-blocks 4..7: 4 bits from byte j + 4, 2 high bits from bytes j - 4 and j
-        sc0 = (byte_of(sb + 4u, j0 + 4u) & 15u) | ((byte_of(sb + 4u, j0 - 4u) >> 6) << 4);
-        m0 = (byte_of(sb + 4u, j0 + 4u) >> 4) | ((byte_of(sb + 4u, j0) >> 6) << 4);
-        sc1 = (byte_of(sb + 4u, j1 + 4u) & 15u) | ((byte_of(sb + 4u, j1 - 4u) >> 6) << 4);
-        m1 = (byte_of(sb + 4u, j1 + 4u) >> 4) | ((byte_of(sb + 4u, j1) >> 6) << 4);
-    }
-    d0 = dd.x * float(sc0); o0 = dd.y * float(m0); d1 = dd.x * float(sc1); o1 = dd.y * float(m1);
+    uvec4 hdr = w128[sb >> 4];                 // d | dmin << 16, s0, s1, s2
+    vec2 dd = unpackHalf2x16(hdr.x);
+    uint sc = p < 2u ? hdr.y & 0x3F3F3F3Fu : (hdr.w & 0x0F0F0F0Fu) | ((hdr.y >> 2) & 0x30303030u);
+    uint mn = p < 2u ? hdr.z & 0x3F3F3F3Fu : ((hdr.w >> 4) & 0x0F0F0F0Fu) | ((hdr.z >> 2) & 0x30303030u);
+    uint sh = 16u * (p & 1u);                  // bytes 2p, 2p+1 (mod 4) of the words
+    d0 = dd.x * code_f((sc >> sh) & 0xFFu, 0.0); o0 = dd.y * code_f((mn >> sh) & 0xFFu, 0.0);
+    d1 = dd.x * code_f((sc >> (sh + 8u)) & 0xFFu, 0.0); o1 = dd.y * code_f((mn >> (sh + 8u)) & 0xFFu, 0.0);
 }
 #endif
 
@@ -130,11 +139,7 @@ void load_unit(uint rb, uint u, out vec4 wv[U4]) {
     // block (34 B): f16 d, int8 q[32]; value = q * d. Unit u = elements 8(u%4) .. +7 of block u/4.
     uint h = (rb + (u >> 2) * 34u) >> 1, qh = h + 1u + 4u * (u & 3u);
     float d = half_at(h);
-    for (uint k = 0; k < 2; k++) {
-        int a = int(u32_at(qh + 2u * k));
-        wv[k] = vec4(bitfieldExtract(a, 0, 8), bitfieldExtract(a, 8, 8), bitfieldExtract(a, 16, 8),
-                     bitfieldExtract(a, 24, 8)) * d;
-    }
+    for (uint k = 0; k < 2; k++) wv[k] = int8s_f(u32_at(qh + 2u * k)) * d;
 #elif WTYPE == T_Q4_0 || WTYPE == T_Q4_1
     // Q4_0 (18 B): f16 d, 16 bytes of nibbles; byte j: low nibble = element j, high = element j + 16;
     // value (q - 8) * d. Q4_1 (20 B): f16 d, f16 m, nibbles; value q * d + m.
@@ -169,10 +174,10 @@ void load_unit(uint rb, uint u, out vec4 wv[U4]) {
 #else
     uint qw = (sb + 48u + 32u * p + 8u * r) >> 2, hw = (sb + 16u + 8u * r) >> 2;
     uint a = w32[qw], b = w32[qw + 1u], ha = w32[hw], hb = w32[hw + 1u];
-    wv[0] = vec4(bytes_bits(a, 0u, 15u) | (bytes_bits(ha, 2u * p, 1u) << 4)) * d0 - o0;
-    wv[1] = vec4(bytes_bits(b, 0u, 15u) | (bytes_bits(hb, 2u * p, 1u) << 4)) * d0 - o0;
-    wv[2] = vec4(bytes_bits(a, 4u, 15u) | (bytes_bits(ha, 2u * p + 1u, 1u) << 4)) * d1 - o1;
-    wv[3] = vec4(bytes_bits(b, 4u, 15u) | (bytes_bits(hb, 2u * p + 1u, 1u) << 4)) * d1 - o1;
+    wv[0] = codes_f(bytes_bits(a, 0u, 15u) | (bytes_bits(ha, 2u * p, 1u) << 4), 0.0) * d0 - o0;
+    wv[1] = codes_f(bytes_bits(b, 0u, 15u) | (bytes_bits(hb, 2u * p, 1u) << 4), 0.0) * d0 - o0;
+    wv[2] = codes_f(bytes_bits(a, 4u, 15u) | (bytes_bits(ha, 2u * p + 1u, 1u) << 4), 0.0) * d1 - o1;
+    wv[3] = codes_f(bytes_bits(b, 4u, 15u) | (bytes_bits(hb, 2u * p + 1u, 1u) << 4), 0.0) * d1 - o1;
 #endif
 #elif WTYPE == T_Q6_K
     // super-block (210 B): ql[128] low 4 bits, qh[64] high 2 bits, int8 scales[16], f16 d.
@@ -182,15 +187,15 @@ void load_unit(uint rb, uint u, out vec4 wv[U4]) {
     // Unit u = 16 consecutive elements: super-block u/16, (h, k) = (u/2)%8, l from 16(u%2).
     uint hb = (rb + (u >> 4) * 210u) >> 1;    // u16 index of the super-block (210 is even)
     uint hk = (u >> 1) & 7u, hh = hk >> 2, k = hk & 3u, l0 = 16u * (u & 1u);
-    int sw = int(uint(w16[hb + 96u + 4u * hh + k]));          // scales 8h + 2k (low byte), 8h + 2k + 1
-    float ds = half_at(hb + 104u) * float(bitfieldExtract(sw, int(8u * (u & 1u)), 8));
+    uint sw = uint(w16[hb + 96u + 4u * hh + k]);              // scales 8h + 2k (low byte), 8h + 2k + 1
+    float ds = half_at(hb + 104u) * int8_f(sw >> (8u * (u & 1u)));
     uint qlh = hb + 32u * hh + 16u * (k & 1u) + (l0 >> 1), qhh = hb + 64u + 16u * hh + (l0 >> 1);
     uint lsh = 4u * (k >> 1), hsh = 2u * k;
     for (uint i = 0; i < 4; i++) {
         uint l = u32_at(qlh + 2u * i), g = u32_at(qhh + 2u * i);
         uvec4 lo = (uvec4(l, l >> 8, l >> 16, l >> 24) >> lsh) & 15u;
         uvec4 hi = (uvec4(g, g >> 8, g >> 16, g >> 24) >> hsh) & 3u;
-        wv[i] = (vec4(lo | (hi << 4)) - 32.0) * ds;
+        wv[i] = codes_f(lo | (hi << 4), 32.0) * ds;
     }
 #elif WTYPE == T_Q5_0 || WTYPE == T_Q5_1
     // Q5_0 (22 B): f16 d, u32 qh, 16 bytes of nibbles as Q4_0; q = nibble | (bit e of qh) << 4 for element
@@ -208,11 +213,16 @@ void load_unit(uint rb, uint u, out vec4 wv[U4]) {
     uint qh = w32[wb + 1u], a = w32[wb + 2u + r];
 #endif
     uvec4 e = uvec4(0u, 1u, 2u, 3u) + 4u * r;
-    vec4 q0 = vec4(bytes_bits(a, 0u, 15u) | (((uvec4(qh) >> e) & 1u) << 4));
-    vec4 q1 = vec4(bytes_bits(a, 4u, 15u) | (((uvec4(qh) >> (e + 16u)) & 1u) << 4));
 #if WTYPE == T_Q5_0
-    wv[0] = (q0 - 16.0) * d;
-    wv[1] = (q1 - 16.0) * d;
+    const float bias = 16.0;
+#else
+    const float bias = 0.0;
+#endif
+    vec4 q0 = codes_f(bytes_bits(a, 0u, 15u) | (((uvec4(qh) >> e) & 1u) << 4), bias);
+    vec4 q1 = codes_f(bytes_bits(a, 4u, 15u) | (((uvec4(qh) >> (e + 16u)) & 1u) << 4), bias);
+#if WTYPE == T_Q5_0
+    wv[0] = q0 * d;
+    wv[1] = q1 * d;
 #else
     wv[0] = q0 * d + m;
     wv[1] = q1 * d + m;
@@ -229,20 +239,20 @@ void load_unit(uint rb, uint u, out vec4 wv[U4]) {
     uint sb = rb + (u >> 4) * 84u;
     vec2 dm = unpackHalf2x16(w32[(sb + 80u) >> 2]);
     uint sc = byte_of(sb, i);
-    float dl = dm.x * float(sc & 15u), ml = dm.y * float(sc >> 4);
+    float dl = dm.x * code_f(sc & 15u, 0.0), ml = dm.y * code_f(sc >> 4, 0.0);
     uint qw = (sb + 16u + 32u * hh + l0) >> 2;
-    for (uint k = 0; k < 4; k++) wv[k] = dl * vec4(bytes_bits(w32[qw + k], 2u * j, 3u)) - ml;
+    for (uint k = 0; k < 4; k++) wv[k] = dl * codes_f(bytes_bits(w32[qw + k], 2u * j, 3u), 0.0) - ml;
 #else
     uint hb = (rb + (u >> 4) * 110u) >> 1;                  // u16 index of the super-block (110 is even)
     // scale i: low 4 bits from byte i % 8 (its high nibble for i >= 8), high 2 from byte 8 + i % 4
     uint lo = (byte_at(hb + 48u, i & 7u) >> (4u * (i >> 3))) & 15u;
     uint hi = (byte_at(hb + 48u, 8u + (i & 3u)) >> (2u * (i >> 2))) & 3u;
-    float dl = half_at(hb + 54u) * float(int(lo | (hi << 4)) - 32);
+    float dl = half_at(hb + 54u) * code_f(lo | (hi << 4), 32.0);
     uint qh = hb + 16u + 16u * hh + (l0 >> 1), mh = hb + (l0 >> 1);   // u16 indices of qs[32h + l0], hmask[l0]
     for (uint k = 0; k < 4; k++) {
-        ivec4 q = ivec4(bytes_bits(u32_at(qh + 2u * k), 2u * j, 3u));
-        ivec4 m = ivec4(bytes_bits(u32_at(mh + 2u * k), 4u * hh + j, 1u));
-        wv[k] = dl * vec4(q - 4 + 4 * m);
+        uvec4 q = bytes_bits(u32_at(qh + 2u * k), 2u * j, 3u);
+        uvec4 m = bytes_bits(u32_at(mh + 2u * k), 4u * hh + j, 1u);
+        wv[k] = dl * codes_f(q + 4u * m, 4.0);
     }
 #endif
 #elif WTYPE == T_IQ4_NL
@@ -260,7 +270,7 @@ void load_unit(uint rb, uint u, out vec4 wv[U4]) {
     uint sb = rb + (u >> 5) * 136u, s = (u >> 2) & 7u;
     uint w0 = w32[sb >> 2];                                  // d | scales_h << 16
     uint ls = ((byte_of(sb + 4u, s >> 1) >> (4u * (s & 1u))) & 15u) | (((w0 >> (16u + 2u * s)) & 3u) << 4);
-    float dl = unpackHalf2x16(w0).x * float(int(ls) - 32);
+    float dl = unpackHalf2x16(w0).x * code_f(ls, 32.0);
     uint a = w32[(sb + 8u + 16u * s + 4u * (u & 3u)) >> 2];
     wv[0] = dl * iq4_values(a);
     wv[1] = dl * iq4_values(a >> 4);
