@@ -94,6 +94,8 @@ HASHES = {
     'matvec_f32': 'e0d045849926d84c',
     'matvec_iq4_nl': '2d5b13158d08d648',
     'matvec_iq4_xs': '108e63f7e7592379',
+    'matvec_k_q4_k': '5c7cfb214df8b45b',
+    'matvec_k_q6_k': '9cfab5efd951c353',
     'matvec_q2_k': '7e1c7fa70b93f58d',
     'matvec_q3_k': '00d6c1daa4ddcec3',
     'matvec_q4_0': 'ed6c86dfdc8d2b10',

@@ -43,19 +43,25 @@ def test_linear(dev, ops, dtype, rows, nblk, T):
         b.destroy()
 
 
-def test_linear_bias_accumulate_and_row_parts(dev, ops):
-    """A weight split in two row-parts writing one output, with bias and accumulate."""
+@pytest.mark.parametrize("dtype,T", [("Q8_0", 3), ("Q4_K", 1), ("Q6_K", 1)])
+def test_linear_bias_accumulate_and_row_parts(dev, dtype, T):
+    """A weight split in two row-parts writing one output, with bias and accumulate (the K-quants at
+    T = 1 on shaders/matvec_k.comp)."""
+    ops = gpu.Ops(dev)
+    sg = max(1, dev.info.subgroup_size)
+    ops.mv_kquant = {"Q4_K": (sg, 1, 3), "Q6_K": (2 * sg, 2, 4)}
+    assert ops._linear_kernel(T, dtype) == ("matmul" if dtype == "Q8_0" else "matvec_k")
     rng = np.random.default_rng(5)
-    rows, cols, T = 37, 256, 3
-    raw, wd = random_weight(rng, "Q8_0", rows, cols)
+    rows, cols = 37, 512
+    raw, wd = random_weight(rng, dtype, rows, cols)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     y0 = rng.standard_normal((T, rows)).astype(np.float32)
     split = 20
     wa, wb_ = upload_weight(dev, raw[:split]), upload_weight(dev, raw[split:], offset=16)
     xb, bb, yb = to_dev(dev, x), to_dev(dev, bias), to_dev(dev, y0)
-    pa = gpu.Weight(wa, 48, "Q8_0", split, cols)
-    pb = gpu.Weight(wb_, 16, "Q8_0", rows - split, cols)
+    pa = gpu.Weight(wa, 48, dtype, split, cols)
+    pb = gpu.Weight(wb_, 16, dtype, rows - split, cols)
 
     def rec_fn(rec):
         ops.linear(rec, pa, xb, yb, T, y_stride=rows, y_col=0, bias=bb, bias_off=0, accumulate=True)
@@ -242,13 +248,16 @@ def make_ops(dev, cfg):
         o.mv_subgroup = True
         sg = max(1, dev.info.subgroup_size)
         o.mv_wg, o.mv_rows, o.mv_units = 2 * sg, 2, 3
+    elif cfg == "matvec_k":  # T = 1 K-quants on shaders/matvec_k.comp: 2 subgroups of 2 rows, 6 rows a workgroup
+        sg = max(1, dev.info.subgroup_size)
+        o.mv_kquant = {"Q4_K": (2 * sg, 2, 6), "Q6_K": (2 * sg, 2, 6)}
     elif cfg == "nosg":      # devices without subgroup arithmetic
         o.suffix = "_nosg"
         o.mm_wg, o.red_wg, o.attn_wg, o.mm_rows = 32, 16, 16, 1
     return o
 
 
-CONFIGS = ["tiled", "wide", "nosg", "matvec"]
+CONFIGS = ["tiled", "wide", "nosg", "matvec", "matvec_k"]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -256,6 +265,8 @@ CONFIGS = ["tiled", "wide", "nosg", "matvec"]
 @pytest.mark.parametrize("rows,nblk,T", [(33, 3, 17), (7, 1, 3), (1, 2, 1), (37, 3, 1), (301, 2, 1)])
 def test_linear_configs(dev, cfg, dtype, rows, nblk, T):
     ops = make_ops(dev, cfg)
+    if cfg == "matvec_k" and T == 1 and dtype in ("Q4_K", "Q6_K"):
+        assert ops._linear_kernel(T, dtype) == "matvec_k"
     rng = np.random.default_rng(rows + T)
     cols = nblk * max(BLOCK[dtype], 32)
     raw, wd = random_weight(rng, dtype, rows, cols)

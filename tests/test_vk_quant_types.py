@@ -211,6 +211,20 @@ def test_model_vulkan_matches_numpy(tmp_path, dtype):
         assert greedy(g, ids, 6) == greedy(c, ids, 6)     # decode steps: the T = 1 kernels
 
 
+def test_model_kquant_matvec_matches_numpy(tmp_path):
+    """Q4_K_M (Q4_K with Q6_K for output, v and down) decoded on shaders/matvec_k.comp, which GPUs run for
+    T = 1 and lavapipe does not unless told: two subgroups of two rows a workgroup."""
+    path = _archive(tmp_path, "Q4_K_M")
+    with Engine(path, device="numpy") as c, Engine(path, device="vulkan") as g:
+        sg = g.backend.dev.info.subgroup_size
+        g.backend.ops.mv_kquant = {"Q4_K": (2 * sg, 2, 4), "Q6_K": (2 * sg, 1, 2)}
+        stored = {t.dtype for t in g.archive.tensors.values() if len(t.shape) == 2}
+        assert {"Q4_K", "Q6_K"} <= stored, stored
+        ids = c.encode("sub-blocks at a time")
+        assert greedy(g, ids, 6) == greedy(c, ids, 6)
+        assert rel_err(g.logits(ids[:1]), c.logits(ids[:1])) < MODEL_TOL   # one token: matvec_k throughout
+
+
 # ---- choosing the backend ----
 
 @pytest.fixture

@@ -101,6 +101,14 @@ def mm_ops(dev: Device, wg: int, nr: int, nu: int) -> Ops:
     o = Ops(dev)
     o.mm_wg, o.mm_rows, o.mm_units = wg, nr, nu
     o.mv_config = {}   # no per-fusion override: mm_* for T = 1 too
+    o.mv_unfused, o.mv_kquant = {}, {}
+    return o
+
+
+def kq_ops(dev: Device, dtype: str, wg: int, nr: int, rpw: int) -> Ops:
+    """Ops running shaders/matvec_k.comp at (workgroup, rows a subgroup computes, rows per workgroup)."""
+    o = Ops(dev)
+    o.mv_kquant = {dtype: (wg, nr, rpw)}
     return o
 
 
@@ -141,6 +149,22 @@ def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
     teardown(bufs, acts)
 
 
+KQUANT_TYPES = ("Q4_K", "Q6_K")   # shaders/matvec_k.comp's
+
+
+def default_ops(dev: Device, matmul: bool) -> Ops:
+    """Ops as the engine runs them; matmul: without matvec_k (the kernel of the fused products)."""
+    o = Ops(dev)
+    if matmul:
+        o.mv_kquant = {}
+    return o
+
+
+def kq_grid(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """--kquant's (workgroup, rows a subgroup computes, rows per workgroup), as W:N:R,..."""
+    return [tuple(int(v) for v in c.split(":")) for c in args.kquant.split(",") if c]
+
+
 def ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",")]
 
@@ -159,15 +183,20 @@ def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple
             print(f"{shape:3s} {fusion:6s} {label:44s} {type(e).__name__}: {e}", flush=True)
             return None
         rows.append((shape, fusion, label, t, total))
-        ref = next((r[3] for r in rows if r[:3] == (shape, fusion, "matmul (default)")), t)
+        ref = next((r[3] for r in rows if r[:3] == (shape, fusion, "default")), t)
         print(f"{shape:3s} {fusion:6s} {label:44s} {t * 1e3:8.3f} ms {total / t / 1e9:7.0f} GB/s  "
               f"{ref / t:5.2f}x default", flush=True)
         return t
 
     for fusion in ("plain", "fused"):
-        run_one(fusion, "matmul (default)", Ops(dev))
+        run_one(fusion, "default", default_ops(dev, fusion == "fused"))
+        if fusion == "plain" and args.dtype in KQUANT_TYPES:   # the matmul.comp path matvec_k replaces
+            run_one(fusion, "matmul (mv_kquant off)", default_ops(dev, True))
         for wg, nr, nu in grid(args):
             run_one(fusion, f"matmul wg={wg} rows={nr} units={nu}", mm_ops(dev, wg, nr, nu))
+        if fusion == "plain" and args.dtype in KQUANT_TYPES:
+            for wg, nr, rpw in kq_grid(args):
+                run_one(fusion, f"matvec_k wg={wg} rows/subgroup={nr} rows={rpw}", kq_ops(dev, args.dtype, wg, nr, rpw))
     teardown(bufs, acts)
     return rows
 
@@ -182,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wg", default="64,128,256", help="matmul.comp workgroup sizes")
     ap.add_argument("--mm-rows", default="1,2,4,8", help="matmul.comp rows per workgroup")
     ap.add_argument("--mm-units", default="1,2", help="matmul.comp units in flight")
+    ap.add_argument("--kquant", default="128:2:8,128:1:4,128:2:16,64:2:4,256:2:16,128:4:16",
+                    help="shaders/matvec_k.comp configurations for Q4_K/Q6_K, W:N:R (workgroup, rows a subgroup "
+                         "computes, rows per workgroup), plain pass only")
     ap.add_argument("--by-role", action="store_true",
                     help="instead: matmul.comp configurations for each kind of linear (q/k/v, o, gate/up, down)")
     ap.add_argument("--quick", action="store_true", help="smoke test: one configuration per axis, one run each")
@@ -189,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = Device()
     if args.quick:
         args.wg, args.mm_rows, args.mm_units = str(dev.info.subgroup_size * 2), "2,4", "1"
+        args.kquant = f"{dev.info.subgroup_size * 2}:2:4"
         args.reps, args.warmup = 1, 0
     print(f"{dev}", flush=True)
     shapes = sorted(SHAPES) if args.shape == "both" else [args.shape]
@@ -203,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nbest per shape and fusion:")
     for key in sorted({r[:2] for r in rows}):
         group = sorted((r for r in rows if r[:2] == key), key=lambda r: r[3])
-        mm = next((r[3] for r in group if r[2] == "matmul (default)"), None)
+        mm = next((r[3] for r in group if r[2] == "default"), None)
         for shape, fusion, label, t, total in group[:3]:
             vs = f"  {mm / t:5.2f}x default" if mm else ""
             print(f"{shape:3s} {fusion:6s} {label:44s} {total / t / 1e9:7.0f} GB/s{vs}")
