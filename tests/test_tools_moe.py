@@ -3,6 +3,8 @@ tools/bench_moe.py runs end to end (issue 14's benchmark, checked here on the CP
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import stat
 import sys
@@ -148,3 +150,40 @@ def test_gguf_split_counts_every_byte(tiny):
     spec = ms.Spec.moe_tiny()
     assert split["kv_bytes_per_token"] == 2 * spec.layers * spec.kv_heads * spec.hd * 2
     assert Path(tiny["Q4_0"]).exists()
+
+
+def _consecutive_overlap(path: Path, layers: int, k: int, tokens: int, monkeypatch) -> list[float]:
+    """Per layer: the mean share of its k experts a decode token has in common with the token before."""
+    import vkpack.runtime.cpu.ops as cpu_ops
+    from vkpack.compiler.build import build
+
+    chosen: list[set] = []
+    real = cpu_ops.route
+
+    def spy(logits, k_, router, norm):
+        ids, w = real(logits, k_, router, norm)
+        chosen.append(set(np.ravel(ids).tolist()))
+        return ids, w
+
+    monkeypatch.setattr(cpu_ops, "route", spy)
+    build(path, path.with_suffix(".vkpack"), progress=False)
+    with Engine(path.with_suffix(".vkpack"), device="numpy") as eng, eng.kv_session(tokens + 1) as kv:
+        ids = np.random.default_rng(0).integers(3, eng.hp["vocab"], tokens)
+        for i, t in enumerate(ids):
+            eng.forward_batch([([int(t)], i, kv)])
+    per_layer = [chosen[i::layers] for i in range(layers)]
+    return [float(np.mean([len(a & b) / k for a, b in itertools.pairwise(s)])) for s in per_layer]
+
+
+def test_embed_std_makes_routing_near_uniform(tmp_path, monkeypatch):
+    """make_synthetic's module doc: with every weight at std 0.02 the routers of deeper layers pick nearly the
+    same experts for every token; with the embedding at std 1.0 they pick near-uniformly (k of n at random:
+    k / n in common with the token before)."""
+    spec = ms.Spec(arch="qwen3moe", layers=4, hidden=512, heads=4, kv_heads=2, ffn=512, vocab=2048,
+                   experts=32, experts_used=4, expert_ffn=64)
+    k, n = spec.experts_used, spec.experts
+    collapsed = _consecutive_overlap(ms.write_gguf(tmp_path / "c.gguf", spec, "Q4_0", seed=1), 4, k, 24, monkeypatch)
+    spec = dataclasses.replace(spec, embed_std=1.0)
+    uniform = _consecutive_overlap(ms.write_gguf(tmp_path / "u.gguf", spec, "Q4_0", seed=1), 4, k, 24, monkeypatch)
+    assert max(uniform) < 2.5 * k / n
+    assert min(collapsed[1:]) > 3 * k / n

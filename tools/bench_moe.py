@@ -1,9 +1,11 @@
 """Mixture of experts on the GPU (issue 14): vkpack at a VRAM budget against llama.cpp's expert offload, one call.
 
 The model is tools/make_synthetic.py's `qwen3_30b_a3b` (Qwen3-30B-A3B's shapes: 48 layers, 128 experts of
-ffn 768, 8 used; ~17.2 GB as Q4_0), generated on the machine. Its random weights route almost the same
-experts for every decode token (make_synthetic.py's docstring): decode hit rates here are upper bounds for a
-trained model, prefill (every expert chosen) is representative.
+ffn 768, 8 used; ~17.2 GB as Q4_0), generated on the machine. `--routing uniform` (the default) gives its
+token embedding std 1.0, so that every layer's router picks near-uniformly at random from token to token:
+the worst case for an expert cache, below a trained model's hit rates. `--routing collapsed` (every weight
+at std 0.02) routes almost the same experts for every decode token (make_synthetic.py's module doc): hit
+rates near 100 %, above a trained model's. Prefill (every expert chosen) is alike in both.
 
 vkpack, per `--budgets` (GiB; `--vram-gb`) and `--device`, each in a fresh engine: a `--prompt`-token prefill
 (its second pass timed; the first records and loads) and decode of random token ids fed one at a time, as
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import json
 import logging
 import os
@@ -59,10 +62,11 @@ QUICK_BUDGETS = "0.003,0.004"  # GiB: about 2/3 and 9/10 of the quick model's 4.
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(?:gate|up|down)_exps\.weight$")
 
 
-def model_files(work: Path, dtype: str, quick: bool) -> tuple[Path, Path]:
+def model_files(work: Path, dtype: str, quick: bool, embed_std: float | None) -> tuple[Path, Path]:
     """The GGUF (kept: llama.cpp reads it) and its archive (`--codec none`), each made once."""
-    return bench_gpu.synthetic_files(f"qwen3moe-{'quick' if quick else '30b-a3b'}-{dtype}", work,
-                                     QUICK if quick else ms.Spec.qwen3_30b_a3b(), dtype)
+    spec = dataclasses.replace(QUICK if quick else ms.Spec.qwen3_30b_a3b(), embed_std=embed_std)
+    routing = "" if embed_std is None else f"-e{embed_std:g}"
+    return bench_gpu.synthetic_files(f"qwen3moe-{'quick' if quick else '30b-a3b'}-{dtype}{routing}", work, spec, dtype)
 
 
 def gguf_split(path: Path) -> dict[str, Any]:
@@ -251,6 +255,13 @@ def _f(x: float | None, fmt: str = ".1f") -> str:
     return "" if x is None else format(x, fmt)
 
 
+ROUTING = {  # how each --routing's decode hit rates compare with a trained model's
+    "uniform": "the embedding at std 1.0 (every router picks near-uniformly at random from token to token: decode "
+               "hit rates are lower bounds for a trained model)",
+    "collapsed": "every weight at std 0.02 (the routers pick nearly the same experts for every decode token: decode "
+                 "hit rates are upper bounds for a trained model)"}
+
+
 def render(report: dict[str, Any], note: str = "") -> str:
     """A markdown table: our runs with ratios against llama.cpp's best within the same budget, then llama.cpp's."""
     rows = [("| engine | budget / placement | GPU MiB used | prefill tok/s | decode tok/s | expert hit rate (decode) "
@@ -280,8 +291,7 @@ def render(report: dict[str, Any], note: str = "") -> str:
     m = report.get("model", {})
     head = (f"{note}\n\nModel: {m.get('name')} as {m.get('dtype')} ({m.get('gguf_bytes', 0) / 1e9:.2f} GB; experts "
             f"{m.get('expert_bytes', 0) / 1e9:.2f} GB, the rest {m.get('non_expert_bytes', 0) / 1e9:.2f} GB), random "
-            "weights (their routers pick nearly the same experts for every decode token: decode hit rates are "
-            "upper bounds for a trained model). Prefill "
+            f"weights, {ROUTING[m.get('routing', 'collapsed')]}. Prefill "
             f"{report.get('prompt')} tokens; decode the median of {report.get('decode')} random tokens fed one at a time (llama-bench: "
             "its mean of 2 repetitions of the same). llama.cpp's best is its fastest run whose counted GPU bytes fit the budget.")
     return "\n".join([head.strip(), "", *rows]) + "\n"
@@ -292,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--dtype", default="Q4_0", choices=("Q4_0", "Q8_0"))
+    ap.add_argument("--routing", default="uniform", choices=("uniform", "collapsed"),
+                    help="uniform: the embedding's std 1.0, so every layer routes near-uniformly (the worst case "
+                         "for an expert cache); collapsed: all weights at std 0.02, where the routers choose nearly "
+                         "the same experts for every decode token (make_synthetic.py's module doc)")
     ap.add_argument("--device", default="vulkan,hybrid",
                     help="Engine devices, comma-separated: vulkan and hybrid on the GPU, cpu for a check")
     ap.add_argument("--budgets", help="--vram-gb values, GiB (default 4,8; with --quick a fraction of its model)")
@@ -326,14 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [float(b) for b in (args.budgets or (QUICK_BUDGETS if args.quick else "4,8")).split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    src, arch = model_files(args.work, args.dtype, args.quick)
+    src, arch = model_files(args.work, args.dtype, args.quick, 1.0 if args.routing == "uniform" else None)
     if args.only_files:
         return 0
     split = gguf_split(src)
     cpu, ram = cpu_and_memory()
     report: dict[str, Any] = {
         "machine": {"cpu": cpu, "ram": ram, "platform": platform.platform()},
-        "model": {"name": "quick" if args.quick else "qwen3_30b_a3b", "dtype": args.dtype,
+        "model": {"name": "quick" if args.quick else "qwen3_30b_a3b", "dtype": args.dtype, "routing": args.routing,
                   "gguf_bytes": src.stat().st_size, "expert_bytes": sum(split["expert_bytes_per_layer"]),
                   "non_expert_bytes": split["non_expert_bytes"]},
         "split": split, "prompt": args.prompt, "decode": args.decode, "budgets": budgets, "runs": [], "llama_cpp": []}
