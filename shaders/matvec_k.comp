@@ -15,6 +15,7 @@
 layout(local_size_x_id = 0) in;                // WG: invocations per workgroup (a multiple of the subgroup)
 layout(constant_id = 1) const uint NR = 2;     // rows a subgroup computes at once (each x load serves all)
 layout(constant_id = 2) const uint RPW = 8;    // rows per workgroup (a multiple of NR); subgroups take turns
+layout(constant_id = 3) const uint NC = 1;     // chunks a lane works on per loop step (loads in flight)
 
 #define W_BINDING 0
 #include "common/dequant.glsl"
@@ -94,16 +95,19 @@ void rows_at(uint r0, uint t) {
     float acc[NR];
     for (uint r = 0; r < NR; r++) acc[r] = 0.0;
 
-    for (uint c = lane; c < chunks; c += S) {
-        uint i = c / CHUNKS, j = c % CHUNKS, x0 = xb + i * BLOCK;
-        vec4 xv[XV];
-        for (uint k = 0; k < XV; k++) xv[k] = x4[(x0 + 32u * k + 4u * j) >> 2];
-        vec4 sx[2];                             // Q4_K: sums of the sub-blocks' x (times their mins)
-        for (uint k = 0; k < 4; k++) {
-            sx[0][k] = dot(xv[k], vec4(1.0));
-            sx[1][k] = dot(xv[k + 4u], vec4(1.0));
+    for (uint c0 = lane; c0 < chunks; c0 += S * NC) {
+        for (uint q = 0; q < NC; q++) {
+            uint c = min(c0 + q * S, chunks - 1u), i = c / CHUNKS, j = c % CHUNKS, x0 = xb + i * BLOCK;
+            float keep = c0 + q * S < chunks ? 1.0 : 0.0;   // a clamped chunk counts nothing
+            vec4 xv[XV];
+            for (uint k = 0; k < XV; k++) xv[k] = x4[(x0 + 32u * k + 4u * j) >> 2];
+            vec4 sx[2];                         // Q4_K: sums of the sub-blocks' x (times their mins)
+            for (uint k = 0; k < 4; k++) {
+                sx[0][k] = dot(xv[k], vec4(1.0));
+                sx[1][k] = dot(xv[k + 4u], vec4(1.0));
+            }
+            for (uint r = 0; r < NR; r++) acc[r] += keep * chunk_dot(rb[r] + i * BLOCK_BYTES, j, xv, sx);
         }
-        for (uint r = 0; r < NR; r++) acc[r] += chunk_dot(rb[r] + i * BLOCK_BYTES, j, xv, sx);
     }
     for (uint r = 0; r < NR; r++) {
         float s = subgroupAdd(acc[r]);

@@ -49,7 +49,7 @@ def test_linear_bias_accumulate_and_row_parts(dev, dtype, T):
     T = 1 on shaders/matvec_k.comp)."""
     ops = gpu.Ops(dev)
     sg = max(1, dev.info.subgroup_size)
-    ops.mv_kquant = {"Q4_K": (sg, 1, 3), "Q6_K": (2 * sg, 2, 4)}
+    ops.mv_kquant = {"Q4_K": (sg, 1, 3, 1), "Q6_K": (2 * sg, 2, 4, 2)}
     assert ops._linear_kernel(T, dtype) == ("matmul" if dtype == "Q8_0" else "matvec_k")
     rng = np.random.default_rng(5)
     rows, cols = 37, 512
@@ -250,7 +250,7 @@ def make_ops(dev, cfg):
         o.mv_wg, o.mv_rows, o.mv_units = 2 * sg, 2, 3
     elif cfg == "matvec_k":  # T = 1 K-quants on shaders/matvec_k.comp: 2 subgroups of 2 rows, 6 rows a workgroup
         sg = max(1, dev.info.subgroup_size)
-        o.mv_kquant = {"Q4_K": (2 * sg, 2, 6), "Q6_K": (2 * sg, 2, 6)}
+        o.mv_kquant = {"Q4_K": (2 * sg, 2, 6, 2), "Q6_K": (2 * sg, 2, 6, 3)}
     elif cfg == "nosg":      # devices without subgroup arithmetic
         o.suffix = "_nosg"
         o.mm_wg, o.red_wg, o.attn_wg, o.mm_rows = 32, 16, 16, 1

@@ -217,7 +217,7 @@ def test_model_kquant_matvec_matches_numpy(tmp_path):
     path = _archive(tmp_path, "Q4_K_M")
     with Engine(path, device="numpy") as c, Engine(path, device="vulkan") as g:
         sg = g.backend.dev.info.subgroup_size
-        g.backend.ops.mv_kquant = {"Q4_K": (2 * sg, 2, 4), "Q6_K": (2 * sg, 1, 2)}
+        g.backend.ops.mv_kquant = {"Q4_K": (2 * sg, 2, 4, 2), "Q6_K": (2 * sg, 1, 2, 1)}
         stored = {t.dtype for t in g.archive.tensors.values() if len(t.shape) == 2}
         assert {"Q4_K", "Q6_K"} <= stored, stored
         ids = c.encode("sub-blocks at a time")

@@ -105,10 +105,11 @@ def mm_ops(dev: Device, wg: int, nr: int, nu: int) -> Ops:
     return o
 
 
-def kq_ops(dev: Device, dtype: str, wg: int, nr: int, rpw: int) -> Ops:
-    """Ops running shaders/matvec_k.comp at (workgroup, rows a subgroup computes, rows per workgroup)."""
+def kq_ops(dev: Device, dtype: str, cfg: tuple[int, ...]) -> Ops:
+    """Ops running shaders/matvec_k.comp at cfg (workgroup, rows a subgroup computes, rows per workgroup,
+    chunks in flight)."""
     o = Ops(dev)
-    o.mv_kquant = {dtype: (wg, nr, rpw)}
+    o.mv_kquant = {dtype: cfg}
     return o
 
 
@@ -160,8 +161,8 @@ def default_ops(dev: Device, matmul: bool) -> Ops:
     return o
 
 
-def kq_grid(args: argparse.Namespace) -> list[tuple[int, int, int]]:
-    """--kquant's (workgroup, rows a subgroup computes, rows per workgroup), as W:N:R,..."""
+def kq_grid(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    """--kquant's (workgroup, rows a subgroup computes, rows per workgroup, chunks in flight), as W:N:R:C,..."""
     return [tuple(int(v) for v in c.split(":")) for c in args.kquant.split(",") if c]
 
 
@@ -195,8 +196,9 @@ def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple
         for wg, nr, nu in grid(args):
             run_one(fusion, f"matmul wg={wg} rows={nr} units={nu}", mm_ops(dev, wg, nr, nu))
         if fusion == "plain" and args.dtype in KQUANT_TYPES:
-            for wg, nr, rpw in kq_grid(args):
-                run_one(fusion, f"matvec_k wg={wg} rows/subgroup={nr} rows={rpw}", kq_ops(dev, args.dtype, wg, nr, rpw))
+            for cfg in kq_grid(args):
+                run_one(fusion, "matvec_k wg={} rows/subgroup={} rows={} chunks={}".format(*cfg),
+                        kq_ops(dev, args.dtype, cfg))
     teardown(bufs, acts)
     return rows
 
@@ -211,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wg", default="64,128,256", help="matmul.comp workgroup sizes")
     ap.add_argument("--mm-rows", default="1,2,4,8", help="matmul.comp rows per workgroup")
     ap.add_argument("--mm-units", default="1,2", help="matmul.comp units in flight")
-    ap.add_argument("--kquant", default="128:2:8,128:1:4,128:2:16,64:2:4,256:2:16,128:4:16",
-                    help="shaders/matvec_k.comp configurations for Q4_K/Q6_K, W:N:R (workgroup, rows a subgroup "
-                         "computes, rows per workgroup), plain pass only")
+    ap.add_argument("--kquant", default="128:2:8:1,128:1:4:1,128:2:16:1,64:2:4:1,256:2:16:1,128:4:16:1,"
+                                        "128:2:8:2,128:1:4:2,128:4:16:2,64:1:2:1,32:1:1:1,32:2:2:1",
+                    help="shaders/matvec_k.comp configurations for Q4_K/Q6_K, W:N:R:C (workgroup, rows a subgroup "
+                         "computes, rows per workgroup, chunks in flight per lane), plain pass only")
     ap.add_argument("--by-role", action="store_true",
                     help="instead: matmul.comp configurations for each kind of linear (q/k/v, o, gate/up, down)")
     ap.add_argument("--quick", action="store_true", help="smoke test: one configuration per axis, one run each")
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = Device()
     if args.quick:
         args.wg, args.mm_rows, args.mm_units = str(dev.info.subgroup_size * 2), "2,4", "1"
-        args.kquant = f"{dev.info.subgroup_size * 2}:2:4"
+        args.kquant = f"{dev.info.subgroup_size * 2}:2:4:2"
         args.reps, args.warmup = 1, 0
     print(f"{dev}", flush=True)
     shapes = sorted(SHAPES) if args.shape == "both" else [args.shape]

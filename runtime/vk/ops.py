@@ -163,9 +163,10 @@ class Ops:
         # (tools/bench_batch.py --ops): 281.7 tok/s fused, 389.8 unfused (32 rows take the tensor cores)
         self.unfused_max_tokens = 8
         # T = 1 weight types that run shaders/matvec_k.comp (scales applied per sub-block, x loaded once for
-        # `rows` rows), with its (workgroup, rows a subgroup computes together, rows per workgroup)
-        self.mv_kquant: dict[str, tuple[int, int, int]] = {} if self.cpu else {
-            "Q4_K": (128, 2, 8), "Q6_K": (128, 2, 8)}
+        # the rows a subgroup computes), with its (workgroup, rows a subgroup computes together, rows per
+        # workgroup, chunks in flight per lane)
+        self.mv_kquant: dict[str, tuple[int, int, int, int]] = {} if self.cpu else {
+            "Q4_K": (128, 2, 8, 1), "Q6_K": (128, 2, 8, 1)}
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)
@@ -319,12 +320,12 @@ class Ops:
             k = self._k(f"matvec_{w.dtype.lower()}", 4, 36, (3,),
                         {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units})
         elif kind == "matvec_k":
-            wg, nr_sg, nr = self.mv_kquant[w.dtype]
+            wg, nr_sg, nr, nc = self.mv_kquant[w.dtype]
             if wg % self.dev.info.subgroup_size or nr % nr_sg:
-                raise VulkanError(f"linear: mv_kquant {w.dtype} ({wg}, {nr_sg}, {nr}): the workgroup must be a "
+                raise VulkanError(f"linear: mv_kquant {w.dtype} {self.mv_kquant[w.dtype]}: the workgroup must be a "
                                   f"multiple of the subgroup ({self.dev.info.subgroup_size}) and the rows of the rows "
                                   "a subgroup computes")
-            k, nt = self._k(f"matvec_k_{w.dtype.lower()}", 4, 36, (3,), {0: wg, 1: nr_sg, 2: nr}), 1
+            k, nt = self._k(f"matvec_k_{w.dtype.lower()}", 4, 36, (3,), {0: wg, 1: nr_sg, 2: nr, 3: nc}), 1
         else:
             nt = 1 if T == 1 else min(self.mm_max_tokens, _pow2_at_least(T))
             wg, nr, nu = self.mm_wg, self.mm_rows, self.mm_units
