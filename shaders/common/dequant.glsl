@@ -83,7 +83,7 @@ vec4 iq4_values(uint a) {
 #endif
 
 // Codes to floats without int->float conversions, which GPUs issue at a fraction of the FMA rate
-// (NVIDIA: 16 a clock per SM against 128 FMAs): 2^23 + v is v's bits under the exponent of 2^23, so
+// (NVIDIA: a quarter of the FMA rate or less): 2^23 + v is v's bits under the exponent of 2^23, so
 // or-ing v in and subtracting 2^23 is exact for every v < 2^23 (one logic op and one add). `bias` is
 // subtracted in the same add (exact: the codes' biases are small integers).
 const uint MAGIC_BITS = 0x4B000000u;   // 2^23 as f32
