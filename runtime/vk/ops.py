@@ -156,17 +156,19 @@ class Ops:
         # not memory, bound them, and loading the norm (or u) in every workgroup costs them more than the norm's
         # and SwiGLU's own dispatches. H100, `tools/sweep_matvec.py --shape 8b --dtype T --layers 4`, fused
         # default -> unfused below: Q4_K 467 -> 713 GB/s, Q8_0 1470 -> 1946, Q4_0 802 -> 997, Q6_K 822 -> 945
-        # (F16: 2489 -> 2650, less than the extra dispatches cost; it stays fused).
+        # (F16: 2489 -> 2650, less than the extra dispatches cost; it stays fused). Q4_K since codes became
+        # floats without conversions (common/dequant.glsl), H200: 949 GB/s at (128, 1, 1), 980 at (128, 2, 1).
         self.mv_unfused: dict[str, tuple[int, int, int]] = {} if self.cpu else {
-            "Q4_K": (128, 1, 1), "Q6_K": (128, 2, 1), "Q8_0": (128, 2, 2), "Q4_0": (128, 2, 1)}
+            "Q4_K": (128, 2, 1), "Q6_K": (128, 2, 1), "Q8_0": (128, 2, 2), "Q4_0": (128, 2, 1)}
         # up to this T the mv_unfused types skip the fusions too: H100, 8B Q4_K_M, 8 sequences a step
         # (tools/bench_batch.py --ops): 281.7 tok/s fused, 389.8 unfused (32 rows take the tensor cores)
         self.unfused_max_tokens = 8
         # T = 1 weight types that run shaders/matvec_k.comp (scales applied per sub-block, x loaded once for
         # the rows a subgroup computes), with its (workgroup, rows a subgroup computes together, rows per
-        # workgroup, chunks in flight per lane)
-        self.mv_kquant: dict[str, tuple[int, int, int, int]] = {} if self.cpu else {
-            "Q4_K": (128, 2, 8, 1), "Q6_K": (128, 2, 8, 1)}
+        # workgroup, chunks in flight per lane). H200, `tools/sweep_matvec.py --shape 8b --dtype T`: Q6_K 1256
+        # GB/s at one subgroup of one row, against 956 for matmul.comp (1055 at (128, 2, 8, 1)); Q4_K 969, and
+        # matmul.comp 980, so Q4_K stays there.
+        self.mv_kquant: dict[str, tuple[int, int, int, int]] = {} if self.cpu else {"Q6_K": (sg, 1, 1, 1)}
         # T = 1: one subgroup per row group, no barriers (shaders/matvec.comp); False: matmul.comp
         self.mv_subgroup = False
         self.mv_wg, self.mv_rows, self.mv_units = (sg, 4, 1) if self.cpu else (128, 1, 4)

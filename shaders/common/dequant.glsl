@@ -90,8 +90,7 @@ const uint MAGIC_BITS = 0x4B000000u;   // 2^23 as f32
 const float MAGIC = 8388608.0;
 float code_f(uint v, float bias) { return uintBitsToFloat(v | MAGIC_BITS) - (MAGIC + bias); }
 vec4 codes_f(uvec4 v, float bias) { return uintBitsToFloat(v | MAGIC_BITS) - (MAGIC + bias); }
-// the four bytes of a as signed int8 (flipping bit 7 makes b + 128 unsigned)
-vec4 int8s_f(uint a) { return codes_f((uvec4(a, a >> 8, a >> 16, a >> 24) & 0xFFu) ^ 0x80u, 128.0); }
+// the low byte of b as a signed int8 (flipping bit 7 makes b + 128 unsigned)
 float int8_f(uint b) { return code_f((b & 0xFFu) ^ 0x80u, 128.0); }
 
 vec4 lo_nibbles(uint a) { return codes_f(bytes_bits(a, 0u, 15u), 0.0); }
@@ -139,7 +138,12 @@ void load_unit(uint rb, uint u, out vec4 wv[U4]) {
     // block (34 B): f16 d, int8 q[32]; value = q * d. Unit u = elements 8(u%4) .. +7 of block u/4.
     uint h = (rb + (u >> 2) * 34u) >> 1, qh = h + 1u + 4u * (u & 3u);
     float d = half_at(h);
-    for (uint k = 0; k < 2; k++) wv[k] = int8s_f(u32_at(qh + 2u * k)) * d;
+    // (8-bit ints to floats: the conversion, not the 2^23 trick, which measured 10 % slower for Q8_0 on an H200)
+    for (uint k = 0; k < 2; k++) {
+        int a = int(u32_at(qh + 2u * k));
+        wv[k] = vec4(bitfieldExtract(a, 0, 8), bitfieldExtract(a, 8, 8), bitfieldExtract(a, 16, 8),
+                     bitfieldExtract(a, 24, 8)) * d;
+    }
 #elif WTYPE == T_Q4_0 || WTYPE == T_Q4_1
     // Q4_0 (18 B): f16 d, 16 bytes of nibbles; byte j: low nibble = element j, high = element j + 16;
     // value (q - 8) * d. Q4_1 (20 B): f16 d, f16 m, nibbles; value q * d + m.

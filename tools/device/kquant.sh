@@ -8,7 +8,7 @@
 # Steps:
 #   the Vulkan tests of the kernels on the GPU: tests.txt;
 #   matrix-vector sweeps per weight type (tools/sweep_matvec.py), this tree's SPIR-V and REV's: sweep_*.txt;
-#   the 8B shape as Q4_K_M, resident (tools/bench_gpu.py): REV's SPIR-V, then this tree's with
+#   the 8B shape as Q4_K_M, resident (tools/bench_gpu.py): REV's SPIR-V (with the settings of 9855da6), then this tree's with
 #   shaders/matvec_k.comp off and on, and llama.cpp's llama-bench -ngl 99 (CUDA, and Vulkan where it
 #   builds) on the same GGUF: bench_old.json, bench_new.json.
 set -o pipefail
@@ -33,7 +33,8 @@ for t in ${types//,/ }; do sweep --dtype "$t" > "$OUT/sweep_new_$t.txt"; done
 use_old
 for t in ${types//,/ }; do sweep --dtype "$t" --kquant "" > "$OUT/sweep_old_$t.txt"; done
 python3 tools/bench_gpu.py --work /tmp/bench --out /tmp/kq_old --models 8b:Q4_K_M --resident yes --keep-gguf \
-  --decode 128 --ops "mv_kquant={}" 2>&1 | grep -v gguf_writer > "$OUT/bench_old.log"
+  --decode 128 --ops "mv_kquant={},mv_unfused={'Q4_K':(128,1,1),'Q6_K':(128,2,1),'Q8_0':(128,2,2),'Q4_0':(128,2,1)}" \
+  2>&1 | grep -v gguf_writer > "$OUT/bench_old.log"
 cp /tmp/kq_old/bench_gpu.json "$OUT/bench_old.json"
 use_new
 bench=()
