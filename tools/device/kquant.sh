@@ -10,7 +10,8 @@
 #   matrix-vector sweeps per weight type (tools/sweep_matvec.py), this tree's SPIR-V and REV's: sweep_*.txt;
 #   the 8B shape as Q4_K_M, resident (tools/bench_gpu.py): REV's SPIR-V (with the settings of 9855da6), then this tree's with
 #   shaders/matvec_k.comp off and on, and llama.cpp's llama-bench -ngl 99 (CUDA, and Vulkan where it
-#   builds) on the same GGUF: bench_old.json, bench_new.json.
+#   builds) on the same GGUF: bench_old.json, bench_gpu.json; between them tools/profile_gpu.py's GPU time per
+#   kernel for 1, 8 and 32 sequences: profile.log.
 set -o pipefail
 . tools/device/setup.sh dev || exit 1
 OUT=/tmp/kqres
@@ -37,6 +38,8 @@ python3 tools/bench_gpu.py --work /tmp/bench --out /tmp/kq_old --models 8b:Q4_K_
   2>&1 | grep -v gguf_writer > "$OUT/bench_old.log"
 cp /tmp/kq_old/bench_gpu.json "$OUT/bench_old.json"
 use_new
+timeout 240 python3 tools/profile_gpu.py --work /tmp/bench --out /tmp/kq_prof --models 8b:Q4_K_M --batch 1,8,32 \
+  --prompt 128 --decode 16 2>&1 | grep -v gguf_writer > "$OUT/profile.log"
 bench=()
 for b in cuda vulkan; do
   bash tools/device/llama_wait.sh $b $([ $b = cuda ] && echo 420 || echo 60) >> "$OUT/llama.txt" 2>&1 &&
