@@ -17,7 +17,8 @@ set -o pipefail
 OUT=/tmp/kqres
 mkdir -p $OUT
 types=${1:-Q4_K,Q6_K,Q4_0,Q8_0}
-for b in cuda vulkan; do
+LLAMA=${LLAMA:-cuda vulkan}   # LLAMA="" skips llama.cpp (no builds beside the runs); OLD_SWEEPS=0 skips REV's sweeps
+for b in $LLAMA; do
   [ -d /tmp/llb-$b ] || setsid bash tools/device/llama_build.sh $b $([ $b = cuda ] && echo 10 || echo 6) \
     < /dev/null > /dev/null 2>&1 &
 done
@@ -32,7 +33,7 @@ timeout 120 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/t
   tests/test_vk_quant_types.py -k "matvec_k or accumulate or kquant or linear" 2>&1 | tail -5 > "$OUT/tests.txt"
 for t in ${types//,/ }; do sweep --dtype "$t" > "$OUT/sweep_new_$t.txt"; done
 use_old
-for t in ${types//,/ }; do sweep --dtype "$t" --kquant "" > "$OUT/sweep_old_$t.txt"; done
+[ "${OLD_SWEEPS:-1}" = 0 ] || for t in ${types//,/ }; do sweep --dtype "$t" --kquant "" > "$OUT/sweep_old_$t.txt"; done
 python3 tools/bench_gpu.py --work /tmp/bench --out /tmp/kq_old --models 8b:Q4_K_M --resident yes --keep-gguf \
   --decode 128 --ops "mv_kquant={},mv_unfused={'Q4_K':(128,1,1),'Q6_K':(128,2,1),'Q8_0':(128,2,2),'Q4_0':(128,2,1)}" \
   2>&1 | grep -v gguf_writer > "$OUT/bench_old.log"
@@ -41,7 +42,7 @@ use_new
 timeout 240 python3 tools/profile_gpu.py --work /tmp/bench --out /tmp/kq_prof --models 8b:Q4_K_M --batch 1,8,32 \
   --prompt 128 --decode 16 2>&1 | grep -v gguf_writer > "$OUT/profile.log"
 bench=()
-for b in cuda vulkan; do
+for b in $LLAMA; do
   bash tools/device/llama_wait.sh $b $([ $b = cuda ] && echo 420 || echo 60) >> "$OUT/llama.txt" 2>&1 &&
     bench+=(--llama-bench "$b=/tmp/llb-$b/llama.cpp/build/bin/llama-bench")
 done
