@@ -6,7 +6,8 @@ each, as in a decode pass, timed with GPU timestamps. Measured side by side, wit
 the ones the real pass uses (norm into q/k/v/gate/up, SwiGLU into down, o and down accumulating into
 the residual), since they change what x costs: matmul.comp as Ops runs it by default (mm_* and
 mv_config), then every (workgroup, rows per workgroup, units in flight) of --wg x --mm-rows x
---mm-units for the whole pass. Prints the weight read rate of each, its ratio to the default, and the
+--mm-units for the whole pass, and for Q4_K/Q6_K shaders/matvec_k.comp at each --kquant setting (plain
+pass). Prints the weight read rate of each, its ratio to the default (Ops as the engine runs them), and the
 best per shape and fusion. --by-role instead measures each kind of linear on its own and prints the
 Ops.mv_config to take. (A decode kernel with x staged in shared memory and a persistent row loop was
 tried and measured 0.72-0.86x of matmul.comp on the H100 in every configuration; it was removed.)
