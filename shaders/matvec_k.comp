@@ -20,21 +20,7 @@ layout(constant_id = 3) const uint NC = 1;     // chunks a lane works on per loo
 #define W_BINDING 0
 #include "common/dequant.glsl"
 
-layout(binding = 1) readonly buffer XB { vec4 x4[]; };
-layout(binding = 2) readonly buffer BB { float bias[]; };
-layout(binding = 3) buffer YB { float y[]; };
-
-layout(push_constant) uniform PC {
-    uint rows;
-    uint cols;      // a multiple of 256
-    uint T;
-    uint w_off;     // byte offset of row 0 (a multiple of 16)
-    uint x_stride;
-    uint y_stride;
-    uint y_off;
-    uint b_off;
-    uint flags;     // 1: add bias, 2: accumulate into y
-} pc;
+#include "common/subgroup_rows.glsl"     // pc.cols: a multiple of 256; pc.w_off: of 16 (Q4_K)
 
 // A super-block is shared by 8 lanes: lane j takes bytes 4j .. 4j+3 of each of its runs of 32 code bytes,
 // so that neighbouring lanes read neighbouring bytes of the weights and neighbouring vec4s of x (one
@@ -111,21 +97,6 @@ void rows_at(uint r0, uint t) {
     }
     for (uint r = 0; r < NR; r++) {
         float s = subgroupAdd(acc[r]);
-        uint row = r0 + r;
-        if (lane == 0 && row < pc.rows) {
-            uint idx = t * pc.y_stride + pc.y_off + row;
-            if ((pc.flags & 1u) != 0u) s += bias[pc.b_off + row];
-            if ((pc.flags & 2u) != 0u) s += y[idx];
-            y[idx] = s;
-        }
-    }
-}
-
-void main() {
-    uint wg = gl_WorkGroupID.x + gl_WorkGroupID.z * gl_NumWorkGroups.x;
-    for (uint base = gl_SubgroupID * NR; base < RPW; base += gl_NumSubgroups * NR) {
-        uint r0 = wg * RPW + base;
-        if (r0 >= pc.rows) return;              // uniform for the subgroup; nothing waits on others
-        rows_at(r0, gl_WorkGroupID.y);
+        if (lane == 0) store_row(t, r0 + r, s);
     }
 }

@@ -26,7 +26,8 @@ for _name, _code in WEIGHT_TYPES.items():
     VARIANTS[f"moe_matvec_{_name.lower()}"] = {"source": "moe_matvec.comp", "defines": {"WTYPE": _code},
                                                "reduce": False}
 # decode matvec by sub-block for K-quants (subgroups required)
-for _name in ("Q4_K", "Q6_K"):
+MATVEC_K_TYPES = ("Q4_K", "Q6_K")
+for _name in MATVEC_K_TYPES:
     VARIANTS[f"matvec_k_{_name.lower()}"] = {"source": "matvec_k.comp", "defines": {"WTYPE": WEIGHT_TYPES[_name]},
                                              "reduce": False}
 # tensor-core prefill matmul (VK_NV_cooperative_matrix; F32 and BF16 stay on matmul_tiled)

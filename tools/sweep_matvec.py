@@ -27,6 +27,7 @@ from vk_bench import gpu_best  # tools/ is on the path when this file runs as a 
 from vkpack.runtime.vk import Device, Ops, Recorder, Weight
 from vkpack.runtime.vk.errors import VulkanError
 from vkpack.runtime.vk.ops import WEIGHT_FORMATS
+from vkpack.shaders.variants import MATVEC_K_TYPES
 
 SHAPES = {  # one layer's linears: q, k, v, o, gate, up, down
     "8b": [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)],
@@ -151,9 +152,6 @@ def sweep_roles(dev: Device, args: argparse.Namespace, shape: str) -> None:
     teardown(bufs, acts)
 
 
-KQUANT_TYPES = ("Q4_K", "Q6_K")   # shaders/matvec_k.comp's
-
-
 def default_ops(dev: Device, matmul: bool) -> Ops:
     """Ops as the engine runs them; matmul: without matvec_k (the kernel of the fused products)."""
     o = Ops(dev)
@@ -192,11 +190,11 @@ def sweep_shape(dev: Device, args: argparse.Namespace, shape: str) -> list[tuple
 
     for fusion in ("plain", "fused"):
         run_one(fusion, "default", default_ops(dev, fusion == "fused"))
-        if fusion == "plain" and args.dtype in KQUANT_TYPES:   # the matmul.comp path matvec_k replaces
+        if fusion == "plain" and args.dtype in Ops(dev).mv_kquant:   # the matmul.comp path matvec_k replaces
             run_one(fusion, "matmul (mv_kquant off)", default_ops(dev, True))
         for wg, nr, nu in grid(args):
             run_one(fusion, f"matmul wg={wg} rows={nr} units={nu}", mm_ops(dev, wg, nr, nu))
-        if fusion == "plain" and args.dtype in KQUANT_TYPES:
+        if fusion == "plain" and args.dtype in MATVEC_K_TYPES:
             for cfg in kq_grid(args):
                 run_one(fusion, "matvec_k wg={} rows/subgroup={} rows={} chunks={}".format(*cfg),
                         kq_ops(dev, args.dtype, cfg))
