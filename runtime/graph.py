@@ -114,6 +114,8 @@ class WeightAccess:
         self.expert_prefetch: str | None = None
         self._starts: dict[str, np.ndarray] = {}
         self._skips: dict[frozenset[int], frozenset[int]] = {frozenset(): frozenset()}
+        self._holdable: dict[tuple[int, int], bool] = {}
+        self._largest: int | None = None
 
     def leave_out(self, steps: frozenset[int]) -> None:
         """The next passes read no weights of `steps` through the tier (the backend holds them):
@@ -187,6 +189,22 @@ class WeightAccess:
             held.append(self.loader.acquire(pack, pos))
             self.last_position = pos
         return held
+
+    def can_hold(self, steps: range) -> bool:
+        """Whether pinning every pack of `steps` at once (`hold_step` of each) stays within what any tier
+        holds: their packs are at most two of the largest, the room the budgets always set aside for a
+        weight and its bias (runtime/tiers.py). A streamed model's bigger steps go part by part."""
+        ok = self._holdable.get((steps.start, steps.stop))
+        if ok is None:
+            loader = self.loader
+            size = loader.backend.pack_bytes
+            if self._largest is None:
+                self._largest = max((size(p) for p in range(len(loader.archive.packs))), default=0)
+            graph_steps = loader.archive.graph["steps"]
+            packs = {p.pack for si in steps for op in graph_steps[si]["ops"] for n in op["w"]
+                     for p in self.tensors[n].parts}
+            ok = self._holdable[(steps.start, steps.stop)] = sum(size(p) for p in packs) <= 2 * self._largest
+        return ok
 
     def load_side_by_side(self, uses: list[tuple[int, int, str, int]]) -> None:
         """Start loading the packs of these (step, op, tensor, part) uses now, in parallel."""

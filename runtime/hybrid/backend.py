@@ -58,6 +58,16 @@ class HeldWeights:
     def part(self, si: int, oi: int, name: str, part_idx: int) -> Iterator[Any]:
         yield self.payload[(name, self.tensors[name].parts[part_idx].row_start)]
 
+    def can_hold(self, steps: range) -> bool:
+        return True   # every weight of the CPU's steps is held already
+
+    def hold_step(self, si: int, step: dict[str, Any], gather_tokens: Any) -> list[HeldWeights]:
+        """As WeightAccess.hold_step: one "entry" whose payload holds every part."""
+        return [self]
+
+    def release(self, entries: list[Any]) -> None:
+        pass
+
 
 class HeldSource:
     """A PackSource (runtime/prefetch.py) over the archive, for packs this backend loads itself."""

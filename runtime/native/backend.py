@@ -9,6 +9,11 @@ residual adds, SwiGLU) is the numpy backend's own code, its numeric reference, e
 kernels too (runtime/native/ops.h, on both cores; numpy's took ~0.9 s of a 512-token prefill of a
 2048-wide model on one core, the native ones ~0.15 s), within a few f32 ulps of the reference.
 
+Passes of a few tokens (decode, small batches) run as native programs instead (program.py, program.h):
+a run of steps (every layer of a resident model, or one step of a streamed one) written once as a table
+of instructions and run in one parallel region, where op by op a decode step went back to Python ~10
+times (SmolLM2 on the 2-core VM: 81 tok/s against 52-58; `VKPACK_STEP_PROGRAMS=0` turns them off).
+
 Products of many tokens (prefill) are compute bound rather than memory bound: the kernels switch to
 a GEMM on decoded panels of the stored rows (runtime/native/gemm.h), on all the backend's threads;
 measured on the 2-core AVX-512 VM at 128 and 512 tokens it ran 1.2-3x faster than dequantizing tiles
@@ -30,7 +35,9 @@ from ..cpu.backend import CpuBackend
 from ..cpu.dequant import dequantize as dequantize_reference
 from . import dequantize as native_dequantize
 from . import load as load_kernels
+from ..graph import OpWeights
 from .loader import BoundWeight, NativeUnavailable
+from .program import StepProgram
 
 if TYPE_CHECKING:
     from ...pack_format.reader import Archive
@@ -77,6 +84,12 @@ class NativeCpuBackend(CpuBackend):
                  for p in t.parts]
         self.tile_bytes = min(TILE_BYTES, max(parts, default=0)) if self.blas_min_tokens else 0
         self._max_cols = max((t.shape[-1] for t in archive.tensors.values() if len(t.shape) == 2), default=0)
+        # decode steps as one native call each (program.h); VKPACK_STEP_PROGRAMS=0 runs them op by op
+        self.programs = (StepProgram(kernels.run_program, self.steps, archive.tensors, archive.activation_widths,
+                                     self.threads)
+                         if os.environ.get("VKPACK_STEP_PROGRAMS", "1").strip().lower() not in ("0", "off", "no")
+                         else None)
+        self.resident = False
 
     # ---- memory ----
     def pack_bytes(self, pack: int) -> int:
@@ -139,12 +152,72 @@ class NativeCpuBackend(CpuBackend):
                                                           self.kernels.bind(t.dtype, part, rows, t.shape[-1]))
         return out
 
+    def attach(self, tier: Any, placement: Any) -> int | None:
+        self.resident = placement.resident   # every pack stays: a whole step may be pinned at once
+        return super().attach(tier, placement)
+
     def begin(self, inputs: Any) -> dict[str, Any]:
         """As the numpy backend's, with numpy's BLAS on one thread: here it only runs attention's small
         products, and its idle threads spin on the cores the kernels' OpenMP threads need (a product then
         waits 10-20 ms for a descheduled thread: measured, SmolLM2 prefill 2-3x slower)."""
         self.blas.use(1)
+        if self.programs is not None:
+            self.programs.begin()
         return super().begin(inputs)
+
+    def forward(self, inputs: Any, weights: Any) -> np.ndarray:
+        acts = self.begin(inputs)
+        self.run_steps(range(len(self.steps)), acts, weights)
+        return acts[inputs.output]
+
+    def run_steps(self, order: Any, acts: dict[str, Any], weights: Any) -> None:
+        """Runs of steps as native programs where they can be (`_programs`), the rest op by op."""
+        order = list(order)
+        i = 0
+        while i < len(order):
+            n = self._program(order, i, acts, weights)
+            if n == 0:
+                si = order[i]
+                for oi, op in enumerate(self.steps[si]["ops"]):
+                    self.run_op(op, acts, OpWeights(weights, si, oi))
+                n = 1
+            i += n
+
+    def _program(self, order: list[int], i: int, acts: dict[str, Any], weights: Any) -> int:
+        """Steps order[i:i + n] through program.py, their packs held meanwhile; returns n, 0 where
+        order[i] is not for a program (prefill, an op without an instruction, a step too big to pin in
+        a streamed tier). A run is as long as its steps are consecutive, supported and, in a streamed
+        tier, can all be pinned at once."""
+        programs = self.programs
+        si = order[i]
+        if (programs is None or not programs.supported[si] or not 0 < len(acts["positions"]) < programs.max_tokens
+                or not (self.resident or weights.can_hold(range(si, si + 1)))):
+            return 0
+        end = i + 1
+        while (end < len(order) and order[end] == order[end - 1] + 1 and programs.supported[order[end]]
+               and (self.resident or weights.can_hold(range(si, order[end] + 1)))):
+            end += 1
+        steps = range(si, order[end - 1] + 1)
+        held: list[Any] = []
+        payloads: dict[int, list[dict[Any, Any]]] = {}
+        try:
+            for s in steps:
+                entries = weights.hold_step(s, self.steps[s], None)
+                held += entries
+                payloads[s] = [e.payload for e in entries]
+            tensors = self.archive.tensors
+
+            def lookup(s: int, name: str, part_idx: int) -> Any:
+                key = (name, tensors[name].parts[part_idx].row_start)
+                for p in payloads[s]:
+                    w = p.get(key)
+                    if w is not None:
+                        return w.product if isinstance(w, StoredMatrix) else w
+                raise KeyError(key)
+
+            return len(steps) if programs.run(steps, acts, lookup, self._seqs) else 0
+        finally:
+            weights.release(held)
 
     # ---- ops that read weights as stored ----
     def gather_rows(self, w: StoredMatrix, rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:

@@ -57,7 +57,7 @@ enum {
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
 };
 
-int vkp_abi_version(void) { return 5; }
+int vkp_abi_version(void) { return 6; }
 
 /* The SIMD path this build took: 2 AVX-512, 1 AVX2, 0 portable C (the backend keeps BLAS for prefill
  * on the portable path, where gemm.h was never measured against it). */
@@ -486,6 +486,7 @@ int vkp_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t rows, 
 }
 
 #include "experts.h"    /* a mixture's experts for a few rows, in one parallel region */
+#include "program.h"    /* a decode step (attention block, MLP) in one parallel region */
 
 /* The benchmark's yardstick (tools/bench_native.py): read n bytes (n a multiple of 8) on n_threads threads
  * with this compiler and these flags; returns their sum as 64-bit words so the reads cannot be skipped. */

@@ -36,7 +36,7 @@ from ...pack_format.constants import GGML_TYPE_IDS, row_bytes
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off keeps the decoders bit-equal to GGML (kernels.c says why); -march=native picks the
 # host's SIMD at compile time.
@@ -213,6 +213,10 @@ class Kernels:
         lib.vkp_swiglu.restype = c_int
         lib.vkp_experts.argtypes = [c_int, vp, i64, i64, vp, i64, vp, c_int]
         lib.vkp_experts.restype = c_int
+        lib.vkp_program.argtypes = [vp, i64, c_int]
+        lib.vkp_program.restype = c_int
+        # program.h's entry: its table comes from program.py, which checks every array it names
+        self.run_program = lib.vkp_program
         lib.vkp_simd.argtypes = []
         lib.vkp_simd.restype = c_int
         self.simd = {2: "avx512", 1: "avx2"}.get(lib.vkp_simd(), "portable")   # the SIMD path compiled in
