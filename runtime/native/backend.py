@@ -278,6 +278,8 @@ class NativeCpuBackend(CpuBackend):
         time this very call)."""
         if self._blas(x.shape[0]):
             self._blas_product(w, x, y)
+        elif self.programs is not None and 0 < x.shape[0] < self.programs.max_tokens:
+            self.programs.product(w.product, x, y)   # as a step's products run: the planner times this
         else:
             w.product(x, y, self.threads)
 
