@@ -193,7 +193,7 @@ class NativeCpuBackend(CpuBackend):
         # (tests/test_runtime.py's LRU case uploaded 0.55x the model a token instead of > 0.9x; not yet
         # understood), so only weights that stay put run as programs: a resident tier, a hybrid's held ones
         if (programs is None or not programs.supported[si] or not 0 < len(acts["positions"]) < programs.max_tokens
-                or not (self.resident or weights.can_hold(range(0, len(self.steps))))):
+                or not (self.resident or weights.can_hold(range(len(self.steps))))):
             return 0
         end = i + 1
         while end < len(order) and order[end] == order[end - 1] + 1 and programs.supported[order[end]]:
