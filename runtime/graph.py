@@ -8,7 +8,7 @@ not a whole layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +101,8 @@ class WeightAccess:
     """How a backend's forward pass gets weights: it names a (step, op, tensor, part) of the graph,
     and this pins the pack holding it (loading it if needed) and moves the prefetch window on."""
 
+    holds_every_weight = False   # packs come and go with the tier (HeldWeights, the hybrid's, holds them all)
+
     def __init__(self, loader: PackLoader, where: dict[tuple[int, int, str, int], int]):
         self.loader = loader
         self.tensors = loader.archive.tensors
@@ -114,8 +116,6 @@ class WeightAccess:
         self.expert_prefetch: str | None = None
         self._starts: dict[str, np.ndarray] = {}
         self._skips: dict[frozenset[int], frozenset[int]] = {frozenset(): frozenset()}
-        self._holdable: dict[tuple[int, int], bool] = {}
-        self._largest: int | None = None
 
     def leave_out(self, steps: frozenset[int]) -> None:
         """The next passes read no weights of `steps` through the tier (the backend holds them):
@@ -190,22 +190,6 @@ class WeightAccess:
             self.last_position = pos
         return held
 
-    def can_hold(self, steps: range) -> bool:
-        """Whether pinning every pack of `steps` at once (`hold_step` of each) stays within what any tier
-        holds: their packs are at most two of the largest, the room the budgets always set aside for a
-        weight and its bias (runtime/tiers.py). A streamed model's bigger steps go part by part."""
-        ok = self._holdable.get((steps.start, steps.stop))
-        if ok is None:
-            loader = self.loader
-            size = loader.backend.pack_bytes
-            if self._largest is None:
-                self._largest = max((size(p) for p in range(len(loader.archive.packs))), default=0)
-            graph_steps = loader.archive.graph["steps"]
-            packs = {p.pack for si in steps for op in graph_steps[si]["ops"] for n in op["w"]
-                     for p in self.tensors[n].parts}
-            ok = self._holdable[(steps.start, steps.stop)] = sum(size(p) for p in packs) <= 2 * self._largest
-        return ok
-
     def load_side_by_side(self, uses: list[tuple[int, int, str, int]]) -> None:
         """Start loading the packs of these (step, op, tensor, part) uses now, in parallel."""
         self.loader.prefetch_now([(self.tensors[n].parts[pi].pack, self.where[(si, oi, n, pi)])
@@ -251,14 +235,6 @@ class OpWeights:
 
     def choose(self, experts: list[int]) -> None:
         self.weights.choose(self.si, self.oi, experts)
-
-
-def run_ops(steps: list[dict[str, Any]], acts: dict[str, Any], weights: WeightAccess,
-            run_op: Callable[[dict[str, Any], dict[str, Any], OpWeights], None]) -> None:
-    """Every op of the pass in order, one call each: the loop of a backend that computes op by op."""
-    for si, step in enumerate(steps):
-        for oi, op in enumerate(step["ops"]):
-            run_op(op, acts, OpWeights(weights, si, oi))
 
 
 class Executor:

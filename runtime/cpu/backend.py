@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from ...pack_format.errors import VkpackError
 from ...pack_format.records import TensorPart, TensorRecord
 from ..alloc import Allocation
 from ..backend import PassInputs, Placement, copy_spans
-from ..graph import OpWeights, WeightAccess, run_ops, seq_row_activations
+from ..graph import OpWeights, WeightAccess, seq_row_activations
 from . import ops
 from .dequant import dequantize
 
@@ -199,7 +200,7 @@ class CpuBackend:
 
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
         acts = self.begin(inputs)
-        run_ops(self.steps, acts, weights, self.run_op)
+        self.run_steps(range(len(self.steps)), acts, weights)
         return acts[inputs.output]
 
     def begin(self, inputs: PassInputs) -> dict[str, Any]:
@@ -208,7 +209,7 @@ class CpuBackend:
         self._rope = {}  # rope tables of this pass's positions, once for every layer
         return {"tokens": inputs.tokens, "positions": inputs.positions}
 
-    def run_steps(self, order: list[int], acts: dict[str, Any], weights: Any) -> None:
+    def run_steps(self, order: Sequence[int], acts: dict[str, Any], weights: Any) -> None:
         """Steps `order` of the pass `begin` started, op by op (`weights.part(si, oi, name, i)`)."""
         for si in order:
             for oi, op in enumerate(self.steps[si]["ops"]):

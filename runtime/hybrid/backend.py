@@ -50,6 +50,8 @@ PLAN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 class HeldWeights:
     """`weights.part(si, oi, name, i)` for the CPU's steps: their weights as this backend holds them."""
 
+    holds_every_weight = True
+
     def __init__(self, tensors: dict[str, Any]):
         self.tensors = tensors
         self.payload: dict[tuple[str, int], Any] = {}
@@ -57,9 +59,6 @@ class HeldWeights:
     @contextmanager
     def part(self, si: int, oi: int, name: str, part_idx: int) -> Iterator[Any]:
         yield self.payload[(name, self.tensors[name].parts[part_idx].row_start)]
-
-    def can_hold(self, steps: range) -> bool:
-        return True   # every weight of the CPU's steps is held already
 
     def hold_step(self, si: int, step: dict[str, Any], gather_tokens: Any) -> list[HeldWeights]:
         """As WeightAccess.hold_step: one "entry" whose payload holds every part."""

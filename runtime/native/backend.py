@@ -24,6 +24,7 @@ e.g. ARM) keeps the tiles + BLAS from `BLAS_MIN_TOKENS` on: its GEMM was never m
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,6 @@ from ..cpu.backend import CpuBackend
 from ..cpu.dequant import dequantize as dequantize_reference
 from . import dequantize as native_dequantize
 from . import load as load_kernels
-from ..graph import OpWeights
 from .loader import BoundWeight, NativeUnavailable
 from .program import StepProgram
 
@@ -165,21 +165,14 @@ class NativeCpuBackend(CpuBackend):
             self.programs.begin()
         return super().begin(inputs)
 
-    def forward(self, inputs: Any, weights: Any) -> np.ndarray:
-        acts = self.begin(inputs)
-        self.run_steps(range(len(self.steps)), acts, weights)
-        return acts[inputs.output]
-
-    def run_steps(self, order: Any, acts: dict[str, Any], weights: Any) -> None:
-        """Runs of steps as native programs where they can be (`_programs`), the rest op by op."""
+    def run_steps(self, order: Sequence[int], acts: dict[str, Any], weights: Any) -> None:
+        """Runs of steps as native programs where they can be (`_program`), the rest op by op."""
         order = list(order)
         i = 0
         while i < len(order):
             n = self._program(order, i, acts, weights)
             if n == 0:
-                si = order[i]
-                for oi, op in enumerate(self.steps[si]["ops"]):
-                    self.run_op(op, acts, OpWeights(weights, si, oi))
+                super().run_steps(order[i:i + 1], acts, weights)
                 n = 1
             i += n
 
@@ -193,7 +186,7 @@ class NativeCpuBackend(CpuBackend):
         # (tests/test_runtime.py's LRU case uploaded 0.55x the model a token instead of > 0.9x; not yet
         # understood), so only weights that stay put run as programs: a resident tier, a hybrid's held ones
         if (programs is None or not programs.supported[si] or not 0 < len(acts["positions"]) < programs.max_tokens
-                or not (self.resident or weights.can_hold(range(len(self.steps))))):
+                or not (self.resident or weights.holds_every_weight)):
             return 0
         end = i + 1
         while end < len(order) and order[end] == order[end - 1] + 1 and programs.supported[order[end]]:

@@ -376,19 +376,27 @@ class BoundWeight:
 
     def __call__(self, x: np.ndarray, out: np.ndarray, threads: int) -> None:
         """out[t, r] = sum_c x[t, c] * W[r, c] for r < rows (out may be wider); as `Kernels.matmul`."""
+        nth = _threads(threads)
+        n_tok, px, ldx, py, ldy = self.operands(x, out)
+        if n_tok == 0 or self.rows == 0:
+            return
+        if self._fn(self._type, self._pw, self._rb, self.rows, self.cols, px, ldx, n_tok, py, ldy, nth) != 0:
+            raise ValueError(f"vkp_matmul rejected {self.rows}x{self.cols} (n_tok {n_tok}, ldx {ldx}, ldy {ldy})")
+
+    def operands(self, x: np.ndarray, out: np.ndarray) -> tuple[int, int, int, int, int]:
+        """Check x (n, cols) and out (n, >= rows) for a product with this weight: (n, x's address, its row
+        stride, out's address, its row stride); ValueError for a wrong shape, stride or an overlap."""
         rows, cols = self.rows, self.cols
         n_tok = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 2 else -1
         ldx = _rows_view("x", x, n_tok, cols, exact=True, writeable=False)
         ldy = _rows_view("out", out, n_tok, rows, exact=False, writeable=True)
-        nth = _threads(threads)
         if n_tok == 0 or rows == 0:
-            return
+            return n_tok, 0, ldx, 0, ldy
         px, py = _addr(x), _addr(out)
         y_len = 4 * ((n_tok - 1) * ldy + rows)
         if _overlap(py, y_len, px, 4 * ((n_tok - 1) * ldx + cols)) or _overlap(py, y_len, self._pw, self._w.size):
             raise ValueError("out overlaps x or w")
-        if self._fn(self._type, self._pw, self._rb, rows, cols, px, ldx, n_tok, py, ldy, nth) != 0:
-            raise ValueError(f"vkp_matmul rejected {rows}x{cols} (n_tok {n_tok}, ldx {ldx}, ldy {ldy})")
+        return n_tok, px, ldx, py, ldy
 
 
 # ---- the process-wide build ----

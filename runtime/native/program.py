@@ -29,7 +29,7 @@ import numpy as np
 
 from ...pack_format.constants import GGML_TYPE_IDS, row_bytes
 from ..cpu import ops
-from .loader import BoundWeight, _addr, _overlap, _rows_view
+from .loader import BoundWeight, _addr
 
 MAX_TOKENS = 16   # the kernels' GEMM_MIN_TOKENS: from there on products are GEMMs, and the per-op path wins
 P_NORM, P_MATMUL, P_ROPE, P_KV_STORE, P_ATTN, P_ADD, P_SWIGLU = range(1, 8)
@@ -251,15 +251,11 @@ class StepProgram:
         """y[:, :w.rows] = x @ W.T as a one-instruction program: the way a step's products run (rows in
         chunks the threads take in turn), for products outside a program (a step op by op, the hybrid
         planner's CPU probe). x: float32 (n, cols), n < MAX_TOKENS; rows of x and y contiguous."""
-        n_tok = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 2 else -1
+        n_tok, px, ldx, py, ldy = w.operands(x, y)
         if not 0 < n_tok < MAX_TOKENS:
             raise ValueError(f"a program's product takes 1..{MAX_TOKENS - 1} rows of x, got {n_tok}")
-        ldx = _rows_view("x", x, n_tok, w.cols, exact=True, writeable=False)
-        ldy = _rows_view("out", y, n_tok, w.rows, exact=False, writeable=True)
-        px, py = _addr(x), _addr(y)
-        y_len = 4 * ((n_tok - 1) * ldy + w.rows)
-        if _overlap(py, y_len, px, 4 * ((n_tok - 1) * ldx + w.cols)) or _overlap(py, y_len, w._pw, w._w.size):
-            raise ValueError("out overlaps x or w")
+        if w.rows == 0:
+            return
         table = np.array([[P_MATMUL, 0, w._pw, px, py, 0, 0, 0, w._type, w._rb, w.rows, w.cols, ldx, ldy, n_tok,
                            0, 0, 0]], dtype=np.int64)
         if self._run(table.ctypes.data, 1, self.threads) != 0:
