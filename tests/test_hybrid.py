@@ -162,8 +162,8 @@ def test_hybrid_leaves_cpu_packs_out_of_the_tier(smollm2_archive, smol_ref):
 
 @needs_both
 def test_hybrid_planned_from_rates(smollm2_archive, smol_ref):
-    """With rates that make the CPU worth it, a model 4x its budget decodes split, prefills on the GPU,
-    and still gives the reference's tokens; the plans are printed."""
+    """With rates that make the CPU worth it (as given: not calibrated), a model 4x its budget decodes
+    split, prefills on the GPU, and still gives the reference's tokens; the plans are printed."""
     from vkpack.runtime.hybrid.backend import HybridBackend
     from vkpack.runtime.native.backend import NativeCpuBackend
     from vkpack.runtime.vk.backend import VulkanBackend
@@ -172,7 +172,7 @@ def test_hybrid_planned_from_rates(smollm2_archive, smol_ref):
     dtypes = ("Q4_1", "Q6_K", "Q8_0", "F32", "F16")
     rates = Rates(link=1 * GB, gpu_read=100 * GB, sync=1e-5,
                   cpu={dt: {1: 10 * GB, 8: 0.1 * GB, 32: 0.01 * GB} for dt in dtypes})
-    make = lambda a: HybridBackend(a, VulkanBackend(a), NativeCpuBackend(a), rates=rates)
+    make = lambda a: HybridBackend(a, VulkanBackend(a), NativeCpuBackend(a), rates=rates, calibrate=False)
     with Engine(smollm2_archive, device=make, vram_gb=model_bytes / 4 / 2**30) as eng:
         assert greedy(eng, ids, 32) == ref_tokens
         decode, prefill = eng.backend.plan(1), eng.backend.plan(len(ids))
@@ -182,6 +182,55 @@ def test_hybrid_planned_from_rates(smollm2_archive, smol_ref):
         assert "CPU computes" in text and "GPU computes every step" in text
         assert info["rates"]["link"] == rates.link and info["plans"][0]["tokens"] == 1
         assert eng.backend.passes["split"] >= 31 and eng.backend.passes["gpu_only"] >= 1
+
+
+def test_calibration_scales_the_one_token_cpu_rate():
+    """Eight decode passes after two skipped: CPU time 1.25x the expected one scales the one-token rates
+    by 0.8 (the batched ones stay) and raises the host's read rate to what the CPU read."""
+    from vkpack.runtime.hybrid.calibrate import PASSES, SKIP_PASSES, CpuCalibration
+    from vkpack.runtime.hybrid.plan import Plan
+
+    rates = Rates(link=30 * GB, gpu_read=2000 * GB, sync=1e-4, host_read=60 * GB,
+                  cpu={"F16": {1: 100 * GB, 8: 70 * GB, 32: 25 * GB}})
+    plan = Plan(1, frozenset({5, 6}), 0.1, 0.1, 0.001, 0.0, 10 * GB, 0)
+    cal = CpuCalibration()
+    results = [cal.add(plan, 0.125) for _ in range(SKIP_PASSES + PASSES)]
+    assert results == [False] * (SKIP_PASSES + PASSES - 1) + [True] and cal.ratio == pytest.approx(1.25)
+    out = cal.corrected(rates)
+    assert out.cpu["F16"] == {1: pytest.approx(80 * GB), 8: 70 * GB, 32: 25 * GB}
+    assert out.host_read == pytest.approx(80 * GB)
+    assert not cal.add(plan, 1.0), "corrects once"
+    near = CpuCalibration()
+    assert not any(near.add(plan, 0.102) for _ in range(SKIP_PASSES + PASSES)) and near.ratio == pytest.approx(1.02)
+    prefill = Plan(512, frozenset(), 1.0, 0.0, 0.1, 0.5, 0, 10 * GB)
+    assert not CpuCalibration().add(prefill, 0.0)
+
+
+@needs_both
+def test_hybrid_calibrates_a_wrong_cpu_rate(smollm2_archive, smol_ref):
+    """Rates that claim a CPU 1000x faster than this one put every held step on it; the decode passes
+    measure the truth, the one-token plan is made again from it (the CPU keeps less, the link streams
+    more), nothing is written to the rates cache (the rates were given), and the tokens stay the reference's."""
+    from vkpack.runtime.hybrid.backend import HybridBackend
+    from vkpack.runtime.native.backend import NativeCpuBackend
+    from vkpack.runtime.vk.backend import VulkanBackend
+
+    ids, _, ref_tokens, model_bytes = smol_ref
+    dtypes = ("Q4_1", "Q6_K", "Q8_0", "F32", "F16")
+    rates = Rates(link=20 * GB, gpu_read=1000 * GB, sync=1e-5,
+                  cpu={dt: {1: 5000 * GB, 8: 0.1 * GB, 32: 0.01 * GB} for dt in dtypes})
+    make = lambda a: HybridBackend(a, VulkanBackend(a), NativeCpuBackend(a), rates=rates)
+    with Engine(smollm2_archive, device=make, vram_gb=model_bytes / 4 / 2**30) as eng:
+        be = eng.backend
+        before = be.plan(1)
+        assert before.host == be.held_steps
+        assert greedy(eng, ids, 32) == ref_tokens
+        assert be.calibration.ratio > 20
+        assert be.rates.cpu["Q4_1"][1] < rates.cpu["Q4_1"][1] / 20 and be.rates.cpu["Q4_1"][8] == rates.cpu["Q4_1"][8]
+        after = be.plan(1)
+        assert after.host < before.host
+        assert any(line.startswith("calibrated:") for line in be.describe())
+        assert be.placement()["cpu_calibration"] == be.calibration.ratio
 
 
 @needs_both

@@ -2,7 +2,7 @@
 
 For the 8B shape (tools/bench_gpu.py's `8b`: 32 layers, 4096 wide, F16, generated on the machine)
 each configuration runs in a fresh engine: a 512-token prefill (its second pass timed, the first
-records and loads) and greedy decode (the median of `--decode` tokens after 4 untimed ones). The
+records and loads) and greedy decode (the median of `--decode` tokens after 12 untimed ones). The
 hybrid engines print their measured rates and plans. With `--llama-bench PATH` (llama.cpp's
 llama-bench, built on the machine from the sources llama-cpp-python vendors), llama.cpp's CPU-only
 decode of the same GGUF runs in the same call. Each result is appended to OUT/bench_hybrid.json as
@@ -35,7 +35,8 @@ import bench_gpu
 from bench_gpu import SHAPES
 from vkpack.runtime.engine import Engine
 
-WARM = 4
+WARM = 12   # untimed decode tokens: past the hybrid's calibration of its CPU rate (runtime/hybrid/calibrate.py)
+SWEEP_TOKENS = 8
 
 
 def model_files(name: str, work: Path, quick: bool) -> tuple[Path, Path]:
@@ -45,10 +46,10 @@ def model_files(name: str, work: Path, quick: bool) -> tuple[Path, Path]:
 
 
 def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, n_decode: int,
-               prefill: bool, threads: int | None = None) -> dict[str, Any]:
+               prefill: bool, threads: int | None = None, sweep: int = 0) -> dict[str, Any]:
     t0 = time.perf_counter()
-    eng = Engine(arch, device=device, vram_gb=vram_gb, context=prompt_len + WARM + n_decode + 8, prefetch_lookahead=32,
-                 threads=threads)
+    n_ctx = prompt_len + WARM + n_decode + sweep * SWEEP_TOKENS + 8
+    eng = Engine(arch, device=device, vram_gb=vram_gb, context=n_ctx, prefetch_lookahead=32, threads=threads)
     started = time.perf_counter() - t0
     try:
         be = eng.backend
@@ -57,7 +58,7 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
         out: dict[str, Any] = {"device": device, "backend": be.name, "vram_gb": vram_gb, "threads": threads,
                                "start_s": started,
                                "model_bytes": eng.model_bytes, "budget": eng.tier.budget}
-        with eng.kv_session(prompt_len + WARM + n_decode + 1) as kv:
+        with eng.kv_session(n_ctx) as kv:
             times = []
             for _ in range(2 if prefill else 1):
                 t = time.perf_counter()
@@ -77,13 +78,16 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
             info, stall0, up0 = before
             after = be.placement()
             if info:  # where a decode token's time went (hybrid)
-                out["per_token_ms"] = {k: (after[k] - info[k]) / n_decode * 1e3 for k in ("cpu_seconds", "handover_seconds")}
+                out["per_token_ms"] = {k: (after[k] - info[k]) / n_decode * 1e3
+                                       for k in ("cpu_seconds", "handover_seconds", "split_seconds")}
             out["per_token_ms_stall"] = (eng.metrics.stall_seconds - stall0) / n_decode * 1e3
             out["uploaded_gb_per_token"] = (eng.metrics.bytes_uploaded - up0) / n_decode / 1e9
             timed = steps[WARM:]
             out["decode_ms"] = [round(s * 1e3, 2) for s in timed]
             out["decode_tps"] = 1 / statistics.median(timed)
             out["decode_tps_mean"] = len(timed) / sum(timed)
+            if sweep and be.name == "hybrid" and be.held_steps and be.fixed is None:
+                out["sweep"] = sweep_plans(eng, kv, tok, prompt_len + WARM + n_decode, sweep)
         m = eng.metrics
         out["stall_s"], out["bytes_uploaded"] = m.stall_seconds, m.bytes_uploaded
         out["pinned_bytes"] = eng.pinned_bytes
@@ -94,6 +98,32 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
         return out
     finally:
         eng.close()
+
+
+def sweep_plans(eng: Engine, kv: Any, tok: int, pos: int, n: int) -> list[dict[str, Any]]:
+    """Decode under plans the planner did not choose: the CPU's run of held steps shortened a layer
+    (two steps) at a time, `n` plans from the held run; each plan's expected and measured token time
+    (the model's error across placements, not only at the chosen one)."""
+    be = eng.backend
+    held = sorted(be.held_steps)
+    rows = []
+    for j in range(n):
+        host = frozenset(held[2 * j:])
+        if not host:
+            break
+        plan = be.pin_plan(1, host)
+        times, c0 = [], be.cpu_seconds
+        for _ in range(SWEEP_TOKENS):
+            t = time.perf_counter()
+            tok = int(np.argmax(eng.forward_batch([([tok], pos, kv)])[0]))
+            times.append(time.perf_counter() - t)
+            pos += 1
+        rows.append({"cpu_steps": len(host), "cpu_gib": plan.host_bytes / 2**30,
+                     "streamed_gib": plan.streamed_bytes / 2**30, "expected_ms": plan.seconds * 1e3,
+                     "measured_ms": statistics.median(times[2:]) * 1e3,
+                     "cpu_ms": (be.cpu_seconds - c0) / SWEEP_TOKENS * 1e3})
+        print(f"sweep: {rows[-1]}", flush=True)
+    return rows
 
 
 def llama_bench(exe: str, gguf: Path, threads: int, n_decode: int, ngl: int = 0, prompt: int = 0) -> dict[str, Any]:
@@ -154,6 +184,8 @@ def main() -> None:
                     help="device[:vram GiB[:CPU threads]] list; device as Engine's (cpu, vulkan, hybrid, numpy)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--sweep", type=int, default=0,
+                    help="hybrid: then decode under this many shorter CPU runs than the plan's (a layer less each)")
     ap.add_argument("--llama-bench", default="")
     ap.add_argument("--llama-ngl", default="0", help="comma-separated -ngl values for llama-bench (0: CPU only)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -190,7 +222,7 @@ def main() -> None:
         vram, _, threads = rest.partition(":")
         try:
             r = run_config(arch, device, float(vram) if vram else None, args.prompt, args.decode,
-                           prefill=device != "cpu", threads=int(threads) if threads else None)
+                           prefill=device != "cpu", threads=int(threads) if threads else None, sweep=args.sweep)
         except Exception as e:  # one failed configuration must not lose the others' numbers
             r = {"device": device, "vram_gb": vram, "error": f"{type(e).__name__}: {e}"}
         report["runs"].append(r)

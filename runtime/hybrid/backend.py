@@ -33,9 +33,10 @@ from ..backend import PassInputs, Placement
 from ..tiers import kv_bytes
 from .experts import ExpertOffload
 from .kv import HybridKv
-from .plan import Plan, StepCost, plan_pass, step_costs
+from .calibrate import CpuCalibration
+from .plan import Plan, StepCost, evaluate, plan_pass, step_costs
 from ..vk.host_cache import default_budget
-from .rates import Rates, measure_rates
+from .rates import Rates, measure_rates, store_rates
 
 if TYPE_CHECKING:
     from ...pack_format.reader import Archive
@@ -96,16 +97,20 @@ class HybridBackend:
 
     host_steps: the CPU's steps of a pass of n tokens, set by hand (tests, tools): `host_steps(n)`
     (the weights of every step it names for some n are held); None: planned per pass size from the machine's rates,
-    measured (or read from their cache) when a model does not fit, unless given as `rates`.
+    measured (or read from their cache) when a model does not fit, unless given as `rates`;
+    calibrate: correct the CPU's rates from the decode passes (calibrate.py; off: plans from `rates` as given).
     """
 
     name = "hybrid"
 
     def __init__(self, archive: Archive, gpu: Any, cpu: Any,
-                 host_steps: Callable[[int], frozenset[int]] | None = None, rates: Rates | None = None):
+                 host_steps: Callable[[int], frozenset[int]] | None = None, rates: Rates | None = None,
+                 calibrate: bool = True):
         self.archive = archive
         self.gpu, self.cpu = gpu, cpu
         self.rates = rates
+        self.calibration = CpuCalibration(done=not calibrate)
+        self._measured_rates = rates is None   # a calibration then updates the machine's cached rates
         self.steps = archive.graph["steps"]
         self.costs: list[StepCost] = step_costs(archive.graph, archive.tensors, gpu.pack_bytes)
         self.fixed = host_steps
@@ -132,6 +137,7 @@ class HybridBackend:
             gpu.runner.moe.reserve_offload(max(archive.tensors[op["w"][0]].shape[1] for op in moe))
         self.handover_seconds = 0.0   # hand-overs, waiting for the GPU's steps before them included
         self.cpu_seconds = 0.0        # the CPU's steps
+        self.split_seconds = 0.0      # whole split passes (the rest of a token's time is the engine's)
 
     @property
     def dev(self) -> Any:
@@ -301,18 +307,22 @@ class HybridBackend:
         cpu_in = replace(inputs, seqs=[(r0, r1, p0, [(k.host_array(), v.host_array()) if i in layers
                                                      else (None, None) for i, (k, v) in enumerate(kv)])
                                        for r0, r1, p0, kv in inputs.seqs])
+        t0 = time.perf_counter()
         ps = self.gpu.begin(gpu_in, weights)
         try:
             return self._split_pass(segments, inputs, gpu_in, cpu_in, ps, weights)
         except BaseException:
             self.gpu.inflight.flush(weights)   # unpin what the GPU's steps hold
             raise
+        finally:
+            self.split_seconds += time.perf_counter() - t0
 
     def _split_pass(self, segments: list[tuple[bool, range]], inputs: PassInputs, gpu_in: PassInputs,
                     cpu_in: PassInputs, ps: Any, weights: WeightAccess) -> np.ndarray:
         """The pass's runs of steps in order, each on its side, handing over what the next run reads."""
         acts = self.cpu.begin(cpu_in)
         side: dict[str, bool] = {}   # activation -> written last on the host
+        cpu_took = 0.0
         for on_host, order in segments:
             self._hand_over(order, on_host, side, ps, acts, weights)
             self._kv_ready(order, on_host, inputs)
@@ -323,16 +333,36 @@ class HybridBackend:
                                        else int(1.25 * self.rates.link * plan.cpu_seconds))
                 t0 = time.perf_counter()
                 self.cpu.run_steps(order, acts, self.held)
-                self.cpu_seconds += time.perf_counter() - t0
+                cpu_took += time.perf_counter() - t0
             else:
                 self.gpu.run_steps(order, ps, weights)
             for si in order:
                 for name in self._writes[si]:
                     side[name] = on_host
+        self.cpu_seconds += cpu_took
+        self._calibrate(len(inputs.tokens), cpu_took)
         if segments[-1][0]:
             self.gpu.inflight.flush(weights)
             return acts[inputs.output]
         return self.gpu.finish(gpu_in, ps, weights)
+
+    def _calibrate(self, tokens: int, cpu_took: float) -> None:
+        """Correct the CPU's rates from the decode passes (calibrate.py) and plan again."""
+        plan = self.plan(tokens)
+        if plan is not None and self.calibration.add(plan, cpu_took):
+            self.rates = self.calibration.corrected(self.rates)
+            if self._measured_rates:
+                store_rates(self.rates)
+            self._plans.clear()
+
+    def pin_plan(self, tokens: int, host: frozenset[int]) -> Plan:
+        """Tools: run passes of `tokens` tokens with the CPU computing `host` (held steps only), to
+        measure a placement the planner did not choose."""
+        assert host <= self.held_steps and self.fixed is None
+        bucket = next((b for b in PLAN_BUCKETS if b >= tokens), PLAN_BUCKETS[-1])
+        self.calibration.done = True
+        plan = self._plans[bucket] = evaluate(self.costs, self.rates, bucket, self.weight_room, host)
+        return plan
 
     def _host_layers(self, host: frozenset[int]) -> frozenset[int]:
         """The layers whose attention the steps `host` compute (their KV caches live on the host then)."""
@@ -391,7 +421,8 @@ class HybridBackend:
         elif not self.held_steps:
             lines.append("GPU computes every step (the model fits, or the CPU would not gain)")
         lines += [f"plan: {p.describe(self.costs)}" for _b, p in sorted(self._plans.items())]
-        return lines
+        cal = self.calibration.describe()
+        return lines + ([cal] if cal else [])
 
     def placement(self) -> dict[str, Any]:
         plans = [{"tokens": b, "cpu_steps": sorted(p.host), "cpu_bytes": p.host_bytes,
@@ -401,7 +432,9 @@ class HybridBackend:
                 "held_steps": sorted(self.held_steps), "passes": dict(self.passes),
                 "experts_on_cpu": self.offload.cpu_experts if self.offload else 0,
                 "experts_over_link": self.offload.link_experts if self.offload else 0,
-                "handover_seconds": self.handover_seconds, "cpu_seconds": self.cpu_seconds, "lines": self.describe()}
+                "handover_seconds": self.handover_seconds, "cpu_seconds": self.cpu_seconds,
+                "split_seconds": self.split_seconds,
+                "cpu_calibration": self.calibration.ratio, "lines": self.describe()}
 
     def close(self) -> None:
         self.gpu.close()

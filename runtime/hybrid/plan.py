@@ -94,32 +94,9 @@ def plan_pass(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int
     host_room: bytes of system memory the CPU's weights may take (None: no limit);
     allowed: the steps the CPU may take (those whose weights are held already; None: any movable).
     """
-    total = sum(s.nbytes for s in steps)
-    repeats = tokens <= max(max(by) for by in rates.cpu.values()) if rates.cpu else tokens == 1
-    movable = [s for s in steps if s.movable and (allowed is None or s.index in allowed)]
-    # a run of movable steps ending at the last movable one: k = 0 .. len(movable)
     best: Plan | None = None
-    cpu = 0.0
-    host_bytes = 0
-    for k in range(len(movable) + 1):
-        if k:
-            s = movable[-k]
-            if host_room is not None and host_bytes + s.nbytes > host_room:
-                break
-            if k > 1 and s.index + 1 != movable[-k + 1].index:
-                break   # keep the run contiguous (one hand-over each way)
-            cpu += sum(rates.cpu_seconds(dt, n, tokens) for dt, n in s.by_dtype)
-            host_bytes += s.nbytes
-        gpu_bytes = total - host_bytes
-        streamed = max(0, gpu_bytes - weight_room)
-        gpu = gpu_bytes / rates.gpu_read
-        link = streamed / rates.link
-        # the CPU's weights and the streamed ones are both read from system memory each pass
-        dram = (host_bytes + streamed) / rates.host_read if rates.host_read else 0.0
-        overlapped = max(cpu + gpu, link, dram) if repeats else cpu + max(gpu, link)
-        seconds = overlapped + (2 * rates.sync if k else 0.0)
-        plan = Plan(tokens, frozenset(s.index for s in movable[len(movable) - k:]), seconds, cpu, gpu, link,
-                    host_bytes, streamed)
+    for host in host_runs(steps, host_room, allowed):
+        plan = evaluate(steps, rates, tokens, weight_room, host)
         # equal times (bound by system memory, whatever the split): the plan streaming least, since
         # every streamed pack also costs pins, stalls and the GPU's waits that the model leaves out
         if best is None or plan.seconds < best.seconds * (1 - 1e-9) or (
@@ -127,3 +104,37 @@ def plan_pass(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int
             best = plan
     assert best is not None
     return best
+
+
+def host_runs(steps: list[StepCost], host_room: int | None, allowed: frozenset[int] | None = None) -> list[frozenset[int]]:
+    """The CPU's candidate step sets, shortest first: runs of movable steps ending at the last
+    movable one (one hand-over each way), within `host_room` bytes."""
+    movable = [s for s in steps if s.movable and (allowed is None or s.index in allowed)]
+    runs = [frozenset()]
+    host_bytes = 0
+    for k in range(1, len(movable) + 1):
+        s = movable[-k]
+        if host_room is not None and host_bytes + s.nbytes > host_room:
+            break
+        if k > 1 and s.index + 1 != movable[-k + 1].index:
+            break
+        host_bytes += s.nbytes
+        runs.append(runs[-1] | {s.index})
+    return runs
+
+
+def evaluate(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int, host: frozenset[int]) -> Plan:
+    """The expected time of a pass of `tokens` tokens with the CPU computing the steps `host`."""
+    total = sum(s.nbytes for s in steps)
+    repeats = tokens <= max(max(by) for by in rates.cpu.values()) if rates.cpu else tokens == 1
+    cpu = sum(rates.cpu_seconds(dt, n, tokens) for s in steps if s.index in host for dt, n in s.by_dtype)
+    host_bytes = sum(s.nbytes for s in steps if s.index in host)
+    gpu_bytes = total - host_bytes
+    streamed = max(0, gpu_bytes - weight_room)
+    gpu = gpu_bytes / rates.gpu_read
+    link = streamed / rates.link
+    # the CPU's weights and the streamed ones are both read from system memory each pass
+    dram = (host_bytes + streamed) / rates.host_read if rates.host_read else 0.0
+    overlapped = max(cpu + gpu, link, dram) if repeats else cpu + max(gpu, link)
+    seconds = overlapped + (2 * rates.sync if host else 0.0)
+    return Plan(tokens, host, seconds, cpu, gpu, link, host_bytes, streamed)

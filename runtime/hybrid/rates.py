@@ -117,6 +117,14 @@ def measure_rates(dev: Any, cpu_backend: Any, dtypes: set[str], fresh: bool = Fa
     return rates
 
 
+def store_rates(rates: Rates) -> None:
+    """Replace the cached rates of `rates.machine` (a calibration from measured passes)."""
+    path = cache_path()
+    cached = _read_cache(path)
+    cached[rates.machine] = asdict(rates)
+    _write_cache(path, cached)
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
