@@ -185,9 +185,13 @@ class WeightAccess:
             # 76 parts of an 8B embedding: ~70 ms of serial loads per streamed prefill on the H100)
             self.loader.prefetch_now(todo)
         held: list[Entry] = []
-        for pack, pos in todo:
-            held.append(self.loader.acquire(pack, pos))
-            self.last_position = pos
+        try:
+            for pack, pos in todo:
+                held.append(self.loader.acquire(pack, pos))
+                self.last_position = pos
+        except BaseException:
+            self.release(held)   # no pin outlives a failed hold (a caller may go on op by op)
+            raise
         return held
 
     def load_side_by_side(self, uses: list[tuple[int, int, str, int]]) -> None:

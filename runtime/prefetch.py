@@ -68,6 +68,10 @@ class PackLoader:
                     with self._lock:
                         self.inflight.pop(pack, None)
                     fut.set_result(None)
+                with self.tier.lock:
+                    # a use, as a hit is: untouched, LRU took a pack read once a pass (a step's packs
+                    # held together) for the oldest right after its load, and evicted it first
+                    self.tier.policy.touch(pack)
                 self.metrics.misses += 1
                 break
             fut.result()

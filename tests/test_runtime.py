@@ -68,6 +68,20 @@ def test_graph_policy_streams_model_minus_budget_lru_streams_all(small_archive):
     assert per_token["graph"] >= (model - budget) * 0.9
 
 
+def test_lru_counts_a_load_as_a_use(small_archive):
+    """A pack loaded on a miss is the most recently used one: counted only on hits, a pack read once a pass
+    (all of them, where a step's packs are pinned together for a native program) looked the oldest right
+    after its load, and LRU evicted it first (the case above streamed 0.55x the model a token)."""
+    with Engine(small_archive) as probe:
+        floor = probe.min_bytes
+    with Engine(small_archive, vram_gb=floor / 2**30, policy="lru", prefetch_lookahead=0) as eng:
+        lru, name = eng.policy, eng.archive.graph["steps"][1]["ops"][1]["w"][0]
+        pack = eng.archive.tensors[name].parts[0].pack
+        assert pack not in eng.tier.entries
+        eng.loader.release(eng.loader.acquire(pack, 0))
+        assert lru._last[pack] == lru._clock
+
+
 def test_budget_below_minimum_is_refused_with_the_minimum(small_archive):
     with pytest.raises(BudgetError, match=r"at minimum: [\d.]+ MiB"):
         Engine(small_archive, vram_gb=0.1 / 1024)

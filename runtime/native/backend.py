@@ -10,9 +10,11 @@ kernels too (runtime/native/ops.h, on both cores; numpy's took ~0.9 s of a 512-t
 2048-wide model on one core, the native ones ~0.15 s), within a few f32 ulps of the reference.
 
 Passes of a few tokens (decode, small batches) run as native programs instead (program.py, program.h):
-a run of steps (every layer of a resident model, or a hybrid plan's CPU segment; a streamed tier runs op by op) written once as a table
-of instructions and run in one parallel region, where op by op a decode step went back to Python ~10
-times (SmolLM2 on the 2-core VM: 81 tok/s against 52-58; `VKPACK_STEP_PROGRAMS=0` turns them off).
+a run of steps (every layer of a resident model or of a hybrid plan's CPU segment; a streamed model's
+steps whose packs two of the largest hold) written once as a table of instructions and run in one
+parallel region, where op by op a decode step went back to Python ~10 times (SmolLM2 on the 2-core VM:
+81 tok/s against 52-58; streamed in a 59 MiB tier, 25-30 against 20-23; `VKPACK_STEP_PROGRAMS=0` turns
+them off).
 
 Products of many tokens (prefill) are compute bound rather than memory bound: the kernels switch to
 a GEMM on decoded panels of the stored rows (runtime/native/gemm.h), on all the backend's threads;
@@ -34,6 +36,7 @@ from ...pack_format.constants import align_up
 from ...pack_format.records import TensorRecord
 from ..cpu.backend import CpuBackend
 from ..cpu.dequant import dequantize as dequantize_reference
+from ..tiers import BudgetError
 from . import dequantize as native_dequantize
 from . import load as load_kernels
 from .loader import BoundWeight, NativeUnavailable
@@ -90,6 +93,9 @@ class NativeCpuBackend(CpuBackend):
                          if os.environ.get("VKPACK_STEP_PROGRAMS", "1").strip().lower() not in ("0", "off", "no")
                          else None)
         self.resident = False
+        # what a streamed tier may pin at once (`_can_pin`): two of the largest packs, as the budgets keep
+        self._weight_room = 2 * max((self.pack_bytes(p) for p in range(len(archive.packs))), default=0)
+        self._pinnable: dict[tuple[int, int], bool] = {}
 
     # ---- memory ----
     def pack_bytes(self, pack: int) -> int:
@@ -178,25 +184,27 @@ class NativeCpuBackend(CpuBackend):
 
     def _program(self, order: list[int], i: int, acts: dict[str, Any], weights: Any) -> int:
         """Steps order[i:i + n] through program.py, their packs held meanwhile; returns n, 0 where
-        order[i] is not for a program (prefill, an op without an instruction, a streamed tier). A run is
-        as long as its steps are consecutive and supported."""
+        order[i] is not for a program (prefill, an op without an instruction, a step too big to pin in
+        a streamed tier). A run is as long as its steps are consecutive, supported and can all be pinned
+        at once (`_can_pin`)."""
         programs = self.programs
         si = order[i]
-        # a streamed tier runs op by op: pinning a step's packs together changed what LRU streams
-        # (tests/test_runtime.py's LRU case uploaded 0.55x the model a token instead of > 0.9x; not yet
-        # understood), so only weights that stay put run as programs: a resident tier, a hybrid's held ones
         if (programs is None or not programs.supported[si] or not 0 < len(acts["positions"]) < programs.max_tokens
-                or not (self.resident or weights.holds_every_weight)):
+                or not self._can_pin(weights, range(si, si + 1))):
             return 0
         end = i + 1
-        while end < len(order) and order[end] == order[end - 1] + 1 and programs.supported[order[end]]:
+        while (end < len(order) and order[end] == order[end - 1] + 1 and programs.supported[order[end]]
+               and self._can_pin(weights, range(si, order[end] + 1))):
             end += 1
         steps = range(si, order[end - 1] + 1)
         held: list[Any] = []
         payloads: dict[int, list[dict[Any, Any]]] = {}
         try:
             for s in steps:
-                entries = weights.hold_step(s, self.steps[s], None)
+                try:
+                    entries = weights.hold_step(s, self.steps[s], None)
+                except BudgetError:
+                    return 0   # the packs pinned so far split the room: op by op, a part at a time
                 held += entries
                 payloads[s] = [e.payload for e in entries]
             tensors = self.archive.tensors
@@ -212,6 +220,21 @@ class NativeCpuBackend(CpuBackend):
             return len(steps) if programs.run(steps, acts, lookup, self._seqs) else 0
         finally:
             weights.release(held)
+
+    def _can_pin(self, weights: Any, steps: range) -> bool:
+        """Whether every pack of `steps` may be pinned at once: always where weights stay put (a resident
+        tier, a hybrid's held ones); in a streamed tier while they are at most two of the largest packs,
+        the weight room every budget keeps (runtime/tiers.py). Bigger steps go op by op, part by part."""
+        if self.resident or weights.holds_every_weight:
+            return True
+        key = (steps.start, steps.stop)
+        ok = self._pinnable.get(key)
+        if ok is None:
+            tensors = self.archive.tensors
+            packs = {p.pack for s in steps for op in self.steps[s]["ops"] for name in op["w"]
+                     for p in tensors[name].parts}
+            ok = self._pinnable[key] = sum(self.pack_bytes(p) for p in packs) <= self._weight_room
+        return ok
 
     # ---- ops that read weights as stored ----
     def gather_rows(self, w: StoredMatrix, rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:

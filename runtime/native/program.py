@@ -3,8 +3,9 @@
 Op by op, a decode step returns to Python ~10 times (norm, three products, two ropes, attention, a
 product, an add): on the 2-core VM that was ~35 % of SmolLM2's token spent outside the products, and
 on a 16-core host every product started the OpenMP threads anew. A program runs a run of steps (every
-layer of a resident model, or of a hybrid plan's CPU segment; a streamed tier runs op by op) in one
-parallel region, with a barrier only where an op reads what the ones before it wrote.
+layer of a resident model or of a hybrid plan's CPU segment; a streamed model's steps whose packs two of
+the largest hold) in one parallel region, with a barrier only where an op reads what the ones before it
+wrote.
 
 Which steps: passes of fewer than `MAX_TOKENS` tokens (decode, small batches; prefill keeps the per-op
 path, whose GEMM and attention are built for many tokens) whose ops are all of rms_norm, linear (any
