@@ -122,7 +122,8 @@ class HybridBackend:
         self._buffers: list[np.ndarray] = []
         self._plans: dict[int, Plan] = {}
         self.tier: DeviceTier | None = None
-        self.weight_room = 0
+        self.weight_room = 0    # the tier's room for weights (its budget less KV caches and activations)
+        self.window = 0         # of which packs in flight take this much where a plan streams
         self.host_room: int | None = None
         self.layer_of = {si: [op["attrs"]["layer"] for op in st["ops"] if op["op"] == "attention"]
                          for si, st in enumerate(self.steps)}
@@ -201,11 +202,13 @@ class HybridBackend:
         ram_left = self.gpu.attach(tier, placement)
         kv = kv_bytes(self.archive.graph["kv_cache"], placement.pass_tokens)
         reserved = self.gpu.activation_bytes(placement.pass_tokens, placement.pass_tokens) + kv
-        # streamed, the GPU's steps in flight keep up to its pin limit of packs pinned: room that
-        # cannot hold packs from one pass to the next (on the H100 host the plan without this counted
-        # 2.1 GB streamed per token where 3.8 moved)
-        window = 0 if placement.resident else self.gpu.runner.pin_limit
-        self.weight_room = max(0, tier.budget - reserved - window)
+        # streaming, the GPU's steps in flight keep up to its pin limit of packs pinned: room that
+        # cannot hold packs from one pass to the next (on the H100 host a plan without this counted
+        # 2.1 GB streamed per token where 3.8 moved); a plan that streams nothing needs no such window
+        self.window = 0 if placement.resident else self.gpu.runner.pin_limit
+        # less two of the largest packs, as tiers.py's least weight room: the sub-allocator's holes
+        largest = max((self.gpu.pack_bytes(p) for p in range(len(self.archive.packs))), default=0)
+        self.weight_room = max(0, tier.budget - reserved - 2 * largest)
         ram = placement.ram_budget
         self.host_room = default_budget(placement.model_bytes) if ram is None else ram
         if self.moe:
@@ -219,7 +222,7 @@ class HybridBackend:
         elif placement.resident:
             self.held_steps = frozenset()   # the GPU holds the whole model: nothing to gain on the CPU
         else:
-            decode = plan_pass(self.costs, self._rates(), 1, self.weight_room, self.host_room)
+            decode = plan_pass(self.costs, self._rates(), 1, self.weight_room, self.host_room, window=self.window)
             self.held_steps = decode.host
         plain = self._hold(self.held_steps)
         return None if ram_left is None else max(0, ram_left - plain)
@@ -272,7 +275,7 @@ class HybridBackend:
         plan = self._plans.get(bucket)
         if plan is None:
             plan = self._plans[bucket] = plan_pass(self.costs, self.rates, bucket, self.weight_room, self.host_room,
-                                                   allowed=self.held_steps)
+                                                   allowed=self.held_steps, window=self.window)
             log.info("plan: %s", plan.describe(self.costs))
         return plan
 
@@ -329,7 +332,7 @@ class HybridBackend:
             if on_host:
                 plan = self.plan(len(inputs.tokens))
                 # the link fills the tier for the GPU's next steps while the CPU computes these
-                weights.prefetch_bytes(self.weight_room // 4 if plan is None
+                weights.prefetch_bytes(max(0, self.weight_room - self.window) // 4 if plan is None
                                        else int(1.25 * self.rates.link * plan.cpu_seconds))
                 t0 = time.perf_counter()
                 self.cpu.run_steps(order, acts, self.held)
@@ -361,7 +364,7 @@ class HybridBackend:
         assert host <= self.held_steps and self.fixed is None
         bucket = next((b for b in PLAN_BUCKETS if b >= tokens), PLAN_BUCKETS[-1])
         self.calibration.done = True
-        plan = self._plans[bucket] = evaluate(self.costs, self.rates, bucket, self.weight_room, host)
+        plan = self._plans[bucket] = evaluate(self.costs, self.rates, bucket, self.weight_room, host, self.window)
         return plan
 
     def _host_layers(self, host: frozenset[int]) -> frozenset[int]:

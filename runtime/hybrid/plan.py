@@ -1,17 +1,25 @@
 """Which steps of a pass the CPU computes, from the measured rates (rates.py) and the budgets.
 
 A pass is the graph's steps in order. Steps on the GPU read their weights from the device tier:
-what the tier cannot hold streams over the link each pass (the graph's eviction makes that the
-model's GPU bytes minus the tier's room for weights). Steps on the CPU read their weights from system
-memory with the native kernels. The CPU and the link work at the same time (the link fills the tier
-for the next GPU steps while the CPU computes), so a pass takes about
+what the tier cannot hold streams over the link each pass. The tier's room for weights is its budget
+less the KV caches and activations; a plan whose GPU steps fit it streams nothing, and a plan that
+streams keeps a window of that room free for the packs in flight (the GPU backend's pin limit), so it
+streams its GPU bytes less the room outside the window. Steps on the CPU read their weights from system
+memory with the native kernels. While the CPU computes, the link fills the tier for the next GPU
+steps, but only as far as the window lets go of packs already used (half of it: the pins are released
+down to half the limit); the rest streams while the GPU's steps wait for it. So a pass that repeats
+(decode, and batches up to the largest batch the CPU's rates were measured at) takes about
 
-    max(cpu time + gpu time, streamed bytes / link, (cpu bytes + streamed bytes) / host read) + hand-overs * sync
+    max(cpu time + max(gpu time, unhidden streamed bytes / link), streamed bytes / link,
+        (cpu bytes + streamed bytes) / host read) + hand-overs * sync
 
-for the passes that repeat (decode, and batches up to the largest batch the CPU's rates were measured
-at). A larger pass (a prefill) is followed by passes of another plan, so the link has no next pass of
-its own to stream for while the CPU computes: cpu time + max(gpu time, streamed bytes / link). Measured
-on the H100 host when the planner still assumed the overlap for a 512-token prefill: one MLP step given
+Measured on the H100 host at 4 GiB (bench_hybrid --sweep): streaming 0.47 GiB beside the CPU's steps
+cost nothing, 0.88 GiB added 22 ms a token, 2.9 GiB 75 ms; the planner that assumed the whole stream
+hidden expected every one of these plans at the same 129.5 ms.
+
+A larger pass (a prefill) is followed by passes of another plan, so the link has no next pass of its
+own to stream for while the CPU computes: cpu time + max(gpu time, streamed bytes / link). Measured on
+the H100 host when the planner still assumed the overlap for a 512-token prefill: one MLP step given
 to the CPU made the prefill 798 tok/s against 1,408 for all-GPU streaming.
 
 The CPU takes a run of layer steps at the end of the layers (one hand-over each way); the plan is
@@ -87,16 +95,17 @@ def step_costs(graph: dict[str, Any], tensors: dict[str, Any], pack_bytes: Any) 
 
 
 def plan_pass(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int, host_room: int | None,
-              allowed: frozenset[int] | None = None) -> Plan:
+              allowed: frozenset[int] | None = None, window: int = 0) -> Plan:
     """The placement of a pass of `tokens` tokens minimizing its expected time.
 
     weight_room: device tier bytes for weights (the tier's budget less the KV caches and activations);
     host_room: bytes of system memory the CPU's weights may take (None: no limit);
-    allowed: the steps the CPU may take (those whose weights are held already; None: any movable).
+    allowed: the steps the CPU may take (those whose weights are held already; None: any movable);
+    window: the part of weight_room that packs in flight take when a plan streams.
     """
     best: Plan | None = None
     for host in host_runs(steps, host_room, allowed):
-        plan = evaluate(steps, rates, tokens, weight_room, host)
+        plan = evaluate(steps, rates, tokens, weight_room, host, window)
         # equal times (bound by system memory, whatever the split): the plan streaming least, since
         # every streamed pack also costs pins, stalls and the GPU's waits that the model leaves out
         if best is None or plan.seconds < best.seconds * (1 - 1e-9) or (
@@ -123,18 +132,22 @@ def host_runs(steps: list[StepCost], host_room: int | None, allowed: frozenset[i
     return runs
 
 
-def evaluate(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int, host: frozenset[int]) -> Plan:
-    """The expected time of a pass of `tokens` tokens with the CPU computing the steps `host`."""
+def evaluate(steps: list[StepCost], rates: Rates, tokens: int, weight_room: int, host: frozenset[int],
+             window: int = 0) -> Plan:
+    """The expected time of a pass of `tokens` tokens with the CPU computing the steps `host` (the
+    module docstring's model)."""
     total = sum(s.nbytes for s in steps)
     repeats = tokens <= max(max(by) for by in rates.cpu.values()) if rates.cpu else tokens == 1
     cpu = sum(rates.cpu_seconds(dt, n, tokens) for s in steps if s.index in host for dt, n in s.by_dtype)
     host_bytes = sum(s.nbytes for s in steps if s.index in host)
     gpu_bytes = total - host_bytes
-    streamed = max(0, gpu_bytes - weight_room)
+    streamed = 0 if gpu_bytes <= weight_room else gpu_bytes - max(0, weight_room - window)
     gpu = gpu_bytes / rates.gpu_read
     link = streamed / rates.link
     # the CPU's weights and the streamed ones are both read from system memory each pass
     dram = (host_bytes + streamed) / rates.host_read if rates.host_read else 0.0
-    overlapped = max(cpu + gpu, link, dram) if repeats else cpu + max(gpu, link)
+    hidden = min(streamed, window // 2) if host else 0
+    overlapped = (max(cpu + max(gpu, (streamed - hidden) / rates.link), link, dram) if repeats
+                  else cpu + max(gpu, link))
     seconds = overlapped + (2 * rates.sync if host else 0.0)
     return Plan(tokens, host, seconds, cpu, gpu, link, host_bytes, streamed)
