@@ -2,9 +2,11 @@
 
 The hybrid's CPU steps read weights held in the GPU's pinned cache (Vulkan upload memory, allocated by
 the driver); the CPU-only engine reads numpy arrays (which numpy asks the kernel to back with huge
-pages); the planner's probe reads a fresh numpy buffer. On the H100 host these gave 121, 130 and 107
+pages); the planner's probe reads a fresh numpy buffer. On one H100 host these gave 121, 130 and 107
 GB/s. This tool measures the same kernels over each kind of memory in one process, so the cause can be
-told from a page-size effect, the driver's memory, or the probe itself.
+told from a page-size effect, the driver's memory, or the probe itself. On the next host (4 GiB each,
+F16 one-token product): numpy 108.5 GB/s, 4 KiB pages 105.1, madvised huge pages 103.3, and that
+host's CPU-only decode read 105: no page-size effect; the hosts differ.
 
     python tools/device/memprobe.py ARCHIVE [--gib 2] [--threads N]    # JSON lines on stdout
 """
@@ -103,9 +105,10 @@ def main() -> None:
     dev = vk.Device()
     try:
         from vkpack.runtime.vk.host_cache import HostPackCache
-        hc = HostPackCache(dev, n, block_bytes=n)
-        block, off = hc.reserve(n)
-        view = hc.host_view(block, off, n)
+        m = min(n, 1 << 30, dev.info.max_memory_allocation_size // (2 << 20) * (2 << 20))   # one block
+        hc = HostPackCache(dev, m, block_bytes=m)
+        block, off = hc.reserve(m)
+        view = hc.host_view(block, off, m)
         print(json.dumps({"vulkan_ptr_mod_2m": int(view.ctypes.data % (2 << 20))}), flush=True)
         measure(cpu, view, f"vulkan upload memory ({dev.info.name})")
         del view
