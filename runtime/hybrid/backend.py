@@ -125,6 +125,10 @@ class HybridBackend:
         self.weight_room = 0    # the tier's room for weights (its budget less KV caches and activations)
         self.window = 0         # of which packs in flight take this much where a plan streams
         self.host_room: int | None = None
+        # embedding gathers: where the CPU computes part of a pass it gathers the rows too, from the
+        # held embedding (a GPU gather loads a pack of rows into the tier for each token's row: on
+        # the H100 host 3.4 MB a token, and every load moved the tier and undid the GPU's replay)
+        self.gathers = frozenset(si for si, st in enumerate(self.steps) if st.get("gather"))
         self.layer_of = {si: [op["attrs"]["layer"] for op in st["ops"] if op["op"] == "attention"]
                          for si, st in enumerate(self.steps)}
         self._layers_cache: dict[frozenset[int], frozenset[int]] = {}
@@ -223,7 +227,10 @@ class HybridBackend:
             self.held_steps = frozenset()   # the GPU holds the whole model: nothing to gain on the CPU
         else:
             decode = plan_pass(self.costs, self._rates(), 1, self.weight_room, self.host_room, window=self.window)
-            self.held_steps = decode.host
+            # and the steps a plan for a room 10 % smaller gives the CPU: a calibration may find less room
+            tighter = plan_pass(self.costs, self.rates, 1, int(0.9 * self.weight_room), self.host_room,
+                                window=self.window)
+            self.held_steps = decode.host | tighter.host | self.gathers if decode.host else frozenset()
         plain = self._hold(self.held_steps)
         return None if ram_left is None else max(0, ram_left - plain)
 
@@ -284,7 +291,7 @@ class HybridBackend:
             return frozenset()
         if self.fixed is not None:
             return frozenset(self.fixed(tokens)) & self.held_steps
-        return self.plan(tokens).host
+        return self.plan(tokens).host | (self.gathers & self.held_steps)
 
     # ---- a pass ----
     def forward(self, inputs: PassInputs, weights: WeightAccess) -> np.ndarray:
@@ -326,6 +333,7 @@ class HybridBackend:
         acts = self.cpu.begin(cpu_in)
         side: dict[str, bool] = {}   # activation -> written last on the host
         cpu_took = 0.0
+        up0 = weights.loader.metrics.bytes_uploaded
         for on_host, order in segments:
             self._hand_over(order, on_host, side, ps, acts, weights)
             self._kv_ready(order, on_host, inputs)
@@ -343,19 +351,29 @@ class HybridBackend:
                 for name in self._writes[si]:
                     side[name] = on_host
         self.cpu_seconds += cpu_took
-        self._calibrate(len(inputs.tokens), cpu_took)
+        self._calibrate(len(inputs.tokens), cpu_took, weights.loader.metrics.bytes_uploaded - up0)
         if segments[-1][0]:
             self.gpu.inflight.flush(weights)
             return acts[inputs.output]
         return self.gpu.finish(gpu_in, ps, weights)
 
-    def _calibrate(self, tokens: int, cpu_took: float) -> None:
-        """Correct the CPU's rates from the decode passes (calibrate.py) and plan again."""
+    def _calibrate(self, tokens: int, cpu_took: float, uploaded: int) -> None:
+        """Correct the CPU's rates and the tier's room from the decode passes (calibrate.py) and plan again."""
         plan = self.plan(tokens)
-        if plan is not None and self.calibration.add(plan, cpu_took):
-            self.rates = self.calibration.corrected(self.rates)
-            if self._measured_rates:
-                store_rates(self.rates)
+        cal = self.calibration
+        if plan is None or not cal.add(plan, cpu_took, uploaded):
+            return
+        rates = cal.corrected(self.rates)
+        excess = cal.room_excess
+        if rates is not self.rates and self._measured_rates:
+            store_rates(rates)
+        if excess:
+            self.weight_room = max(0, self.weight_room - excess)
+            cal.history.append(f"a plan streaming nothing uploaded {excess / 1.25 / 2**20:.0f} MiB a pass: "
+                               f"room for weights {self.weight_room / 2**30:.2f} GiB")
+            log.info("calibrated: %s", cal.history[-1])
+        if rates is not self.rates or excess:
+            self.rates = rates
             self._plans.clear()
 
     def pin_plan(self, tokens: int, host: frozenset[int]) -> Plan:

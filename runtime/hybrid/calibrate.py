@@ -1,4 +1,4 @@
-"""The planner's CPU rate corrected from the decode passes the plan runs.
+"""The planner's CPU rate and the tier's room corrected from the decode passes the plan runs.
 
 The start-up probe (rates.py) times one product over a fresh buffer; a pass runs a whole run of
 layers over the weights where they are held, and on the H100 host the two differed by 13 %
@@ -8,6 +8,12 @@ of one-token decode the measured CPU time replaces the probe's: the CPU's one-to
 measured over expected, the host's read rate is raised to at least what the CPU itself read, the
 rates cache keeps the correction for the next start, and the decode plan is made again (among the
 steps already held: a slower CPU hands steps back to the GPU; a faster one keeps what it holds).
+
+The tier's room for weights is an estimate too (its budget less the KV caches, the activations and two
+of the largest packs for the sub-allocator's holes). Where a plan that should stream nothing uploads
+packs every pass, the room was too big by about that much: it shrinks by 1.25x the bytes a pass
+uploaded, and the plan is made again (the backend holds the steps of a plan for a room 10 % smaller
+from the start, so the CPU can take more).
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ class CpuCalibration:
     measured: float = 0.0
     expected: float = 0.0
     host_bytes: int = 0
+    uploaded: int = 0
     done: bool = False
     ratio: float | None = None   # measured / expected, once corrected (or found within tolerance)
     history: list[str] = field(default_factory=list)
+    _streams: bool = False
 
-    def add(self, plan: Plan, seconds: float) -> bool:
-        """Count one pass of `plan` whose CPU steps took `seconds`; True once the rates should change."""
+    def add(self, plan: Plan, seconds: float, uploaded: int = 0) -> bool:
+        """Count one pass of `plan` whose CPU steps took `seconds` and which uploaded `uploaded` bytes
+        of packs to the tier; True once the pass count is reached (then `ratio` and `room_excess`)."""
         if self.done or plan.tokens != 1 or not plan.host or plan.cpu_seconds <= 0:
             return False
         self.seen += 1
@@ -47,16 +56,28 @@ class CpuCalibration:
         self.measured += seconds
         self.expected += plan.cpu_seconds
         self.host_bytes += plan.host_bytes
+        self.uploaded += uploaded
+        self._streams = plan.streamed_bytes > 0
         if self.seen < SKIP_PASSES + PASSES:
             return False
         self.done = True
         self.ratio = self.measured / self.expected
-        return abs(self.ratio - 1) > TOLERANCE
+        return True
+
+    @property
+    def room_excess(self) -> int:
+        """Bytes the tier's room was overestimated by: 1.25x a pass's uploads where the plan streamed
+        nothing (0 otherwise, or before the passes are counted)."""
+        if not self.done or self._streams:
+            return 0
+        return int(1.25 * self.uploaded / PASSES)
 
     def corrected(self, rates: Rates) -> Rates:
         """`rates` with the one-token CPU rates scaled by the measured ratio and the host's read rate
-        at least the CPU's own."""
+        at least the CPU's own (`rates` itself where the ratio is within TOLERANCE)."""
         assert self.ratio is not None
+        if abs(self.ratio - 1) <= TOLERANCE:
+            return rates
         cpu = {dt: {b: (r / self.ratio if b == 1 else r) for b, r in by.items()} for dt, by in rates.cpu.items()}
         read = self.host_bytes / self.measured
         # 0: no shared limit was measured, and a CPU's rate is no upper bound of it
@@ -69,7 +90,7 @@ class CpuCalibration:
 
     def describe(self) -> str | None:
         if self.history:
-            return f"calibrated: {self.history[-1]}"
+            return "calibrated: " + "; ".join(self.history)
         if self.ratio is not None:
             return f"calibration: CPU steps took {self.ratio:.2f}x the expected time (within {TOLERANCE:.0%}: kept)"
         return None
