@@ -86,13 +86,14 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
             out["decode_ms"] = [round(s * 1e3, 2) for s in timed]
             out["decode_tps"] = 1 / statistics.median(timed)
             out["decode_tps_mean"] = len(timed) / sum(timed)
+            if be.name == "hybrid":
+                out["plans"] = be.describe()   # the plans the timed tokens ran (before the sweep pins others)
             if sweep and be.name == "hybrid" and be.held_steps and be.fixed is None:
                 out["sweep"] = sweep_plans(eng, kv, tok, prompt_len + WARM + n_decode, sweep)
         m = eng.metrics
         out["stall_s"], out["bytes_uploaded"] = m.stall_seconds, m.bytes_uploaded
         out["pinned_bytes"] = eng.pinned_bytes
         if be.name == "hybrid":
-            out["plans"] = be.describe()
             out["passes"] = dict(be.passes)
             out["handover_s"] = be.handover_seconds
         return out
