@@ -208,6 +208,17 @@ def test_hybrid_planned_from_rates(smollm2_archive, smol_ref):
         text = "\n".join(info["lines"])
         assert "CPU computes" in text and "GPU computes every step" in text
         assert info["rates"]["link"] == rates.link and info["plans"][0]["tokens"] == 1
+        # the gather is held only where the embedding fits the RAM budget beside the CPU's steps
+        be = eng.backend
+        steps_only = be.held_steps - be.gathers
+        packs = {p for si in steps_only for p in be.steps[si]["packs"]}
+        room = be.host_room
+        try:
+            be.host_room = sum(be.cpu.pack_bytes(p) for p in packs)
+            assert be._gathers_within(steps_only) == frozenset()
+        finally:
+            be.host_room = room
+        assert be._gathers_within(steps_only) == be.gathers
         # every pass splits: the prefill gathers its rows on the CPU (the GPU computes the rest)
         assert eng.backend.passes["split"] >= 32 and eng.backend.host_steps(len(ids)) == eng.backend.gathers
 

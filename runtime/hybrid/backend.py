@@ -230,9 +230,18 @@ class HybridBackend:
             # and the steps a plan for a room 10 % smaller gives the CPU: a calibration may find less room
             tighter = plan_pass(self.costs, self.rates, 1, int(0.9 * self.weight_room), self.host_room,
                                 window=self.window)
-            self.held_steps = decode.host | tighter.host | self.gathers if decode.host else frozenset()
+            held = decode.host | tighter.host
+            self.held_steps = held | self._gathers_within(held) if decode.host else frozenset()
         plain = self._hold(self.held_steps)
         return None if ram_left is None else max(0, ram_left - plain)
+
+    def _gathers_within(self, held: frozenset[int]) -> frozenset[int]:
+        """The gather steps, where their packs fit the RAM budget beside the steps `held` (else the GPU
+        keeps gathering)."""
+        packs = {p for si in held for p in self.steps[si]["packs"]}
+        extra = {p for si in self.gathers for p in self.steps[si]["packs"]} - packs
+        total = sum(self.cpu.pack_bytes(p) for p in packs | extra)
+        return self.gathers if self.host_room is None or total <= self.host_room else frozenset()
 
     def _rates(self) -> Rates:
         """The machine's rates (measured now, or read from their cache, unless given)."""
