@@ -224,7 +224,7 @@ def test_hybrid_planned_from_rates(smollm2_archive, smol_ref):
 
 
 def test_calibration_scales_the_one_token_cpu_rate():
-    """Eight decode passes after two skipped: CPU time 1.25x the expected one scales the one-token rates
+    """Eight decode passes after the skipped ones: CPU time 1.25x the expected one scales the one-token rates
     by 0.8 (the batched ones stay) and raises the host's read rate to what the CPU read."""
     from vkpack.runtime.hybrid.calibrate import PASSES, SKIP_PASSES, CpuCalibration
     from vkpack.runtime.hybrid.plan import Plan
@@ -240,6 +240,10 @@ def test_calibration_scales_the_one_token_cpu_rate():
     assert out.host_read == pytest.approx(80 * GB)
     assert not cal.add(plan, 1.0), "corrects once"
     assert cal.room_excess == 0, "nothing uploaded"
+    slow_start = CpuCalibration()
+    for i in range(SKIP_PASSES + PASSES):
+        slow_start.add(plan, 1.0 if i == SKIP_PASSES else 0.125)   # one slow pass among the counted: the median
+    assert slow_start.ratio == pytest.approx(1.25)
     near = CpuCalibration()
     assert [near.add(plan, 0.102) for _ in range(SKIP_PASSES + PASSES)][-1] and near.ratio == pytest.approx(1.02)
     assert near.corrected(rates) is rates, "within the tolerance: the rates stay"
