@@ -297,6 +297,27 @@ def test_hybrid_calibrates_a_wrong_cpu_rate(smollm2_archive, smol_ref):
 
 
 @needs_both
+def test_hybrid_gathers_on_the_cpu_where_it_computes_no_layer(smollm2_archive, smol_ref):
+    """A CPU too slow to take any layer, a model 4x its budget: the CPU still gathers the embedding's rows
+    (held; every pass split at the gather), and the tokens stay the reference's."""
+    from vkpack.runtime.hybrid.backend import HybridBackend
+    from vkpack.runtime.native.backend import NativeCpuBackend
+    from vkpack.runtime.vk.backend import VulkanBackend
+
+    ids, _, ref_tokens, model_bytes = smol_ref
+    dtypes = ("Q4_1", "Q6_K", "Q8_0", "F32", "F16")
+    rates = Rates(link=10 * GB, gpu_read=100 * GB, sync=1e-5,
+                  cpu={dt: {1: 1e-3 * GB, 8: 1e-3 * GB, 32: 1e-3 * GB} for dt in dtypes})
+    make = lambda a: HybridBackend(a, VulkanBackend(a), NativeCpuBackend(a), rates=rates, calibrate=False)
+    with Engine(smollm2_archive, device=make, vram_gb=model_bytes / 4 / 2**30) as eng:
+        be = eng.backend
+        assert be.held_steps == be.gathers and not be.plan(1).host
+        assert greedy(eng, ids, 8) == ref_tokens[:8]
+        assert be.passes["split"] >= 8 and be.passes["gpu_only"] == 0
+        assert "the CPU gathers the embedding's rows" in be.describe()
+
+
+@needs_both
 @pytest.mark.parametrize("vram_fraction", [0.25, pytest.param(None, marks=pytest.mark.slow)],
                          ids=["vram-25pct", "unlimited"])
 def test_smollm2_hybrid_greedy_matches_transformers(smollm2_archive, smollm2_gguf, vram_fraction):

@@ -8,6 +8,10 @@ compute them on the CPU: `host_steps`). Which steps those are follows from the m
 rates and the budgets (plan.py, rates.py), per pass size: a one-token decode computes part of a model
 that does not fit on the CPU while the link streams the rest; a prefill streams everything.
 
+Where the model does not fit, the CPU also gathers the embedding's rows (when the embedding fits the RAM
+budget): a GPU gather loads a whole pack of rows into the tier for each token's row, and every such
+load moves the tier, which undoes the GPU's one-command-buffer replay of its steps.
+
 Activations cross only where the pass changes sides, through host-visible memory: the activations the
 next run of steps reads that the other side wrote (the residual stream). Each layer's KV cache lives
 on the side that computes it, brought up to date when that changes (kv.py).
@@ -231,7 +235,10 @@ class HybridBackend:
             tighter = plan_pass(self.costs, self.rates, 1, int(0.9 * self.weight_room), self.host_room,
                                 window=self.window)
             held = decode.host | tighter.host
-            self.held_steps = held | self._gathers_within(held) if decode.host else frozenset()
+            # gathers too where nothing else is on the CPU: the GPU then holds every layer it can, the
+            # embedding's rows only read as each token needs them (llama.cpp keeps token embeddings on
+            # the CPU for the same reason)
+            self.held_steps = held | self._gathers_within(held)
         plain = self._hold(self.held_steps)
         return None if ram_left is None else max(0, ram_left - plain)
 
@@ -450,6 +457,8 @@ class HybridBackend:
             lines.append(f"CPU steps set by hand; for one token: {sorted(self.held_steps)}")
         elif not self.held_steps:
             lines.append("GPU computes every step (the model fits, or the CPU would not gain)")
+        if self.gathers & self.held_steps:
+            lines.append("the CPU gathers the embedding's rows")
         lines += [f"plan: {p.describe(self.costs)}" for _b, p in sorted(self._plans.items())]
         cal = self.calibration.describe()
         return lines + ([cal] if cal else [])
