@@ -210,8 +210,9 @@ KEYS: tuple[Key, ...] = (
         "graph steps to prefetch ahead (default: 3; the Vulkan backend raises a nonzero value to twice its "
         "loading threads)"),
     Key("device", "performance", "device", "VKPACK_DEVICE", _choice("auto", "cpu", "numpy", "vulkan", "hybrid"),
-        "--device", "compute device: auto (a GPU through Vulkan, else the CPU), cpu (native kernels), "
-        "numpy (the reference backend), vulkan (default: auto)", metavar="{auto,cpu,numpy,vulkan}"),
+        "--device", "compute device: auto (a GPU through Vulkan with the CPU computing what does not fit, "
+        "else the CPU), cpu (native kernels), numpy (the reference backend), vulkan (the GPU alone), hybrid "
+        "(the GPU and the CPU, or an error) (default: auto)", metavar="{auto,cpu,numpy,vulkan,hybrid}"),
     Key("device_index", "performance", "device_index", "VKPACK_DEVICE_INDEX", _int_at_least(0),
         "--device-index", "which Vulkan physical device to use (default: picked automatically)"),
     Key("threads", "performance", "threads", "VKPACK_THREADS", _int_at_least(1), "--threads",
