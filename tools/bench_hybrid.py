@@ -106,7 +106,7 @@ def sweep_plans(eng: Engine, kv: Any, tok: int, pos: int, n: int) -> list[dict[s
     (two steps) at a time, `n` plans from the held run; each plan's expected and measured token time
     (the model's error across placements, not only at the chosen one)."""
     be = eng.backend
-    held = sorted(be.held_steps)
+    held = sorted(be.held_steps - be.gathers)   # the layer steps (the gather stays on the CPU)
     rows = []
     for j in range(n):
         host = frozenset(held[2 * j:])

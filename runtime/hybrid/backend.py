@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 PLAN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+def _bucket(tokens: int) -> int:
+    """The pass size a pass of `tokens` tokens is planned as."""
+    return next((b for b in PLAN_BUCKETS if b >= tokens), PLAN_BUCKETS[-1])
+
+
 class HeldWeights:
     """`weights.part(si, oi, name, i)` for the CPU's steps: their weights as this backend holds them."""
 
@@ -129,9 +134,9 @@ class HybridBackend:
         self.weight_room = 0    # the tier's room for weights (its budget less KV caches and activations)
         self.window = 0         # of which packs in flight take this much where a plan streams
         self.host_room: int | None = None
-        # embedding gathers: where the CPU computes part of a pass it gathers the rows too, from the
-        # held embedding (a GPU gather loads a pack of rows into the tier for each token's row: on
-        # the H100 host 3.4 MB a token, and every load moved the tier and undid the GPU's replay)
+        # embedding gathers: where the model streams the CPU gathers the rows, from the held embedding
+        # (a GPU gather loads a pack of rows into the tier for each token's row: on the H100 host
+        # 3.4 MB a token, and every load moved the tier and undid the GPU's replay)
         self.gathers = frozenset(si for si, st in enumerate(self.steps) if st.get("gather"))
         self.layer_of = {si: [op["attrs"]["layer"] for op in st["ops"] if op["op"] == "attention"]
                          for si, st in enumerate(self.steps)}
@@ -294,7 +299,7 @@ class HybridBackend:
         """The plan of a pass of `tokens` tokens (None: steps fixed by hand)."""
         if self.fixed is not None:
             return None
-        bucket = next((b for b in PLAN_BUCKETS if b >= tokens), PLAN_BUCKETS[-1])
+        bucket = _bucket(tokens)
         plan = self._plans.get(bucket)
         if plan is None:
             plan = self._plans[bucket] = plan_pass(self.costs, self.rates, bucket, self.weight_room, self.host_room,
@@ -375,8 +380,10 @@ class HybridBackend:
 
     def _calibrate(self, tokens: int, cpu_took: float, uploaded: int) -> None:
         """Correct the CPU's rates and the tier's room from the decode passes (calibrate.py) and plan again."""
-        plan = self.plan(tokens)
         cal = self.calibration
+        if cal.done:
+            return
+        plan = self.plan(tokens)
         if plan is None or not cal.add(plan, cpu_took, uploaded):
             return
         rates = cal.corrected(self.rates)
@@ -396,7 +403,7 @@ class HybridBackend:
         """Tools: run passes of `tokens` tokens with the CPU computing `host` (held steps only), to
         measure a placement the planner did not choose."""
         assert host <= self.held_steps and self.fixed is None
-        bucket = next((b for b in PLAN_BUCKETS if b >= tokens), PLAN_BUCKETS[-1])
+        bucket = _bucket(tokens)
         self.calibration.done = True
         plan = self._plans[bucket] = evaluate(self.costs, self.rates, bucket, self.weight_room, host, self.window)
         return plan

@@ -144,7 +144,8 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
         log.warning("could not cache the measured rates in %s (%s)", path, e)
 
 
-def _best_of(n: int, fn: Any) -> float:
+def best_of(n: int, fn: Any) -> float:
+    """The shortest of `n` timed calls of `fn` (seconds): the machine's rate, not its noise."""
     best = float("inf")
     for _ in range(n):
         t0 = time.perf_counter()
@@ -168,9 +169,9 @@ def _measure_link(dev: Any) -> float:
             if room is not None:
                 cache.host_view(room[0], room[1], n)[:] = 7
                 cache.commit(0, room[0], room[1], n)
-                return n / _best_of(3, lambda: cache.copy_to(0, buf, 0))
+                return n / best_of(3, lambda: cache.copy_to(0, buf, 0))
         data = np.full(n, 7, dtype=np.uint8)
-        return n / _best_of(3, lambda: dev.upload(buf, data))
+        return n / best_of(3, lambda: dev.upload(buf, data))
     finally:
         if cache is not None:
             cache.close()
@@ -194,7 +195,7 @@ def _measure_gpu_read(dev: Any) -> float:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < GPU_WARM_S:
             rec.run()
-        return 2 * n * GPU_COPIES / _best_of(5, rec.run)
+        return 2 * n * GPU_COPIES / best_of(5, rec.run)
     finally:
         rec.destroy()
         src.destroy()
@@ -212,7 +213,7 @@ def _measure_sync(dev: Any) -> float:
             dev.download(buf, row.nbytes)
 
         once()
-        return _best_of(5, once)
+        return best_of(5, once)
     finally:
         buf.destroy()
 
@@ -222,7 +223,7 @@ def _measure_host_read(cpu_backend: Any) -> float:
     buf = np.ones(CPU_PROBE_BYTES, dtype=np.uint8)
     kernels = cpu_backend.kernels
     kernels.bench_read(buf, cpu_backend.threads)
-    return buf.size / _best_of(3, lambda: kernels.bench_read(buf, cpu_backend.threads))
+    return buf.size / best_of(3, lambda: kernels.bench_read(buf, cpu_backend.threads))
 
 
 def _measure_cpu(cpu_backend: Any, dtype: str, tokens: int) -> float:
@@ -237,4 +238,4 @@ def _measure_cpu(cpu_backend: Any, dtype: str, tokens: int) -> float:
     x = np.full((tokens, cols), 0.01, dtype=np.float32)
     y = np.empty((tokens, rows), dtype=np.float32)
     cpu_backend.matmul(w, x, y)
-    return rows * rb / _best_of(3, lambda: cpu_backend.matmul(w, x, y))
+    return rows * rb / best_of(3, lambda: cpu_backend.matmul(w, x, y))

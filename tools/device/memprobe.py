@@ -17,13 +17,13 @@ import argparse
 import json
 import mmap
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from vkpack.pack_format.reader import Archive
 from vkpack.runtime import vk
+from vkpack.runtime.hybrid.rates import best_of
 from vkpack.runtime.native.backend import NativeCpuBackend
 
 COLS = 4096
@@ -35,15 +35,6 @@ def anon_huge_kib() -> int:
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1])
     return -1
-
-
-def best_of(n: int, fn) -> float:
-    best = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def measure(cpu: NativeCpuBackend, buf: np.ndarray, name: str) -> dict:
