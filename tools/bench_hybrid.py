@@ -47,6 +47,7 @@ def model_files(name: str, work: Path, quick: bool) -> tuple[Path, Path]:
 
 def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, n_decode: int,
                prefill: bool, threads: int | None = None, sweep: int = 0) -> dict[str, Any]:
+    host = host_state()
     t0 = time.perf_counter()
     n_ctx = prompt_len + WARM + n_decode + sweep * SWEEP_TOKENS + 8
     eng = Engine(arch, device=device, vram_gb=vram_gb, context=n_ctx, prefetch_lookahead=32, threads=threads)
@@ -56,7 +57,7 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
         rng = np.random.default_rng(1)
         prompt = [int(t) for t in rng.integers(3, eng.hp["vocab"], prompt_len)]
         out: dict[str, Any] = {"device": device, "backend": be.name, "vram_gb": vram_gb, "threads": threads,
-                               "start_s": started,
+                               "start_s": started, "host_at_start": host,
                                "model_bytes": eng.model_bytes, "budget": eng.tier.budget}
         with eng.kv_session(n_ctx) as kv:
             times = []
@@ -99,6 +100,20 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
         return out
     finally:
         eng.close()
+
+
+def host_state() -> dict[str, float]:
+    """The load average and the dirty and writeback page cache (GB) as a run starts: a host still
+    writing the generated model back to disk takes cores from 16 threads that wait on their slowest."""
+    out = {"loadavg_1m": os.getloadavg()[0]}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Dirty", "Writeback"):
+                out[f"{key.lower()}_gb"] = int(rest.split()[0]) * 1024 / 1e9
+    except OSError:
+        pass
+    return out
 
 
 def sweep_plans(eng: Engine, kv: Any, tok: int, pos: int, n: int) -> list[dict[str, Any]]:

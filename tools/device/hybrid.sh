@@ -11,12 +11,14 @@ set -o pipefail
 if [ "$1" = files ]; then
   [ -d /tmp/llb-cuda ] || setsid bash tools/device/llama_build.sh cuda 12 < /dev/null > /dev/null 2>&1 &
   python3 tools/bench_hybrid.py --work /tmp/bench --out "$OUT" --only-files 2>&1 | grep -v gguf_writer
+  sync   # the generated files' writeback would otherwise take cores from the timed runs
   exit
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader; nproc; lscpu | grep -E "Model name|L3" | cut -c1-100
 bench=()
 bash tools/device/llama_wait.sh cuda 240 && bench=(--llama-bench /tmp/llb-cuda/llama.cpp/build/bin/llama-bench)
+sync
 # after the build: memprobe beside a compiler at 12 jobs read 50-77 GB/s where the same host's rates said 129
 [ -n "${MEMPROBE:-}" ] && python3 tools/device/memprobe.py /tmp/bench/8b.vkpack --gib 4 2>&1 | tee "$OUT/memprobe.txt"
 python3 tools/bench_hybrid.py --work /tmp/bench --out "$OUT" --configs "${2:-hybrid:4,hybrid:8,cpu}" \
-  --llama-ngl "${3:-0,7,16}" "${bench[@]}" --threads "$(nproc)" --sweep "${SWEEP:-0}" 2>&1 | grep -v gguf_writer | tee "$OUT/log.txt"
+  --llama-ngl "${3:-0,7,16}" "${bench[@]}" --threads "$(nproc)" --sweep "${SWEEP:-0}" --decode "${DECODE:-16}" 2>&1 | grep -v gguf_writer | tee "$OUT/log.txt"
