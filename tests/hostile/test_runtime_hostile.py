@@ -134,7 +134,8 @@ def test_millions_of_empty_arrays_are_refused_by_count():
     t0 = time.monotonic()
     with pytest.raises(FormatError, match=f"more than {MAX_INDEX_ITEMS} arrays"):
         parse_index(blob, 4096)
-    assert time.monotonic() - t0 < 5
+    # 2 s alone on the 2-core VM, 6 s once beside other tests; a quadratic walk would take hours
+    assert time.monotonic() - t0 < 30
 
 
 def test_many_small_maps_are_counted_too():
