@@ -25,6 +25,9 @@ for _name, _code in WEIGHT_TYPES.items():
     # a mixture's chosen experts in one dispatch, weights anywhere in the tier's blocks (subgroups required)
     VARIANTS[f"moe_matvec_{_name.lower()}"] = {"source": "moe_matvec.comp", "defines": {"WTYPE": _code},
                                                "reduce": False}
+    # a mixture's prefill: every chosen expert's rows in one tiled dispatch, weights anywhere in the tier's blocks
+    VARIANTS[f"moe_matmul_{_name.lower()}"] = {"source": "moe_matmul.comp", "defines": {"WTYPE": _code},
+                                               "reduce": False}
 # decode matvec by sub-block for K-quants (subgroups required)
 MATVEC_K_TYPES = ("Q4_K", "Q6_K")
 for _name in MATVEC_K_TYPES:

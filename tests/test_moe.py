@@ -349,6 +349,8 @@ def check_vulkan(archive, vram_gb: float | None = None) -> dict:
         if moe.table is not None:   # decode steps ran the chosen experts batched: one recording per layer
             batched = {k[:2] for k in moe._cache if len(k) > 2 and k[2] == "batched"}
             assert len(batched) == 4, batched
+        if moe.gtable is not None:  # and the 64-token prefill grouped (64 rows x k slots > MAX_SLOTS)
+            assert moe.grouped_passes >= 4, moe.grouped_passes
         stats = eng.stats()
         # the same choices as the numpy backend's: as many expert uses; resident, the same hits and misses
         assert stats["expert_hits"] + stats["expert_misses"] == cpu["expert_hits"] + cpu["expert_misses"]
@@ -379,6 +381,27 @@ def test_vulkan_matches_numpy(made, tmp_path, family, dtype):
     streamed = check_vulkan(tmp_path / "m.vkpack", vk_quarter_of_experts(tmp_path / "m.vkpack"))
     assert streamed["expert_misses"] > 2 * n_experts   # a quarter fits: experts were evicted and loaded again
     assert streamed["expert_hits"] > 0
+
+
+@needs_vulkan
+def test_vulkan_grouped_experts_in_small_chunks(moe_archive, monkeypatch):
+    """The grouped prefill with chunks of 16 slots and 2 table regions: experts with more rows than a chunk
+    split over several, the host waiting for the device to free the regions; as the numpy backend computes."""
+    from vkpack.runtime.vk import moe
+
+    monkeypatch.setattr(moe, "CHUNK_SLOTS", 16)
+    monkeypatch.setattr(moe, "TABLE_REGIONS", 2)
+    split = []
+    real = moe.MoeSteps._chunks
+
+    def chunks(self, *a, **kw):
+        out = real(self, *a, **kw)
+        split.append(len({e for c in out for e, _, _ in c}) < sum(len(c) for c in out))
+        return out
+    monkeypatch.setattr(moe.MoeSteps, "_chunks", chunks)
+    stats = check_vulkan(moe_archive)
+    assert any(split), "no expert had more rows than a chunk"
+    assert stats["expert_hits"] > 0
 
 
 @needs_vulkan
@@ -588,4 +611,75 @@ def test_vulkan_moe_matvec_reads_weights_anywhere_in_the_tier(dev, ops, dtype):
         want_out[idx[s]] += wts[s] * got[s]
     np.testing.assert_allclose(from_dev(dev, ob, np.float32, (2, rows)), want_out, rtol=1e-5, atol=1e-5)
     for b in (*blocks, tb, xb, yb, ob):
+        b.destroy()
+
+
+@needs_vulkan
+@pytest.mark.parametrize("dtype", ["F32", "Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_vulkan_moe_matmul_groups_rows_of_each_expert(dev, ops, dtype):
+    """moe_matmul.comp (the grouped prefill path): groups of up to MOE_GROUP_SLOTS slots, each group's weight
+    wherever its table entry says (two blocks), x rows gathered through the table or read in slot order, an
+    unused group (count 0) left alone; as numpy's x @ W.T within 1e-4 relative. sum_rows_by_list then adds
+    each listed row's slots in its list's order."""
+    from vk_helpers import from_dev, random_weight, to_dev
+
+    from vkpack.runtime.vk.ops import MOE_GROUP_SLOTS
+    from vkpack.runtime.vk.recorder import Recorder
+
+    if not dev.features.get("shaderStorageBufferArrayDynamicIndexing"):
+        pytest.skip("no dynamic indexing of buffer arrays")
+    rng = np.random.default_rng(5)
+    rows, cols, t = 80, 512, 90   # t > the slots: read in slot order, slot j reads x row j
+    counts = [MOE_GROUP_SLOTS + 7, 3, MOE_GROUP_SLOTS]   # expert 0 spans two groups; one group stays unused
+    n = sum(counts)
+    blocks = [dev.alloc(1 << 20, "device"), dev.alloc(1 << 20, "device")]
+    dense, place = [], []
+    for e in range(len(counts)):
+        raw, w = random_weight(rng, dtype, rows, cols)
+        blk, off = (e + 1) % 2, 16 * (e + 3) + e * (raw.nbytes // 16 * 16 + 4096)
+        dev.upload(blocks[blk], np.ascontiguousarray(raw).view(np.uint8).reshape(-1), off)
+        dense.append(w)
+        place.append((blk, off))
+    slot_expert = np.repeat(np.arange(len(counts)), counts)
+    slot_row = np.concatenate([np.sort(rng.choice(t, c, replace=False)) for c in counts]).astype(np.uint32)
+    groups, j = [], 0
+    for e, c in enumerate(counts):
+        for j0 in range(j, j + c, MOE_GROUP_SLOTS):
+            groups.append([*place[e], j0, min(MOE_GROUP_SLOTS, j + c - j0)])
+        j += c
+    groups.append([0, 0, 0, 0])
+    # the sum's lists: R, rows[n], offsets[n + 1], slot[n], w[n] (as moe.py writes a chunk's region)
+    order = np.argsort(slot_row, kind="stable")
+    touched, per_row = np.unique(slot_row[order], return_counts=True)
+    wts = rng.random(n).astype(np.float32)
+    lists = np.zeros(2 + 4 * n, np.uint32)
+    lists[0] = len(touched)
+    lists[1:1 + len(touched)] = touched
+    lists[2 + n:2 + n + len(touched)] = np.cumsum(per_row)
+    lists[2 + 2 * n:2 + 3 * n] = order
+    lists[2 + 3 * n:2 + 4 * n] = wts.view(np.uint32)
+    rows_off, tbl_off = len(lists), len(lists) + n
+    tb = to_dev(dev, np.concatenate([lists, slot_row, np.array(groups, np.uint32).reshape(-1)]))
+    x = rng.standard_normal((t, cols)).astype(np.float32)
+    xb = to_dev(dev, x)
+    ya = to_dev(dev, np.full((n, rows), 7.0, np.float32))
+    yb = to_dev(dev, np.full((n, rows), 7.0, np.float32))
+    out0 = rng.standard_normal((t, rows)).astype(np.float32)
+    ob = to_dev(dev, out0)
+    rec = Recorder(dev)
+    ops.moe_matmul(rec, dtype, blocks, xb, tb, ya, rows, cols, len(groups), cols, rows, tbl_off, rows_off)
+    ops.moe_matmul(rec, dtype, blocks, xb, tb, yb, rows, cols, len(groups), cols, rows, tbl_off, None)
+    ops.sum_rows_by_list(rec, ya, ob, tb, n, rows, 0, t)
+    rec.run()
+    rec.destroy()
+    gathered, in_order = from_dev(dev, ya, np.float32, (n, rows)), from_dev(dev, yb, np.float32, (n, rows))
+    want_g = np.stack([dense[slot_expert[s]] @ x[slot_row[s]] for s in range(n)])
+    want_o = np.stack([dense[slot_expert[s]] @ x[s] for s in range(n)])
+    errs = [rel_err(gathered[s], want_g[s]) for s in range(n)] + [rel_err(in_order[s], want_o[s]) for s in range(n)]
+    assert max(errs) < 1e-4, f"{max(errs):.1e}"
+    want_out = out0.astype(np.float64)
+    for s in order:
+        want_out[slot_row[s]] += wts[s] * gathered[s]
+    np.testing.assert_allclose(from_dev(dev, ob, np.float32, (t, rows)), want_out, rtol=1e-5, atol=1e-5)
+    for b in (*blocks, tb, xb, ya, yb, ob):
         b.destroy()

@@ -17,6 +17,13 @@ in pieces, each recording cached like any step's (keyed by the pass shape and th
    the output; one expert's packs are read once for all the rows of the pass that chose it;
 4. the shared expert added (scaled by sigmoid of its gate), then the step's ops after the moe op.
 
+Piece 3 runs one of three ways. A decode's few (row, expert) slots (up to MAX_SLOTS) are batched: one
+cached recording per layer, moe_matvec.comp reading each slot's weight through a table of places in the
+tier. A prefill's slots are grouped: cut into chunks between experts, each chunk one recording whose
+moe_matmul.comp dispatches tile each expert's rows (a table again, so the recording is reused whatever
+the router chose). Otherwise (weights split in parts, mixed types, no arrays of buffers) each expert is
+its own recording, keyed by its rows and places.
+
 Pieces 3 and 4 are queued without waiting; the next step's submission carries them. The route and
 readback buffers are rewritten only after a fence wait, when nothing queued reads them any more.
 
@@ -38,10 +45,11 @@ import numpy as np
 
 from ...shaders.variants import WEIGHT_TYPES
 from ..cpu import ops as cpu_ops
-from .graph_ops import GraphOps
+from .graph_ops import MOE_G, MOE_U, MOE_Y, GraphOps
 from .inflight import InFlight
+from .kernels import BufferSlice
 from .layout import MAX_TOKENS_PER_PASS, PassState
-from .ops import MOE_MAX_BLOCKS
+from .ops import MOE_GROUP_SLOTS, MOE_MAX_BLOCKS
 from .recorder import Recorder
 
 MAX_CACHED_RECORDINGS = 2048  # pieces and experts: decode records (layer, expert) once while it fits
@@ -53,6 +61,13 @@ EARLY_SUBMIT = True
 # (off, or beyond: one recording per expert, 4 dispatches each)
 BATCHED = True
 MAX_SLOTS = 64
+# beyond MAX_SLOTS (prefill), the chosen experts run grouped: moe_matmul.comp tiles each expert's rows, every
+# expert of a chunk of slots in one dispatch per matrix, so a layer is a few cached recordings whatever the
+# router chose (per expert, a 512-token pass of a 128-expert model re-recorded ~6,000 a pass); off: per expert
+GROUPED = True
+CHUNK_SLOTS = 512    # a chunk's slots at most (and at most the pass's rows: its products go through the pass's
+                     # per-expert scratch, moe_g/moe_u/moe_y, sized for that many)
+TABLE_REGIONS = 16   # chunk tables the host writes ahead; past them it waits for the device to read the oldest
 
 
 class MoeSteps:
@@ -73,6 +88,9 @@ class MoeSteps:
         self.blocks: list[Any] = []        # the device tier's buffers (`use_tier`), for the batched path
         self._batch_ok: dict[tuple[int, int], tuple[str, str, str, int, int] | None] = {}
         self.table = self._g = self._u = self._y = None
+        self.gtable = self.gtable_dev = None   # the grouped path's chunks: written by the host, copied to the device
+        self.groups = self.region = 0
+        self.grouped_passes = 0
         if not moe:
             return
         n = max(len(op["attrs"]["experts"]) for op in moe) + 1    # the experts, then the shared expert
@@ -90,6 +108,16 @@ class MoeSteps:
             self._tbl = np.frombuffer(self.table.view(), dtype=np.uint32)
             self._g, self._u = dev.alloc(4 * MAX_SLOTS * ffn, "device"), dev.alloc(4 * MAX_SLOTS * ffn, "device")
             self._y = dev.alloc(4 * MAX_SLOTS * width, "device")
+            if GROUPED:
+                # a chunk's table: R, rows[S], offsets[S + 1], slot[S], w[S], xrow[S] (S = CHUNK_SLOTS), then
+                # gate, up and down's G groups; the host writes TABLE_REGIONS of them in turn, and each chunk's
+                # recording copies its own into the one on the device (a queue's recordings run in order, each
+                # beginning with a barrier on all earlier work)
+                self.groups = CHUNK_SLOTS // MOE_GROUP_SLOTS + n
+                self.region = 2 + 5 * CHUNK_SLOTS + 12 * self.groups
+                self.gtable = dev.alloc(4 * self.region * TABLE_REGIONS, "upload")
+                self.gtable_dev = dev.alloc(4 * self.region, "device")
+                self._gtbl = np.frombuffer(self.gtable.view(), dtype=np.uint32)
 
     def reserve_offload(self, width: int) -> None:
         """The buffers an offload needs (ops whose rows are `width` floats wide), allocated before the
@@ -112,8 +140,8 @@ class MoeSteps:
         self._block_of = {id(b): i for i, b in enumerate(self.blocks)}
 
     def _buffers(self) -> list[Any]:
-        return [b for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g, self._u, self._y)
-                if b is not None]
+        return [b for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g, self._u, self._y,
+                            self.gtable, self.gtable_dev) if b is not None]
 
     @property
     def device_bytes(self) -> int:
@@ -218,6 +246,11 @@ class MoeSteps:
             held, missing = [], []
             if cpu or self.early_submit:
                 self.inflight.flush(weights, wait=False)
+        elif info is not None and self.gtable is not None and (held or missing):
+            self._queue_grouped(si, oi, op, sorted(held + missing), idx, gate, ps, weights, info, pin_limit, resident)
+            held, missing = [], []
+            if cpu or self.early_submit:
+                self.inflight.flush(weights, wait=False)
         for e in held:
             self._queue_expert(si, oi, op, e, idx, gate, t, wbase, ps, weights, pin_limit, resident)
         if held and (cpu or self.early_submit):
@@ -273,6 +306,109 @@ class MoeSteps:
         if not resident and self.inflight.pinned() > pin_limit:
             self.inflight.flush(weights, wait=False)
             self.inflight.release_oldest(weights, pin_limit // 2)
+
+    def _chunks(self, si: int, oi: int, op: dict[str, Any], experts: list[int], idx: np.ndarray, gate: np.ndarray,
+                size: int, cap: int | None) -> list[list[tuple[int, np.ndarray, np.ndarray]]]:
+        """The slots (row, expert) of `experts` in expert order, cut into chunks of at most `size` slots and,
+        with a `cap`, at most cap pack bytes of experts each, between experts (one expert's rows are one chunk's
+        unless they are more than `size`): per chunk, (expert, its rows there, their routing weights)."""
+        chunks: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[]]
+        used = nbytes = 0
+        for e in experts:
+            rows, col = np.nonzero(idx == e)
+            w = gate[rows, col]
+            eb = self._expert_bytes(si, oi, op, e)
+            if chunks[-1] and (used + len(rows) > size or (cap is not None and nbytes + eb > cap)):
+                chunks.append([])
+                used = nbytes = 0
+            for start in range(0, len(rows), size):
+                if used == size:
+                    chunks.append([])
+                    used = nbytes = 0
+                take = min(len(rows) - start, size)
+                chunks[-1].append((e, rows[start:start + take], w[start:start + take]))
+                used += take
+                nbytes += eb
+        return chunks
+
+    def _expert_bytes(self, si: int, oi: int, op: dict[str, Any], e: int) -> int:
+        tensors = self.graph_ops.tensors
+        return sum(self.inflight.pack_bytes(tensors[name].parts[pi].pack) for name, pi in self._uses(si, oi, op, e))
+
+    def _queue_grouped(self, si: int, oi: int, op: dict[str, Any], experts: list[int], idx: np.ndarray,
+                       gate: np.ndarray, ps: PassState, weights: Any, info: tuple[str, str, str, int, int],
+                       pin_limit: int, resident: bool) -> None:
+        """The experts' rows as chunks of slots (expert order), each one recording: its table copied to the
+        device, gate and up over every group of the chunk (a group: up to MOE_GROUP_SLOTS rows of one expert),
+        SwiGLU, down, then each row's slots added to it in expert order. Each chunk pins its own experts' packs
+        (streaming: at most half the pin limit, released as the device finishes)."""
+        gdt, udt, ddt, ffn, width = info
+        names = op["attrs"]["experts"]
+        x, out, t = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.rows()
+        g_buf, u_buf, y_buf = ps.buf(MOE_G), ps.buf(MOE_U), ps.buf(MOE_Y)
+        xs = ps.width(op["in"][0])
+        size = min(CHUNK_SLOTS, ps.T)   # the slots the scratch holds
+        S, G, R = CHUNK_SLOTS, self.groups, self.region
+        chunks = self._chunks(si, oi, op, experts, idx, gate, size, None if resident else max(1, pin_limit // 2))
+        self.grouped_passes += 1
+        for c, chunk in enumerate(chunks):
+            # the router's wait found the device idle: every region is free at the op's start; past the last,
+            # wait for the device to have read them all
+            if c and c % TABLE_REGIONS == 0:
+                self.inflight.flush(weights)
+            base = (c % TABLE_REGIONS) * R
+            entries: list[Any] = []
+            try:
+                for e in dict.fromkeys(e for e, _, _ in chunk):
+                    entries += [weights.acquire(si, oi, name, pi) for name, pi in self._uses(si, oi, op, e)]
+            except BaseException:
+                weights.release(entries)
+                raise
+            payload = {k: v for h in entries for k, v in h.payload.items()}
+            self._write_chunk(self._gtbl[base:base + R], chunk, payload, names)
+
+            def record(rec: Recorder, base=base) -> None:
+                o, dtb, gb = self.graph_ops.ops, self.gtable_dev, 2 + 5 * S
+                rec.copy(BufferSlice(self.gtable, 4 * base, 4 * R), dtb)
+                o.moe_matmul(rec, gdt, self.blocks, x, dtb, g_buf, ffn, width, G, xs, ffn, gb, 2 + 4 * S)
+                o.moe_matmul(rec, udt, self.blocks, x, dtb, u_buf, ffn, width, G, xs, ffn, gb + 4 * G, 2 + 4 * S)
+                o.swiglu(rec, g_buf, u_buf, g_buf, size * ffn)
+                o.moe_matmul(rec, ddt, self.blocks, g_buf, dtb, y_buf, width, ffn, G, ffn, width, gb + 8 * G, None)
+                o.sum_rows_by_list(rec, y_buf, out, dtb, S, width, 0, min(size, t))
+            rec = self._cached((si, oi, "grouped", c % TABLE_REGIONS, size, ps.T, ps.layout, len(self.blocks)), "experts",
+                               record)
+            self.inflight.add(rec, entries)
+            if not resident and self.inflight.pinned() > pin_limit // 2:
+                self.inflight.flush(weights, wait=False)
+                self.inflight.release_oldest(weights, pin_limit // 2)
+
+    def _write_chunk(self, tbl: np.ndarray, chunk: list[tuple[int, np.ndarray, np.ndarray]], payload: dict,
+                     names: list[list[str]]) -> None:
+        """One chunk's table (the layout `_queue_grouped` reads): its rows' slot lists, weights and x rows, then
+        per role its groups of at most MOE_GROUP_SLOTS slots of one expert (the unused ones zero)."""
+        S, G = CHUNK_SLOTS, self.groups
+        slot_rows = np.concatenate([r for _, r, _ in chunk]).astype(np.uint32)
+        n = len(slot_rows)
+        order = np.argsort(slot_rows, kind="stable")   # each row's slots, in expert order
+        touched, counts = np.unique(slot_rows[order], return_counts=True)
+        tbl[0] = len(touched)
+        tbl[1:1 + len(touched)] = touched
+        tbl[1 + S] = 0
+        tbl[2 + S:2 + S + len(touched)] = np.cumsum(counts)
+        tbl[2 + 2 * S:2 + 2 * S + n] = order
+        tbl[2 + 3 * S:2 + 3 * S + n] = np.concatenate([w for _, _, w in chunk]).astype(np.float32).view(np.uint32)
+        tbl[2 + 4 * S:2 + 4 * S + n] = slot_rows
+        groups = np.zeros((3, G, 4), dtype=np.uint32)
+        g = j = 0
+        for e, rows, _ in chunk:
+            places = [payload[(names[e][role], 0)] for role in range(3)]
+            for j0 in range(j, j + len(rows), MOE_GROUP_SLOTS):
+                cnt = min(MOE_GROUP_SLOTS, j + len(rows) - j0)
+                for role, wt in enumerate(places):
+                    groups[role, g] = (self._block_of[id(wt.buffer)], wt.offset, j0, cnt)
+                g += 1
+            j += len(rows)
+        tbl[2 + 5 * S:2 + 5 * S + 12 * G] = groups.reshape(-1)
 
     def _queue_expert(self, si: int, oi: int, op: dict[str, Any], e: int, idx: np.ndarray, gate: np.ndarray,
                       t: int, wbase: int, ps: PassState, weights: Any, pin_limit: int, resident: bool) -> None:
@@ -347,3 +483,4 @@ class MoeSteps:
         for b in self._buffers():
             b.destroy()
         self.readback = self.route = self.xback = self.cpu_out = self.table = self._g = self._u = self._y = None
+        self.gtable = self.gtable_dev = None

@@ -25,6 +25,7 @@ from .memory import Buffer
 from .recorder import Recorder
 
 MOE_MAX_BLOCKS = 16   # moe_matvec.comp's MAX_BLOCKS: the tier blocks one dispatch can read experts from
+MOE_GROUP_SLOTS = 32  # moe_matmul.comp's BN: the slots (rows of one expert) one workgroup's tile holds
 
 if TYPE_CHECKING:
     from vkpack.pack_format.records import TensorRecord
@@ -465,6 +466,28 @@ class Ops:
         """dst[r, :n] += sum over i < m with idx[i] == r (in order) of w[i] * src[i, :n], for r < rows: the
         batched experts' slots added to their rows (several slots per row)."""
         self._moe_rows(rec, src, dst, route, m, n, idx_off, w_off, 2, None, None, rows)
+
+    def sum_rows_by_list(self, rec: Recorder, src: Any, dst: Any, table: Any, m: int, n: int, base: int,
+                         rows: int) -> None:
+        """dst[r, :n] += sum of w[s] * src[s, :n] over the slots s listed for each row r (moe_rows.comp's mode 3:
+        the lists, rows and weights from uint `base` of `table`, laid out for m slots; at most `rows` rows)."""
+        self._moe_rows(rec, src, dst, table, m, n, base, 0, 3, None, None, rows)
+
+    def moe_matmul(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
+                   cols: int, groups: int, x_stride: int, y_stride: int, tbl_off: int, rows_off: int | None) -> None:
+        """y[j, :rows] = x[xrow(j), :] @ W_g.T for the slots j of every group g < groups (moe_matmul.comp): per
+        group (4 uint32 from uint tbl_off of `table`) its weight's tier block and byte offset, its first slot and
+        its count (at most MOE_GROUP_SLOTS; 0: unused); xrow(j) = table[rows_off + j], or j where rows_off is None."""
+        if len(blocks) > MOE_MAX_BLOCKS:
+            raise VulkanError(f"moe_matmul: {len(blocks)} tier blocks > {MOE_MAX_BLOCKS}")
+        bm, bn, tm, tn = 64, MOE_GROUP_SLOTS, 4, 2
+        bk = max(32, WEIGHT_FORMATS[dtype][3])
+        k = self._k(f"moe_matmul_{dtype.lower()}", MOE_MAX_BLOCKS + 3, 24, (MOE_MAX_BLOCKS + 2,),
+                    {0: (bm // tm) * (bn // tn), 1: bm, 2: bn, 3: bk, 4: tm, 5: tn}, arrays={0: MOE_MAX_BLOCKS})
+        binds = [*blocks, *[blocks[0]] * (MOE_MAX_BLOCKS - len(blocks)), x, table, y]
+        gx, gz = self._grid(-(-rows // bm))
+        rec.dispatch(k, binds, (gx, groups, gz), struct.pack("<6I", rows, cols, x_stride, y_stride, tbl_off,
+                                                             0xFFFFFFFF if rows_off is None else rows_off))
 
     def moe_matvec(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
                    cols: int, slots: int, x_stride: int, y_stride: int, tbl_off: int) -> None:
