@@ -97,6 +97,10 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
         if be.name == "hybrid":
             out["passes"] = dict(be.passes)
             out["handover_s"] = be.handover_seconds
+            # where the tier's room went (a plan meant to stream nothing uploaded 256 MiB a pass at 4 GiB)
+            out["tier"] = {"blocks": list(eng.tier.blocks), "in_use": eng.tier.in_use, "entries": len(eng.tier.entries),
+                           "weight_room": be.weight_room, "reserved": be.reserved_bytes,
+                           "largest_pack": max(be.gpu.pack_bytes(p) for p in range(len(eng.archive.packs)))}
         return out
     finally:
         eng.close()
