@@ -384,6 +384,17 @@ def test_vulkan_matches_numpy(made, tmp_path, family, dtype):
 
 
 @needs_vulkan
+def test_vulkan_tier_blocks_fit_one_binding_for_moe(moe_archive):
+    """A MoE archive's device tier is cut into blocks no larger than one storage binding's range, so that the
+    batched and grouped experts can bind them whole (lavapipe: 128 MiB; a 0.3 GiB budget was one block)."""
+    with Engine(moe_archive, device="vulkan", vram_gb=0.3) as eng:
+        rng = eng.backend.dev.info.max_storage_buffer_range
+        assert eng.tier.blocks and all(b <= rng for b in eng.tier.blocks)
+        if eng.backend.runner.moe.table is not None:
+            assert eng.backend.runner.moe.blocks
+
+
+@needs_vulkan
 def test_vulkan_grouped_experts_in_small_chunks(moe_archive, monkeypatch):
     """The grouped prefill with chunks of 16 slots and 2 table regions: experts with more rows than a chunk
     split over several, the host waiting for the device to free the regions; as the numpy backend computes."""

@@ -67,6 +67,10 @@ class VulkanBackend:
         info = self.dev.info
         self.max_block = min(1 << 30, info.max_memory_allocation_size, info.main_heap.size // 2) // ALIGN * ALIGN
         self.steps = archive.graph["steps"]
+        if any(op["op"] == "moe" for s in self.steps for op in s["ops"]):
+            # the batched and grouped experts bind every tier block whole (vk/moe.py): no block beyond one
+            # binding's range (lavapipe's is 128 MiB; NVIDIA's 4 GiB leaves the 1 GiB blocks as they are)
+            self.max_block = min(self.max_block, info.max_storage_buffer_range // ALIGN * ALIGN)
         self.uploads = PackUploads(self.dev, archive)
         # moe ops (vk/moe.py): their rows besides the graph's activations, laid out with them
         self.layout = ActivationLayout(self.dev, self.ops, archive.graph,
