@@ -136,6 +136,7 @@ HASHES = {
     'moe_matvec_q5_k': '35cc653fff2fcea8',
     'moe_matvec_q6_k': '6037baaed04c7b77',
     'moe_matvec_q8_0': '7ccda2d69b74291b',
+    'moe_route': 'a1ac8bfa81e9780f',
     'moe_rows': '16429d7f3c071601',
     'rms_norm': '7c04060a981f8fe5',
     'rms_norm_nosg': '69b4277690a11028',

@@ -58,6 +58,7 @@ VARIANTS.update({
     "stream_read": {"source": "stream_read.comp", "defines": {}, "reduce": False},
     "argmax": {"source": "argmax.comp", "defines": {}, "reduce": True},
     "moe_rows": {"source": "moe_rows.comp", "defines": {}, "reduce": False},
+    "moe_route": {"source": "moe_route.comp", "defines": {}, "reduce": False},
 })
 
 

@@ -203,6 +203,7 @@ class VulkanBackend:
                 inflight.add(self.layout.readback_recording(ps, inputs.output, r0, r1))
                 inflight.flush(weights)
                 out.append(self.layout.read(ps, inputs.output, r1 - r0))
+            self.runner.moe.settle(weights)   # the experts the device chose, now that the pass is done
             return out[0] if len(out) == 1 else np.concatenate(out)
         except BaseException:
             inflight.flush(weights)

@@ -191,21 +191,22 @@ class GraphOps:
         `moe_expert` (runtime/vk/moe.py)."""
         raise VulkanError("a moe op is recorded in pieces around its router's readback (runtime/vk/moe.py)")
 
-    def moe_router(self, rec, op, ps: PassState, payload: Payload, readback: BufferSlice,
+    def moe_router(self, rec, op, ps: PassState, payload: Payload, readback: BufferSlice | None,
                    xback: BufferSlice | None = None) -> None:
-        """The router's logits (T, n), and the shared expert's gate logit as column n, copied to `readback`
-        for the host's top-k (and the op's input rows to `xback`, for experts the CPU computes); the
-        shared expert's output into MOE_SHARED; the op's output zeroed."""
+        """The router's logits (T, n) into MOE_LOGITS, and the shared expert's gate logit as column n, copied to
+        `readback` for the host's top-k (None: the device routes) (and the op's input rows to `xback`, for
+        experts the CPU computes); the shared expert's output into MOE_SHARED; the op's output zeroed."""
         w, t = op["w"], ps.rows()
         n = self.tensors[w[0]].shape[0]
         x, logits = ps.buf(op["in"][0]), ps.buf(MOE_LOGITS)
         self._product(rec, w[0], payload, x, logits, t, y_stride=n + 1)
         if len(w) == 5:
             self._product(rec, w[4], payload, x, logits, t, y_stride=n + 1, y_col=n)
-        rec.copy(logits, readback, 4 * t * (n + 1))
-        if xback is not None:
-            rec.copy(x, xback, 4 * t * ps.width(op["in"][0]))
-        rec.host_barrier()
+        if readback is not None:
+            rec.copy(logits, readback, 4 * t * (n + 1))
+            if xback is not None:
+                rec.copy(x, xback, 4 * t * ps.width(op["in"][0]))
+            rec.host_barrier()
         out = ps.buf(op["out"])
         rec.fill(BufferSlice(out.buffer, out.offset, 4 * t * ps.width(op["out"])))
         if len(w) >= 4:

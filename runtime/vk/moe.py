@@ -45,7 +45,7 @@ import numpy as np
 
 from ...shaders.variants import WEIGHT_TYPES
 from ..cpu import ops as cpu_ops
-from .graph_ops import MOE_G, MOE_U, MOE_Y, GraphOps
+from .graph_ops import MOE_G, MOE_LOGITS, MOE_U, MOE_Y, GraphOps
 from .inflight import InFlight
 from .kernels import BufferSlice
 from .layout import MAX_TOKENS_PER_PASS, PassState
@@ -68,6 +68,9 @@ GROUPED = True
 CHUNK_SLOTS = 512    # a chunk's slots at most (and at most the pass's rows: its products go through the pass's
                      # per-expert scratch, moe_g/moe_u/moe_y, sized for that many)
 TABLE_REGIONS = 16   # chunk tables the host writes ahead; past them it waits for the device to read the oldest
+# where the tier holds every expert (resident), a decode's router runs on the device (moe_route.comp) and
+# writes the batched experts' table itself: a moe step is one cached recording, no fence wait mid-pass
+DEVICE_ROUTING = True
 
 
 class MoeSteps:
@@ -75,6 +78,7 @@ class MoeSteps:
 
     def __init__(self, dev: Any, graph_ops: GraphOps, inflight: InFlight, steps: list[dict[str, Any]]):
         self.dev, self.graph_ops, self.inflight = dev, graph_ops, inflight
+        self._steps = steps
         moe = [op for s in steps for op in s["ops"] if op["op"] == "moe"]
         self.steps = frozenset(si for si, s in enumerate(steps) if any(op["op"] == "moe" for op in s["ops"]))
         self._cache: OrderedDict[tuple, Recorder] = OrderedDict()
@@ -91,6 +95,11 @@ class MoeSteps:
         self.gtable = self.gtable_dev = None   # the grouped path's chunks: written by the host, copied to the device
         self.groups = self.region = 0
         self.grouped_passes = 0
+        self.routed_on_device = 0           # moe ops whose router ran on the device (no wait)
+        self._ops: dict[tuple[int, int], int] = {}   # (step, op) -> its index among the moe ops
+        self.places = self.ids = self._dtable = self._shared = None
+        self._places_version: int | None = None
+        self._pending: list[tuple[int, int, int]] = []   # (step, op, slots) routed on the device, not yet counted
         if not moe:
             return
         n = max(len(op["attrs"]["experts"]) for op in moe) + 1    # the experts, then the shared expert
@@ -108,6 +117,16 @@ class MoeSteps:
             self._tbl = np.frombuffer(self.table.view(), dtype=np.uint32)
             self._g, self._u = dev.alloc(4 * MAX_SLOTS * ffn, "device"), dev.alloc(4 * MAX_SLOTS * ffn, "device")
             self._y = dev.alloc(4 * MAX_SLOTS * width, "device")
+            if DEVICE_ROUTING:
+                self._ops = {(si, oi): i for i, (si, oi) in enumerate(
+                    (si, oi) for si, st in enumerate(steps) for oi, op in enumerate(st["ops"]) if op["op"] == "moe")}
+                # per op: each expert's 3 x (block, offset); the chosen experts of a pass; the device's table
+                self._pstride = 6 * (n - 1)
+                self.places = dev.alloc(4 * self._pstride * len(self._ops), "upload")
+                self._places_u32 = np.frombuffer(self.places.view(), dtype=np.uint32)
+                self.ids = dev.alloc(4 * MAX_SLOTS * len(self._ops), "readback")
+                self._dtable = dev.alloc(4 * 14 * MAX_SLOTS, "device")
+                self._shared = dev.alloc(8 * MAX_TOKENS_PER_PASS, "device")
             if GROUPED:
                 # a chunk's table: R, rows[S], offsets[S + 1], slot[S], w[S], xrow[S] (S = CHUNK_SLOTS), then
                 # gate, up and down's G groups; the host writes TABLE_REGIONS of them in turn, and each chunk's
@@ -141,7 +160,8 @@ class MoeSteps:
 
     def _buffers(self) -> list[Any]:
         return [b for b in (self.readback, self.route, self.xback, self.cpu_out, self.table, self._g, self._u, self._y,
-                            self.gtable, self.gtable_dev) if b is not None]
+                            self.gtable, self.gtable_dev, self.places, self.ids, self._dtable, self._shared)
+                if b is not None]
 
     @property
     def device_bytes(self) -> int:
@@ -181,6 +201,9 @@ class MoeSteps:
         places = tuple((e.pack, e.alloc.block, e.alloc.offset) for e in held)
         payload = {k: v for e in held for k, v in e.payload.items()}
         shape = (ps.T, ps.layout, places)
+        if resident and self._routable(si, step, pieces, ps, weights):
+            self._run_routed(si, step, pieces, before, ps, payload, held, shape)
+            return
         queued = False
         xback = self.xback if self.offload is not None else None
         try:
@@ -214,6 +237,98 @@ class MoeSteps:
                 weights.release(held)
         if not resident:
             weights.prefetch_ahead()
+
+    # ---- the router on the device (resident) ----
+    def _routable(self, si: int, step: dict[str, Any], pieces: list[tuple[list[dict[str, Any]], dict[str, Any]]],
+                  ps: PassState, weights: Any) -> bool:
+        """Whether this step's moe ops can route on the device: every expert of each in the tier (its places
+        written for the tier as it is now), each batchable, few enough slots, no CPU share."""
+        if self.places is None or not self.blocks or self.offload is not None:
+            return False
+        for _before, op in pieces:
+            a = op["attrs"]
+            oi = next(j for j, o in enumerate(step["ops"]) if o is op)
+            if (ps.rows() * a["k"] > MAX_SLOTS or a["k"] > 16 or a["router"] not in ("softmax", "sigmoid")
+                    or self._batchable(si, oi, op) is None):
+                return False
+        tier = weights.loader.tier
+        if self._places_version != tier.version:
+            if self._pending:   # routed work may still read the places: not now
+                return False
+            ok = self._write_places(weights)
+            self._places_version = tier.version if ok else -1
+        return self._places_version == tier.version
+
+    def _write_places(self, weights: Any) -> bool:
+        """Every moe op's experts' (block, offset) per role, from the tier's entries, the ones not loaded yet
+        loaded now, side by side (resident: the budget holds them all; the start loads no expert, the access
+        sequence cannot say which come first); False where one is not in the tier (the host routes then)."""
+        entries, tensors = weights.loader.tier.entries, self.graph_ops.tensors
+        steps = self._steps
+        todo = [(si, oi, name, 0) for (si, oi) in self._ops for names in steps[si]["ops"][oi]["attrs"]["experts"]
+                for name in names[:3] if tensors[name].parts[0].pack not in entries]
+        if todo:
+            weights.load_side_by_side(todo)
+            for use in todo:
+                weights.release([weights.acquire(*use)])
+        for (si, oi), i in self._ops.items():
+            names = steps[si]["ops"][oi]["attrs"]["experts"]
+            rows = []
+            for e in range(len(names)):
+                for role in range(3):
+                    part = tensors[names[e][role]].parts[0]
+                    entry = entries.get(part.pack)
+                    wt = None if entry is None else entry.payload.get((names[e][role], 0))
+                    if wt is None or id(wt.buffer) not in self._block_of:
+                        return False
+                    rows.append((self._block_of[id(wt.buffer)], wt.offset))
+            self._places_u32[self._pstride * i:self._pstride * i + 6 * len(names)] = np.asarray(rows, np.uint32).reshape(-1)
+        return True
+
+    def _run_routed(self, si: int, step: dict[str, Any], pieces: list[tuple[list[dict[str, Any]], dict[str, Any]]],
+                    after: list[dict[str, Any]], ps: PassState, payload: dict, held: list[Any], shape: tuple) -> None:
+        """The whole step as one cached recording: for each moe op, the ops before it, its router's logits, the
+        top-k and table on the device, the batched experts and the shared expert; then the ops after."""
+        go, o = self.graph_ops, self.graph_ops.ops
+        t = ps.rows()
+        info = []
+        for _before, op in pieces:
+            oi = next(j for j, x in enumerate(step["ops"]) if x is op)
+            info.append((oi, op, self._batchable(si, oi, op)))
+
+        def record(rec: Recorder) -> None:
+            for (ops_before, _op), (oi, op, (gdt, udt, ddt, ffn, width)) in zip(pieces, info):
+                a = op["attrs"]
+                n, k = len(a["experts"]), a["k"]
+                m = t * k
+                for x in ops_before:
+                    go.record_op(rec, x, ps, payload)
+                go.moe_router(rec, op, ps, payload, None)
+                i = self._ops[(si, oi)]
+                o.moe_route(rec, ps.buf(MOE_LOGITS), self.places, self._dtable, self._shared, self.ids, t, n, k,
+                            a["router"] == "sigmoid", bool(a["norm"]), len(op["w"]) == 5, i * MAX_SLOTS,
+                            self._pstride * i)
+                x_in, out, xs = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.width(op["in"][0])
+                o.moe_matvec(rec, gdt, self.blocks, x_in, self._dtable, self._g, ffn, width, m, xs, ffn, 0)
+                o.moe_matvec(rec, udt, self.blocks, x_in, self._dtable, self._u, ffn, width, m, xs, ffn, 4 * m)
+                o.swiglu(rec, self._g, self._u, self._g, m * ffn)
+                o.moe_matvec(rec, ddt, self.blocks, self._g, self._dtable, self._y, width, ffn, m, ffn, width, 8 * m)
+                o.sum_rows(rec, self._y, out, self._dtable, m, width, t, 12 * m, 13 * m)
+                go.moe_combine(rec, op, ps, self._shared, 0, t)
+            for x in after:
+                go.record_op(rec, x, ps, payload)
+        rec = self._cached((si, "routed", len(self.blocks)) + shape, f"{step['name']}.routed", record)
+        self.inflight.add(rec, held)
+        self._pending += [(si, oi, t * op["attrs"]["k"]) for oi, op, _ in info]
+        self.routed_on_device += len(info)
+
+    def settle(self, weights: Any) -> None:
+        """Count the experts the device chose in the passes now done (hits, heat), as the host's routing does."""
+        ids = np.frombuffer(self.ids.view(), dtype=np.uint32) if self._pending else None
+        for si, oi, slots in self._pending:
+            i = self._ops[(si, oi)]
+            weights.choose(si, oi, np.unique(ids[i * MAX_SLOTS:i * MAX_SLOTS + slots]).tolist())
+        self._pending = []
 
     def _experts(self, si: int, oi: int, op: dict[str, Any], ps: PassState, weights: Any, pin_limit: int,
                  resident: bool) -> bool:
@@ -484,3 +599,4 @@ class MoeSteps:
             b.destroy()
         self.readback = self.route = self.xback = self.cpu_out = self.table = self._g = self._u = self._y = None
         self.gtable = self.gtable_dev = None
+        self.places = self.ids = self._dtable = self._shared = None

@@ -473,6 +473,19 @@ class Ops:
         the lists, rows and weights from uint `base` of `table`, laid out for m slots; at most `rows` rows)."""
         self._moe_rows(rec, src, dst, table, m, n, base, 0, 3, None, None, rows)
 
+    def moe_route(self, rec: Recorder, logits: Any, places: Any, table: Any, shared: Any, ids: Any, T: int, n: int,
+                  k: int, sigmoid: bool, norm: bool, has_shared: bool, ids_off: int, places_off: int) -> None:
+        """The router's top-k on the device (moe_route.comp): from logits (T, n + 1) f32, the batched experts'
+        table for T * k slots (row-major, each row's experts in order) with each expert's places read from
+        `places` (3 x (block, byte offset) per expert from uint places_off), the chosen experts into `ids`
+        from uint ids_off, and with `has_shared` the shared expert's rows and gate weights into `shared`."""
+        if k > 16:
+            raise VulkanError(f"moe_route: k={k} > 16")
+        kern = self._k("moe_route", 5, 28, (2, 3, 4), {})
+        flags = (1 if sigmoid else 0) | (2 if norm else 0) | (4 if has_shared else 0)
+        rec.dispatch(kern, [logits, places, table, shared, ids], (-(-T // 64), 1, 1),
+                     struct.pack("<7I", T, n, k, n + 1, flags, ids_off, places_off))
+
     def moe_matmul(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
                    cols: int, groups: int, x_stride: int, y_stride: int, tbl_off: int, rows_off: int | None) -> None:
         """y[j, :rows] = x[xrow(j), :] @ W_g.T for the slots j of every group g < groups (moe_matmul.comp): per
