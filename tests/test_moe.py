@@ -407,10 +407,10 @@ def test_vulkan_tier_blocks_fit_one_binding_for_moe(moe_archive):
 def test_vulkan_grouped_experts_in_small_chunks(moe_archive, monkeypatch):
     """The grouped prefill with chunks of 16 slots and 2 table regions: experts with more rows than a chunk
     split over several, the host waiting for the device to free the regions; as the numpy backend computes."""
-    from vkpack.runtime.vk import moe
+    from vkpack.runtime.vk import moe, moe_grouped
 
-    monkeypatch.setattr(moe, "CHUNK_SLOTS", 16)
-    monkeypatch.setattr(moe, "TABLE_REGIONS", 2)
+    monkeypatch.setattr(moe_grouped, "CHUNK_SLOTS", 16)
+    monkeypatch.setattr(moe_grouped, "TABLE_REGIONS", 2)
     split = []
     real = moe.MoeSteps._chunks
 

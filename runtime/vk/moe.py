@@ -45,11 +45,13 @@ import numpy as np
 
 from ...shaders.variants import WEIGHT_TYPES
 from ..cpu import ops as cpu_ops
-from .graph_ops import MOE_G, MOE_LOGITS, MOE_U, MOE_Y, GraphOps
+from . import moe_grouped
+from .graph_ops import GraphOps
 from .inflight import InFlight
-from .kernels import BufferSlice
 from .layout import MAX_TOKENS_PER_PASS, PassState
-from .ops import MOE_GROUP_SLOTS, MOE_MAX_BLOCKS
+from .moe_grouped import GroupedExperts, region_uints
+from .moe_routing import DeviceRouting
+from .ops import MOE_BATCH_SLOTS, MOE_MAX_BLOCKS
 from .recorder import Recorder
 
 MAX_CACHED_RECORDINGS = 2048  # pieces and experts: decode records (layer, expert) once while it fits
@@ -60,20 +62,16 @@ EARLY_SUBMIT = True
 # expert's weights through a table, so a layer is one cached recording of 4 dispatches whatever the choice
 # (off, or beyond: one recording per expert, 4 dispatches each)
 BATCHED = True
-MAX_SLOTS = 64
+MAX_SLOTS = MOE_BATCH_SLOTS
 # beyond MAX_SLOTS (prefill), the chosen experts run grouped: moe_matmul.comp tiles each expert's rows, every
 # expert of a chunk of slots in one dispatch per matrix, so a layer is a few cached recordings whatever the
 # router chose (per expert, a 512-token pass of a 128-expert model re-recorded ~6,000 a pass); off: per expert
-GROUPED = True
-CHUNK_SLOTS = 512    # a chunk's slots at most (and at most the pass's rows: its products go through the pass's
-                     # per-expert scratch, moe_g/moe_u/moe_y, sized for that many)
-TABLE_REGIONS = 16   # chunk tables the host writes ahead; past them it waits for the device to read the oldest
-# where the tier holds every expert (resident), a decode's router runs on the device (moe_route.comp) and
-# writes the batched experts' table itself: a moe step is one cached recording, no fence wait mid-pass
+GROUPED = True       # moe_grouped.py
+# where the tier holds every expert (resident), a decode's router runs on the device (moe_routing.py)
 DEVICE_ROUTING = True
 
 
-class MoeSteps:
+class MoeSteps(GroupedExperts, DeviceRouting):
     """Runs the steps of a pass that hold moe ops (`steps`: their indices; empty without one)."""
 
     def __init__(self, dev: Any, graph_ops: GraphOps, inflight: InFlight, steps: list[dict[str, Any]]):
@@ -128,13 +126,10 @@ class MoeSteps:
                 self._dtable = dev.alloc(4 * 14 * MAX_SLOTS, "device")
                 self._shared = dev.alloc(8 * MAX_TOKENS_PER_PASS, "device")
             if GROUPED:
-                # a chunk's table: R, rows[S], offsets[S + 1], slot[S], w[S], xrow[S] (S = CHUNK_SLOTS), then
-                # gate, up and down's G groups; the host writes TABLE_REGIONS of them in turn, and each chunk's
-                # recording copies its own into the one on the device (a queue's recordings run in order, each
-                # beginning with a barrier on all earlier work)
-                self.groups = CHUNK_SLOTS // MOE_GROUP_SLOTS + n
-                self.region = 2 + 5 * CHUNK_SLOTS + 12 * self.groups
-                self.gtable = dev.alloc(4 * self.region * TABLE_REGIONS, "upload")
+                # the host writes TABLE_REGIONS chunk tables in turn; each chunk's recording copies its own into
+                # the one on the device (a queue's recordings run in order, each beginning with a barrier)
+                self.groups, self.region = region_uints(n)
+                self.gtable = dev.alloc(4 * self.region * moe_grouped.TABLE_REGIONS, "upload")
                 self.gtable_dev = dev.alloc(4 * self.region, "device")
                 self._gtbl = np.frombuffer(self.gtable.view(), dtype=np.uint32)
 
@@ -238,98 +233,6 @@ class MoeSteps:
         if not resident:
             weights.prefetch_ahead()
 
-    # ---- the router on the device (resident) ----
-    def _routable(self, si: int, step: dict[str, Any], pieces: list[tuple[list[dict[str, Any]], dict[str, Any]]],
-                  ps: PassState, weights: Any) -> bool:
-        """Whether this step's moe ops can route on the device: every expert of each in the tier (its places
-        written for the tier as it is now), each batchable, few enough slots, no CPU share."""
-        if self.places is None or not self.blocks or self.offload is not None:
-            return False
-        for _before, op in pieces:
-            a = op["attrs"]
-            oi = next(j for j, o in enumerate(step["ops"]) if o is op)
-            if (ps.rows() * a["k"] > MAX_SLOTS or a["k"] > 16 or a["router"] not in ("softmax", "sigmoid")
-                    or self._batchable(si, oi, op) is None):
-                return False
-        tier = weights.loader.tier
-        if self._places_version != tier.version:
-            if self._pending:   # routed work may still read the places: not now
-                return False
-            ok = self._write_places(weights)
-            self._places_version = tier.version if ok else -1
-        return self._places_version == tier.version
-
-    def _write_places(self, weights: Any) -> bool:
-        """Every moe op's experts' (block, offset) per role, from the tier's entries, the ones not loaded yet
-        loaded now, side by side (resident: the budget holds them all; the start loads no expert, the access
-        sequence cannot say which come first); False where one is not in the tier (the host routes then)."""
-        entries, tensors = weights.loader.tier.entries, self.graph_ops.tensors
-        steps = self._steps
-        todo = [(si, oi, name, 0) for (si, oi) in self._ops for names in steps[si]["ops"][oi]["attrs"]["experts"]
-                for name in names[:3] if tensors[name].parts[0].pack not in entries]
-        if todo:
-            weights.load_side_by_side(todo)
-            for use in todo:
-                weights.release([weights.acquire(*use)])
-        for (si, oi), i in self._ops.items():
-            names = steps[si]["ops"][oi]["attrs"]["experts"]
-            rows = []
-            for e in range(len(names)):
-                for role in range(3):
-                    part = tensors[names[e][role]].parts[0]
-                    entry = entries.get(part.pack)
-                    wt = None if entry is None else entry.payload.get((names[e][role], 0))
-                    if wt is None or id(wt.buffer) not in self._block_of:
-                        return False
-                    rows.append((self._block_of[id(wt.buffer)], wt.offset))
-            self._places_u32[self._pstride * i:self._pstride * i + 6 * len(names)] = np.asarray(rows, np.uint32).reshape(-1)
-        return True
-
-    def _run_routed(self, si: int, step: dict[str, Any], pieces: list[tuple[list[dict[str, Any]], dict[str, Any]]],
-                    after: list[dict[str, Any]], ps: PassState, payload: dict, held: list[Any], shape: tuple) -> None:
-        """The whole step as one cached recording: for each moe op, the ops before it, its router's logits, the
-        top-k and table on the device, the batched experts and the shared expert; then the ops after."""
-        go, o = self.graph_ops, self.graph_ops.ops
-        t = ps.rows()
-        info = []
-        for _before, op in pieces:
-            oi = next(j for j, x in enumerate(step["ops"]) if x is op)
-            info.append((oi, op, self._batchable(si, oi, op)))
-
-        def record(rec: Recorder) -> None:
-            for (ops_before, _op), (oi, op, (gdt, udt, ddt, ffn, width)) in zip(pieces, info):
-                a = op["attrs"]
-                n, k = len(a["experts"]), a["k"]
-                m = t * k
-                for x in ops_before:
-                    go.record_op(rec, x, ps, payload)
-                go.moe_router(rec, op, ps, payload, None)
-                i = self._ops[(si, oi)]
-                o.moe_route(rec, ps.buf(MOE_LOGITS), self.places, self._dtable, self._shared, self.ids, t, n, k,
-                            a["router"] == "sigmoid", bool(a["norm"]), len(op["w"]) == 5, i * MAX_SLOTS,
-                            self._pstride * i)
-                x_in, out, xs = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.width(op["in"][0])
-                o.moe_matvec(rec, gdt, self.blocks, x_in, self._dtable, self._g, ffn, width, m, xs, ffn, 0)
-                o.moe_matvec(rec, udt, self.blocks, x_in, self._dtable, self._u, ffn, width, m, xs, ffn, 4 * m)
-                o.swiglu(rec, self._g, self._u, self._g, m * ffn)
-                o.moe_matvec(rec, ddt, self.blocks, self._g, self._dtable, self._y, width, ffn, m, ffn, width, 8 * m)
-                o.sum_rows(rec, self._y, out, self._dtable, m, width, t, 12 * m, 13 * m)
-                go.moe_combine(rec, op, ps, self._shared, 0, t)
-            for x in after:
-                go.record_op(rec, x, ps, payload)
-        rec = self._cached((si, "routed", len(self.blocks)) + shape, f"{step['name']}.routed", record)
-        self.inflight.add(rec, held)
-        self._pending += [(si, oi, t * op["attrs"]["k"]) for oi, op, _ in info]
-        self.routed_on_device += len(info)
-
-    def settle(self, weights: Any) -> None:
-        """Count the experts the device chose in the passes now done (hits, heat), as the host's routing does."""
-        ids = np.frombuffer(self.ids.view(), dtype=np.uint32) if self._pending else None
-        for si, oi, slots in self._pending:
-            i = self._ops[(si, oi)]
-            weights.choose(si, oi, np.unique(ids[i * MAX_SLOTS:i * MAX_SLOTS + slots]).tolist())
-        self._pending = []
-
     def _experts(self, si: int, oi: int, op: dict[str, Any], ps: PassState, weights: Any, pin_limit: int,
                  resident: bool) -> bool:
         """Route the pass's rows (the logits just read back), then queue each chosen expert's work: the
@@ -421,109 +324,6 @@ class MoeSteps:
         if not resident and self.inflight.pinned() > pin_limit:
             self.inflight.flush(weights, wait=False)
             self.inflight.release_oldest(weights, pin_limit // 2)
-
-    def _chunks(self, si: int, oi: int, op: dict[str, Any], experts: list[int], idx: np.ndarray, gate: np.ndarray,
-                size: int, cap: int | None) -> list[list[tuple[int, np.ndarray, np.ndarray]]]:
-        """The slots (row, expert) of `experts` in expert order, cut into chunks of at most `size` slots and,
-        with a `cap`, at most cap pack bytes of experts each, between experts (one expert's rows are one chunk's
-        unless they are more than `size`): per chunk, (expert, its rows there, their routing weights)."""
-        chunks: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[]]
-        used = nbytes = 0
-        for e in experts:
-            rows, col = np.nonzero(idx == e)
-            w = gate[rows, col]
-            eb = self._expert_bytes(si, oi, op, e)
-            if chunks[-1] and (used + len(rows) > size or (cap is not None and nbytes + eb > cap)):
-                chunks.append([])
-                used = nbytes = 0
-            for start in range(0, len(rows), size):
-                if used == size:
-                    chunks.append([])
-                    used = nbytes = 0
-                take = min(len(rows) - start, size)
-                chunks[-1].append((e, rows[start:start + take], w[start:start + take]))
-                used += take
-                nbytes += eb
-        return chunks
-
-    def _expert_bytes(self, si: int, oi: int, op: dict[str, Any], e: int) -> int:
-        tensors = self.graph_ops.tensors
-        return sum(self.inflight.pack_bytes(tensors[name].parts[pi].pack) for name, pi in self._uses(si, oi, op, e))
-
-    def _queue_grouped(self, si: int, oi: int, op: dict[str, Any], experts: list[int], idx: np.ndarray,
-                       gate: np.ndarray, ps: PassState, weights: Any, info: tuple[str, str, str, int, int],
-                       pin_limit: int, resident: bool) -> None:
-        """The experts' rows as chunks of slots (expert order), each one recording: its table copied to the
-        device, gate and up over every group of the chunk (a group: up to MOE_GROUP_SLOTS rows of one expert),
-        SwiGLU, down, then each row's slots added to it in expert order. Each chunk pins its own experts' packs
-        (streaming: at most half the pin limit, released as the device finishes)."""
-        gdt, udt, ddt, ffn, width = info
-        names = op["attrs"]["experts"]
-        x, out, t = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.rows()
-        g_buf, u_buf, y_buf = ps.buf(MOE_G), ps.buf(MOE_U), ps.buf(MOE_Y)
-        xs = ps.width(op["in"][0])
-        size = min(CHUNK_SLOTS, ps.T)   # the slots the scratch holds
-        S, G, R = CHUNK_SLOTS, self.groups, self.region
-        chunks = self._chunks(si, oi, op, experts, idx, gate, size, None if resident else max(1, pin_limit // 2))
-        self.grouped_passes += 1
-        for c, chunk in enumerate(chunks):
-            # the router's wait found the device idle: every region is free at the op's start; past the last,
-            # wait for the device to have read them all
-            if c and c % TABLE_REGIONS == 0:
-                self.inflight.flush(weights)
-            base = (c % TABLE_REGIONS) * R
-            entries: list[Any] = []
-            try:
-                for e in dict.fromkeys(e for e, _, _ in chunk):
-                    entries += [weights.acquire(si, oi, name, pi) for name, pi in self._uses(si, oi, op, e)]
-            except BaseException:
-                weights.release(entries)
-                raise
-            payload = {k: v for h in entries for k, v in h.payload.items()}
-            self._write_chunk(self._gtbl[base:base + R], chunk, payload, names)
-
-            def record(rec: Recorder, base=base) -> None:
-                o, dtb, gb = self.graph_ops.ops, self.gtable_dev, 2 + 5 * S
-                rec.copy(BufferSlice(self.gtable, 4 * base, 4 * R), dtb)
-                o.moe_matmul(rec, gdt, self.blocks, x, dtb, g_buf, ffn, width, G, xs, ffn, gb, 2 + 4 * S)
-                o.moe_matmul(rec, udt, self.blocks, x, dtb, u_buf, ffn, width, G, xs, ffn, gb + 4 * G, 2 + 4 * S)
-                o.swiglu(rec, g_buf, u_buf, g_buf, size * ffn)
-                o.moe_matmul(rec, ddt, self.blocks, g_buf, dtb, y_buf, width, ffn, G, ffn, width, gb + 8 * G, None)
-                o.sum_rows_by_list(rec, y_buf, out, dtb, S, width, 0, min(size, t))
-            rec = self._cached((si, oi, "grouped", c % TABLE_REGIONS, size, ps.T, ps.layout, len(self.blocks)), "experts",
-                               record)
-            self.inflight.add(rec, entries)
-            if not resident and self.inflight.pinned() > pin_limit // 2:
-                self.inflight.flush(weights, wait=False)
-                self.inflight.release_oldest(weights, pin_limit // 2)
-
-    def _write_chunk(self, tbl: np.ndarray, chunk: list[tuple[int, np.ndarray, np.ndarray]], payload: dict,
-                     names: list[list[str]]) -> None:
-        """One chunk's table (the layout `_queue_grouped` reads): its rows' slot lists, weights and x rows, then
-        per role its groups of at most MOE_GROUP_SLOTS slots of one expert (the unused ones zero)."""
-        S, G = CHUNK_SLOTS, self.groups
-        slot_rows = np.concatenate([r for _, r, _ in chunk]).astype(np.uint32)
-        n = len(slot_rows)
-        order = np.argsort(slot_rows, kind="stable")   # each row's slots, in expert order
-        touched, counts = np.unique(slot_rows[order], return_counts=True)
-        tbl[0] = len(touched)
-        tbl[1:1 + len(touched)] = touched
-        tbl[1 + S] = 0
-        tbl[2 + S:2 + S + len(touched)] = np.cumsum(counts)
-        tbl[2 + 2 * S:2 + 2 * S + n] = order
-        tbl[2 + 3 * S:2 + 3 * S + n] = np.concatenate([w for _, _, w in chunk]).astype(np.float32).view(np.uint32)
-        tbl[2 + 4 * S:2 + 4 * S + n] = slot_rows
-        groups = np.zeros((3, G, 4), dtype=np.uint32)
-        g = j = 0
-        for e, rows, _ in chunk:
-            places = [payload[(names[e][role], 0)] for role in range(3)]
-            for j0 in range(j, j + len(rows), MOE_GROUP_SLOTS):
-                cnt = min(MOE_GROUP_SLOTS, j + len(rows) - j0)
-                for role, wt in enumerate(places):
-                    groups[role, g] = (self._block_of[id(wt.buffer)], wt.offset, j0, cnt)
-                g += 1
-            j += len(rows)
-        tbl[2 + 5 * S:2 + 5 * S + 12 * G] = groups.reshape(-1)
 
     def _queue_expert(self, si: int, oi: int, op: dict[str, Any], e: int, idx: np.ndarray, gate: np.ndarray,
                       t: int, wbase: int, ps: PassState, weights: Any, pin_limit: int, resident: bool) -> None:

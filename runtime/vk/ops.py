@@ -26,6 +26,7 @@ from .recorder import Recorder
 
 MOE_MAX_BLOCKS = 16   # moe_matvec.comp's MAX_BLOCKS: the tier blocks one dispatch can read experts from
 MOE_GROUP_SLOTS = 32  # moe_matmul.comp's BN: the slots (rows of one expert) one workgroup's tile holds
+MOE_BATCH_SLOTS = 64  # the batched experts' table (moe_matvec.comp, moe_route.comp): (row, expert) slots at most
 
 if TYPE_CHECKING:
     from vkpack.pack_format.records import TensorRecord
