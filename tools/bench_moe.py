@@ -202,12 +202,14 @@ def run_ours(arch: Path, device: str, vram_gb: float, prompt_len: int, n_decode:
 
 
 def _sides(eng: Engine) -> dict[str, float]:
-    """Where the missing experts went (the hybrid backend) and the time spent waiting for routers."""
+    """Where the missing experts went (the hybrid backend), the time spent waiting for routers and the moe ops
+    routed on the device (resident)."""
     b = eng.backend
     gpu = getattr(b, "gpu", b)
     moe = gpu.runner.moe if hasattr(gpu, "runner") else None
     off = getattr(b, "offload", None)
     return {"router_wait_s": moe.router_wait_seconds if moe else 0.0,
+            "routed_on_device": moe.routed_on_device if moe else 0,
             "experts_on_cpu": off.cpu_experts if off else 0, "experts_over_link": off.link_experts if off else 0,
             "cpu_s": off.cpu_seconds if off else 0.0}
 
@@ -274,9 +276,10 @@ def render(report: dict[str, Any], note: str = "") -> str:
         for key in ("prefill_tps", "decode_tps"):
             b = best_llama(report, r["vram_gb"], key)
             ratios.append(f"{r[key] / b[key]:.2f}x (`{b['label']}`)" if b else "")
-        knobs = ("moe_recordings", "early_submit", "batched", "grouped")
-        rec = (f" ({r['moe_recordings']} recordings, early submit {'on' if r.get('early_submit') else 'off'}, "
-               f"batched {'on' if r.get('batched', True) else 'off'}, grouped {'on' if r.get('grouped') else 'off'})"
+        knobs = ("moe_recordings", "early_submit", "batched", "grouped", "device_routing")
+        on = lambda key, default=False, r=r: "on" if r.get(key, default) else "off"
+        rec = (f" ({r['moe_recordings']} recordings, early submit {on('early_submit')}, batched {on('batched', True)}, "
+               f"grouped {on('grouped')}, device routing {on('device_routing')})"
                if len({tuple(x.get(k) for k in knobs) for x in report["runs"]}) > 1 else "")
         rows.append(f"| vkpack {r['device']}{rec} | `--vram-gb {r['vram_gb']:g}` | {_f(r.get('gpu_mib'), 'd')} | "
                     f"{r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | {_f(r.get('decode_expert_hit_rate'), '.1%')} | "
@@ -318,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-files", action="store_true", help="make the GGUF and the archive, then stop")
     ap.add_argument("--profile", action="store_true", help="cProfile each timed decode: OUT/profile-DEVICE-BUDGET.txt")
     ap.add_argument("--moe-variants", default="",
-                    help="A/B: comma-separated RECORDINGS:EARLY[:BATCHED[:GROUPED]], each run per device and budget: "
+                    help="A/B: comma-separated RECORDINGS:EARLY[:BATCHED[:GROUPED[:ROUTING]]], each run per device and "
+                         "budget: "
                          "the size of the Vulkan backend's cache of expert recordings (runtime/vk/moe.py "
                          "MAX_CACHED_RECORDINGS; 0: its default), whether held experts are submitted early "
-                         "(EARLY_SUBMIT), whether a decode's experts run batched (BATCHED) and a prefill's grouped "
-                         "(GROUPED), 0 or 1")
+                         "(EARLY_SUBMIT), whether a decode's experts run batched (BATCHED), a prefill's grouped "
+                         "(GROUPED) and a resident decode's router on the device (DEVICE_ROUTING), 0 or 1")
     ap.add_argument("--from-json", type=Path, help="render a saved report instead of measuring")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     ap.add_argument("--note", default="", help="the paragraph above the table (machine, command, commit)")
@@ -359,16 +363,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from vkpack.runtime.vk import moe
 
-    variants = ([(*(int(x) for x in v.split(":")), 1, 1, 1)[:4] for v in args.moe_variants.split(",") if v]
-                or [(0, 1, 1, 1)])
+    variants = ([(*(int(x) for x in v.split(":")), 1, 1, 1, 1)[:5] for v in args.moe_variants.split(",") if v]
+                or [(0, 1, 1, 1, 1)])
     default_size = moe.MAX_CACHED_RECORDINGS
     for b in budgets:
         for device in args.device.split(","):
-            for size, early, batched, grouped in variants:
+            for size, early, batched, grouped, routing in variants:
                 size = size or default_size
                 moe.MAX_CACHED_RECORDINGS = size
                 moe.EARLY_SUBMIT, moe.BATCHED, moe.GROUPED = bool(early), bool(batched), bool(grouped)
-                tag = f"{device}-{b:g}" + (f"-rec{size}-early{early}-batched{batched}-grouped{grouped}"
+                moe.DEVICE_ROUTING = bool(routing)
+                tag = f"{device}-{b:g}" + (f"-rec{size}-early{early}-batched{batched}-grouped{grouped}-routing{routing}"
                                            if len(variants) > 1 else "")
                 try:
                     r = run_ours(arch, device, b, args.prompt, args.decode,
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # one failed configuration must not lose the others' numbers
                     r = {"engine": "vkpack", "device": device, "vram_gb": b, "error": f"{type(e).__name__}: {e}"}
                 r["moe_recordings"], r["early_submit"], r["batched"] = size, bool(early), bool(batched)
-                r["grouped"] = bool(grouped)
+                r["grouped"], r["device_routing"] = bool(grouped), bool(routing)
                 report["runs"].append(r)
                 save()
                 print(json.dumps({k: v for k, v in r.items() if k != "decode_ms"}, default=str), flush=True)
