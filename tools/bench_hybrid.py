@@ -100,7 +100,7 @@ def run_config(arch: Path, device: str, vram_gb: float | None, prompt_len: int, 
             # where the tier's room went (a plan meant to stream nothing uploaded 256 MiB a pass at 4 GiB)
             out["tier"] = {"blocks": list(eng.tier.blocks), "in_use": eng.tier.in_use, "entries": len(eng.tier.entries),
                            "weight_room": be.weight_room, "reserved": be.reserved_bytes,
-                           "largest_pack": max(be.gpu.pack_bytes(p) for p in range(len(eng.archive.packs)))}
+                           "largest_pack": be.largest_pack}
         return out
     finally:
         eng.close()

@@ -133,6 +133,7 @@ class HybridBackend:
         self.tier: DeviceTier | None = None
         self.weight_room = 0    # the tier's room for weights (its budget less KV caches and activations)
         self.window = 0         # of which packs in flight take this much where a plan streams
+        self.largest_pack = 0   # bytes of the largest pack on the GPU (two of them are kept out of weight_room)
         self.host_room: int | None = None
         # embedding gathers: where the model streams the CPU gathers the rows, from the held embedding
         # (a GPU gather loads a pack of rows into the tier for each token's row: on the H100 host
@@ -220,8 +221,8 @@ class HybridBackend:
         # 2.1 GB streamed per token where 3.8 moved); a plan that streams nothing needs no such window
         self.window = 0 if placement.resident else self.gpu.runner.pin_limit
         # less two of the largest packs, as tiers.py's least weight room: the sub-allocator's holes
-        largest = max((self.gpu.pack_bytes(p) for p in range(len(self.archive.packs))), default=0)
-        self.weight_room = max(0, tier.budget - reserved - 2 * largest)
+        self.largest_pack = max((self.gpu.pack_bytes(p) for p in range(len(self.archive.packs))), default=0)
+        self.weight_room = max(0, tier.budget - reserved - 2 * self.largest_pack)
         ram = placement.ram_budget
         self.host_room = default_budget(placement.model_bytes) if ram is None else ram
         if self.moe:

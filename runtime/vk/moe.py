@@ -184,11 +184,11 @@ class MoeSteps(GroupedExperts, DeviceRouting):
         """Step `si` (holding moe ops): its own packs pinned throughout, each expert's while its work runs."""
         go = self.graph_ops
         planned = go.plan(step["ops"], ps)
-        pieces: list[tuple[list[dict[str, Any]], dict[str, Any]]] = []
+        pieces: list[tuple[list[dict[str, Any]], dict[str, Any], int]] = []   # (ops before, moe op, its index)
         before: list[dict[str, Any]] = []
         for op in planned:
             if op["op"] == "moe":
-                pieces.append((before, op))
+                pieces.append((before, op, next(j for j, o in enumerate(step["ops"]) if o is op)))
                 before = []
             else:
                 before.append(op)
@@ -196,14 +196,14 @@ class MoeSteps(GroupedExperts, DeviceRouting):
         places = tuple((e.pack, e.alloc.block, e.alloc.offset) for e in held)
         payload = {k: v for e in held for k, v in e.payload.items()}
         shape = (ps.T, ps.layout, places)
-        if resident and self._routable(si, step, pieces, ps, weights):
+        if resident and self._routable(si, pieces, ps, weights):
             self._run_routed(si, step, pieces, before, ps, payload, held, shape)
             return
         queued = False
         xback = self.xback if self.offload is not None else None
         try:
             prev, on_cpu = None, False
-            for i, (ops_before, op) in enumerate(pieces):
+            for i, (ops_before, op, oi) in enumerate(pieces):
                 def record_piece(rec: Recorder, prev=prev, on_cpu=on_cpu, ops_before=ops_before, op=op) -> None:
                     if prev is not None:
                         self._combine(rec, prev, ps, on_cpu)
@@ -216,7 +216,6 @@ class MoeSteps(GroupedExperts, DeviceRouting):
                 self.inflight.flush(weights)   # everything queued, then the router's logits are here
                 self.router_wait_seconds += time.perf_counter() - t0
                 self.router_waits += 1
-                oi = next(j for j, o in enumerate(step["ops"]) if o is op)
                 on_cpu = self._experts(si, oi, op, ps, weights, pin_limit, resident)
                 prev = op
 
@@ -308,22 +307,25 @@ class MoeSteps(GroupedExperts, DeviceRouting):
                 tbl[4 * (role * n + j):4 * (role * n + j) + 4] = (self._block_of[id(wt.buffer)], wt.offset, x_row, y_row)
             tbl[12 * n + j] = r
             fl[13 * n + j] = w
-        gdt, udt, ddt, ffn, width = info
-        x, out, t = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.rows()
-        xs = ps.width(op["in"][0])
-
-        def record(rec: Recorder) -> None:
-            o = self.graph_ops.ops
-            o.moe_matvec(rec, gdt, self.blocks, x, self.table, self._g, ffn, width, n, xs, ffn, 0)
-            o.moe_matvec(rec, udt, self.blocks, x, self.table, self._u, ffn, width, n, xs, ffn, 4 * n)
-            o.swiglu(rec, self._g, self._u, self._g, n * ffn)
-            o.moe_matvec(rec, ddt, self.blocks, self._g, self.table, self._y, width, ffn, n, ffn, width, 8 * n)
-            o.sum_rows(rec, self._y, out, self.table, n, width, t, 12 * n, 13 * n)
-        rec = self._cached((si, oi, "batched", n, ps.T, ps.layout, len(self.blocks)), "experts", record)
+        rec = self._cached((si, oi, "batched", n, ps.T, ps.layout, len(self.blocks)), "experts",
+                           lambda rec: self._record_batched(rec, self.table, info, op, ps, n))
         self.inflight.add(rec, entries)
         if not resident and self.inflight.pinned() > pin_limit:
             self.inflight.flush(weights, wait=False)
             self.inflight.release_oldest(weights, pin_limit // 2)
+
+    def _record_batched(self, rec: Recorder, table: Any, info: tuple[str, str, str, int, int], op: dict[str, Any],
+                        ps: PassState, n: int) -> None:
+        """The batched experts' dispatches over `n` slots of `table` (written by the host, or by moe_route.comp):
+        gate and up (moe_matvec.comp), SwiGLU, down, each row's slots added to the op's output in order."""
+        o = self.graph_ops.ops
+        gdt, udt, ddt, ffn, width = info
+        x, out, xs = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.width(op["in"][0])
+        o.moe_matvec(rec, gdt, self.blocks, x, table, self._g, ffn, width, n, xs, ffn, 0)
+        o.moe_matvec(rec, udt, self.blocks, x, table, self._u, ffn, width, n, xs, ffn, 4 * n)
+        o.swiglu(rec, self._g, self._u, self._g, n * ffn)
+        o.moe_matvec(rec, ddt, self.blocks, self._g, table, self._y, width, ffn, n, ffn, width, 8 * n)
+        o.sum_rows(rec, self._y, out, table, n, width, ps.rows(), 12 * n, 13 * n)
 
     def _queue_expert(self, si: int, oi: int, op: dict[str, Any], e: int, idx: np.ndarray, gate: np.ndarray,
                       t: int, wbase: int, ps: PassState, weights: Any, pin_limit: int, resident: bool) -> None:

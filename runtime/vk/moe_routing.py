@@ -23,15 +23,14 @@ class DeviceRouting:
     """`MoeSteps`' routing on the device (uses its places, ids and device table buffers, tier blocks and
     recording cache)."""
 
-    def _routable(self, si: int, step: dict[str, Any], pieces: list[tuple[list[dict[str, Any]], dict[str, Any]]],
-                  ps: PassState, weights: Any) -> bool:
+    def _routable(self, si: int, pieces: list[tuple[list[dict[str, Any]], dict[str, Any], int]], ps: PassState,
+                  weights: Any) -> bool:
         """Whether this step's moe ops can route on the device: every expert of each in the tier (its places
         written for the tier as it is now), each batchable, few enough slots, no CPU share."""
         if self.places is None or not self.blocks or self.offload is not None:
             return False
-        for _before, op in pieces:
+        for _before, op, oi in pieces:
             a = op["attrs"]
-            oi = next(j for j, o in enumerate(step["ops"]) if o is op)
             if (ps.rows() * a["k"] > MAX_SLOTS or a["k"] > 16 or a["router"] not in ("softmax", "sigmoid")
                     or self._batchable(si, oi, op) is None):
                 return False
@@ -69,22 +68,17 @@ class DeviceRouting:
             self._places_u32[self._pstride * i:self._pstride * i + 6 * len(names)] = np.asarray(rows, np.uint32).reshape(-1)
         return True
 
-    def _run_routed(self, si: int, step: dict[str, Any], pieces: list[tuple[list[dict[str, Any]], dict[str, Any]]],
+    def _run_routed(self, si: int, step: dict[str, Any], pieces: list[tuple[list[dict[str, Any]], dict[str, Any], int]],
                     after: list[dict[str, Any]], ps: PassState, payload: dict, held: list[Any], shape: tuple) -> None:
         """The whole step as one cached recording: for each moe op, the ops before it, its router's logits, the
         top-k and table on the device, the batched experts and the shared expert; then the ops after."""
         go, o = self.graph_ops, self.graph_ops.ops
         t = ps.rows()
-        info = []
-        for _before, op in pieces:
-            oi = next(j for j, x in enumerate(step["ops"]) if x is op)
-            info.append((oi, op, self._batchable(si, oi, op)))
 
         def record(rec: Recorder) -> None:
-            for (ops_before, _op), (oi, op, (gdt, udt, ddt, ffn, width)) in zip(pieces, info):
+            for ops_before, op, oi in pieces:
                 a = op["attrs"]
                 n, k = len(a["experts"]), a["k"]
-                m = t * k
                 for x in ops_before:
                     go.record_op(rec, x, ps, payload)
                 go.moe_router(rec, op, ps, payload, None)
@@ -92,19 +86,14 @@ class DeviceRouting:
                 o.moe_route(rec, ps.buf(MOE_LOGITS), self.places, self._dtable, self._shared, self.ids, t, n, k,
                             a["router"] == "sigmoid", bool(a["norm"]), len(op["w"]) == 5, i * MAX_SLOTS,
                             self._pstride * i)
-                x_in, out, xs = ps.buf(op["in"][0]), ps.buf(op["out"]), ps.width(op["in"][0])
-                o.moe_matvec(rec, gdt, self.blocks, x_in, self._dtable, self._g, ffn, width, m, xs, ffn, 0)
-                o.moe_matvec(rec, udt, self.blocks, x_in, self._dtable, self._u, ffn, width, m, xs, ffn, 4 * m)
-                o.swiglu(rec, self._g, self._u, self._g, m * ffn)
-                o.moe_matvec(rec, ddt, self.blocks, self._g, self._dtable, self._y, width, ffn, m, ffn, width, 8 * m)
-                o.sum_rows(rec, self._y, out, self._dtable, m, width, t, 12 * m, 13 * m)
+                self._record_batched(rec, self._dtable, self._batchable(si, oi, op), op, ps, t * k)
                 go.moe_combine(rec, op, ps, self._shared, 0, t)
             for x in after:
                 go.record_op(rec, x, ps, payload)
         rec = self._cached((si, "routed", len(self.blocks)) + shape, f"{step['name']}.routed", record)
         self.inflight.add(rec, held)
-        self._pending += [(si, oi, t * op["attrs"]["k"]) for oi, op, _ in info]
-        self.routed_on_device += len(info)
+        self._pending += [(si, oi, t * op["attrs"]["k"]) for _b, op, oi in pieces]
+        self.routed_on_device += len(pieces)
 
     def settle(self, weights: Any) -> None:
         """Count the experts the device chose in the passes now done (hits, heat), as the host's routing does."""

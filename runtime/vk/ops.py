@@ -492,15 +492,12 @@ class Ops:
         """y[j, :rows] = x[xrow(j), :] @ W_g.T for the slots j of every group g < groups (moe_matmul.comp): per
         group (4 uint32 from uint tbl_off of `table`) its weight's tier block and byte offset, its first slot and
         its count (at most MOE_GROUP_SLOTS; 0: unused); xrow(j) = table[rows_off + j], or j where rows_off is None."""
-        if len(blocks) > MOE_MAX_BLOCKS:
-            raise VulkanError(f"moe_matmul: {len(blocks)} tier blocks > {MOE_MAX_BLOCKS}")
         bm, bn, tm, tn = 64, MOE_GROUP_SLOTS, 4, 2
         bk = max(32, WEIGHT_FORMATS[dtype][3])
         k = self._k(f"moe_matmul_{dtype.lower()}", MOE_MAX_BLOCKS + 3, 24, (MOE_MAX_BLOCKS + 2,),
                     {0: (bm // tm) * (bn // tn), 1: bm, 2: bn, 3: bk, 4: tm, 5: tn}, arrays={0: MOE_MAX_BLOCKS})
-        binds = [*blocks, *[blocks[0]] * (MOE_MAX_BLOCKS - len(blocks)), x, table, y]
         gx, gz = self._grid(-(-rows // bm))
-        rec.dispatch(k, binds, (gx, groups, gz), struct.pack("<6I", rows, cols, x_stride, y_stride, tbl_off,
+        rec.dispatch(k, [*_tier_binds("moe_matmul", blocks), x, table, y], (gx, groups, gz), struct.pack("<6I", rows, cols, x_stride, y_stride, tbl_off,
                                                              0xFFFFFFFF if rows_off is None else rows_off))
 
     def moe_matvec(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
@@ -508,14 +505,11 @@ class Ops:
         """y[yrow(s), r] = x[xrow(s), :] @ W_s[r, :] for every slot s < slots, each W_s (rows, cols) of `dtype`
         at (tier block, byte offset) given by `table` (4 uint32 a slot from uint tbl_off: block, offset, x row,
         y row), `blocks` the tier's buffers (at most MOE_MAX_BLOCKS; unused slots of the array bind the first)."""
-        if len(blocks) > MOE_MAX_BLOCKS:
-            raise VulkanError(f"moe_matvec: {len(blocks)} tier blocks > {MOE_MAX_BLOCKS}")
         nr = self.mv_rows * max(1, self.mv_wg // max(1, self.dev.info.subgroup_size))
         k = self._k(f"moe_matvec_{dtype.lower()}", MOE_MAX_BLOCKS + 3, 20, (MOE_MAX_BLOCKS + 2,),
                     {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units}, arrays={0: MOE_MAX_BLOCKS})
-        binds = [*blocks, *[blocks[0]] * (MOE_MAX_BLOCKS - len(blocks)), x, table, y]
         gx, gz = self._grid(-(-rows // nr))
-        rec.dispatch(k, binds, (gx, slots, gz), struct.pack("<5I", rows, cols, x_stride, y_stride, tbl_off))
+        rec.dispatch(k, [*_tier_binds("moe_matvec", blocks), x, table, y], (gx, slots, gz), struct.pack("<5I", rows, cols, x_stride, y_stride, tbl_off))
 
     def gather_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, idx_off: int, *,
                     src_stride: int | None = None, dst_stride: int | None = None) -> None:
@@ -705,3 +699,10 @@ class Ops:
         k2 = self._k("attention_merge", 4, 32, (3,), {0: self.attn_merge_wg, 1: hd})
         rec.dispatch(k2, [pacc, pml, pos, out], (n_heads, T, 1),
                      struct.pack("<8I", T, n_heads, n_ctx, os_, t0, rows, ns, window))
+
+
+def _tier_binds(kernel: str, blocks: list[Any]) -> list[Any]:
+    """Binding 0's array of the moe kernels: the tier's blocks, the unused slots binding the first."""
+    if len(blocks) > MOE_MAX_BLOCKS:
+        raise VulkanError(f"{kernel}: {len(blocks)} tier blocks > {MOE_MAX_BLOCKS}")
+    return [*blocks, *[blocks[0]] * (MOE_MAX_BLOCKS - len(blocks))]
