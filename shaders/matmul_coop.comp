@@ -6,6 +6,8 @@
 // and the x tile are packed to f16 into shared memory; the next step's global loads go to registers
 // while this step multiplies (two shared buffers, one barrier per step). Results are staged per
 // subgroup through shared memory so that partial tiles, bias and accumulate are handled per element.
+// Split-K as matmul_tiled.comp (pc.ksteps, pc.part_stride): few workgroups (decode batches, short
+// prefills) leave the SMs latency-bound, so K is cut into slices that run side by side.
 // Shared tiles are uvec4 arrays (8 halves each; coopMatLoadNV offsets and strides count uvec4s).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_NV_cooperative_matrix : require
@@ -34,6 +36,7 @@ layout(binding = 3) buffer YB { float y[]; };
 
 layout(push_constant) uniform PC {
     uint rows; uint cols; uint T; uint w_off; uint x_stride; uint y_stride; uint y_off; uint b_off; uint flags;
+    uint ksteps; uint part_stride;
 } pc;
 
 #if NIBBLE_UNITS
@@ -116,14 +119,14 @@ void stash(uint buf, uint k0) {
 #define MH fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
 
 // Write one 16x16 accumulator (rows rb.., tokens tb..) through this subgroup's staging tile.
-void store_tile(MC c, uint rb, uint tb, uint cbase, bool has_bias, bool accum) {
+void store_tile(MC c, uint rb, uint tb, uint cbase, bool has_bias, bool accum, uint pbase) {
     coopMatStoreNV(c, Cs, cbase, 16, true);   // (r, t) at t * 16 + r
     subgroupMemoryBarrierShared();
     subgroupBarrier();
     for (uint e = gl_SubgroupInvocationID; e < 256; e += gl_SubgroupSize) {
         uint row = rb + (e & 15u), tok = tb + (e >> 4);
         if (row < pc.rows && tok < pc.T) {
-            uint idx = tok * pc.y_stride + pc.y_off + row;
+            uint idx = pbase + tok * pc.y_stride + pc.y_off + row;
             float v = Cs[cbase + e];
             if (has_bias) v += bias[pc.b_off + row];
             if (accum) v += y[idx];
@@ -141,13 +144,14 @@ void store_tile(MC c, uint rb, uint tb, uint cbase, bool has_bias, bool accum) {
     coopMatLoadNV(b, Bs, cur * BSZ + (sc * NS + j * 16) * ST + kk * 2, ST, true); \
     MMA(0, j) MMA(1, j) MMA(2, j) MMA(3, j) }
 #define STORE(i, j) if (MA > i && NA > j) \
-    store_tile(c##i##j, r0 + sr * MS + i * 16, t0 + sc * NS + j * 16, sg * 256, has_bias, accum);
+    store_tile(c##i##j, r0 + sr * MS + i * 16, t0 + sc * NS + j * 16, sg * 256, has_bias, accum, pbase);
 #define ROW_OF(i, X) X(i, 0) X(i, 1) X(i, 2) X(i, 3)
 
 void main() {
     uint r0 = (gl_WorkGroupID.x + gl_WorkGroupID.z * gl_NumWorkGroups.x) * BM;
     if (r0 >= pc.rows) return;
-    uint t0 = gl_WorkGroupID.y * BN;
+    uint tiles = (pc.T + BN - 1) / BN, slice = gl_WorkGroupID.y / tiles;
+    uint t0 = (gl_WorkGroupID.y % tiles) * BN;
     uint sg = gl_SubgroupID, sr = sg % WM, sc = sg / WM;
     uint rbytes = row_bytes(pc.cols);
 
@@ -155,12 +159,13 @@ void main() {
        c13 = MC(0.0), c20 = MC(0.0), c21 = MC(0.0), c22 = MC(0.0), c23 = MC(0.0), c30 = MC(0.0), c31 = MC(0.0),
        c32 = MC(0.0), c33 = MC(0.0);
 
-    uint nk = (pc.cols + BK - 1) / BK;
-    fetch(r0, t0, 0, rbytes);
-    stash(0, 0);
+    uint nk = (pc.cols + BK - 1) / BK, s0 = slice * pc.ksteps;
+    if (pc.ksteps != 0u) nk = min(nk, s0 + pc.ksteps);
+    fetch(r0, t0, s0 * BK, rbytes);
+    stash(0, s0 * BK);
     barrier();
-    for (uint s = 0; s < nk; s++) {
-        uint cur = s & 1u;
+    for (uint s = s0; s < nk; s++) {
+        uint cur = (s - s0) & 1u;
         if (s + 1 < nk) fetch(r0, t0, (s + 1) * BK, rbytes);
         [[unroll]] for (uint kk = 0; kk < BK / 16; kk++) {
             MH a0, a1, a2, a3, b;   // A = W rows, row-major: (r, k) at r * ST + k / 8
@@ -172,5 +177,6 @@ void main() {
     }
 
     bool has_bias = (pc.flags & 1u) != 0u, accum = (pc.flags & 2u) != 0u;
+    uint pbase = slice * pc.part_stride;
     ROW_OF(0, STORE) ROW_OF(1, STORE) ROW_OF(2, STORE) ROW_OF(3, STORE)
 }

@@ -3,7 +3,10 @@
 // A workgroup computes a BM-row x BN-token tile. Per K step of BK elements it dequantizes the W tile
 // and loads the x tile into shared memory (k-major), then each invocation accumulates a TM x TN
 // micro-tile from shared memory: every weight element is reused BN times, every x element BM times.
-// Same push constants and bindings as matmul.comp. Grid: x*z = ceil(rows / BM), y = ceil(T / BN).
+// Split-K (pc.ksteps > 0): workgroup row y = slice * ceil(T / BN) + token tile, and slice s sums K steps
+// s * ksteps .. (s + 1) * ksteps - 1 only, storing its partial tile at y + s * pc.part_stride (the host
+// sets no bias and no accumulate, and sums the slices with splitk_sum.comp).
+// Grid: x*z = ceil(rows / BM), y = ceil(T / BN) * slices.
 #extension GL_GOOGLE_include_directive : require
 #include "common/types.glsl"
 
@@ -24,6 +27,7 @@ layout(binding = 3) buffer YB { float y[]; };             // (T, y_stride) f32
 
 layout(push_constant) uniform PC {
     uint rows; uint cols; uint T; uint w_off; uint x_stride; uint y_stride; uint y_off; uint b_off; uint flags;
+    uint ksteps; uint part_stride;
 } pc;
 
 const uint WS = BK * BM, XS = BK * BN;
@@ -33,7 +37,9 @@ shared float Xs[XS];   // [k][t]
 void main() {
     uint r0 = (gl_WorkGroupID.x + gl_WorkGroupID.z * gl_NumWorkGroups.x) * BM;
     if (r0 >= pc.rows) return;
-    uint t0 = gl_WorkGroupID.y * BN;
+    uint tiles = (pc.T + BN - 1) / BN, slice = gl_WorkGroupID.y / tiles;
+    uint t0 = (gl_WorkGroupID.y % tiles) * BN;
+    uint k_begin = slice * pc.ksteps * BK, k_end = pc.ksteps == 0u ? pc.cols : min(pc.cols, k_begin + pc.ksteps * BK);
     uint lid = gl_LocalInvocationID.x;
     const uint WG = gl_WorkGroupSize.x, RX = BM / TM, TY = BN / TN;
     uint tx = lid % RX, ty = lid / RX;
@@ -43,7 +49,7 @@ void main() {
     float acc[TMN];
     for (uint i = 0; i < TMN; i++) acc[i] = 0.0;
 
-    for (uint k0 = 0; k0 < pc.cols; k0 += BK) {
+    for (uint k0 = k_begin; k0 < k_end; k0 += BK) {
         for (uint i = lid; i < BM * UPK; i += WG) {
             uint r = i / UPK, uu = i % UPK;
             uint row = r0 + r, kk = k0 + uu * UNIT;
@@ -83,7 +89,7 @@ void main() {
         for (uint j = 0; j < TN; j++) {
             uint tok = t0 + ty + j * TY;
             if (tok >= pc.T) continue;
-            uint idx = tok * pc.y_stride + pc.y_off + row;
+            uint idx = slice * pc.part_stride + tok * pc.y_stride + pc.y_off + row;
             float s = acc[i * TN + j] + bv;
             if ((pc.flags & 2u) != 0u) s += y[idx];
             y[idx] = s;

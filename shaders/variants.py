@@ -59,6 +59,7 @@ VARIANTS.update({
     "argmax": {"source": "argmax.comp", "defines": {}, "reduce": True},
     "moe_rows": {"source": "moe_rows.comp", "defines": {}, "reduce": False},
     "moe_route": {"source": "moe_route.comp", "defines": {}, "reduce": False},
+    "splitk_sum": {"source": "splitk_sum.comp", "defines": {}, "reduce": False},
 })
 
 

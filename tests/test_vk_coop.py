@@ -17,8 +17,8 @@ OK, WHY = gpu.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"no Vulkan device: {WHY}")
 
 
-def run_linear(dev, ops, dtype, rows, cols, T, seed, bias=True, accumulate=True, offset=48):
-    """Run ops.linear on random data; returns (result, float64 reference)."""
+def run_linear(dev, ops, dtype, rows, cols, T, seed, bias=True, accumulate=True, offset=48, split=0):
+    """Run ops.linear on random data (with `split` bytes of split-K room); returns (result, float64 reference)."""
     rng = np.random.default_rng(seed)
     raw, wd = random_weight(rng, dtype, rows, cols)
     x = rng.standard_normal((T, cols)).astype(np.float32)
@@ -27,10 +27,11 @@ def run_linear(dev, ops, dtype, rows, cols, T, seed, bias=True, accumulate=True,
     wb = upload_weight(dev, raw, offset)
     xb, yb = to_dev(dev, x), to_dev(dev, y0)
     bb = to_dev(dev, b) if bias else None
+    sb = dev.alloc(split) if split else None
     run(dev, lambda rec: ops.linear(rec, gpu.Weight(wb, offset, dtype, rows, cols), xb, yb, T, bias=bb,
-                                    accumulate=accumulate))
+                                    accumulate=accumulate, split=sb))
     out = np.frombuffer(dev.download(yb, T * rows * 4), np.float32).reshape(T, rows)
-    for buf in (wb, xb, yb, bb):
+    for buf in (wb, xb, yb, bb, sb):
         if buf is not None:
             buf.destroy()
     ref = x.astype(np.float64) @ wd.astype(np.float64).T
@@ -110,6 +111,23 @@ def test_coop_tiles(dev, coop_ops, tile, dtype):
     finally:
         coop_ops.mm_coop_tile = None
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["F16", "Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows,cols,T", [(4112, 4096, 32), (300, 2816, 40), (1000, 1280, 64)])
+def test_coop_split_k(dev, coop_ops, dtype, rows, cols, T):
+    """Few workgroups: K cut into slices summed by splitk_sum.comp, with bias and accumulate; the slices'
+    order is fixed, so the split result is the same on every run and close to the unsplit one."""
+    room = coop_ops.split_scratch_bytes(T)
+    assert room > 0
+    whole, ref = run_linear(dev, coop_ops, dtype, rows, cols, T, rows + T)
+    before = {name for name, _ in dev._kernels}
+    split, _ = run_linear(dev, coop_ops, dtype, rows, cols, T, rows + T, split=room)
+    again, _ = run_linear(dev, coop_ops, dtype, rows, cols, T, rows + T, split=room)
+    assert "splitk_sum" in {name for name, _ in dev._kernels} - before or "splitk_sum" in before
+    assert rel_err(split, ref) < 1e-2 and rel_err(split, whole) < 1e-4
+    assert np.array_equal(split, again)
 
 
 @pytest.mark.gpu

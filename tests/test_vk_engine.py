@@ -204,3 +204,20 @@ def test_streamed_prefill_loads_the_embedding_parts_side_by_side(tmp_path, monke
     # before: every part loaded on demand, one by one; now a part is loaded on demand only when the
     # loading threads found no room for it (a chunk of a tight budget, at most half of them here)
     assert without == parts and with_now <= parts // 2, (without, with_now, parts)
+
+
+def test_split_k_prefill_matches_numpy(tmp_path):
+    """A prefill whose products run the tiled kernel with K cut into slices (GPUs do this for decode
+    batches and short prompts): the partials live in the pass's activation room, and logits and
+    greedy tokens equal the numpy backend's."""
+    spec = ms.Spec(arch="llama", layers=2, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1024, std=0.1)
+    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="Q8_0", seed=9), tmp_path / "m.vkpack", progress=False)
+    with Engine(tmp_path / "m.vkpack", device="numpy") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
+        ops = g.backend.ops
+        ops.mm_tiled_min_tokens, ops.mm_tile = 4, (32, 16, 4, 2)
+        ops.mm_split_groups, ops.mm_split_min_steps = 256, 2
+        ids = c.encode("a prompt long enough for the tiled kernel, cut into slices along K")
+        assert len(ids) >= 4 and ops.split_scratch_bytes(len(ids)) > 0
+        assert rel_err(g.logits(ids), c.logits(ids)) < REL_TOL
+        assert any(name == "splitk_sum" for name, _ in g.backend.dev._kernels)
+        assert greedy(g, ids, 6) == greedy(c, ids, 6)

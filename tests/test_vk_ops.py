@@ -96,6 +96,50 @@ def test_linear_splits_over_binding_limit(dev, ops, monkeypatch):
         b.destroy()
 
 
+@pytest.mark.parametrize("dtype", ["F16", "Q4_K", "Q6_K", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("rows,nblk,T,parts", [(37, 9, 5, 1), (70, 13, 3, 2), (5, 16, 9, 1)])
+def test_linear_split_k(dev, dtype, rows, nblk, T, parts, monkeypatch):
+    """The tiled matmul with K cut into slices (partials in the `split` room, summed in order by
+    splitk_sum.comp): with bias, accumulate and row-parts, equal to numpy, and the same bits on every
+    run. Slices of uneven length: 9, 13 and 16 K steps over 2-4 slices."""
+    ops = gpu.Ops(dev)
+    ops.mm_tiled_min_tokens, ops.mm_tile = 2, (32, 16, 4, 2)
+    ops.mm_split_groups, ops.mm_split_min_steps = 64, 3
+    rng = np.random.default_rng(rows * 7 + T)
+    bk = max(32, BLOCK[dtype])
+    cols = nblk * bk
+    raw, wd = random_weight(rng, dtype, rows, cols)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    y0 = rng.standard_normal((T, rows)).astype(np.float32)
+    wb, xb, bb = upload_weight(dev, raw), to_dev(dev, x), to_dev(dev, bias)
+    room = ops.split_scratch_bytes(T)
+    assert room == ops.mm_split_bytes
+    sb = dev.alloc(room)
+    w = gpu.Weight(wb, 48, dtype, rows, cols)
+    outs = []
+    for _ in range(2):
+        yb = to_dev(dev, y0)
+        rec = gpu.Recorder(dev)
+        if parts > 1:   # a binding holds half the rows: two row-parts, each split
+            info = dev.info
+            walign = max(16, info.min_storage_buffer_offset_alignment)
+            monkeypatch.setattr(dev, "info", type(info)(**{**info.__dict__, "max_storage_buffer_range":
+                                                             2 * walign + (rows // 2) * (raw.size // rows)}))
+        ops.linear(rec, w, xb, yb, T, bias=bb, accumulate=True, split=sb)
+        monkeypatch.undo()
+        assert rec.n_dispatches == 2 * parts   # per row-part: the slices, then their sum
+        rec.run()
+        rec.destroy()
+        outs.append(from_dev(dev, yb, np.float32, (T, rows)))
+        yb.destroy()
+    ref = y0 + x.astype(np.float64) @ wd.astype(np.float64).T + bias
+    assert nmse(outs[0], ref) < 1e-7
+    assert np.array_equal(outs[0], outs[1])
+    for b in (wb, xb, bb, sb):
+        b.destroy()
+
+
 # ---- embed ----
 
 @pytest.mark.parametrize("dtype", list(BLOCK))

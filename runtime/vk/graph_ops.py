@@ -120,7 +120,7 @@ class GraphOps:
         for row0, w in merged_parts([(p.row_start, p.row_end, payload.get((name, p.row_start))) for p in t.parts]):
             self.ops.linear(rec, w, x, y, rows, x_stride=t.shape[-1], y_stride=t.shape[0],
                             y_col=row0, bias=bias, bias_off=row0, accumulate=op.get("_accumulate", False),
-                            norm=norm, glu_up=glu)
+                            norm=norm, glu_up=glu, split=ps.split)
 
     def _rope_kw(self, a: dict[str, Any]) -> dict[str, Any]:
         """A rope op's attributes as the kernels' RoPE arguments (Ops.rope, kv_store's and attention's `rope`)."""

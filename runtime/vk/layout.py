@@ -58,7 +58,7 @@ class PassState:
 
     T: rows (tokens) of the pass; nseq: sequences; ids, pos: their token ids and positions on the device;
     bufs: activation name -> (slice, width, rows); attn: each sequence's split-K attention partials
-    (None: the one-pass kernel); layout: what a recording depends on besides its packs (row ranges,
+    (None: the one-pass kernel); split: the linear products' split-K partials (None: no split); layout: what a recording depends on besides its packs (row ranges,
     KV places, where the activations live).
     """
 
@@ -71,6 +71,7 @@ class PassState:
     layout: tuple
     bufs: dict[Any, tuple[BufferSlice, int, int]]
     attn: list[BufferSlice | None]
+    split: BufferSlice | None = None   # room for split-K partial products (Ops.linear's `split`)
     after_last: bool = False      # a last_token op ran: later ops work on one row per sequence
     embed_keep: bool = False      # a streamed embedding's later chunk: keep rows other chunks wrote
 
@@ -131,9 +132,10 @@ class ActivationLayout:
                     for a in self.attention), default=0)
 
     def scratch_bytes(self, tokens: int, n_seqs: int, attn: tuple[int, ...] = ()) -> int:
-        """Activation bytes of a pass, plus `attn` (bytes of each sequence's attention partials)."""
+        """Activation bytes of a pass, plus `attn` (bytes of each sequence's attention partials) and the
+        linear products' split-K room."""
         return (sum(_align(4 * (n_seqs if n in self.seq_rows else tokens) * w) for n, w in self.widths.items())
-                + sum(_align(n) for n in attn))
+                + sum(_align(n) for n in attn) + _align(self.ops.split_scratch_bytes(tokens)))
 
     def begin(self, inputs: PassInputs) -> PassState:
         """Write token ids and positions; lay out the activations in the tier reservation (grown if
@@ -158,10 +160,12 @@ class ActivationLayout:
                 self._layouts.pop(next(iter(self._layouts)))
         return PassState(tokens=tokens, seqs=seqs, T=t, nseq=nseq,
                          ids=BufferSlice(self.io, 0, 4 * t), pos=BufferSlice(self.io, 4 * MAX_TOKENS_PER_PASS, 4 * t),
-                         layout=kv_places + ((id(scratch.buffer), scratch.offset),), bufs=laid[0], attn=laid[1])
+                         layout=kv_places + ((id(scratch.buffer), scratch.offset),), bufs=laid[0], attn=laid[1],
+                         split=laid[2])
 
-    def _lay_out(self, scratch: BufferSlice, t: int, nseq: int, attn: tuple[int, ...]) -> tuple[dict, list]:
-        """Activation buffers of a pass (name -> (slice, width, rows)) and the attention partials."""
+    def _lay_out(self, scratch: BufferSlice, t: int, nseq: int, attn: tuple[int, ...]) -> tuple[dict, list, Any]:
+        """Activation buffers of a pass (name -> (slice, width, rows)), the attention partials and the
+        split-K room (None: none)."""
         off, bufs = scratch.offset, {}
         for name, w in self.widths.items():
             rows = nseq if name in self.seq_rows else t
@@ -172,7 +176,8 @@ class ActivationLayout:
         for size in attn:
             parts.append(BufferSlice(scratch.buffer, off, size) if size else None)
             off += _align(size)
-        return bufs, parts
+        room = self.ops.split_scratch_bytes(t)
+        return bufs, parts, BufferSlice(scratch.buffer, off, room) if room else None
 
     def _scratch_slice(self, need: int) -> BufferSlice:
         if self._scratch is not None and self._scratch[0].requested >= need:

@@ -182,6 +182,13 @@ class Ops:
         self.mm_coop_min_tokens = 32
         self.mm_coop_tile: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, WM, WN); None: by size
         self.mm_coop_min_groups = 128           # default tile: the widest that still gives this many workgroups
+        # split-K for the tiled and tensor-core matmuls: a product with fewer workgroups than this has its K
+        # cut into slices (summed in order by splitk_sum.comp) until it has about as many. H100 profile, 8B
+        # Q4_K_M: a 32-sequence step's tensor-core products took 282 us each (224 workgroups of 2 subgroups,
+        # latency-bound) where one sequence's matrix-vector products take 20 us. 0: never split.
+        self.mm_split_groups = 0 if self.cpu else 1024
+        self.mm_split_min_steps = 4             # K steps a slice keeps at least
+        self.mm_split_bytes = 16 << 20          # the pass's room for the slices' partial products
         self.red_wg = sg if self.cpu else 256    # rms_norm, argmax
         # rms_norm of one row (a decode token): one wide workgroup, few elements per invocation
         self.red_wg_single = (self.red_wg if self.cpu
@@ -276,13 +283,30 @@ class Ops:
             raise VulkanError(f"linear: coop tile {bm}x{bn}x{bk} with {wm}x{wn} subgroups (64x64 at most each) is "
                               f"invalid or needs more than {self.dev.info.max_shared_memory} B of shared memory")
         spec = {0: wm * wn * self.dev.info.subgroup_size, 1: bm, 2: bn, 3: bk, 4: wm, 5: wn}
-        return self._k(f"matmul_coop_{dtype.lower()}", 4, 36, (3,), spec), bm, bn
+        return self._k(f"matmul_coop_{dtype.lower()}", 4, 44, (3,), spec), bm, bn
+
+    def split_scratch_bytes(self, T: int) -> int:
+        """Bytes of the `split` room linear() wants for passes of T tokens (0: it never splits them)."""
+        tiled = T >= self.mm_tiled_min_tokens or (self.coop and T >= self.mm_coop_min_tokens)
+        return self.mm_split_bytes if self.mm_split_groups and tiled else 0
+
+    def _k_slices(self, groups: int, T: int, rows: int, cols: int, bk: int, room: int) -> tuple[int, int]:
+        """(K steps per slice, slices) for a tiled product of `groups` workgroups: enough slices to reach
+        mm_split_groups, each at least mm_split_min_steps steps, their partials within `room` bytes.
+        (0, 1): no split."""
+        nk = -(-cols // bk)
+        want = min(-(-self.mm_split_groups // groups), nk // self.mm_split_min_steps, room // (4 * T * rows))
+        if want < 2:
+            return 0, 1
+        ksteps = -(-nk // want)
+        return ksteps, -(-nk // ksteps)
 
     # ---- linear ----
 
     def linear(self, rec: Recorder, w: Weight, x: Any, y: Any, T: int, *, x_stride: int | None = None,
                y_stride: int | None = None, y_col: int = 0, bias: Any = None, bias_off: int = 0,
-               accumulate: bool = False, norm: tuple[Any, float] | None = None, glu_up: Any = None) -> None:
+               accumulate: bool = False, norm: tuple[Any, float] | None = None, glu_up: Any = None,
+               split: Any = None) -> None:
         """y[t, y_col + r] (+)= x[t, :] @ W[r, :] (+ bias[bias_off + r]) for r < w.rows, t < T.
 
         Fusions (only where `fuses(T)`): norm=(weight, eps) uses rms_norm(x[t]) * weight as x;
@@ -291,6 +315,8 @@ class Ops:
         x: (T, x_stride) f32, x_stride default w.cols (multiple of 4). y: (T, y_stride) f32, y_stride
         default w.rows; use y_col/y_stride to write one row-part of a split weight into a shared output.
         Weights larger than one binding are split into several dispatches automatically.
+        split: room (split_scratch_bytes(T) bytes) where the tiled and tensor-core kernels may keep the
+        partial products of K slices when they would have few workgroups; None: no split.
         """
         xs = w.cols if x_stride is None else x_stride
         ys = w.rows if y_stride is None else y_stride
@@ -306,8 +332,10 @@ class Ops:
         kind = self._linear_kernel(T, w.dtype)
         if fuse and kind != "matmul":
             raise VulkanError(f"linear: norm/glu fusion is not available for T={T} ({w.dtype})")
+        bk = 0  # the K step of a tiled kernel (split-K cuts K into whole steps)
         if kind == "coop":
             k, nr, nt = self._coop_kernel(w.dtype, T, w.rows)
+            bk = k.spec[3]
         elif kind == "tiled":
             bm, bn, tm, tn = self.mm_tile or ((128, 64, 8, 4) if T >= 256 else (64, 64, 4, 4))
             bk = max(32, WEIGHT_FORMATS[w.dtype][3])
@@ -317,7 +345,7 @@ class Ops:
                 raise VulkanError(f"linear: tile {bm}x{bn}x{bk} needs more shared memory than "
                                   f"{self.dev.info.max_shared_memory} bytes; lower Ops.mm_tile")
             spec = {0: (bm // tm) * (bn // tn), 1: bm, 2: bn, 3: bk, 4: tm, 5: tn}
-            k = self._k(f"matmul_tiled_{w.dtype.lower()}", 4, 36, (3,), spec)
+            k = self._k(f"matmul_tiled_{w.dtype.lower()}", 4, 44, (3,), spec)
             nr, nt = bm, bn
         elif kind == "matvec":
             nr, nt = self.mv_rows * max(1, self.mv_wg // max(1, self.dev.info.subgroup_size)), 1
@@ -338,10 +366,21 @@ class Ops:
                               else self.mv_config.get(fuse, (wg, nr, nu)))
             k = self._k(f"matmul_{w.dtype.lower()}", 6, 40, (3,), {0: wg, 1: nr, 2: nt, 3: nu, 4: fuse}, reduce=True)
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
+        room = _nbytes(split) if split is not None and bk else 0
         for r0, rows in self._row_parts(w):
             wslice, woff = self._weight_slice(w, r0, rows)
             gx, gz = self._grid(-(-rows // nr))
+            ksteps, slices = self._k_slices(-(-rows // nr) * -(-T // nt), T, rows, w.cols, bk, room) if room else (0, 1)
+            if slices > 1:   # partials into `split`, then their sum into y
+                push = struct.pack("<11I", rows, w.cols, T, woff, xs, rows, 0, 0, 0, ksteps, T * rows)
+                parts = _sub(split, 0, 4 * slices * T * rows)
+                rec.dispatch(k, [wslice, x, x, parts], (gx, -(-T // nt) * slices, gz), push)
+                self._split_sum(rec, parts, bias if bias is not None else x, y, rows, T, slices,
+                                (ys, y_col + r0, bias_off + r0, flags))
+                continue
             push = struct.pack("<9I", rows, w.cols, T, woff, xs, ys, y_col + r0, bias_off + r0, flags)
+            if kind in ("coop", "tiled"):
+                push += struct.pack("<2I", 0, 0)
             # the rows this dispatch writes (one token: a contiguous range), so that the row-parts
             # of a split weight are not separated by barriers; an unused bias slot binds x (read anyway)
             touched = {3: (4 * (y_col + r0), 4 * (y_col + r0 + rows))} if T == 1 else None
@@ -350,6 +389,13 @@ class Ops:
                 push += struct.pack("<f", norm[1] if norm is not None else 0.0)
                 binds += [glu_up if glu_up is not None else x, norm[0] if norm is not None else x]
             rec.dispatch(k, binds, (gx, -(-T // nt), gz), push, touched)
+
+    def _split_sum(self, rec: Recorder, parts: Any, bias: Any, y: Any, rows: int, T: int, slices: int,
+                   out: tuple[int, int, int, int]) -> None:
+        """y[t, y_off + r] (+)= the slices' partials summed in order (+ bias); out: (y_stride, y_off, b_off, flags)."""
+        k = self._k("splitk_sum", 3, 32, (2,), {0: self.ew_wg})
+        gx, gz = self._grid(-(-(rows * T) // self.ew_wg))
+        rec.dispatch(k, [parts, bias, y], (gx, 1, gz), struct.pack("<8I", rows, T, slices, T * rows, *out))
 
     def _linear_kernel(self, T: int, dtype: str) -> str:
         """Which kernel linear() runs for T tokens: "coop", "tiled", "matvec_k", "matvec" or "matmul"."""
