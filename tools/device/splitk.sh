@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (after tools/device/bundle.sh here): issue 12's split-K A/B, in two calls on one
+# warm machine, best after tools/device/hybrid.sh (its files step builds llama.cpp for CUDA into /tmp/llb-cuda):
+#     bash tools/device/splitk.sh files   # the tensor-core and split-K tests on the GPU; the 8B Q4_K_M files
+#     bash tools/device/splitk.sh run     # split off, then on: tools/bench_batch.py (1, 8, 32 sequences) and
+#                                         # tools/bench_gpu.py (resident prefill at 128 and 512, decode);
+#                                         # llama-batched-bench and llama-bench on the same GGUF where built
+# Results: $OUT/tests.txt, $OUT/off/ and $OUT/on/ (bench_batch.*), $OUT/gpu128/, $OUT/gpu512/ (bench_gpu.*).
+set -o pipefail
+. tools/device/setup.sh || exit 1
+if [ "$1" = files ]; then
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_vk_coop.py tests/test_vk_ops.py \
+    -k "split or coop_linear or coop_tiles or coop_matches" 2>&1 | tail -8 | tee "$OUT/tests.txt"
+  python3 - <<'PY' 2>&1 | grep -v gguf_writer
+import sys
+from pathlib import Path
+sys.path.insert(0, "tools")
+import bench_gpu
+bench_gpu.model_archive("8b:Q4_K_M", Path("/tmp/bench"), keep_gguf=True)
+PY
+  exit
+fi
+bin=/tmp/llb-cuda/llama.cpp/build/bin
+batched=() bench=()
+[ -x $bin/llama-batched-bench ] && batched=(--llama-batched cuda=$bin/llama-batched-bench)
+[ -x $bin/llama-bench ] && bench=(--llama-bench cuda=$bin/llama-bench)
+nvidia-smi --query-gpu=name --format=csv,noheader
+for v in off on; do
+  ops=$([ $v = off ] && echo "mm_split_groups=0" || echo "")
+  extra=(); [ $v = on ] && extra=("${batched[@]}")
+  python3 tools/bench_batch.py --models 8b:Q4_K_M --batches "${BATCHES:-1,8,32}" --decode 32 --work /tmp/bench \
+    --out "$OUT/$v" --ops "$ops" "${extra[@]}" 2>&1 | grep -v gguf_writer | tail -12
+done
+for p in 128 512; do
+  extra=(); [ $p = 512 ] && extra=("${bench[@]}")
+  python3 tools/bench_gpu.py --models 8b:Q4_K_M --work /tmp/bench --out "$OUT/gpu$p" --vram-gb 1000 --skip-limits \
+    --prompt $p --decode 64 --ops "mm_split_groups=0" --ops "mm_split_groups=1024" "${extra[@]}" 2>&1 |
+    grep -v gguf_writer | tail -6
+done
