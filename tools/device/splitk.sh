@@ -5,7 +5,7 @@
 #     bash tools/device/splitk.sh run     # split off, then on: tools/bench_batch.py (1, 8, 32 sequences) and
 #                                         # tools/bench_gpu.py (resident prefill at 128 and 512, decode);
 #                                         # llama-batched-bench and llama-bench on the same GGUF where built
-# Results: $OUT/tests.txt, $OUT/off/ and $OUT/on/ (bench_batch.*), $OUT/gpu128/, $OUT/gpu512/ (bench_gpu.*).
+# Results: $OUT/tests.txt, $OUT/off/, $OUT/on/ and $OUT/coop8/ (bench_batch.*), $OUT/gpu128/, $OUT/gpu512/ (bench_gpu.*).
 set -o pipefail
 . tools/device/setup.sh || exit 1
 if [ "$1" = files ]; then
@@ -32,6 +32,9 @@ for v in off on; do
   python3 tools/bench_batch.py --models 8b:Q4_K_M --batches "${BATCHES:-1,8,32}" --decode 32 --work /tmp/bench \
     --out "$OUT/$v" --ops "$ops" "${extra[@]}" 2>&1 | grep -v gguf_writer | tail -12
 done
+# 8 sequences on the tensor cores (split) instead of matmul.comp: an A/B of mm_coop_min_tokens
+python3 tools/bench_batch.py --models 8b:Q4_K_M --batches 8 --decode 32 --work /tmp/bench --out "$OUT/coop8" \
+  --ops "mm_coop_min_tokens=8" 2>&1 | grep -v gguf_writer | tail -4
 for p in 128 512; do
   extra=(); [ $p = 512 ] && extra=("${bench[@]}")
   python3 tools/bench_gpu.py --models 8b:Q4_K_M --work /tmp/bench --out "$OUT/gpu$p" --vram-gb 1000 --skip-limits \
