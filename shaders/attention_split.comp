@@ -41,44 +41,17 @@ const uint VB = (8 + UPI - 1) / UPI;           // V rows loaded at once
 
 // Eight bindings (the recorder's sets): q and the new k, v share one (the pass's activations), the
 // partials and their (m, l) another.
-// MULTI (attention_multi_*): every sequence of a batch in one dispatch, z over all the pass's token rows
-// (pc.t0 = 0). Each token's caches lie wherever the tier put them: bindings 1 and 2 are arrays of up to
-// MAX_KV_BLOCKS buffers, and binding 8 holds 8 uints per token row from uint pc.tbl_off on: K buffer,
-// K offset (cache units), V buffer, V offset, the cache's rows (n_ctx), its ring (0: none), the first
-// row of the token's sequence, unused.
-#ifdef KV_F16
-#define KVT uvec2                                          // 4 f16 per uvec2
-#else
-#define KVT vec4
-#endif
 layout(binding = 0) readonly buffer AB { float act[]; };   // q (T, q_stride) at q_off; FUSE: k, v (T, kv_dim)
-#ifdef MULTI
-#define MAX_KV_BLOCKS 8
-layout(binding = 1) readonly buffer KC { KVT d[]; } kca[MAX_KV_BLOCKS];
-layout(binding = 2) readonly buffer VC { KVT d[]; } vca[MAX_KV_BLOCKS];
-layout(binding = 1) writeonly buffer KW { KVT d[]; } kwa[MAX_KV_BLOCKS];
-layout(binding = 2) writeonly buffer VW { KVT d[]; } vwa[MAX_KV_BLOCKS];
-layout(binding = 8) readonly buffer SB { uint seq_tbl[]; };
-uint kblk, koff, vblk, voff, s_nctx, s_ring, s_t0;         // the workgroup's token's (dynamically uniform)
-#define KC_AT(i) kca[kblk].d[koff + (i)]
-#define VC_AT(i) vca[vblk].d[voff + (i)]
-#define KW_AT(i) kwa[kblk].d[koff + (i)]
-#define VW_AT(i) vwa[vblk].d[voff + (i)]
-#define S_NCTX s_nctx
-#define S_RING s_ring
-#define S_T0 s_t0
+#ifdef KV_F16
+layout(binding = 1) readonly buffer KC { uvec2 kc[]; };    // (n_ctx, kv_dim) f16, 4 per uvec2
+layout(binding = 2) readonly buffer VC { uvec2 vc[]; };
+layout(binding = 1) writeonly buffer KW { uvec2 kw[]; };   // FUSE: the same caches, new rows only
+layout(binding = 2) writeonly buffer VW { uvec2 vw[]; };
 #else
-layout(binding = 1) readonly buffer KC { KVT kc[]; };      // (n_ctx, kv_dim)
-layout(binding = 2) readonly buffer VC { KVT vc[]; };
-layout(binding = 1) writeonly buffer KW { KVT kw[]; };     // FUSE: the same caches, new rows only
-layout(binding = 2) writeonly buffer VW { KVT vw[]; };
-#define KC_AT(i) kc[i]
-#define VC_AT(i) vc[i]
-#define KW_AT(i) kw[i]
-#define VW_AT(i) vw[i]
-#define S_NCTX pc.n_ctx
-#define S_RING pc.ring
-#define S_T0 pc.t0
+layout(binding = 1) readonly buffer KC { vec4 kc[]; };     // (n_ctx, kv_dim) f32
+layout(binding = 2) readonly buffer VC { vec4 vc[]; };
+layout(binding = 1) writeonly buffer KW { vec4 kw[]; };
+layout(binding = 2) writeonly buffer VW { vec4 vw[]; };
 #endif
 layout(binding = 3) readonly buffer PB { uint pos[]; };    // (T) positions
 layout(binding = 4) coherent buffer PA { vec4 pacc[]; };   // (T, n_heads, n_splits, HD) partial sums
@@ -109,7 +82,6 @@ layout(push_constant) uniform PC {
     uint window;    // > 0: query at position p sees rows p - window + 1 .. p only (sliding-window layers)
     float softcap;  // > 0: scores s become softcap * tanh(s / softcap) (gemma2)
     uint ring;      // > 0: rows in the ring cache (row = position % ring); 0: row = position < n_ctx
-    uint tbl_off;   // MULTI: uint index of token row 0's entry in binding 8
 } pc;
 
 shared bool last_one;
@@ -159,13 +131,13 @@ shared vec4 racc[RG > 1 ? RG * GB * VU : 1];    // row-group sums
 shared float rl[RG * GB];
 
 #ifdef KV_F16
-vec4 k4(uint i) { uvec2 a = KC_AT(i); return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
-vec4 v4(uint i) { uvec2 a = VC_AT(i); return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
+vec4 k4(uint i) { uvec2 a = kc[i]; return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
+vec4 v4(uint i) { uvec2 a = vc[i]; return vec4(unpackHalf2x16(a.x), unpackHalf2x16(a.y)); }
 uvec2 kv_pack(vec4 x) { return uvec2(packHalf2x16(x.xy), packHalf2x16(x.zw)); }
 vec4 kv_round(vec4 x) { return vec4(unpackHalf2x16(packHalf2x16(x.xy)), unpackHalf2x16(packHalf2x16(x.zw))); }
 #else
-vec4 k4(uint i) { return KC_AT(i); }
-vec4 v4(uint i) { return VC_AT(i); }
+vec4 k4(uint i) { return kc[i]; }
+vec4 v4(uint i) { return vc[i]; }
 vec4 kv_pack(vec4 x) { return x; }
 vec4 kv_round(vec4 x) { return x; }
 #endif
@@ -181,7 +153,7 @@ float rope_elem(float x, float y, uint d, uint p) {
     return first ? rope_rotate(x, y, theta).x : rope_rotate(y, x, theta).y;
 }
 
-uint kv_row(uint j) { return S_RING > 0u ? j % S_RING : j; }   // the cache row of position j
+uint kv_row(uint j) { return pc.ring > 0u ? j % pc.ring : j; }   // the cache row of position j
 
 uint rope_partner(uint d) {
     uint hr = pc.n_rot / 2u;
@@ -207,17 +179,12 @@ void main() {
     uint kvh = gl_WorkGroupID.y / HB, g0 = gl_WorkGroupID.y % HB * GB;
     uint ng = min(GB, G - g0), h0 = kvh * G + g0;           // heads h0..h0+ng-1
     uint split = gl_WorkGroupID.x, tl = gl_WorkGroupID.z, t = tl + pc.t0;
-#ifdef MULTI
-    uint e = pc.tbl_off + 8u * t;
-    kblk = seq_tbl[e]; koff = seq_tbl[e + 1u]; vblk = seq_tbl[e + 2u]; voff = seq_tbl[e + 3u];
-    s_nctx = seq_tbl[e + 4u]; s_ring = seq_tbl[e + 5u]; s_t0 = seq_tbl[e + 6u];
-#endif
-    uint L = S_RING > 0u ? pos[t] + 1u : min(pos[t] + 1u, S_NCTX);
+    uint L = pc.ring > 0u ? pos[t] + 1u : min(pos[t] + 1u, pc.n_ctx);
     uint LO = pc.window > 0u && L > pc.window ? L - pc.window : 0u;   // first live position
     uint R = max(pc.rows, (L - LO + pc.n_splits - 1u) / pc.n_splits);
     uint j0 = LO + split * R, j1 = min(j0 + R, L);
     uint pidx = (tl * pc.n_heads + h0) * pc.n_splits + split;   // head g: pidx + g * n_splits
-    uint P0 = FUSE != 0u ? pos[S_T0] : 0u;                       // FUSE: row P0 + i is new row t0 + i
+    uint P0 = FUSE != 0u ? pos[pc.t0] : 0u;                      // FUSE: row P0 + i is new row t0 + i
     if (j0 >= L) {                                               // uniform: past the end
         if (lid < ng) pml[pc.ml_off + pidx + lid * pc.n_splits] = vec2(NEG_INF, 0.0);
         if (MERGE != 0u) merge_if_last(h0, ng, tl, t, L - LO, R);
@@ -234,16 +201,16 @@ void main() {
         uint a = max(j0, P0) - P0;
         for (uint i = lid; i < (j1 - P0 - a) * VU; i += WG) {
             uint r = a + i / VU;
-            kns[r * VU + i % VU] = kv_round(rope4(pc.k_off + (S_T0 + r) * kvd + kvh * HD, i % VU, P0 + r));
+            kns[r * VU + i % VU] = kv_round(rope4(pc.k_off + (pc.t0 + r) * kvd + kvh * HD, i % VU, P0 + r));
         }
     }
     barrier();
     // the token's own row (the last of the last live split) goes into the caches: one workgroup writes it
-    if (FUSE != 0u && (S_RING > 0u || pos[t] < S_NCTX) && split == (L - 1u - LO) / R && g0 == 0u) {
+    if (FUSE != 0u && (pc.ring > 0u || pos[t] < pc.n_ctx) && split == (L - 1u - LO) / R && g0 == 0u) {
         for (uint u = lid; u < VU; u += WG) {
             uint vb = pc.v_off + t * kvd + kvh * HD + 4u * u, o = kv_row(pos[t]) * rowu + kb + u;
-            KW_AT(o) = kv_pack(kns[(t - S_T0) * VU + u]);
-            VW_AT(o) = kv_pack(vec4(act[vb], act[vb + 1], act[vb + 2], act[vb + 3]));
+            kw[o] = kv_pack(kns[tl * VU + u]);
+            vw[o] = kv_pack(vec4(act[vb], act[vb + 1], act[vb + 2], act[vb + 3]));
         }
     }
     uint cl = lid / LPR, ln = lid % LPR;              // scores: cluster (row) and lane
@@ -310,7 +277,7 @@ void main() {
                     uint r = r0 + k * RG;
                     for (uint i = 0; i < UPI; i++) {
                         uint u = vu0 + i * WG;
-                        uint j = c0 + r, b = pc.v_off + (S_T0 + j - P0) * kvd + kvh * HD + 4u * u;
+                        uint j = c0 + r, b = pc.v_off + (pc.t0 + j - P0) * kvd + kvh * HD + 4u * u;
                         vr[k * UPI + i] = r >= n || u >= VU ? vec4(0.0)
                                         : FUSE != 0u && j >= P0 ? kv_round(vec4(act[b], act[b + 1], act[b + 2], act[b + 3]))
                                         : v4(kv_row(j) * rowu + kb + u);

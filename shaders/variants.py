@@ -50,10 +50,6 @@ VARIANTS.update({
     # split-K decode attention: subgroup ops required (no _nosg twins; Ops falls back to attention_*)
     "attention_split_f32": {"source": "attention_split.comp", "defines": {}, "reduce": False},
     "attention_split_f16": {"source": "attention_split.comp", "defines": {"KV_F16": 1}, "reduce": False},
-    # the split kernel over every sequence of a batch, their caches found through a table
-    "attention_multi_f32": {"source": "attention_split.comp", "defines": {"MULTI": 1}, "reduce": False},
-    "attention_multi_f16": {"source": "attention_split.comp", "defines": {"KV_F16": 1, "MULTI": 1},
-                            "reduce": False},
     "attention_merge": {"source": "attention_merge.comp", "defines": {}, "reduce": False},
     "swiglu": {"source": "swiglu.comp", "defines": {}, "reduce": False},
     "geglu": {"source": "swiglu.comp", "defines": {"GELU": 1}, "reduce": False},

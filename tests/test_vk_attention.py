@@ -159,12 +159,11 @@ def test_scratch_too_small(dev, ops):
 
 # ---- the decode fusion: rope(q), rope(k) and the KV store inside the split kernel ----
 
-def run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=0, batched=False):
+def run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=0):
     """One batch: sequences (P0, T), rows stacked, each attending through its own caches (rows >= P0
     hold NaN: the new rows must come from k, v). Recorded fused (new_kv, rope; q, k, v slices of one
     buffer) and unfused (rope(q), kv_store(rope), attention). Returns [(fused out, unfused out,
-    float64 reference, fused caches, unfused caches, caches before)] per sequence. batched: the fused
-    recording is one attention_batch over all sequences, their caches found through a table."""
+    float64 reference, fused caches, unfused caches, caches before)] per sequence."""
     rng = np.random.default_rng(seed)
     kvd, qd = n_kv * hd, n_heads * hd
     cdt = np.float16 if f16 else np.float32
@@ -203,18 +202,8 @@ def run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff
             if not fused:
                 ops.rope(rec, qx, pb, rows, n_heads, hd, n_rot=n_rot, mode=mode, base=10000.0,
                          freq_factors=rope["freq_factors"])
-            if fused and batched:
-                spec, r0 = [], 0
-                for (p0, T), (kc, vc) in zip(seqs, bufs):
-                    spec.append((r0, T, kc, vc, n_ctx, 0))
-                    r0 += T
-                rows_ = ops.kv_table(spec, f16)[2]
-                tb = up(np.array([7] * 8 + [x for row in rows_ for x in row], np.uint32))   # from uint 8 on
-                sb = up(np.zeros(ops.attention_batch_scratch_bytes(spec, n_heads, hd) // 4 + 4, np.float32))
-                ops.attention_batch(rec, qx, spec, pb, ob, n_heads, n_kv, hd, table=tb, tbl_off=8, scratch=sb,
-                                    new_kv=(kx, vb), rope=rope, f16=f16)
             r0 = 0
-            for (p0, T), (kc, vc) in zip(seqs, bufs) if not (fused and batched) else ():
+            for (p0, T), (kc, vc) in zip(seqs, bufs):
                 sb = up(np.zeros(ops.attention_scratch_bytes(T, n_heads, hd, n_ctx) // 4 + 4, np.float32))
                 if fused:
                     ops.attention(rec, qx, kc, vc, pb, ob, T, n_heads, n_kv, hd, n_ctx, f16=f16, t0=r0,
@@ -255,19 +244,15 @@ FUSED_CASES = [  # (sequences (first position, tokens), n_heads, n_kv, head_dim,
 
 
 @pytest.mark.parametrize("f16", [False, True])
-@pytest.mark.parametrize("wg,batched", [(8, False), (64, False), (64, True)])
+@pytest.mark.parametrize("wg", [8, 64])
 @pytest.mark.parametrize("seqs,n_heads,n_kv,hd,n_ctx,mode,n_rot,use_ff", FUSED_CASES)
-def test_fused_rope_and_store(dev, f16, wg, batched, seqs, n_heads, n_kv, hd, n_ctx, mode, n_rot, use_ff):
+def test_fused_rope_and_store(dev, f16, wg, seqs, n_heads, n_kv, hd, n_ctx, mode, n_rot, use_ff):
     """The fused kernel (new rows from k, v; q and keys rotated inside) against the float64 reference and
     the unfused recording: the same outputs, and the caches hold what kv_store writes (NaN rows at and
-    past each P0 in the caches prove that the new rows are not read from there). Splits of 16 rows.
-    batched: every sequence in one dispatch (attention_multi_*), each reading its caches through a table."""
-    if batched and len(seqs) < 2:
-        pytest.skip("one sequence: no batch")
+    past each P0 in the caches prove that the new rows are not read from there). Splits of 16 rows."""
     ops = gpu.Ops(dev)
     ops.attn_split_wg, ops.attn_split_rows = wg, 16
-    got = run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=wg + hd + n_ctx,
-                    batched=batched)
+    got = run_fused(dev, ops, seqs, n_heads, n_kv, hd, n_ctx, f16, mode, n_rot, use_ff, seed=wg + hd + n_ctx)
     # f16 caches: a rotated key that rounds to the other f16 neighbour (sin/cos differ in the last f32 bits
     # between drivers and between the two kernels on the H100) moves the output by ~2^-11 relative:
     # measured on the H100, nmse 2-5e-8 against float64 and up to 2.2e-8 fused against unfused (f32

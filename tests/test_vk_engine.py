@@ -221,26 +221,3 @@ def test_split_k_prefill_matches_numpy(tmp_path):
         assert rel_err(g.logits(ids), c.logits(ids)) < REL_TOL
         assert any(name == "splitk_sum" for name, _ in g.backend.dev._kernels)
         assert greedy(g, ids, 6) == greedy(c, ids, 6)
-
-
-def test_batched_decode_attends_in_one_dispatch(tmp_path):
-    """Three sequences with caches of different sizes decode together: each layer's attention is one
-    dispatch over the batch (attention_multi_*, the caches found through the pass's kv table), and the
-    logits of every step equal the numpy backend's."""
-    spec = ms.Spec(arch="llama", layers=2, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=1024, std=0.1)
-    build(ms.write_gguf(tmp_path / "m.gguf", spec, dtype="Q8_0", seed=5), tmp_path / "m.vkpack", progress=False)
-    prompts = [[5, 9, 33, 2], [7, 100, 3, 44, 8, 61, 12], [1]]
-    sizes = [32, 48, 40]
-    with Engine(tmp_path / "m.vkpack", device="numpy") as c, Engine(tmp_path / "m.vkpack", device="vulkan") as g:
-        with g.kv_session(sizes[0]) as g0, g.kv_session(sizes[1]) as g1, g.kv_session(sizes[2]) as g2, \
-                c.kv_session(sizes[0]) as c0, c.kv_session(sizes[1]) as c1, c.kv_session(sizes[2]) as c2:
-            gk, ck = [g0, g1, g2], [c0, c1, c2]
-            for p, a, b in zip(prompts, gk, ck):
-                assert rel_err(g.forward_batch([(p, 0, a)]), c.forward_batch([(p, 0, b)])) < REL_TOL
-            toks, pos = [p[-1] for p in prompts], [len(p) for p in prompts]
-            for _ in range(4):
-                lg = g.forward_batch([([t], q, kv) for t, q, kv in zip(toks, pos, gk)])
-                lc = c.forward_batch([([t], q, kv) for t, q, kv in zip(toks, pos, ck)])
-                assert rel_err(lg, lc) < REL_TOL
-                toks, pos = [int(np.argmax(r)) for r in lc], [q + 1 for q in pos]
-        assert any(name.startswith("attention_multi") for name, _ in g.backend.dev._kernels)

@@ -141,8 +141,6 @@ class GraphOps:
             rope = {"head_dim": op["_rope_k"]["head_dim"], **self._rope_kw(op["_rope_k"])}
         in_kernel = "_rope_q" in op  # fused: the split kernel rotates q and k and stores k, v itself
         window = a.get("window") or 0
-        if self._attend_batch(rec, ps, a, q, k, v, out, rope, in_kernel, window):
-            return
         for (r0, r1, _pos0, kv), sc in zip(ps.seqs, self._attn_scratch(ps, a)):
             kc, vc = kv[a["layer"]]
             # a windowed layer's cache is indexed as a ring of its rows (runtime/kv.py): position p at row
@@ -155,30 +153,6 @@ class GraphOps:
                                a["head_dim"], kc.n_ctx, scale=a["scale"], t0=r0, scratch=sc,
                                new_kv=(k, v) if in_kernel else None, rope=rope if in_kernel else None,
                                window=window, softcap=a.get("softcap") or 0.0, ring=ring)
-
-    def _attend_batch(self, rec, ps: PassState, a: dict[str, Any], q, k, v, out, rope, in_kernel: bool,
-                      window: int) -> bool:
-        """A batch's attention in one dispatch (Ops.attention_batch), its caches found through the pass's kv
-        table, its partials in the sequences' scratch taken together; False: one dispatch per sequence."""
-        if ps.kv_table is None or len(ps.seqs) < 2:
-            return False
-        layer, kvd = a["layer"], a["n_kv_heads"] * a["head_dim"]
-        seqs = [(r0, r1 - r0, kv[layer][0].slice, kv[layer][1].slice, kv[layer][0].n_ctx,
-                 kv[layer][0].n_ctx if window else 0) for r0, r1, _p0, kv in ps.seqs]
-        scs = self._attn_scratch(ps, a)
-        if any(sc is None or sc.buffer is not scs[0].buffer for sc in scs) or not self.ops.batch_attends(seqs, window):
-            return False
-        room = BufferSlice(scs[0].buffer, scs[0].offset, scs[-1].offset + scs[-1].size - scs[0].offset)
-        if room.size < self.ops.attention_batch_scratch_bytes(seqs, a["n_heads"], a["head_dim"], window):
-            return False
-        if not in_kernel:
-            for (r0, r1, _pos0, kv), (_t0, _n, kc, vc, n_ctx, ring) in zip(ps.seqs, seqs):
-                self.ops.kv_store(rec, k, v, kc, vc, ps.pos, r1 - r0, kvd, n_ctx, t0=r0, rope=rope, ring=ring)
-        self.ops.attention_batch(rec, q, seqs, ps.pos, out, a["n_heads"], a["n_kv_heads"], a["head_dim"],
-                                 table=ps.kv_table, tbl_off=layer * 8 * ps.T, scratch=room, scale=a["scale"],
-                                 new_kv=(k, v) if in_kernel else None, rope=rope if in_kernel else None,
-                                 window=window, softcap=a.get("softcap") or 0.0)
-        return True
 
     def op_add(self, rec, op, ps: PassState, payload: Payload) -> None:
         a, b = (ps.buf(n) for n in op["in"])

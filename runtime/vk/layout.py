@@ -20,14 +20,13 @@ from ..backend import PassInputs
 from ..graph import seq_row_activations
 from .device import Device
 from .kernels import BufferSlice
-from .ops import KV_TABLE_UINTS, Ops
+from .ops import Ops
 from .recorder import Recorder
 
 ALIGN = 256
 MAX_TOKENS_PER_PASS = 4096
 READBACK_ROWS = 16  # output rows the readback buffer holds; a bigger batch reads back 16 rows at a time
 MAX_LAYOUTS = 64    # pass shapes whose buffer layout is kept
-KV_TABLE_ROWS = 256  # token rows of a batch pass whose caches attention_batch finds through the kv table
 LAST_TOKEN_SCRATCH = ("scratch", "last_token")  # rows `last_token` copies through; no graph name (a str) equals it
 
 
@@ -73,7 +72,6 @@ class PassState:
     bufs: dict[Any, tuple[BufferSlice, int, int]]
     attn: list[BufferSlice | None]
     split: BufferSlice | None = None   # room for split-K partial products (Ops.linear's `split`)
-    kv_table: BufferSlice | None = None  # a batch's cache places per layer (Ops.attention_batch's table)
     after_last: bool = False      # a last_token op ran: later ops work on one row per sequence
     embed_keep: bool = False      # a streamed embedding's later chunk: keep rows other chunks wrote
 
@@ -113,42 +111,11 @@ class ActivationLayout:
         # host-visible copy of a pass's output (logits), written by the pass's own submission
         self.readback = dev.alloc(4 * READBACK_ROWS * self.widths[self.output], "readback")
         self._readback_recs: dict[tuple, Recorder] = {}
-        # a batch pass's KV places, layer by layer (Ops.kv_table's rows), rewritten before each batch pass
-        self.n_layers = max((a["layer"] for a in self.attention), default=-1) + 1
-        self.windows = {a["layer"]: a.get("window") or 0 for a in self.attention}
-        self.kv_table = dev.alloc(4 * KV_TABLE_UINTS * KV_TABLE_ROWS * max(1, self.n_layers), "upload")
-        self._kv_u32 = np.frombuffer(self.kv_table.view(), dtype=np.uint32)
-        self._kv_rows: dict[tuple, np.ndarray | None] = {}
 
     @property
     def device_bytes(self) -> int:
-        """Device-local bytes of the io, readback and kv table buffers (0 where they live in system memory)."""
-        return sum(b.size for b in (self.io, self.readback, self.kv_table) if b.block.device_local)
-
-    def _write_kv_table(self, seqs: list, t: int, key: tuple) -> bool:
-        """Write a batch pass's KV places into the kv table (layer l's rows from uint l * 8 * t on); False
-        where attention_batch cannot take this batch."""
-        rows = self._kv_rows.get(key)
-        if key not in self._kv_rows:
-            table: list = []
-            for layer in range(self.n_layers):
-                if layer not in self.windows:   # no attention in this layer: its rows are never read
-                    table += [(0,) * KV_TABLE_UINTS] * t
-                    continue
-                ring = self.windows[layer]
-                placed = self.ops.kv_table([(r0, r1 - r0, kv[layer][0].slice, kv[layer][1].slice, kv[layer][0].n_ctx,
-                                             kv[layer][0].n_ctx if ring else 0) for r0, r1, _p0, kv in seqs])
-                if placed is None:
-                    break
-                table += placed[2]
-            rows = np.asarray(table, np.uint32).reshape(-1) if len(table) == self.n_layers * t else None
-            self._kv_rows[key] = rows
-            if len(self._kv_rows) > MAX_LAYOUTS:
-                self._kv_rows.pop(next(iter(self._kv_rows)))
-        if rows is None:
-            return False
-        self._kv_u32[:len(rows)] = rows
-        return True
+        """Device-local bytes of the io and readback buffers (0 where they live in system memory)."""
+        return sum(b.size for b in (self.io, self.readback) if b.block.device_local)
 
     def attach(self, tier: Any, pass_tokens: int) -> None:
         """Reserve activation room for passes of `pass_tokens` now, before any pack: growing it later
@@ -191,14 +158,10 @@ class ActivationLayout:
             laid = self._layouts[key] = self._lay_out(scratch, t, nseq, attn)
             if len(self._layouts) > MAX_LAYOUTS:
                 self._layouts.pop(next(iter(self._layouts)))
-        table = None
-        if nseq > 1 and t <= KV_TABLE_ROWS and self.n_layers and self.ops.attn_batch \
-                and self._write_kv_table(seqs, t, kv_places):
-            table = BufferSlice(self.kv_table, 0, 4 * KV_TABLE_UINTS * t * self.n_layers)
         return PassState(tokens=tokens, seqs=seqs, T=t, nseq=nseq,
                          ids=BufferSlice(self.io, 0, 4 * t), pos=BufferSlice(self.io, 4 * MAX_TOKENS_PER_PASS, 4 * t),
-                         layout=kv_places + ((id(scratch.buffer), scratch.offset), table is not None),
-                         bufs=laid[0], attn=laid[1], split=laid[2], kv_table=table)
+                         layout=kv_places + ((id(scratch.buffer), scratch.offset),), bufs=laid[0], attn=laid[1],
+                         split=laid[2])
 
     def _lay_out(self, scratch: BufferSlice, t: int, nseq: int, attn: tuple[int, ...]) -> tuple[dict, list, Any]:
         """Activation buffers of a pass (name -> (slice, width, rows)), the attention partials and the
@@ -256,4 +219,3 @@ class ActivationLayout:
         self.io.destroy()
         self._destroy_readback_recs()
         self.readback.destroy()
-        self.kv_table.destroy()

@@ -27,8 +27,6 @@ from .recorder import Recorder
 MOE_MAX_BLOCKS = 16   # moe_matvec.comp's MAX_BLOCKS: the tier blocks one dispatch can read experts from
 MOE_GROUP_SLOTS = 32  # moe_matmul.comp's BN: the slots (rows of one expert) one workgroup's tile holds
 MOE_BATCH_SLOTS = 64  # the batched experts' table (moe_matvec.comp, moe_route.comp): (row, expert) slots at most
-MAX_KV_BLOCKS = 8     # attention_split.comp's MULTI arrays: buffers one dispatch can read the batch's caches from
-KV_TABLE_UINTS = 8    # its table: uints per token row
 
 if TYPE_CHECKING:
     from vkpack.pack_format.records import TensorRecord
@@ -136,27 +134,6 @@ def _cover(parts: list[Any]) -> tuple[BufferSlice, list[int]]:
     return BufferSlice(ss[0].buffer, lo, hi - lo), [(s.offset - lo) // 4 for s in ss]
 
 
-def kv_bindings(slices: list[BufferSlice], unit: int, align: int, max_range: int
-                ) -> tuple[list[BufferSlice], list[tuple[int, int]]] | None:
-    """The bindings of attention_multi's cache arrays over `slices` (one per buffer, covering its slices)
-    and each slice's (binding, offset in `unit`-byte cache units); None where they do not fit the arrays."""
-    groups: dict[int, list[BufferSlice]] = {}
-    for sl in slices:
-        groups.setdefault(id(sl.buffer), []).append(sl)
-    if len(groups) > MAX_KV_BLOCKS:
-        return None
-    binds, where = [], {}
-    for i, group in enumerate(groups.values()):
-        lo = min(sl.offset for sl in group) // align * align
-        hi = max(sl.offset + sl.size for sl in group)
-        if hi - lo > max_range or any((sl.offset - lo) % unit for sl in group):
-            return None
-        binds.append(BufferSlice(group[0].buffer, lo, hi - lo))
-        for sl in group:
-            where[(id(sl.buffer), sl.offset)] = (i, (sl.offset - lo) // unit)
-    return binds, [where[(id(sl.buffer), sl.offset)] for sl in slices]
-
-
 class Ops:
     """Kernel recording for one device. Tunables are attributes (set before recording)."""
 
@@ -227,7 +204,6 @@ class Ops:
         self.ew_wg = 64 if self.cpu else 256     # elementwise: rope, add, swiglu, kv_store, embed
         self._walign = max(16, info.min_storage_buffer_offset_alignment)
         self.attn_fused_merge = True   # the split kernel's last workgroup merges (no attention_merge pass)
-        self.attn_batch = True         # a batch's sequences in one split dispatch (attention_batch) where they fit
         self.attn_fused_store = True   # decode: the split kernel takes rope(q) and the KV store (fusion.py)
         self._counters: Buffer | None = None
 
@@ -715,71 +691,11 @@ class Ops:
                      struct.pack("<6IfIIfI", T, n_heads, n_kv_heads, n_ctx, qs, os_, scale, t0, window, softcap,
                                  ring))
 
-    def kv_table(self, seqs: list[tuple[int, int, Any, Any, int, int]], f16: bool = False
-                 ) -> tuple[list[BufferSlice], list[BufferSlice], list[tuple[int, ...]]] | None:
-        """attention_batch's cache bindings (K, V) and its table rows, one per token row of the pass, for
-        sequences (first row, rows, K cache slice, V cache slice, cache rows, ring); None where the caches
-        do not fit the kernel's arrays. The caller writes the rows where `table` points before each pass."""
-        unit = 8 if f16 else 16
-        align, maxr = self._walign, self.dev.info.max_storage_buffer_range
-        ks = kv_bindings([as_slice(k) for _, _, k, _, _, _ in seqs], unit, align, maxr)
-        vs = kv_bindings([as_slice(v) for _, _, _, v, _, _ in seqs], unit, align, maxr)
-        if ks is None or vs is None:
-            return None
-        rows = []
-        for (t0, T, _, _, n_ctx, ring), (kb, ko), (vb, vo) in zip(seqs, ks[1], vs[1]):
-            rows += [(kb, ko, vb, vo, n_ctx, ring, t0, 0)] * T
-        return ks[0], vs[0], rows
-
-    def batch_attends(self, seqs: list[tuple[int, int, Any, Any, int, int]], window: int = 0,
-                      f16: bool = False) -> bool:
-        """Whether attention_batch can take these sequences in one dispatch (the split kernel with its merge
-        fused, few rows each, the caches within the arrays)."""
-        return (len(seqs) > 1 and self.attn_fused_merge and self.attn_batch
-                and all(self.attention_splits(T, live_rows(n_ctx, window)) is not None for _, T, _, _, n_ctx, _ in seqs)
-                and self.kv_table(seqs, f16) is not None)
-
-    def attention_batch_scratch_bytes(self, seqs: list[tuple[int, int, Any, Any, int, int]], n_heads: int,
-                                      head_dim: int, window: int = 0) -> int:
-        """Bytes of attention_batch's scratch for these sequences."""
-        T = sum(r for _, r, _, _, _, _ in seqs)
-        plan = self.attention_splits(max(r for _, r, _, _, _, _ in seqs),
-                                     max(live_rows(n, window) for _, _, _, _, n, _ in seqs))
-        n, acc_bytes = self._split_partials(T, n_heads, head_dim, plan[1])
-        return acc_bytes + n * 8
-
-    def attention_batch(self, rec: Recorder, q: Any, seqs: list[tuple[int, int, Any, Any, int, int]], pos: Any,
-                        out: Any, n_heads: int, n_kv_heads: int, head_dim: int, *, table: Any, tbl_off: int,
-                        scratch: Any, scale: float | None = None, q_stride: int | None = None,
-                        o_stride: int | None = None, new_kv: tuple[Any, Any] | None = None,
-                        rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0,
-                        f16: bool = False) -> None:
-        """attention() for every sequence of a batch in ONE dispatch (batch_attends must hold): seqs as
-        kv_table's, their rows consecutive from row 0; `table` holds kv_table's rows from uint tbl_off on.
-        A batch of 32 decode sequences took 32 dispatches a layer (H100: 15 ms of a 101 ms step)."""
-        T = sum(r for _, r, _, _, _, _ in seqs)
-        placed = self.kv_table(seqs, f16)
-        if placed is None or not self.batch_attends(seqs, window, f16):
-            raise VulkanError("attention_batch: these sequences need one attention() each")
-        need = self.attention_batch_scratch_bytes(seqs, n_heads, head_dim, window)
-        if _nbytes(scratch) < need:
-            raise VulkanError(f"attention_batch: scratch of {_nbytes(scratch)} B < {need} B")
-        if _nbytes(table) < 4 * (tbl_off + KV_TABLE_UINTS * T):
-            raise VulkanError("attention_batch: the table is too small")
-        n_ctx = max(n for _, _, _, _, n, _ in seqs)
-        plan = self.attention_splits(max(r for _, r, _, _, _, _ in seqs), live_rows(n_ctx, window))
-        qs = n_heads * head_dim if q_stride is None else q_stride
-        os_ = n_heads * head_dim if o_stride is None else o_stride
-        scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        self._attention_split(rec, q, None, None, pos, out, T, n_heads, n_kv_heads, head_dim, n_ctx, f16, scale,
-                              qs, os_, 0, scratch, plan, new_kv, rope, window, softcap, 0,
-                              multi=(placed[0], placed[1], table, tbl_off, max(r for _, r, _, _, _, _ in seqs)))
-
     def _attention_split(self, rec: Recorder, q: Any, kc: Any, vc: Any, pos: Any, out: Any, T: int, n_heads: int,
                          n_kv: int, hd: int, n_ctx: int, f16: bool, scale: float, qs: int, os_: int, t0: int,
                          scratch: Any, plan: tuple[int, int], new_kv: tuple[Any, Any] | None = None,
                          rope: dict[str, Any] | None = None, window: int = 0, softcap: float = 0.0,
-                         ring: int = 0, multi: tuple[list, list, Any, int, int] | None = None) -> None:
+                         ring: int = 0) -> None:
         """attention_split (partials into scratch) + attention_merge. Cost, Llama-3-8B layer (32 heads,
         8 kv heads, head_dim 128), one token, n_ctx 8192: K/V are read once per kv head, 2 * L * 1024 * (2 B
         f16, 4 B f32). Measured on an H200 (both dispatches, barriers included; an empty dispatch + barrier
@@ -795,8 +711,7 @@ class Ops:
         g = n_heads // n_kv
         vu = hd // 4
         rg = wg // vu if wg >= vu else 1
-        seq_rows = T if multi is None else multi[4]              # the most rows of one sequence
-        nr = _pow2_at_least(seq_rows) if new_kv is not None else 1   # new rows staged (a pipeline per power of 2)
+        nr = _pow2_at_least(T) if new_kv is not None else 1   # new rows staged (a pipeline per power of 2)
 
         def smem(gb: int) -> int:  # qs, ps, red, racc, rl, kns of attention_split.comp
             return gb * (hd * 4 + rc * 4 + wg * 4 + rg * 4) + (rg * gb * hd * 4 if rg > 1 else 16) + nr * hd * 4
@@ -809,32 +724,19 @@ class Ops:
         ny = n_kv * -(-g // gb)
         fuse = 1 if new_kv is not None else 0
         # fused: the kernel also writes the caches (bindings 1, 2)
-        spec = {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc, 5: merge, 6: fuse, 7: nr}
-        if multi is None:
-            k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 88,
-                         (1, 2, 4, 5, 6) if fuse else (4, 5, 6), spec)
-        else:   # bindings flattened: act, K caches, V caches, pos, partials, out, counters, ff, table
-            m = MAX_KV_BLOCKS
-            k1 = self._k("attention_multi_f16" if f16 else "attention_multi_f32", 2 * m + 7, 88,
-                         tuple(range(1, 2 * m + 1)) * fuse + (2 * m + 2, 2 * m + 3, 2 * m + 4), spec,
-                         arrays={1: m, 2: m})
+        k1 = self._k("attention_split_f16" if f16 else "attention_split_f32", 8, 84,
+                     (1, 2, 4, 5, 6) if fuse else (4, 5, 6),
+                     {0: wg, 1: hd, 2: gb, 3: lpr, 4: rc, 5: merge, 6: fuse, 7: nr})
         counters = self._split_counters((t0 + T) * ny)
         act, (q_off, k_off, v_off) = _cover([q, *new_kv] if new_kv is not None else [q, q, q])
         n_rot, flags, base, fscale, ff = 0, 0, 10000.0, 1.0, None
         if rope is not None:
             n_rot, neox, ff, base, fscale = _rope_args(rope, hd, "attention")
             flags = neox | (2 if ff is not None else 0)
-        push = struct.pack("<8If7I2fIfII", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
-                           v_off, acc_bytes // 8, n_rot, flags, base, fscale, window, softcap, ring,
-                           0 if multi is None else multi[3])
-        part = _sub(scratch, 0, acc_bytes + n * 8)
-        if multi is not None:
-            kb, vb, table = multi[0], multi[1], multi[2]
-            arr = [*kb, *[kb[0]] * (MAX_KV_BLOCKS - len(kb)), *vb, *[vb[0]] * (MAX_KV_BLOCKS - len(vb))]
-            rec.dispatch(k1, [act, *arr, pos, part, out, counters, ff if ff is not None else pos, table],
-                         (ns, ny, T), push)
-            return
-        rec.dispatch(k1, [act, kc, vc, pos, part, out, counters, ff if ff is not None else pos], (ns, ny, T), push,
+        rec.dispatch(k1, [act, kc, vc, pos, _sub(scratch, 0, acc_bytes + n * 8), out, counters,
+                          ff if ff is not None else pos], (ns, ny, T),
+                     struct.pack("<8If7I2fIfI", T, n_heads, n_kv, n_ctx, qs, t0, rows, ns, scale, os_, q_off, k_off,
+                                 v_off, acc_bytes // 8, n_rot, flags, base, fscale, window, softcap, ring),
                      # rows t0.. only: the sequences of a batch run without barriers between them
                      {5: (4 * t0 * os_, 4 * (t0 + T) * os_), 6: (4 * t0 * ny, 4 * (t0 + T) * ny)})
         if merge:
