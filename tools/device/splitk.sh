@@ -2,17 +2,17 @@
 # On the lent GPU machine (after tools/device/bundle.sh here): issue 12's split-K A/B, in two calls on one
 # warm machine, best after tools/device/hybrid.sh (its files step builds llama.cpp for CUDA into /tmp/llb-cuda):
 #     bash tools/device/splitk.sh files   # the tensor-core and split-K tests on the GPU; the 8B Q4_K_M files
-#     bash tools/device/splitk.sh run     # split-K and the batch's attention in one dispatch, off and on:
+#     bash tools/device/splitk.sh run     # split-K off and on:
 #                                         # tools/bench_batch.py (1, 8, 32 sequences) and
 #                                         # tools/bench_gpu.py (resident prefill at 128 and 512, decode);
 #                                         # llama-batched-bench and llama-bench on the same GGUF where built
-# Results: $OUT/tests.txt, $OUT/{base,split,both,coop8}/ (bench_batch.*), $OUT/gpu128/, $OUT/gpu512/ (bench_gpu.*).
+# Results: $OUT/tests.txt, $OUT/{base,split,coop8}/ (bench_batch.*), $OUT/gpu128/, $OUT/gpu512/ (bench_gpu.*).
 set -o pipefail
 . tools/device/setup.sh || exit 1
 if [ "$1" = files ]; then
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_vk_coop.py tests/test_vk_ops.py \
-    tests/test_vk_attention.py tests/test_vk_engine.py -k "split or coop_linear or coop_tiles or coop_matches or fused_rope or one_dispatch" 2>&1 | tail -8 | tee "$OUT/tests.txt"
+    tests/test_vk_engine.py -k "split or coop_linear or coop_tiles or coop_matches" 2>&1 | tail -8 | tee "$OUT/tests.txt"
   python3 - <<'PY' 2>&1 | grep -v gguf_writer
 import sys
 from pathlib import Path
@@ -27,14 +27,12 @@ batched=() bench=()
 [ -x $bin/llama-batched-bench ] && batched=(--llama-batched cuda=$bin/llama-batched-bench)
 [ -x $bin/llama-bench ] && bench=(--llama-bench cuda=$bin/llama-bench)
 nvidia-smi --query-gpu=name --format=csv,noheader
-# variants: base (neither split-K nor the batch's attention in one dispatch), split (split-K only), both
-# (the defaults), coop8 (and 8 sequences on the tensor cores)
-for v in base split both coop8; do
+# variants: base (no split-K), split (the defaults), coop8 (and 8 sequences on the tensor cores)
+for v in base split coop8; do
   case $v in
-    base) ops="mm_split_groups=0,attn_batch=False" ;; split) ops="attn_batch=False" ;;
-    both) ops="" ;; coop8) ops="mm_coop_min_tokens=8" ;;
+    base) ops="mm_split_groups=0" ;; split) ops="" ;; coop8) ops="mm_coop_min_tokens=8" ;;
   esac
-  extra=(); [ $v = both ] && extra=("${batched[@]}")
+  extra=(); [ $v = split ] && extra=("${batched[@]}")
   python3 tools/bench_batch.py --models 8b:Q4_K_M --batches "${BATCHES:-1,8,32}" --decode 32 --work /tmp/bench \
     --out "$OUT/$v" --ops "$ops" "${extra[@]}" 2>&1 | grep -v gguf_writer | tail -6
 done
