@@ -2,6 +2,7 @@
 # On the lent GPU machine (after tools/device/bundle.sh here): issue 12's split-K A/B, in two calls on one
 # warm machine, best after tools/device/hybrid.sh (its files step builds llama.cpp for CUDA into /tmp/llb-cuda):
 #     bash tools/device/splitk.sh files   # the tensor-core and split-K tests on the GPU; the 8B Q4_K_M files
+#     bash tools/device/splitk.sh stream  # alone, on any machine: batches of 1, 8, 32 streamed at --vram-gb 4
 #     bash tools/device/splitk.sh run     # split-K off and on:
 #                                         # tools/bench_batch.py (1, 8, 32 sequences) and
 #                                         # tools/bench_gpu.py (resident prefill at 128 and 512, decode);
@@ -20,6 +21,17 @@ sys.path.insert(0, "tools")
 import bench_gpu
 bench_gpu.model_archive("8b:Q4_K_M", Path("/tmp/bench"), keep_gguf=True)
 PY
+  exit
+fi
+if [ "$1" = stream ]; then   # batched streaming (issue 12, part 3) at --vram-gb 4, split-K on and off
+  nvidia-smi --query-gpu=name --format=csv,noheader
+  python3 -c 'import sys; from pathlib import Path; sys.path.insert(0, "tools"); import bench_gpu
+bench_gpu.model_archive("8b:Q4_K_M", Path("/tmp/bench"))' 2>&1 | grep -v gguf_writer
+  for v in split base; do
+    ops=$([ $v = base ] && echo "mm_split_groups=0" || echo "")
+    timeout 150 python3 tools/bench_batch.py --models 8b:Q4_K_M --batches 1,8,32 --vram-gb 4 --decode 16 \
+      --work /tmp/bench --out "$OUT/stream_$v" --ops "$ops" 2>&1 | grep -v gguf_writer | tail -5
+  done
   exit
 fi
 bin=/tmp/llb-cuda/llama.cpp/build/bin
