@@ -464,6 +464,6 @@ def test_sweep_tool_smoke(capsys):
 
     assert sweep_matvec.main(["--shape", "1b", "--layers", "1", "--quick"]) == 0
     out = capsys.readouterr().out
-    assert "matmul (default)" in out and "matmul wg=" in out and "best per shape and fusion" in out
+    assert "plain  default" in out and "matmul wg=" in out and "best per shape and fusion" in out
     assert sweep_matvec.main(["--by-role", "--shape", "1b", "--layers", "1", "--quick"]) == 0
     assert "mv_config={0:" in capsys.readouterr().out
