@@ -334,9 +334,10 @@ def numpy_run(archive) -> tuple[np.ndarray, list[int], dict]:
         return logits, list(eng.last_ids), eng.stats()
 
 
-def check_vulkan(archive, vram_gb: float | None = None) -> dict:
+def check_vulkan(archive, vram_gb: float | None = None, grouped: bool = True) -> dict:
     """check_engine on the Vulkan backend against the numpy backend, the device memory it really allocated
-    within the budget; the stats, with the moe ops' router waits."""
+    within the budget; the stats, with the moe ops' router waits. grouped=False: the prefill must have run
+    its experts one by one."""
     from vk_helpers import assert_device_peak_within
 
     ref, tokens, cpu = numpy_run(archive)
@@ -354,7 +355,7 @@ def check_vulkan(archive, vram_gb: float | None = None) -> dict:
             else:
                 assert len(batched) == 4, batched
         if moe.gtable is not None:  # and the 64-token prefill grouped (64 rows x k slots > MAX_SLOTS)
-            assert moe.grouped_passes >= 4, moe.grouped_passes
+            assert (moe.grouped_passes >= 4) if grouped else moe.grouped_passes == 0, moe.grouped_passes
         stats = eng.stats()
         # the same choices as the numpy backend's: as many expert uses; resident, the same hits and misses
         assert stats["expert_hits"] + stats["expert_misses"] == cpu["expert_hits"] + cpu["expert_misses"]
@@ -422,6 +423,27 @@ def test_vulkan_grouped_experts_in_small_chunks(moe_archive, monkeypatch):
     stats = check_vulkan(moe_archive)
     assert any(split), "no expert had more rows than a chunk"
     assert stats["expert_hits"] > 0
+
+
+@needs_vulkan
+def test_vulkan_grouped_needs_its_shared_memory(moe_archive, monkeypatch):
+    """moe_matmul.comp's K-quant tiles take 24.7 KB of shared memory and Vulkan guarantees 16 KB: a device
+    without the room runs the prefill's experts one by one (as numpy computes), and the kernel refuses it."""
+    from vkpack.runtime.vk import Device, Ops, VulkanError
+
+    dev = Device()
+    try:
+        ops = Ops(dev)
+        small = type(dev.info)(**{**dev.info.__dict__, "max_shared_memory": 16384})
+        monkeypatch.setattr(dev, "info", small)
+        assert ops.moe_matmul_fits("Q8_0") and not ops.moe_matmul_fits("Q4_K")
+        with pytest.raises(VulkanError, match="shared memory"):
+            ops.moe_matmul(None, "Q4_K", [], None, None, None, 64, 256, 1, 256, 64, 0, None)
+        monkeypatch.undo()
+    finally:
+        dev.close()
+    monkeypatch.setattr(Ops, "moe_matmul_fits", lambda self, dtype: False)
+    check_vulkan(moe_archive, grouped=False)
 
 
 @needs_vulkan

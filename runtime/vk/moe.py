@@ -263,7 +263,8 @@ class MoeSteps(GroupedExperts, DeviceRouting):
             held, missing = [], []
             if cpu or self.early_submit:
                 self.inflight.flush(weights, wait=False)
-        elif info is not None and self.gtable is not None and (held or missing):
+        elif info is not None and self.gtable is not None and (held or missing) \
+                and all(self.graph_ops.ops.moe_matmul_fits(dt) for dt in info[:3]):
             self._queue_grouped(si, oi, op, sorted(held + missing), idx, gate, ps, weights, info, pin_limit, resident)
             held, missing = [], []
             if cpu or self.early_submit:

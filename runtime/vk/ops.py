@@ -533,6 +533,12 @@ class Ops:
         rec.dispatch(kern, [logits, places, table, shared, ids], (-(-T // 64), 1, 1),
                      struct.pack("<7I", T, n, k, n + 1, flags, ids_off, places_off))
 
+    def moe_matmul_fits(self, dtype: str) -> bool:
+        """Whether moe_matmul.comp's tiles of `dtype` fit the device's shared memory (24.7 KB for the K-quants'
+        64-wide step; Vulkan guarantees 16 KB)."""
+        bk = max(32, WEIGHT_FORMATS[dtype][3])
+        return 4 * (bk * 64 + bk * MOE_GROUP_SLOTS + MOE_GROUP_SLOTS) <= self.dev.info.max_shared_memory
+
     def moe_matmul(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
                    cols: int, groups: int, x_stride: int, y_stride: int, tbl_off: int, rows_off: int | None) -> None:
         """y[j, :rows] = x[xrow(j), :] @ W_g.T for the slots j of every group g < groups (moe_matmul.comp): per
@@ -540,6 +546,9 @@ class Ops:
         its count (at most MOE_GROUP_SLOTS; 0: unused); xrow(j) = table[rows_off + j], or j where rows_off is None."""
         bm, bn, tm, tn = 64, MOE_GROUP_SLOTS, 4, 2
         bk = max(32, WEIGHT_FORMATS[dtype][3])
+        if not self.moe_matmul_fits(dtype):
+            raise VulkanError(f"moe_matmul: {dtype} tiles need more than {self.dev.info.max_shared_memory} B of "
+                              "shared memory")
         k = self._k(f"moe_matmul_{dtype.lower()}", MOE_MAX_BLOCKS + 3, 24, (MOE_MAX_BLOCKS + 2,),
                     {0: (bm // tm) * (bn // tn), 1: bm, 2: bn, 3: bk, 4: tm, 5: tn}, arrays={0: MOE_MAX_BLOCKS})
         gx, gz = self._grid(-(-rows // bm))
