@@ -5,7 +5,8 @@
 #     bash tools/device/splitk.sh stream  # alone, on any machine: batches of 1, 8, 32 streamed at --vram-gb 4
 #     bash tools/device/splitk.sh run     # split-K off and on:
 #                                         # tools/bench_batch.py (1, 8, 32 sequences) and
-#                                         # tools/bench_gpu.py (resident prefill at 128 and 512, decode);
+#                                         # tools/bench_gpu.py (resident prefill at 128 and 512, decode;
+#                                         # and with a 64 MiB room for the slices);
 #                                         # llama-batched-bench and llama-bench on the same GGUF where built
 # Results: $OUT/tests.txt, $OUT/{base,split,coop8}/ (bench_batch.*), $OUT/gpu128/, $OUT/gpu512/ (bench_gpu.*).
 set -o pipefail
@@ -51,6 +52,7 @@ done
 for p in 128 512; do
   extra=(); [ $p = 512 ] && extra=("${bench[@]}")
   python3 tools/bench_gpu.py --models 8b:Q4_K_M --work /tmp/bench --out "$OUT/gpu$p" --vram-gb 1000 --skip-limits \
-    --prompt $p --decode 64 --ops "mm_split_groups=0" --ops "mm_split_groups=1024" "${extra[@]}" 2>&1 |
+    --prompt $p --decode 64 --ops "mm_split_groups=0" --ops "mm_split_groups=1024" \
+    --ops "mm_split_bytes=$((64 << 20))" "${extra[@]}" 2>&1 |
     grep -v gguf_writer | tail -6
 done
