@@ -16,6 +16,7 @@ import pytest
 
 import bench_moe
 import make_synthetic as ms
+from vkpack.runtime import vk
 from vkpack.runtime.cli import main as vkpack_main
 from vkpack.runtime.engine import Engine
 
@@ -141,6 +142,20 @@ def test_bench_moe_quick_runs_end_to_end(tmp_path):
     text = bench_moe.render(rep, "note")
     bench_moe.write_section("bench_moe", f"## {bench_moe.SECTION}", text, docs=docs)
     assert "## Mixture of experts on the GPU (issue 14)" in docs.read_text()
+
+
+@pytest.mark.skipif(not vk.available()[0], reason="no Vulkan device")
+def test_bench_moe_quick_budgets_fit_the_device_backends(tmp_path):
+    """--quick on the vulkan and hybrid devices: its default budgets hold what their tiers need besides the
+    experts (they were the cpu device's, under the Vulkan tier's minimum), so every row runs."""
+    out = tmp_path / "out"
+    assert bench_moe.main(["--quick", "--device", "vulkan,hybrid", "--work", str(tmp_path / "w"), "--out", str(out),
+                           "--threads", "2", "--decode", "4"]) == 0
+    rep = json.loads((out / "bench_moe.json").read_text())
+    assert {r["device"] for r in rep["runs"]} == {"vulkan", "hybrid"} and len(rep["runs"]) == 4
+    for r in rep["runs"]:
+        assert "error" not in r, r
+        assert r["decode_tps"] > 0 and r["expert_hits"] + r["expert_misses"] > 0
 
 
 def test_gguf_split_counts_every_byte(tiny):

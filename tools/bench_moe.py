@@ -59,6 +59,9 @@ SECTION = "Mixture of experts on the GPU (issue 14)"
 QUICK = ms.Spec(arch="qwen3moe", layers=4, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=2048,
                 experts=16, experts_used=4, expert_ffn=128)
 QUICK_BUDGETS = "0.003,0.004"  # GiB: about 2/3 and 9/10 of the quick model's 4.6 MB
+# with the vulkan or hybrid device the tier also holds activations, io and the KV caches: lavapipe, 6.3 MiB at
+# least for vulkan (0.008 and 0.01 GiB held 13 % and 88 % of the decode's experts), 14.3 MiB for the hybrid
+QUICK_BUDGETS_DEVICE = "0.015,0.02"
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(?:gate|up|down)_exps\.weight$")
 
 
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quick:
         args.prompt, args.decode = min(args.prompt, 64), min(args.decode, 8)
-    budgets = [float(b) for b in (args.budgets or (QUICK_BUDGETS if args.quick else "4,8")).split(",")]
+    quick = QUICK_BUDGETS_DEVICE if {"vulkan", "hybrid"} & set(args.device.split(",")) else QUICK_BUDGETS
+    budgets = [float(b) for b in (args.budgets or (quick if args.quick else "4,8")).split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     src, arch = model_files(args.work, args.dtype, args.quick, 1.0 if args.routing == "uniform" else None)
