@@ -325,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile each timed decode: OUT/profile-DEVICE-BUDGET.txt")
     ap.add_argument("--moe-variants", default="",
                     help="A/B: comma-separated RECORDINGS:EARLY[:BATCHED[:GROUPED[:ROUTING]]], each run per device and "
-                         "budget: "
-                         "the size of the Vulkan backend's cache of expert recordings (runtime/vk/moe.py "
+                         "budget: the size of the Vulkan backend's cache of expert recordings (runtime/vk/moe.py "
                          "MAX_CACHED_RECORDINGS; 0: its default), whether held experts are submitted early "
                          "(EARLY_SUBMIT), whether a decode's experts run batched (BATCHED), a prefill's grouped "
                          "(GROUPED) and a resident decode's router on the device (DEVICE_ROUTING), 0 or 1")

@@ -58,8 +58,8 @@ class PassState:
 
     T: rows (tokens) of the pass; nseq: sequences; ids, pos: their token ids and positions on the device;
     bufs: activation name -> (slice, width, rows); attn: each sequence's split-K attention partials
-    (None: the one-pass kernel); split: the linear products' split-K partials (None: no split); layout: what a recording depends on besides its packs (row ranges,
-    KV places, where the activations live).
+    (None: the one-pass kernel); split: the linear products' split-K partials (None: no split); layout:
+    what a recording depends on besides its packs (row ranges, KV places, where the activations live).
     """
 
     tokens: np.ndarray

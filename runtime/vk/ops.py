@@ -536,24 +536,23 @@ class Ops:
     def moe_matmul_fits(self, dtype: str) -> bool:
         """Whether moe_matmul.comp's tiles of `dtype` fit the device's shared memory (24.7 KB for the K-quants'
         64-wide step; Vulkan guarantees 16 KB)."""
-        bk = max(32, WEIGHT_FORMATS[dtype][3])
-        return 4 * (bk * 64 + bk * MOE_GROUP_SLOTS + MOE_GROUP_SLOTS) <= self.dev.info.max_shared_memory
+        bm, bn, bk = _moe_tile(dtype)
+        return 4 * (bk * bm + bk * bn + bn) <= self.dev.info.max_shared_memory   # Ws, Xs, xrow
 
     def moe_matmul(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
                    cols: int, groups: int, x_stride: int, y_stride: int, tbl_off: int, rows_off: int | None) -> None:
         """y[j, :rows] = x[xrow(j), :] @ W_g.T for the slots j of every group g < groups (moe_matmul.comp): per
         group (4 uint32 from uint tbl_off of `table`) its weight's tier block and byte offset, its first slot and
         its count (at most MOE_GROUP_SLOTS; 0: unused); xrow(j) = table[rows_off + j], or j where rows_off is None."""
-        bm, bn, tm, tn = 64, MOE_GROUP_SLOTS, 4, 2
-        bk = max(32, WEIGHT_FORMATS[dtype][3])
         if not self.moe_matmul_fits(dtype):
             raise VulkanError(f"moe_matmul: {dtype} tiles need more than {self.dev.info.max_shared_memory} B of "
                               "shared memory")
+        (bm, bn, bk), tm, tn = _moe_tile(dtype), 4, 2
         k = self._k(f"moe_matmul_{dtype.lower()}", MOE_MAX_BLOCKS + 3, 24, (MOE_MAX_BLOCKS + 2,),
                     {0: (bm // tm) * (bn // tn), 1: bm, 2: bn, 3: bk, 4: tm, 5: tn}, arrays={0: MOE_MAX_BLOCKS})
         gx, gz = self._grid(-(-rows // bm))
-        rec.dispatch(k, [*_tier_binds("moe_matmul", blocks), x, table, y], (gx, groups, gz), struct.pack("<6I", rows, cols, x_stride, y_stride, tbl_off,
-                                                             0xFFFFFFFF if rows_off is None else rows_off))
+        push = struct.pack("<6I", rows, cols, x_stride, y_stride, tbl_off, 0xFFFFFFFF if rows_off is None else rows_off)
+        rec.dispatch(k, [*_tier_binds("moe_matmul", blocks), x, table, y], (gx, groups, gz), push)
 
     def moe_matvec(self, rec: Recorder, dtype: str, blocks: list[Any], x: Any, table: Any, y: Any, rows: int,
                    cols: int, slots: int, x_stride: int, y_stride: int, tbl_off: int) -> None:
@@ -564,7 +563,8 @@ class Ops:
         k = self._k(f"moe_matvec_{dtype.lower()}", MOE_MAX_BLOCKS + 3, 20, (MOE_MAX_BLOCKS + 2,),
                     {0: self.mv_wg, 1: self.mv_rows, 2: nr, 3: self.mv_units}, arrays={0: MOE_MAX_BLOCKS})
         gx, gz = self._grid(-(-rows // nr))
-        rec.dispatch(k, [*_tier_binds("moe_matvec", blocks), x, table, y], (gx, slots, gz), struct.pack("<5I", rows, cols, x_stride, y_stride, tbl_off))
+        rec.dispatch(k, [*_tier_binds("moe_matvec", blocks), x, table, y], (gx, slots, gz),
+                     struct.pack("<5I", rows, cols, x_stride, y_stride, tbl_off))
 
     def gather_rows(self, rec: Recorder, src: Any, dst: Any, route: Any, m: int, n: int, idx_off: int, *,
                     src_stride: int | None = None, dst_stride: int | None = None) -> None:
@@ -754,6 +754,11 @@ class Ops:
         k2 = self._k("attention_merge", 4, 32, (3,), {0: self.attn_merge_wg, 1: hd})
         rec.dispatch(k2, [pacc, pml, pos, out], (n_heads, T, 1),
                      struct.pack("<8I", T, n_heads, n_ctx, os_, t0, rows, ns, window))
+
+
+def _moe_tile(dtype: str) -> tuple[int, int, int]:
+    """moe_matmul.comp's tile for `dtype`: (weight rows, slots, K step)."""
+    return 64, MOE_GROUP_SLOTS, max(32, WEIGHT_FORMATS[dtype][3])
 
 
 def _tier_binds(kernel: str, blocks: list[Any]) -> list[Any]:
