@@ -2,7 +2,11 @@
 # On the lent GPU machine (after tools/device/bundle.sh here): issue 12's split-K A/B, in two calls on one
 # warm machine, best after tools/device/hybrid.sh (its files step builds llama.cpp for CUDA into /tmp/llb-cuda):
 #     bash tools/device/splitk.sh files   # the tensor-core and split-K tests on the GPU; the 8B Q4_K_M files
-#     bash tools/device/splitk.sh stream  # alone, on any machine: batches of 1, 8, 32 streamed at --vram-gb 4
+#     bash tools/device/splitk.sh stream  # alone, on any machine: 1, 8, 32 clients of `vkpack serve` at
+#                                         # --vram-gb 4 (tools/bench_serve.py: aggregate tok/s, TTFT), then
+#                                         # tools/bench_batch.py's steps of 1, 8, 32 (with BASE=1 also split-K off)
+#     bash tools/device/splitk.sh sweep "OPS" ["OPS" ...]   # resident steps of $BATCHES (default 8) sequences,
+#                                         # one bench_batch run per Ops setting ("" = the defaults)
 #     bash tools/device/splitk.sh run     # split-K off and on:
 #                                         # tools/bench_batch.py (1, 8, 32 sequences) and
 #                                         # tools/bench_gpu.py (resident prefill at 128 and 512, decode;
@@ -28,10 +32,23 @@ if [ "$1" = stream ]; then   # batched streaming (issue 12, part 3) at --vram-gb
   nvidia-smi --query-gpu=name --format=csv,noheader
   python3 -c 'import sys; from pathlib import Path; sys.path.insert(0, "tools"); import bench_gpu
 bench_gpu.model_archive("8b:Q4_K_M", Path("/tmp/bench"))' 2>&1 | grep -v gguf_writer
-  for v in split base; do
+  timeout 240 python3 tools/bench_serve.py --models "" --archive /tmp/bench/8b-Q4_K_M.vkpack --device vulkan \
+    --vram-gb 4 --clients 1,8,32 --tokens 64 --repeat 1 2>&1 | tee "$OUT/serve.txt" | grep -v "^\[bench_serve\]   "
+  for v in split ${BASE:+base}; do
     ops=$([ $v = base ] && echo "mm_split_groups=0" || echo "")
     timeout 150 python3 tools/bench_batch.py --models 8b:Q4_K_M --batches 1,8,32 --vram-gb 4 --decode 16 \
       --work /tmp/bench --out "$OUT/stream_$v" --ops "$ops" 2>&1 | grep -v gguf_writer | tail -5
+  done
+  exit
+fi
+if [ "$1" = sweep ]; then   # resident batched steps, one run per Ops setting
+  shift
+  i=0
+  for ops in "$@"; do
+    i=$((i + 1))
+    echo "== $ops"
+    timeout 120 python3 tools/bench_batch.py --models 8b:Q4_K_M --batches "${BATCHES:-8}" --decode 32 \
+      --work /tmp/bench --out "$OUT/sweep$i" --ops "$ops" 2>&1 | grep '"aggregate_tps"' | cut -c1-160
   done
   exit
 fi
