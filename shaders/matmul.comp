@@ -15,6 +15,7 @@ layout(constant_id = 3) const uint NU = 1;     // units loaded per invocation be
 // FUSE & 1: x is rms_norm(x) * nw: sum(x^2) is gathered from the same loads, the row sums scaled at
 //           the end; FUSE & 2: x is silu(x) * u (SwiGLU), u at binding 4.
 layout(constant_id = 4) const uint FUSE = 0;
+layout(constant_id = 5) const bool ONE_BARRIER = true;   // all sums in one barrier (false: wg_sum each)
 const uint NRT = NR * NT;
 
 #define W_BINDING 0
@@ -46,6 +47,21 @@ vec4 x_at(uint i, uint c4) {                 // x4[i] as the product sees it; c4
     if ((FUSE & 1u) != 0u) v *= nw4[c4];
     return v;
 }
+
+// y[token, row] (+)= s (+ bias), for a row and token that exist
+void store(uint row, uint token, bool exists, float s) {
+    if (row >= pc.rows || !exists) return;
+    uint idx = token * pc.y_stride + pc.y_off + row;
+    if ((pc.flags & 1u) != 0u) s += bias[pc.b_off + row];
+    if ((pc.flags & 2u) != 0u) s += y[idx];
+    y[idx] = s;
+}
+
+#ifndef NO_SUBGROUP
+// The sums' subgroup parts, for subgroups of at least MIN_SUBGROUP invocations (narrower ones: wg_sum).
+const uint MIN_SUBGROUP = 4;
+shared float sums[(NRT + NT) * (gl_WorkGroupSize.x / MIN_SUBGROUP)];
+#endif
 
 void main() {
     uint r0 = group_index() * NR;
@@ -95,18 +111,40 @@ void main() {
         }
     }
 
+#ifndef NO_SUBGROUP
+    if (ONE_BARRIER && gl_NumSubgroups > 1u && gl_NumSubgroups * MIN_SUBGROUP <= gl_WorkGroupSize.x) {
+        // Every sum at once: one barrier for all NRT (+ NT) of them, where wg_sum takes two each. Invocation
+        // i < NRT then adds sum i's subgroup parts in subgroup order (wg_sum's order: the same bits).
+        uint sg = gl_SubgroupID, nsg = gl_NumSubgroups;
+        for (uint i = 0; i < NRT; i++) acc[i] = subgroupAdd(acc[i]);
+        if ((FUSE & 1u) != 0u)
+            for (uint t = 0; t < NT; t++) ss[t] = subgroupAdd(ss[t]);
+        if (subgroupElect()) {
+            for (uint i = 0; i < NRT; i++) sums[i * nsg + sg] = acc[i];
+            if ((FUSE & 1u) != 0u)
+                for (uint t = 0; t < NT; t++) sums[(NRT + t) * nsg + sg] = ss[t];
+        }
+        barrier();
+        for (uint i = lid; i < NRT; i += gl_WorkGroupSize.x) {
+            uint r = i / NT, t = i % NT;
+            float s = 0.0;
+            for (uint g = 0; g < nsg; g++) s += sums[i * nsg + g];
+            if ((FUSE & 1u) != 0u) {
+                float q = 0.0;
+                for (uint g = 0; g < nsg; g++) q += sums[(NRT + t) * nsg + g];
+                s *= inversesqrt(q / float(pc.cols) + pc.eps);
+            }
+            store(r0 + r, t0 + t, t < nt, s);
+        }
+        return;
+    }
+#endif
     float scale[NT];
     for (uint t = 0; t < NT; t++)
         scale[t] = (FUSE & 1u) != 0u ? inversesqrt(wg_sum(ss[t]) / float(pc.cols) + pc.eps) : 1.0;
     for (uint i = 0; i < NRT; i++) {
         uint r = i / NT, t = i % NT;
         float s = wg_sum(acc[i]) * scale[t];
-        if (lid == 0 && r0 + r < pc.rows && t < nt) {
-            uint row = r0 + r;
-            uint idx = (t0 + t) * pc.y_stride + pc.y_off + row;
-            if ((pc.flags & 1u) != 0u) s += bias[pc.b_off + row];
-            if ((pc.flags & 2u) != 0u) s += y[idx];
-            y[idx] = s;
-        }
+        if (lid == 0) store(r0 + r, t0 + t, t < nt, s);
     }
 }

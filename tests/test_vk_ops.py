@@ -246,6 +246,31 @@ def test_last_token(dev, ops):
 
 # ---- kv cache + attention ----
 
+@pytest.mark.parametrize("dtype", ["F16", "Q4_K"])
+def test_one_barrier_sums_are_wg_sums_bits(dev, dtype):
+    """matmul.comp's sums of several subgroups in one barrier add the parts in wg_sum's order: the same bits,
+    fused norm included."""
+    rng = np.random.default_rng(5)
+    rows, cols, T = 37, 512, 5
+    raw, _ = random_weight(rng, dtype, rows, cols)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    wb, xb, nb = upload_weight(dev, raw), to_dev(dev, x), to_dev(dev, nw)
+    w = gpu.Weight(wb, 48, dtype, rows, cols)
+    got = []
+    for one in (True, False):
+        ops = make_ops(dev, "wide")
+        ops.mv_unfused, ops.mm_one_barrier = {}, one
+        y = dev.alloc(T * rows * 4)
+        run(dev, lambda rec, ops=ops, y=y: ops.linear(rec, w, xb, y, T, norm=(nb, 1e-5)))
+        got.append(from_dev(dev, y, np.float32, (T, rows)))
+        y.destroy()
+    assert dev.info.subgroup_size < 64   # several subgroups per workgroup: the one-barrier path ran
+    assert np.array_equal(got[0], got[1])
+    for b in (wb, xb, nb):
+        b.destroy()
+
+
 @pytest.mark.parametrize("f16", [False, True])
 @pytest.mark.parametrize("T,pos0,n_heads,n_kv,hd", [(1, 0, 2, 1, 64), (1, 40, 4, 2, 128), (17, 5, 6, 2, 64),
                                                      (3, 9, 3, 3, 80)])

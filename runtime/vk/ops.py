@@ -149,6 +149,8 @@ class Ops:
         self.mm_rows = 4 if self.cpu else 2     # rows per workgroup (each x load serves all of them)
         self.mm_max_tokens = 8                  # tokens per workgroup for T > 1 (weight reuse factor)
         self.mm_units = 1                       # weight units loaded per invocation before use (sweep_matvec)
+        # matmul.comp's sums of a workgroup of several subgroups: all in one barrier (False: two barriers each)
+        self.mm_one_barrier = True
         # T = 1 in matmul.comp: (workgroup, rows, units) by fusion (0 none, 1 norm, 2 SwiGLU) where they
         # differ from mm_*: a fused product loads x (and the norm weight or u) again in every workgroup.
         # H100, `tools/sweep_matvec.py --by-role`: two units in flight won 1-4 % on the 1B and 8B shapes
@@ -364,7 +366,8 @@ class Ops:
             if T == 1:
                 wg, nr, nu = (self.mv_unfused[w.dtype] if not fuse and w.dtype in self.mv_unfused
                               else self.mv_config.get(fuse, (wg, nr, nu)))
-            k = self._k(f"matmul_{w.dtype.lower()}", 6, 40, (3,), {0: wg, 1: nr, 2: nt, 3: nu, 4: fuse}, reduce=True)
+            k = self._k(f"matmul_{w.dtype.lower()}", 6, 40, (3,),
+                        {0: wg, 1: nr, 2: nt, 3: nu, 4: fuse, 5: self.mm_one_barrier}, reduce=True)
         flags = (1 if bias is not None else 0) | (2 if accumulate else 0)
         room = _nbytes(split) if split is not None and bk else 0
         for r0, rows in self._row_parts(w):
