@@ -143,10 +143,11 @@ class Ops:
         self.cpu = info.type == "cpu"
         self.suffix = "" if info.subgroup_arithmetic else "_nosg"
         sg = max(1, info.subgroup_size)
-        # lavapipe: one subgroup per workgroup, no barriers, is fastest (docs/VULKAN.md §9); GPUs: 128-256.
-        self.mm_wg = sg if self.cpu else 128
-        # Matmul defaults measured on an H200 (8192x8192 F16, T = 1..512) and on lavapipe.
-        self.mm_rows = 4 if self.cpu else 2     # rows per workgroup (each x load serves all of them)
+        # lavapipe: one subgroup per workgroup, no barriers, is fastest (docs/VULKAN.md §9). GPUs, T > 1: H100,
+        # 8B Q4_K_M, steps of 8 sequences (`tools/device/splitk.sh sweep`, workgroup x rows): 128 x 2 517 tok/s,
+        # 128 x 4 513, 64 x 4 562, 32 x 2 461 (the tiled kernel: 379-385).
+        self.mm_wg = sg if self.cpu else 64
+        self.mm_rows = 4                        # rows per workgroup (each x load serves all of them)
         self.mm_max_tokens = 8                  # tokens per workgroup for T > 1 (weight reuse factor)
         self.mm_units = 1                       # weight units loaded per invocation before use (sweep_matvec)
         # matmul.comp's sums of a workgroup of several subgroups: all in one barrier (False: two barriers each)
@@ -155,7 +156,8 @@ class Ops:
         # differ from mm_*: a fused product loads x (and the norm weight or u) again in every workgroup.
         # H100, `tools/sweep_matvec.py --by-role`: two units in flight won 1-4 % on the 1B and 8B shapes
         # except under SwiGLU (8B down projection); decode 675.6 -> 701.9 tok/s (1B), 151.0 -> 153.2 (8B).
-        self.mv_config: dict[int, tuple[int, int, int]] = {} if self.cpu else {0: (128, 2, 2), 1: (128, 2, 2)}
+        self.mv_config: dict[int, tuple[int, int, int]] = {} if self.cpu else {0: (128, 2, 2), 1: (128, 2, 2),
+                                                                               2: (128, 2, 1)}
         # T = 1 weight types that run faster unfused, with their own (workgroup, rows, units): their decoders,
         # not memory, bound them, and loading the norm (or u) in every workgroup costs them more than the norm's
         # and SwiGLU's own dispatches. H100, `tools/sweep_matvec.py --shape 8b --dtype T --layers 4`, fused
