@@ -15,6 +15,7 @@
 # Results: $OUT/tests.txt, $OUT/{base,split,coop8}/ (bench_batch.*), $OUT/gpu128/, $OUT/gpu512/ (bench_gpu.*).
 set -o pipefail
 . tools/device/setup.sh || exit 1
+mkdir -p /tmp/bench
 if [ "$1" = files ]; then
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 240 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_vk_coop.py tests/test_vk_ops.py \
