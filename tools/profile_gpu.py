@@ -51,13 +51,15 @@ def pass_profile(backend) -> dict:
     return {"gpu_ms": busy * 1e3, "gaps_ms": gaps * 1e3, "kernels": kernels}
 
 
-def profile_model(arch: Path, prompt_len: int, n_decode: int, batch: int = 1) -> dict:
-    """A prefill pass and decode passes of `batch` sequences (one token each per pass), profiled."""
+def profile_model(arch: Path, prompt_len: int, n_decode: int, batch: int = 1, vram_gb: float | None = None) -> dict:
+    """A prefill pass and decode passes of `batch` sequences (one token each per pass), profiled; resident,
+    or streamed under `vram_gb`."""
     Recorder.profile_all = True
     ctx = prompt_len + n_decode + 8
-    probe = Engine(arch, device="vulkan", context=ctx)
-    vram_gb = (probe.model_bytes * 1.1 + batch * probe.session_bytes(ctx, prompt_len) + 2**30) / 2**30
-    probe.close()
+    if vram_gb is None:
+        probe = Engine(arch, device="vulkan", context=ctx)
+        vram_gb = (probe.model_bytes * 1.1 + batch * probe.session_bytes(ctx, prompt_len) + 2**30) / 2**30
+        probe.close()
     eng = Engine(arch, device="vulkan", context=ctx, vram_gb=vram_gb)
     try:
         be = eng.backend
@@ -77,7 +79,8 @@ def profile_model(arch: Path, prompt_len: int, n_decode: int, batch: int = 1) ->
             out["prefill"] = pass_profile(be)
             prof = cProfile.Profile()
             t = time.perf_counter()
-            h0 = be.wait_seconds
+            h0, m = be.wait_seconds, eng.metrics
+            up0, stall0 = m.bytes_uploaded, m.stall_seconds
             for i in range(n_decode):
                 if i == n_decode // 2:
                     prof.enable()
@@ -90,6 +93,9 @@ def profile_model(arch: Path, prompt_len: int, n_decode: int, batch: int = 1) ->
                 s.__exit__()
         out["decode_ms_per_token"] = dt / n_decode * 1e3
         out["decode_wait_ms_per_token"] = (be.wait_seconds - h0) / n_decode * 1e3
+        out["decode_uploaded_gb_per_step"] = (m.bytes_uploaded - up0) / n_decode / 1e9
+        out["decode_stall_ms_per_step"] = (m.stall_seconds - stall0) / n_decode * 1e3
+        out["vram_gb"] = vram_gb
         out["decode"] = pass_profile(be)
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
@@ -102,7 +108,10 @@ def profile_model(arch: Path, prompt_len: int, n_decode: int, batch: int = 1) ->
 
 def report(name: str, r: dict) -> str:
     lines = [(f"## {name}: {r['model_bytes'] / 1e9:.2f} GB; prefill {r['prefill_s'] * 1e3:.1f} ms; decode of "
-              f"{r['batch']} sequence(s) {r['decode_ms_per_token']:.2f} ms/step (blocked on fences {r['decode_wait_ms_per_token']:.2f})")]
+              f"{r['batch']} sequence(s) {r['decode_ms_per_token']:.2f} ms/step (blocked on fences "
+              f"{r['decode_wait_ms_per_token']:.2f}); budget {r['vram_gb']:.2f} GiB, "
+              f"{r['decode_uploaded_gb_per_step']:.2f} GB uploaded a step, "
+              f"{r['decode_stall_ms_per_step']:.2f} ms waiting for packs")]
     for what in ("decode", "prefill"):
         p = r[what]
         lines.append(f"### {what}: GPU busy {p['gpu_ms']:.2f} ms, gaps between command buffers {p['gaps_ms']:.2f} ms")
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--batch", default="1", help="sequences per decode pass, comma-separated (e.g. 1,8,32)")
+    ap.add_argument("--vram-gb", type=float, default=None, help="a streamed budget (default: resident)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, to check the script on lavapipe")
     args = ap.parse_args(argv)
     work, out = prepare(args)
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         for b in map(int, args.batch.split(",")):
             key = name if b == 1 else f"{name} x{b}"
-            res[key] = profile_model(model_archive(name, work), args.prompt, args.decode, b)
+            res[key] = profile_model(model_archive(name, work), args.prompt, args.decode, b, args.vram_gb)
             text.append(report(key, res[key]))
             print(text[-1], flush=True)
             (out / "profile_gpu.json").write_text(json.dumps(res, indent=1))
