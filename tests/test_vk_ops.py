@@ -313,6 +313,8 @@ def make_ops(dev, cfg):
         o.mm_tile = (32, 16, 4, 2)
     elif cfg == "wide":      # several subgroups per workgroup: the shared-memory half of the reductions
         o.mm_wg, o.red_wg, o.attn_wg, o.mm_rows, o.mm_units = 64, 64, 32, 2, 3
+    elif cfg == "gpu":       # the GPU defaults for T > 1 (64 invocations x 4 rows, sums after one barrier)
+        o.mm_wg, o.mm_rows, o.mm_units = 64, 4, 1
     elif cfg == "matvec":    # T = 1 on shaders/matvec.comp: two subgroups per workgroup taking turns
         o.mv_subgroup = True
         sg = max(1, dev.info.subgroup_size)
@@ -326,7 +328,7 @@ def make_ops(dev, cfg):
     return o
 
 
-CONFIGS = ["tiled", "wide", "nosg", "matvec", "matvec_k"]
+CONFIGS = ["tiled", "wide", "gpu", "nosg", "matvec", "matvec_k"]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -420,7 +422,7 @@ def test_batch_of_two_sequences(dev, ops):
         b.destroy()
 
 
-@pytest.mark.parametrize("cfg", ["default", "wide", "nosg"])
+@pytest.mark.parametrize("cfg", ["default", "wide", "gpu", "nosg"])
 @pytest.mark.parametrize("dtype", ["F16", "Q8_0", "Q4_K"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_linear_fused_norm_and_glu(dev, cfg, dtype, T):
