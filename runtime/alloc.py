@@ -114,12 +114,14 @@ class SubAllocator:
         self._n_calls = 0
         self._n_failed = 0
 
-    def alloc(self, nbytes: int, tag: str = "") -> Allocation | None:
+    def alloc(self, nbytes: int, tag: str = "", high: bool = False) -> Allocation | None:
         """Reserve ``nbytes`` (rounded up to the alignment), or None if no free range fits.
 
         None means "evict something and retry"; a request larger than ``max_request``
         will never fit. ``nbytes == 0`` reserves one alignment unit so that every
-        live allocation has a distinct offset.
+        live allocation has a distinct offset. ``high``: at the top of the highest free
+        range that fits (long-lived reservations: kept together, away from the packs'
+        churn below them, they do not cut the rest into pieces).
         """
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
@@ -130,6 +132,18 @@ class SubAllocator:
         if i == len(by_size):
             self._n_failed += 1
             return None
+        if high:
+            i = max(range(i, len(by_size)), key=lambda k: by_size[k][1:])
+            size, b, off = by_size.pop(i)
+            rest = size - need
+            fsize = self._fsize[b]
+            if rest:   # the low part stays free where it starts
+                fsize[off] = rest
+                insort(by_size, (rest, b, off))
+            else:
+                del self._starts[b][bisect_left(self._starts[b], off)]
+                del fsize[off]
+            return self._live_alloc(b, off + rest, need, nbytes, tag)
         size, b, off = by_size.pop(i)
         starts, fsize = self._starts[b], self._fsize[b]
         rest = size - need
@@ -143,6 +157,9 @@ class SubAllocator:
         else:
             del starts[bisect_left(starts, off)]
             del fsize[off]
+        return self._live_alloc(b, off, need, nbytes, tag)
+
+    def _live_alloc(self, b: int, off: int, need: int, nbytes: int, tag: str) -> Allocation:
         a = Allocation(b, off, need, nbytes, tag)
         self._live[(b, off)] = a
         self._in_use += need
@@ -221,9 +238,10 @@ class SubAllocator:
         )
 
     def plan_eviction(
-        self, nbytes: int, cost: Callable[[Allocation], float]
+        self, nbytes: int, cost: Callable[[Allocation], float], high: bool = False
     ) -> list[Allocation] | None:
-        """The cheapest live allocations whose freeing opens one free range of ``nbytes``.
+        """The cheapest live allocations whose freeing opens one free range of ``nbytes``
+        (``high``: the highest window that can open, whatever it costs: see ``alloc``).
 
         Evicting by a policy that ignores addresses (farthest next use, random) and
         retrying until ``alloc`` succeeds frees scattered ranges: in the pack-churn
@@ -269,7 +287,7 @@ class SubAllocator:
                     span -= row[i][1]
                     price -= row[i][3]
                     i += 1
-                if span >= need and (best is None or price < best[0]):
+                if span >= need and (best is None or high or price < best[0]):
                     best = (price, b, i, j)
         if best is None:
             return None

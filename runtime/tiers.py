@@ -54,6 +54,12 @@ class DeviceTier:
         # evicts for nearly every load; one planned window serving several loads cuts the planning
         # (pure Python, under the GIL the loading threads share) several times over.
         self.evict_batch = 0
+        self._reserved: dict[int, int] = {}   # id(allocation) -> bytes of each live reservation
+
+    @property
+    def reserved(self) -> int:
+        """Bytes held by reservations (KV caches, activations): what packs cannot use."""
+        return sum(self._reserved.values())
 
     @property
     def in_use(self) -> int:
@@ -66,15 +72,17 @@ class DeviceTier:
     def reserve(self, nbytes: int, tag: str) -> Allocation:
         """Space that stays until released (KV cache, activations); evicts unpinned packs if needed."""
         with self.lock:
-            a = self._alloc(nbytes, tag, cursor=0, protect=None)
+            a = self._alloc(nbytes, tag, cursor=0, protect=None, high=True)
             if a is None:
                 raise BudgetError(f"device budget {self.budget / 2**20:.1f} MiB cannot hold {tag} "
                                   f"({nbytes / 2**20:.1f} MiB) besides pinned packs")
+            self._reserved[id(a)] = a.size
             return a
 
     def release(self, a: Allocation) -> None:
         with self.lock:
             self.allocator.free(a)
+            self._reserved.pop(id(a), None)
 
     def allocate_pack(self, pack: int, nbytes: int, cursor: int, protect: int | None) -> Allocation | None:
         """Room for a pack, evicting by the policy. With `protect`, only packs whose next use is
@@ -84,8 +92,12 @@ class DeviceTier:
                 return None
             return self._alloc(nbytes, f"pack {pack}", cursor, protect)
 
-    def _alloc(self, nbytes: int, tag: str, cursor: int, protect: int | None) -> Allocation | None:
-        a = self.allocator.alloc(nbytes, tag)
+    def _alloc(self, nbytes: int, tag: str, cursor: int, protect: int | None,
+               high: bool = False) -> Allocation | None:
+        """Room for `nbytes`, evicting unpinned packs by the policy if needed. `high`: a reservation, placed
+        at the top (sessions come and go while packs churn: 32 KV caches scattered among the packs cut a 4 GiB
+        tier into pieces that each held one 50 MB pack and wasted the rest)."""
+        a = self.allocator.alloc(nbytes, tag, high)
         if a is not None:
             return a
         owner = {id(e.alloc): e for e in self.entries.values()}
@@ -101,15 +113,15 @@ class DeviceTier:
             return self.policy.cost(e.pack, al.size, cursor, d)   # d None: a policy that wants it looks it up
 
         victims = None
-        if self.evict_batch > nbytes:
+        if self.evict_batch > nbytes and not high:
             victims = self.allocator.plan_eviction(self.evict_batch, cost)
         if victims is None:
-            victims = self.allocator.plan_eviction(nbytes, cost)
+            victims = self.allocator.plan_eviction(nbytes, cost, high)
         if victims is None:
             return None
         for al in victims:
             self._evict(owner[id(al)].pack)
-        return self.allocator.alloc(nbytes, tag)
+        return self.allocator.alloc(nbytes, tag, high)
 
     def insert(self, pack: int, alloc: Allocation, payload: Any) -> Entry:
         with self.lock:

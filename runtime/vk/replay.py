@@ -61,8 +61,10 @@ class PassRunner:
 
     @property
     def pin_limit(self) -> int:
-        """Pack bytes that in-flight steps may keep pinned: a step bigger than this is streamed."""
-        return self.tier.budget if self.resident else self.tier.budget // 4
+        """Pack bytes that in-flight steps may keep pinned: a step bigger than this is streamed. Streaming: a
+        quarter of the room the reservations leave (32 sessions' KV caches can take most of a budget, and a
+        window of a quarter of the whole budget then pinned all the packs' room: a BudgetError mid-pass)."""
+        return self.tier.budget if self.resident else (self.tier.budget - self.tier.reserved) // 4
 
     # ---- a pass ----
     def run_pass(self, steps: list[dict[str, Any]], ps: PassState, weights: Any, order: range | None = None) -> None:
