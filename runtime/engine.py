@@ -113,6 +113,7 @@ class Engine:
         self.loader = PackLoader(archive, self.tier, self.ram, self.backend, self.schedule, lookahead, self.metrics)
         if placement.resident:  # the whole model fits: load it at start, as llama.cpp does
             self.loader.preload()
+            self.tier.keep_packs = True
         self.executor = Executor(archive, self.backend, self.loader, where)
 
     # ---- tokens ----

@@ -55,6 +55,10 @@ class DeviceTier:
         # (pure Python, under the GIL the loading threads share) several times over.
         self.evict_batch = 0
         self._reserved: dict[int, int] = {}   # id(allocation) -> bytes of each live reservation
+        # a resident model's packs stay: a reservation (another session's KV cache) takes free room only, and
+        # is refused (BudgetError: the server waits for a session to end) rather than evict the weights that
+        # every pass pins whole
+        self.keep_packs = False
 
     @property
     def reserved(self) -> int:
@@ -72,7 +76,14 @@ class DeviceTier:
     def reserve(self, nbytes: int, tag: str) -> Allocation:
         """Space that stays until released (KV cache, activations); evicts unpinned packs if needed."""
         with self.lock:
-            a = self._alloc(nbytes, tag, cursor=0, protect=None, high=True)
+            if self.keep_packs:
+                a = self.allocator.alloc(nbytes, tag, high=True)
+                if a is None:
+                    raise BudgetError(f"device budget {self.budget / 2**20:.1f} MiB cannot hold {tag} "
+                                      f"({nbytes / 2**20:.1f} MiB) beside the resident model and the sessions "
+                                      "already open")
+            else:
+                a = self._alloc(nbytes, tag, cursor=0, protect=None, high=True)
             if a is None:
                 raise BudgetError(f"device budget {self.budget / 2**20:.1f} MiB cannot hold {tag} "
                                   f"({nbytes / 2**20:.1f} MiB) besides pinned packs")

@@ -16,6 +16,7 @@ from vk_helpers import GIB, assert_device_peak_within, greedy
 from vkpack.compiler.build import build
 from vkpack.runtime import vk as gpu
 from vkpack.runtime.engine import Engine
+from vkpack.runtime.tiers import BudgetError
 from vkpack.runtime.vk.memory import KINDS, MemoryMixin
 
 OK, WHY = gpu.available()
@@ -188,3 +189,21 @@ def test_streamed_batch_whose_sessions_take_most_of_the_budget(tmp_path):
         np.testing.assert_allclose(out, np.broadcast_to(out[0], out.shape), rtol=1e-5, atol=1e-5)
         assert eng.tier.evictions > 0, "the model did not stream"
         assert_device_peak_within(eng, vram_gb)
+
+
+def test_resident_model_refuses_a_session_rather_than_evict_its_weights(models):
+    """A resident model stays resident: sessions beyond the budget's free room get a BudgetError when they
+    open (the server waits for one to end) instead of evicting packs that every pass pins whole (SmolLM2's
+    shape: the 8th session of 1,024 rows evicted 52 packs, then the batch's pass failed)."""
+    path = models["plain"]
+    with Engine(path, device="vulkan") as eng, ExitStack() as stack:
+        assert eng.backend.resident and eng.tier.keep_packs
+        kvs = []
+        with pytest.raises(BudgetError, match="beside the resident model"):
+            for _ in range(1000):
+                kvs.append(stack.enter_context(eng.kv_session(2048)))
+        assert len(kvs) >= 1 and eng.tier.evictions == 0
+        ids = eng.encode("still resident")[:3]
+        out = eng.forward_batch([(ids, 0, kv) for kv in kvs])
+        np.testing.assert_allclose(out, np.broadcast_to(out[0], out.shape), rtol=1e-5, atol=1e-5)
+        assert eng.tier.evictions == 0
