@@ -134,34 +134,22 @@ class SubAllocator:
             return None
         if high:
             i = max(range(i, len(by_size)), key=lambda k: by_size[k][1:])
-            size, b, off = by_size.pop(i)
-            rest = size - need
-            fsize = self._fsize[b]
-            if rest:   # the low part stays free where it starts
-                fsize[off] = rest
-                insort(by_size, (rest, b, off))
-            else:
-                del self._starts[b][bisect_left(self._starts[b], off)]
-                del fsize[off]
-            return self._live_alloc(b, off + rest, need, nbytes, tag)
         size, b, off = by_size.pop(i)
         starts, fsize = self._starts[b], self._fsize[b]
         rest = size - need
+        at, free_at = (off + rest, off) if high else (off, off + need)   # the request's place, the rest's
         if rest:
-            # The remainder keeps its place in the address order: nothing lies between.
-            j = bisect_left(starts, off)
-            starts[j] = off + need
-            del fsize[off]
-            fsize[off + need] = rest
-            insort(by_size, (rest, b, off + need))
+            if free_at != off:
+                # The remainder keeps its place in the address order: nothing lies between.
+                starts[bisect_left(starts, off)] = free_at
+                del fsize[off]
+            fsize[free_at] = rest
+            insort(by_size, (rest, b, free_at))
         else:
             del starts[bisect_left(starts, off)]
             del fsize[off]
-        return self._live_alloc(b, off, need, nbytes, tag)
-
-    def _live_alloc(self, b: int, off: int, need: int, nbytes: int, tag: str) -> Allocation:
-        a = Allocation(b, off, need, nbytes, tag)
-        self._live[(b, off)] = a
+        a = Allocation(b, at, need, nbytes, tag)
+        self._live[(b, at)] = a
         self._in_use += need
         self._peak = max(self._peak, self._in_use)
         return a

@@ -54,16 +54,12 @@ class DeviceTier:
         # evicts for nearly every load; one planned window serving several loads cuts the planning
         # (pure Python, under the GIL the loading threads share) several times over.
         self.evict_batch = 0
-        self._reserved: dict[int, int] = {}   # id(allocation) -> bytes of each live reservation
+        self.reserved = 0                     # bytes held by reservations (KV caches, activations)
+        self._reservations: set[int] = set()  # id() of each live reservation
         # a resident model's packs stay: a reservation (another session's KV cache) takes free room only, and
         # is refused (BudgetError: the server waits for a session to end) rather than evict the weights that
         # every pass pins whole
         self.keep_packs = False
-
-    @property
-    def reserved(self) -> int:
-        """Bytes held by reservations (KV caches, activations): what packs cannot use."""
-        return sum(self._reserved.values())
 
     @property
     def in_use(self) -> int:
@@ -74,26 +70,25 @@ class DeviceTier:
         return self.allocator.stats.peak_in_use
 
     def reserve(self, nbytes: int, tag: str) -> Allocation:
-        """Space that stays until released (KV cache, activations); evicts unpinned packs if needed."""
+        """Space that stays until released (KV cache, activations), at the top of the tier; evicts unpinned
+        packs if needed, except a resident model's (`keep_packs`)."""
         with self.lock:
-            if self.keep_packs:
-                a = self.allocator.alloc(nbytes, tag, high=True)
-                if a is None:
-                    raise BudgetError(f"device budget {self.budget / 2**20:.1f} MiB cannot hold {tag} "
-                                      f"({nbytes / 2**20:.1f} MiB) beside the resident model and the sessions "
-                                      "already open")
-            else:
-                a = self._alloc(nbytes, tag, cursor=0, protect=None, high=True)
+            a = self._alloc(nbytes, tag, cursor=0, protect=None, high=True)
             if a is None:
+                beside = ("beside the resident model and the sessions already open" if self.keep_packs
+                          else "besides pinned packs")
                 raise BudgetError(f"device budget {self.budget / 2**20:.1f} MiB cannot hold {tag} "
-                                  f"({nbytes / 2**20:.1f} MiB) besides pinned packs")
-            self._reserved[id(a)] = a.size
+                                  f"({nbytes / 2**20:.1f} MiB) {beside}")
+            self._reservations.add(id(a))
+            self.reserved += a.size
             return a
 
     def release(self, a: Allocation) -> None:
         with self.lock:
             self.allocator.free(a)
-            self._reserved.pop(id(a), None)
+            if id(a) in self._reservations:
+                self._reservations.remove(id(a))
+                self.reserved -= a.size
 
     def allocate_pack(self, pack: int, nbytes: int, cursor: int, protect: int | None) -> Allocation | None:
         """Room for a pack, evicting by the policy. With `protect`, only packs whose next use is
@@ -109,7 +104,7 @@ class DeviceTier:
         at the top (sessions come and go while packs churn: 32 KV caches scattered among the packs cut a 4 GiB
         tier into pieces that each held one 50 MB pack and wasted the rest)."""
         a = self.allocator.alloc(nbytes, tag, high)
-        if a is not None:
+        if a is not None or (high and self.keep_packs):   # a resident model's packs are not evicted for it
             return a
         owner = {id(e.alloc): e for e in self.entries.values()}
         sched = getattr(self.policy, "schedule", None)

@@ -295,8 +295,10 @@ def test_plan_eviction_picks_cheapest_contiguous_window():
 PACKS = [6 * MB + 4000] * 20 + [17 * MB + 123] * 20 + [33 * MB + 77_777] * 20   # ~1.1 GB
 
 
-def run_pack_churn(victim: str, evict: str, cycles: int, blocks: list[int] | None, seed: int = 7):
-    """Decode-like cycle over 60 mixed-size packs under 40 % of their total; evict on None.
+def run_pack_churn(victim: str, evict: str, cycles: int, blocks: list[int] | None, seed: int = 7,
+                   cap: int | None = None):
+    """Decode-like cycle over 60 mixed-size packs under 40 % of their total (`cap` bytes for the byte
+    counter, where given); evict on None.
 
     ``victim`` ranks packs ("belady": farthest next use; "random"). ``evict`` is
     "retry" (drop the top-ranked pack, retry alloc) or "window" (plan_eviction with
@@ -312,7 +314,7 @@ def run_pack_churn(victim: str, evict: str, cycles: int, blocks: list[int] | Non
     rng.shuffle(sizes)                                        # graph order mixes the sizes
     n, align = len(sizes), 256
     sa = SubAllocator(blocks, alignment=align) if blocks else None
-    cap = sum(plan_blocks(int(sum(sizes) * 0.4), 1 << 40))
+    cap = sum(plan_blocks(int(sum(sizes) * 0.4), 1 << 40)) if cap is None else cap
     resident: dict[int, Allocation | int] = {}
     per_cycle, frag_at_fail, frag_after_load = [], [], []
     for _ in range(cycles):
@@ -409,31 +411,14 @@ def run_churn_with_sessions(high: bool, n_sessions: int = 8, cycles: int = 60, s
     check_tiling(sa)
     late = sum(per_cycle[-cycles // 3:]) / (cycles // 3) / MB
     # the compacting ideal: Belady over the room the sessions leave (a cycle streams what does not fit)
-    room = sa.capacity - n_sessions * kv
-    ideal, _, _ = _compacting_cycles(sizes, room, cycles)
-    return late, ideal
+    ideal, _, _ = run_pack_churn("belady", "retry", cycles, None, seed, cap=sa.capacity - n_sessions * kv)
+    return late, sum(r[2] for r in ideal[-cycles // 3:]) / (cycles // 3) / MB
 
 
 def _price(a: Allocation, tag_of: dict[int, int], distance) -> float:
     """Eviction price of a pack (bytes / (1 + distance to its next use)); a session's reservation is pinned."""
     q = tag_of.get(id(a))
     return math.inf if q is None else a.size / (1 + distance(q))
-
-
-def _compacting_cycles(sizes: list[int], room: int, cycles: int) -> tuple[float, int, int]:
-    n, resident, per_cycle = len(sizes), {}, []
-    for _ in range(cycles):
-        loaded = 0
-        for p in range(n):
-            if p in resident:
-                continue
-            need = -(-sizes[p] // 256) * 256
-            while room - sum(resident.values()) < need:
-                resident.pop(max(resident, key=lambda q: (q - p) % n))
-            resident[p] = need
-            loaded += sizes[p]
-        per_cycle.append(loaded)
-    return sum(per_cycle[-cycles // 3:]) / (cycles // 3) / MB, 0, 0
 
 
 def test_sessions_placed_high_keep_the_packs_room_whole():
